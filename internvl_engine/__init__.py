@@ -1,0 +1,13 @@
+"""internvl-engine: fast, faithful inference for InternVL3 (InternViT + pixel shuffle + MLP projector + Qwen2.5)."""
+__version__ = "0.1.0"
+
+from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, PromptError,
+                     SamplingParamsError, UnsupportedModelError, VideoError)
+from .llm import LLM
+from .outputs import RequestMetrics, RequestOutput
+from .processor import Processor
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "Processor", "RequestOutput", "RequestMetrics", "InternVLEngineError",
+           "CheckpointError", "UnsupportedModelError", "ImageError", "VideoError", "PromptError",
+           "SamplingParamsError", "BackendError", "__version__"]

@@ -1,0 +1,106 @@
+"""Model runner: turns a list of sequences into one packed forward pass (prefill or decode) and returns the
+logits of each sequence's last token. The KV cache already has the paged layout of the kernel contract
+([num_blocks, block_size, Hk, D] per layer); here each request simply owns a contiguous run of blocks sized
+for its whole generation (the serving-runtime issue replaces this with a shared block manager)."""
+from __future__ import annotations
+
+import torch
+
+from ..layers.context import StepContext, set_context
+from ..models.internvl import InternVLForConditionalGeneration
+from .sequence import Sequence
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(num_layers)]
+        self._next = 0
+        self.num_blocks = num_blocks
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        n = -(-num_tokens // self.block_size)
+        if self._next + n > self.num_blocks:
+            raise RuntimeError("KV cache exhausted")  # sized by the caller; never reached
+        blocks = list(range(self._next, self._next + n))
+        self._next += n
+        return blocks
+
+
+class ModelRunner:
+    def __init__(self, model: InternVLForConditionalGeneration, device: torch.device, dtype: torch.dtype,
+                 block_size: int = 16):
+        self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
+        t = model.config.text
+        self.max_pos = t.max_position_embeddings
+        self.dynamic_rope = t.rope_type == "dynamic"
+
+    def new_cache(self, total_tokens_per_seq: list[int]) -> KVCache:
+        t = self.model.config.text
+        blocks = sum(-(-n // self.block_size) for n in total_tokens_per_seq)
+        return KVCache(t.num_hidden_layers, blocks, self.block_size, t.num_key_value_heads, t.head_dim, self.dtype,
+                       self.device)
+
+    @torch.inference_mode()
+    def vision(self, pixel_values: torch.Tensor, max_tiles_per_batch: int = 16) -> torch.Tensor:
+        """[N, 3, S, S] -> [N * tokens_per_tile, D], in chunks so activation memory stays bounded."""
+        chunks = [self.model.get_image_features(pixel_values[i:i + max_tiles_per_batch].to(self.device))
+                  for i in range(0, pixel_values.shape[0], max_tiles_per_batch)]
+        return torch.cat(chunks)
+
+    def _tensor(self, values, dtype):
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _rope_lens(self, per_token_lens: list[int]):
+        if self.dynamic_rope and max(per_token_lens) > self.max_pos:
+            return self._tensor(per_token_lens, torch.int64)
+        return None
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], cache: KVCache | None, all_logits: bool = False) -> torch.Tensor:
+        ids, positions, slots, cu, rope_lens = [], [], [], [0], []
+        for s in seqs:
+            n = len(s.prompt_ids)
+            ids += s.prompt_ids
+            positions += range(n)
+            if cache is not None:
+                slots += self._slots(s, 0, n)
+            cu.append(cu[-1] + n)
+            rope_lens += [n] * n
+        feats = [s.image_features for s in seqs if s.image_features is not None]
+        max_len = max(len(s.prompt_ids) for s in seqs)
+        cu_t = self._tensor(cu, torch.int32)
+        set_context(StepContext(True, self._tensor(slots, torch.int64), None if cache is None else cache.layers,
+                                cu_t, cu_t, max_len, max_len, rope_seq_lens=self._rope_lens(rope_lens)))
+        try:
+            hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64),
+                                torch.cat(feats) if feats else None)
+        finally:
+            set_context(None)
+        if not all_logits:
+            hidden = hidden[cu_t[1:].long() - 1]
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
+        bs = self.block_size
+        lens = [s.num_tokens for s in seqs]
+        width = -(-max(lens) // bs)
+        tables = [s.block_table[:width] + [0] * (width - min(width, len(s.block_table))) for s in seqs]
+        slots = [self._slots(s, n - 1, n)[0] for s, n in zip(seqs, lens)]
+        set_context(StepContext(False, self._tensor(slots, torch.int64), cache.layers,
+                                block_tables=self._tensor(tables, torch.int32),
+                                seq_lens=self._tensor(lens, torch.int32), rope_seq_lens=self._rope_lens(lens)))
+        try:
+            hidden = self.model(self._tensor([s.output_ids[-1] for s in seqs], torch.int64),
+                                self._tensor([n - 1 for n in lens], torch.int64))
+        finally:
+            set_context(None)
+        return self.model.compute_logits(hidden).float()

@@ -1,0 +1,58 @@
+"""Rotary position embedding tables (NeoX rotate-half layout), matching transformers' Qwen2 rotary numerics:
+inverse frequencies and angles in fp32; dynamic NTK rescales the base per sequence once it outgrows
+max_position_embeddings (spec section 4)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .context import get_context
+
+
+def inverse_frequencies(base, head_dim: int, device=None) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (base ** exponents)
+
+
+def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, max_position_embeddings: int, rope_type: str = "default",
+                 factor: float = 1.0):
+        super().__init__()
+        self.head_dim, self.theta, self.max_pos = head_dim, theta, max_position_embeddings
+        self.rope_type, self.factor = rope_type, factor
+        self._table: torch.Tensor | None = None
+
+    def table(self, device) -> torch.Tensor:
+        """[P, D] fp32 rows (cos | sin) for every position the model accepts, built once per device (no host sync
+        in the step). Dynamic NTK positions past max_position_embeddings use dynamic_rows instead."""
+        t = self._table
+        if t is None or t.device != torch.device(device):
+            rows = int(self.max_pos * (self.factor if self.rope_type == "linear" else 1.0))
+            inv = inverse_frequencies(self.theta, self.head_dim, device)
+            if self.rope_type == "linear":
+                inv = inv / self.factor
+            pos = torch.arange(rows, device=device, dtype=torch.float32)
+            self._table = t = _cos_sin(pos[:, None] * inv[None, :])
+        return t
+
+    def dynamic_rows(self, positions: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Per-token rows for dynamic NTK: base' = base * (f*S/M - (f-1))^(D/(D-2)) with S = max(seq_len, M),
+        in fp32 exactly as transformers' _compute_dynamic_ntk_parameters evaluates it."""
+        m, f, d = self.max_pos, self.factor, self.head_dim
+        s = torch.clamp(seq_lens.to(torch.int64), min=m)
+        base = self.theta * ((f * s / m) - (f - 1)) ** (d / (d - 2))
+        exponents = torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d
+        inv = 1.0 / (base[:, None] ** exponents[None, :])
+        return _cos_sin(positions.float()[:, None] * inv)
+
+    def forward(self, positions, q, k):
+        ctx = get_context()
+        if self.rope_type == "dynamic" and ctx.rope_seq_lens is not None:
+            rows = self.dynamic_rows(positions, ctx.rope_seq_lens)
+            return ops.rotary(q, k, torch.arange(positions.shape[0], device=positions.device), rows)
+        return ops.rotary(q, k, positions, self.table(positions.device))

@@ -1,0 +1,58 @@
+"""InternVL3 = InternViT -> pixel shuffle -> MLP projector -> Qwen2 (spec sections 0-4).
+Parameter names equal the checkpoint keys after the loader's prefix normalisation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from ..layers.norm import LayerNorm
+from .intern_vit import InternVisionModel
+from .qwen2 import Qwen2Model
+
+
+class InternVLMultiModalProjector(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.vision.hidden_size * int(1 / cfg.downsample_ratio) ** 2
+        self.layer_norm = LayerNorm(width, eps=1e-5)  # torch's default eps, unlike the tower's 1e-6
+        self.linear_1 = nn.Linear(width, cfg.text.hidden_size)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))
+
+
+class InternVLForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer)
+        self.multi_modal_projector = InternVLMultiModalProjector(cfg)
+        self.language_model = Qwen2Model(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def tie_lm_head(self) -> None:
+        self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] -> [N * tokens_per_tile, D] rows in tile order."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        states = self.vision_tower(pixel_values.to(dtype))[:, 1:]  # drop CLS
+        features = ops.pixel_shuffle(states.contiguous(), self.config.downsample_ratio)
+        return self.multi_modal_projector(features).flatten(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.language_model.embed_tokens(input_ids)
+        if image_features is not None and image_features.numel():
+            # Image rows overwrite the <IMG_CONTEXT> embeddings in order (the processor guarantees the counts match).
+            x = x.masked_scatter((input_ids == self.config.image_token_id)[:, None], image_features.to(x.dtype))
+        return x
+
+    def forward(self, input_ids, positions, image_features=None):
+        return self.language_model(positions, self.embed(input_ids, image_features))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,97 @@
+"""Plain-torch reference of every op in the kernel contract (ARCHITECTURE.md, "The kernel contract").
+
+These are the oracles of the kernel tests: simple, loop-based where that is clearest, fp32 accumulation, the
+result cast back to the input dtype. Shapes: T tokens, H query heads, Hk KV heads, D head dim, C channels.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_ref(x, weight, eps, residual=None):
+    # Numerics of transformers' Qwen2RMSNorm: normalise in fp32, cast back, then scale.
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def layer_norm_ref(x, weight, bias, eps):
+    y = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def pixel_shuffle_ref(features, scale=0.5):
+    """[N, S*S, C] -> [N, (S*scale)^2, C/scale^2]; out[i, j] = concat(F[2i,2j], F[2i,2j+1], F[2i+1,2j], F[2i+1,2j+1])
+    for scale 0.5 (spec section 3), generalised to any 1/scale integer factor r."""
+    n, hw, c = features.shape
+    s = int(round(hw ** 0.5))
+    r = int(round(1 / scale))
+    f = features.reshape(n, s // r, r, s // r, r, c)          # [n, i, di, j, dj, c]
+    return f.permute(0, 1, 3, 2, 4, 5).reshape(n, (s // r) ** 2, c * r * r)
+
+
+def rotary_ref(q, k, positions, cos_sin):
+    """NeoX rotate-half RoPE, in place. q [T, H, D], k [T, Hk, D]; cos_sin [P, D] fp32 with cos in the first D/2
+    columns and sin in the last D/2; row `positions[t]` rotates token t."""
+    cs = cos_sin[positions.long()].float()
+    half = cs.shape[-1] // 2
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype))
+    return q, k
+
+
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping):
+    """k, v [T, Hk, D] into caches [num_blocks, block_size, Hk, D] at slot = block * block_size + offset; slot < 0 skips."""
+    bs = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        k_cache[slot // bs, slot % bs] = k[t]
+        v_cache[slot // bs, slot % bs] = v[t]
+
+
+def _attend(q, k, v, scale, causal):
+    """q [Lq, H, D], k/v [Lk, Hk, D] -> [Lq, H, D] in fp32; causal masks are aligned bottom-right (query i sees keys
+    up to Lk - Lq + i), the convention for a chunk of new tokens appended to a cached prefix."""
+    lq, h, _ = q.shape
+    lk, hk, _ = k.shape
+    kf = k.float().repeat_interleave(h // hk, dim=1)
+    vf = v.float().repeat_interleave(h // hk, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    if causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, vf)
+
+
+def flash_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    """Varlen attention over packed sequences: q [Tq, H, D], k/v [Tk, Hk, D]; sequence b owns rows
+    cu_seqlens[b]:cu_seqlens[b+1]. GQA: query head g reads KV head g // (H / Hk)."""
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        out[qs] = _attend(q[qs], k[ks], v[ks], scale, causal).to(q.dtype)
+    return out
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Decode attention: q [B, H, D] attends to the first seq_lens[b] cached tokens of sequence b, whose token t lives
+    in block block_tables[b, t // block_size] at offset t % block_size."""
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b, n in enumerate(seq_lens.tolist()):
+        idx = torch.arange(n, device=q.device)
+        blocks = block_tables[b].long()[idx // bs]
+        k = k_cache[blocks, idx % bs]
+        v = v_cache[blocks, idx % bs]
+        out[b] = _attend(q[b:b + 1], k, v, scale, causal=False)[0].to(q.dtype)
+    return out

@@ -1,0 +1,150 @@
+"""Chat template loading/rendering the way transformers' apply_chat_template does (jinja2 sandbox settings
+from transformers.utils.chat_template_utils), plus message normalisation and media extraction."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import PromptError
+
+# Equivalent of the InternVL3 -hf chat_template.jinja (spec section 7): no default system prompt.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_IMAGE_KEYS = ("url", "path", "image", "base64")
+_VIDEO_KEYS = ("url", "path", "video")
+_MEDIA_MARKER = "<media>"
+
+
+def _compile(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers overrides jinja's tojson (which HTML-escapes)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None = None):
+        self.source = source if source is not None else DEFAULT_CHAT_TEMPLATE
+        self._template = _compile(self.source)
+
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render already-normalised messages (see normalize_messages); extra kwargs are template variables."""
+        import jinja2
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        except jinja2.exceptions.TemplateError as e:
+            raise PromptError(f"chat template failed to render: {e}") from e
+
+
+def normalize_messages(messages) -> tuple[list[dict], list[tuple[str, object]]]:
+    """Returns (template-safe messages, media [("image"|"video", source or None)] in order of appearance).
+    A None source means the item carries no media; the caller supplies it via images=/videos=."""
+    if not isinstance(messages, (list, tuple)):
+        raise PromptError(f"conversation must be a list of messages, got {type(messages).__name__}")
+    out: list[dict] = []
+    media: list[tuple[str, object]] = []
+    for mi, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise PromptError(f"message {mi} must be a dict with 'role' and 'content', got {type(msg).__name__}")
+        if "role" not in msg:
+            raise PromptError(f"message {mi} has no 'role'")
+        new = {k: v for k, v in msg.items() if k != "content"}
+        content = msg.get("content", "")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            new["content"] = content
+        elif isinstance(content, (list, tuple)):
+            items = []
+            for ci, item in enumerate(content):
+                if isinstance(item, str):
+                    items.append({"type": "text", "text": item})
+                    continue
+                if not isinstance(item, dict):
+                    raise PromptError(f"message {mi} content item {ci} must be a dict, got {type(item).__name__}")
+                kind = item.get("type")
+                if kind == "text":
+                    text = item.get("text", "")
+                    if not isinstance(text, str):
+                        raise PromptError(f"message {mi} content item {ci}: 'text' must be a string")
+                    items.append({"type": "text", "text": text})
+                elif kind == "image" or kind == "image_url":
+                    if kind == "image_url":
+                        iu = item.get("image_url")
+                        src = iu.get("url") if isinstance(iu, dict) else iu
+                    else:
+                        key = next((k for k in _IMAGE_KEYS if item.get(k) is not None), None)
+                        src = None if key is None else item[key]
+                        if key == "base64" and isinstance(src, str) and not src.startswith("data:"):
+                            src = "data:image/png;base64," + src
+                    media.append(("image", src))
+                    items.append({"type": "image", "image": _MEDIA_MARKER})
+                elif kind == "video":
+                    src = next((item[k] for k in _VIDEO_KEYS if item.get(k) is not None), None)
+                    media.append(("video", src))
+                    items.append({"type": "video", "video": _MEDIA_MARKER})
+                else:
+                    raise PromptError(
+                        f"message {mi} content item {ci} has unknown type {kind!r} "
+                        "(expected text, image, image_url or video)"
+                    )
+            new["content"] = items
+        else:
+            raise PromptError(f"message {mi} content must be a string or a list, got {type(content).__name__}")
+        out.append(new)
+    return out, media
+
+
+def load_chat_template(checkpoint_dir) -> str:
+    """Template source from a checkpoint dir (chat_template.jinja, chat_template.json, processor_config.json,
+    tokenizer_config.json, in that order); DEFAULT_CHAT_TEMPLATE if none has one."""
+    d = Path(checkpoint_dir)
+    p = d / "chat_template.jinja"
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        p = d / name
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        tpl = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(tpl, str) and tpl:
+            return tpl
+        if isinstance(tpl, list):
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            if isinstance(named.get("default"), str):
+                return named["default"]
+    return DEFAULT_CHAT_TEMPLATE

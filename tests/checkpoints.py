@@ -1,0 +1,81 @@
+"""Random-weight InternVL checkpoints written by transformers itself (the reference), for the parity tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from internvl_engine.processor.files import write_processor_files
+
+# Tiny configs in the two vision-tower styles of the spec (section 1.4).
+VARIANTS = {
+    "300m": dict(
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    attention_bias=True, use_qk_norm=False, norm_type="layer_norm"),
+        text=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                  intermediate_size=160, tie_word_embeddings=False),
+    ),
+    "6b": dict(
+        vision=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=320,
+                    attention_bias=False, use_qk_norm=True, norm_type="rms_norm"),
+        text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=192, tie_word_embeddings=True),
+    ),
+    "internvl3-1b": dict(
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    attention_bias=True, use_qk_norm=False, norm_type="layer_norm"),
+        text=dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, tie_word_embeddings=False),
+    ),
+}
+
+
+def hf_config(variant: str, max_position_embeddings: int = 32768):
+    from transformers import InternVLConfig
+
+    v = VARIANTS[variant]
+    text = dict(model_type="qwen2", vocab_size=151674, rms_norm_eps=1e-6, max_position_embeddings=max_position_embeddings,
+                rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0},
+                bos_token_id=151643, eos_token_id=151645, **v["text"])
+    vision = dict(layer_norm_eps=1e-6, image_size=448, patch_size=14, hidden_act="gelu", **v["vision"])
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667,
+                          tie_word_embeddings=v["text"]["tie_word_embeddings"])
+
+
+@torch.no_grad()
+def init_like_spec_(model, seed: int = 0) -> None:
+    """Non-degenerate random init (spec section 10), so greedy comparisons are meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        if ("norm" in name or "layernorm" in name) and leaf == "weight":
+            v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        elif leaf.startswith("lambda"):
+            v = 0.5 + 0.1 * torch.randn(p.shape, generator=g)
+        elif leaf == "bias" or leaf in ("cls_token", "position_embeddings"):
+            v = 0.02 * torch.randn(p.shape, generator=g)
+        elif "embed_tokens" in name:
+            v = 0.01 * torch.randn(p.shape, generator=g)
+        else:
+            v = torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5
+        p.copy_(v)
+
+
+def build_hf_checkpoint(path: Path, variant: str = "300m", seed: int = 0, **config_kw):
+    """Writes an `-hf` checkpoint with transformers' save_pretrained plus the processor files; returns the model."""
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(hf_config(variant, **config_kw)).eval()
+    init_like_spec_(model, seed)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_processor_files(path)
+    return model
+
+
+def read_json(p: Path) -> dict:
+    return json.loads(Path(p).read_text())
