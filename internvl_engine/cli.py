@@ -1,0 +1,266 @@
+"""Command line: `internvl-engine generate | demo | info` (also `python -m internvl_engine`)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import CheckpointError, InternVLEngineError
+
+DEMO_PROMPT = "Describe this image in detail."
+DEMO_PRESET = "tiny"
+RANDOM_WARNING = ("NOTE: this demo uses a tiny model with RANDOM weights (no download, no training). The text it "
+                  "prints is meaningless;\nit only demonstrates the pipeline: checkpoint loading, image tiling, "
+                  "vision tower, projector and KV-cached decoding.")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _format_metrics(output) -> str:
+    m = output.metrics
+    return (f"preprocess {m.preprocess_s:.3f} s | vision {m.vision_s:.3f} s | prefill {m.prefill_s:.3f} s | "
+            f"decode {m.decode_s:.3f} s\n"
+            f"TTFT {m.ttft_s * 1e3:.1f} ms | TPOT {m.tpot_s * 1e3:.1f} ms | prompt {m.prompt_tokens} tokens | "
+            f"generated {m.generated_tokens} tokens | images {m.num_images} ({m.num_tiles} tiles) | "
+            f"finish reason: {output.finish_reason}")
+
+
+def _stream(llm, conversation, params, metrics_file) -> object:
+    """Streams the answer to stdout, then prints metrics (after a blank line) on `metrics_file`."""
+    stream = llm.stream(conversation, params)
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print("", file=metrics_file)
+    print(_format_metrics(stream.output), file=metrics_file, flush=True)
+    return stream.output
+
+
+def demo_image_path() -> Path:
+    try:
+        from importlib.resources import files
+        p = Path(str(files("internvl_engine") / "assets" / "demo.png"))
+        if p.is_file():
+            return p
+    except Exception:  # pragma: no cover - odd installs
+        pass
+    return Path(__file__).resolve().parent / "assets" / "demo.png"
+
+
+def default_demo_dir() -> Path:
+    root = os.environ.get("INTERNVL_ENGINE_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "internvl-engine"
+    return base / f"demo-{DEMO_PRESET}"
+
+
+def _is_checkpoint(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def ensure_demo_checkpoint(directory: Path) -> tuple[Path, bool]:
+    """Returns (checkpoint dir, created). Writes into a temp dir beside it, then renames it into place."""
+    directory = Path(directory).expanduser()
+    if _is_checkpoint(directory):
+        return directory, False
+    if directory.exists():
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        else:
+            raise CheckpointError(f"{directory}: exists but is not a complete checkpoint (config.json + "
+                                  "model.safetensors); remove it or pass another --cache-dir")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    from .random_model import write_checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write_checkpoint(tmp, DEMO_PRESET, seed=0)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if _is_checkpoint(directory):  # another process won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+                return directory, False
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory, True
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_generate(args) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    for kind, paths in (("image", args.image), ("video", args.video)):
+        for p in paths:
+            if "://" not in p and not p.startswith("data:") and not Path(p).is_file():
+                _err(f"{kind} file not found: {p}")
+                return 2
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, max_num_tiles=args.max_num_tiles,
+                            num_frames=args.num_frames)
+    content = [{"type": "image", "path": p} for p in args.image]
+    content += [{"type": "video", "path": p} for p in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    print(RANDOM_WARNING, flush=True)
+    t0 = time.perf_counter()
+    directory = Path(args.cache_dir) if args.cache_dir else default_demo_dir()
+    ckpt, created = ensure_demo_checkpoint(directory)
+    verb = "wrote" if created else "reusing cached"
+    print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
+    image = demo_image_path()
+    t0 = time.perf_counter()
+    llm = LLM(ckpt, dtype="auto", device=args.device)
+    print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
+    print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
+    conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
+                                                 {"type": "text", "text": DEMO_PROMPT}]}]
+    _stream(llm, conversation, SamplingParams(max_tokens=args.max_tokens), sys.stdout)
+    print("\nReminder: the weights are random, so the answer above is meaningless text; the run shows that every "
+          "stage of the pipeline works.\nFor real answers: internvl-engine generate --model "
+          "OpenGVLab/InternVL3-1B-hf --image PATH \"PROMPT\"", flush=True)
+    return 0
+
+
+def _version(module: str, attr: str = "__version__"):
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    return str(getattr(mod, attr, "unknown"))
+
+
+def extension_info() -> dict:
+    try:
+        ext = importlib.import_module("internvl_engine._C")
+    except ModuleNotFoundError:
+        return {"built": False, "cuda_kernels": False, "archs": []}
+    except ImportError as e:  # present but not loadable (ABI / CUDA mismatch)
+        return {"built": False, "cuda_kernels": False, "archs": [], "error": str(e)}
+    return {"built": True, "cuda_kernels": bool(getattr(ext, "CUDA_KERNELS", False)),
+            "archs": [str(a) for a in (getattr(ext, "CUDA_ARCHS", None) or [])]}
+
+
+def collect_info() -> dict:
+    from . import __version__, ops
+
+    versions = {"internvl_engine": __version__, "python": platform.python_version()}
+    for name, module in (("torch", "torch"), ("safetensors", "safetensors"), ("tokenizers", "tokenizers"),
+                         ("numpy", "numpy"), ("pillow", "PIL"), ("jinja2", "jinja2"), ("av", "av"),
+                         ("triton", "triton")):
+        v = _version(module)
+        if v is not None or name not in ("av", "triton"):
+            versions[name] = v
+    device = {"cpu_count": os.cpu_count(), "cuda_available": False, "cuda_version": None, "devices": []}
+    try:
+        import torch
+        device["cuda_version"] = torch.version.cuda
+        device["cuda_available"] = bool(torch.cuda.is_available())
+        if device["cuda_available"]:
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                device["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                                          "memory_gib": round(p.total_memory / 2 ** 30, 2)})
+    except Exception as e:  # pragma: no cover - broken torch installs
+        device["error"] = str(e)
+    return {"versions": versions,
+            "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
+                         "platform": platform.platform()},
+            "device": device, "extension": extension_info(), "kernel_backends": ops.available_backends()}
+
+
+def cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("versions:")
+    for k, v in info["versions"].items():
+        print(f"  {k:16s} {v if v is not None else 'not installed'}")
+    print(f"platform:          {info['platform']['platform']}")
+    d = info["device"]
+    print(f"cpu count:         {d['cpu_count']}")
+    print(f"cuda available:    {d['cuda_available']} (torch built with CUDA {d['cuda_version']})")
+    for dev in d["devices"]:
+        print(f"  cuda:{dev['index']} {dev['name']}, capability {dev['capability']}, {dev['memory_gib']} GiB")
+    e = info["extension"]
+    print(f"extension (_C):    built={e['built']} cuda_kernels={e['cuda_kernels']} archs={e['archs']}")
+    print(f"kernel backends:   {', '.join(info['kernel_backends'])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="internvl-engine", description="InternVL3 inference engine.")
+    parser.add_argument("--version", action="version", version=f"internvl-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info}")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="answer a prompt about images / videos, streaming the text")
+    g.add_argument("--model", required=True, help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="PATH", help="video file (repeatable)")
+    g.add_argument("--num-frames", type=int, default=None, metavar="N", help="frames sampled from each video")
+    g.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    g.add_argument("--top-k", type=int, default=0, metavar="K")
+    g.add_argument("--seed", type=int, default=None, metavar="S")
+    g.add_argument("--max-num-tiles", type=int, default=None, metavar="N")
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
+    g.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="run the shipped demo image through a tiny RANDOM-weight model (no download)")
+    d.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the demo checkpoint is written once and reused "
+                        "(default: $INTERNVL_ENGINE_CACHE/demo-tiny or ~/.cache/internvl-engine/demo-tiny)")
+    d.add_argument("--max-tokens", type=int, default=32, metavar="N")
+    d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InternVLEngineError as e:
+        sys.stdout.flush()
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

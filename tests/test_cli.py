@@ -1,0 +1,116 @@
+"""The command line (internvl_engine.cli): info, demo (cached random checkpoint) and generate, on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from internvl_engine.cli import demo_image_path, main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from internvl_engine.random_model import write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+def test_demo_image_is_shipped():
+    p = demo_image_path()
+    assert p.is_file() and p.stat().st_size < 60_000
+    from PIL import Image
+    with Image.open(p) as im:
+        assert im.size == (640, 400)
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("versions", "platform", "device", "extension", "kernel_backends"):
+        assert key in info
+    for key in ("internvl_engine", "python", "torch", "safetensors", "tokenizers", "numpy", "pillow", "jinja2"):
+        assert key in info["versions"]
+    assert {"cuda_available", "cpu_count"} <= set(info["device"])
+    ext = info["extension"]
+    assert isinstance(ext["built"], bool) and isinstance(ext["cuda_kernels"], bool) and isinstance(ext["archs"], list)
+    assert "torch" in info["kernel_backends"]
+
+
+def test_info_text(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "kernel backends" in out
+
+
+def test_demo_writes_then_reuses_cache(tmp_path, capsys):
+    cache = tmp_path / "demo"
+    assert main(["demo", "--cache-dir", str(cache), "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "meaningless" in out
+    assert "wrote random-weight checkpoint" in out
+    assert "TTFT" in out and "finish reason" in out
+    files = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert {"config.json", "model.safetensors"} <= set(files)
+    assert not [p for p in tmp_path.iterdir() if p.name != "demo"]  # no temp dir left behind
+
+    assert main(["demo", "--cache-dir", str(cache), "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing cached" in out and "meaningless" in out
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == files
+
+
+def test_demo_refuses_foreign_dir(tmp_path, capsys):
+    (tmp_path / "something.txt").write_text("not a checkpoint")
+    assert main(["demo", "--cache-dir", str(tmp_path), "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(tmp_path) in err
+    assert (tmp_path / "something.txt").exists()
+
+
+def test_generate_streams_and_prints_metrics(tiny_checkpoint, capsys):
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--image", str(demo_image_path()),
+               "--max-num-tiles", "2", "--max-tokens", "4", "Hi"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip()  # the (meaningless) answer
+    for word in ("preprocess", "vision", "prefill", "decode", "TTFT", "TPOT", "prompt", "generated 4 tokens",
+                 "finish reason: length"):
+        assert word in cap.err
+
+
+def test_generate_sampling_options(tiny_checkpoint, capsys):
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--max-tokens", "3", "--temperature", "0.8",
+               "--top-p", "0.9", "--top-k", "50", "--seed", "1", "Hello"])
+    assert rc == 0
+    assert "generated 3 tokens" in capsys.readouterr().err
+
+
+def test_generate_missing_image(tiny_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--image", str(missing), "Hi"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(missing) in err and "Traceback" not in err
+
+
+def test_generate_missing_model(capsys):
+    rc = main(["generate", "--model", "/nonexistent", "Hi"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "/nonexistent" in err
+
+
+def test_generate_bad_sampling_params(tiny_checkpoint, capsys):
+    rc = main(["generate", "--model", str(tiny_checkpoint), "--top-p", "0", "Hi"])
+    assert rc == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "internvl_engine", "info", "--json"], capture_output=True, text=True,
+                       cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "kernel_backends" in json.loads(r.stdout)
