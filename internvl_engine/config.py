@@ -115,9 +115,12 @@ def _read_json(p: Path) -> dict:
     if not p.exists():
         raise CheckpointError(f"{p}: file not found")
     try:
-        return json.loads(p.read_text())
+        data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _as_list(v) -> list[int]:

@@ -83,6 +83,9 @@ class TextStream:
 class LLM:
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, *, max_model_len: int | None = None,
                  seed: int = 0, block_size: int = 16):
+        if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
+                                          or max_model_len < 2):
+            raise InternVLEngineError(f"max_model_len must be None or an integer >= 2, got {max_model_len!r}")
         self.device = resolve_device(device)
         if isinstance(model, str) and model.startswith("random:"):
             from .processor.tokenizer import build_internvl3_tokenizer_json
@@ -146,7 +149,10 @@ class LLM:
 
     def _make_sequence(self, conversation, params: SamplingParams, arrival: float, index: int) -> Sequence:
         t0 = time.perf_counter()
-        enc = self._encode(conversation, params)
+        try:
+            enc = self._encode(conversation, params)
+        except InternVLEngineError as e:  # name the request: in a batch, "image 0" alone is ambiguous
+            raise type(e)(f"request {index}: {e}") from e
         rid = f"req-{index}-{uuid.uuid4().hex[:8]}"
         self._check_prompt(enc.input_ids, f"request {index}")
         metrics = RequestMetrics(arrival_time=arrival, preprocess_s=time.perf_counter() - t0,

@@ -87,6 +87,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
     path = Path(path)
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}  # parameter -> rows written (packed parameters fill in pieces)
+    seen: dict[tuple[str, str | None], str] = {}  # (parameter, shard) -> "file: key" that filled it
     for file in checkpoint_files(path):
         try:
             handle = safe_open(str(file), framework="pt", device=str(device))
@@ -100,6 +101,10 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
                 param = params.get(name)
                 if param is None:
                     raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
+                if (name, shard) in seen:
+                    raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
+                                          f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
+                seen[name, shard] = f"{file.name}: {key!r}"
                 target = param.data
                 if shard is not None:
                     module = model.get_submodule(name.rpartition(".")[0])
@@ -117,7 +122,13 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
     if "lm_head.weight" not in filled:
         model.tie_lm_head()  # tied checkpoints store no lm_head (spec 5.4)
         filled["lm_head.weight"] = _rows(params["lm_head.weight"])
-    missing = [n for n, p in params.items() if filled.get(n, 0) != _rows(p)]
+    missing = []
+    for n, p in params.items():
+        if filled.get(n, 0) == _rows(p):
+            continue
+        module = model.get_submodule(n.rpartition(".")[0])
+        shards = [s for s in getattr(module, "shard_names", ()) if (n, s) not in seen]
+        missing.append(f"{n} ({', '.join(shards)})" if filled.get(n) and shards else n)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensors for {shown}")

@@ -40,7 +40,8 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or \
+                any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.max_num_tiles is not None and (not isinstance(self.max_num_tiles, int) or not 1 <= self.max_num_tiles <= 64):
             bad(f"max_num_tiles must be an integer in [1, 64], got {self.max_num_tiles!r}")

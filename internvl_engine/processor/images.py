@@ -132,6 +132,7 @@ def load_image(source) -> PIL.Image.Image:
 def to_rgb_array(image) -> np.ndarray:
     """uint8 HxWx3, same as transformers.image_transforms.convert_to_rgb (alpha composited on white)."""
     if isinstance(image, PIL.Image.Image):
+        _check_size(image, describe_source(image))
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
