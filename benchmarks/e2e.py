@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -112,7 +113,8 @@ def main(argv=None):
     out, ours = time_ours(llm, conv, params, args.repeat)
     record = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv),
-        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        commit=os.environ.get("INTERNVL_ENGINE_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         torch=torch.__version__, model=args.model, dtype=str(llm.dtype).replace("torch.", ""),
         workload=dict(batch=1, images=len(images), tiles=out.metrics.num_tiles,

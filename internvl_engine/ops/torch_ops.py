@@ -27,10 +27,17 @@ def rotary(q, k, positions, cos_sin):
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    # Without a host sync (boolean indexing would cost one per layer): a skipped token (slot < 0) rewrites the
+    # first kept token's slot with that token's own values, so duplicate indices always carry identical data;
+    # with nothing kept, slot 0 is rewritten with what it already holds.
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    first = torch.argmax(keep.to(torch.int32))
+    any_kept = keep.any()
+    idx = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping[first], 0)).long()
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])
+        filler = torch.where(any_kept, x[first], flat[0])
+        flat.index_copy_(0, idx, torch.where(keep[:, None, None], x, filler))
 
 
 def _sdpa(q, k, v, scale, causal, mask=None):
@@ -63,5 +70,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     k = k_cache[block_tables.long()].flatten(1, 2)  # [B, max_blocks * bs, Hk, D]
     v = v_cache[block_tables.long()].flatten(1, 2)
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]
-    v = v.masked_fill(~valid[:, :, None, None], 0)  # slots past seq_len may hold stale or non-finite values
+    # slots past seq_len may hold stale or non-finite values, and a masked NaN score still poisons the softmax
+    k = k.masked_fill(~valid[:, :, None, None], 0)
+    v = v.masked_fill(~valid[:, :, None, None], 0)
     return _sdpa(q[:, None], k, v, scale, causal=False, mask=valid[:, None, None, :])[:, 0]
