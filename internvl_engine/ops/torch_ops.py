@@ -27,16 +27,17 @@ def rotary(q, k, positions, cos_sin):
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
-    # Without a host sync (boolean indexing would cost one per layer): a skipped token (slot < 0) rewrites the
-    # first kept token's slot with that token's own values, so duplicate indices always carry identical data;
-    # with nothing kept, slot 0 is rewritten with what it already holds.
+    # Without a host sync (boolean or 0-d tensor indexing would cost one per layer): a skipped token (slot < 0)
+    # rewrites the first kept token's slot with that token's own values, so duplicate indices always carry
+    # identical data; with nothing kept, slot 0 is rewritten with what it already holds.
     keep = slot_mapping >= 0
-    first = torch.argmax(keep.to(torch.int32))
+    first = torch.argmax(keep.to(torch.int32)).view(1)
     any_kept = keep.any()
-    idx = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping[first], 0)).long()
+    zero = torch.zeros_like(first)
+    idx = torch.where(keep, slot_mapping, torch.where(any_kept, slot_mapping.index_select(0, first), zero)).long()
     for x, cache in ((k, k_cache), (v, v_cache)):
         flat = cache.view(-1, *cache.shape[2:])
-        filler = torch.where(any_kept, x[first], flat[0])
+        filler = torch.where(any_kept, x.index_select(0, first), flat.index_select(0, zero))
         flat.index_copy_(0, idx, torch.where(keep[:, None, None], x, filler))
 
 
