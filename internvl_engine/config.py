@@ -170,9 +170,12 @@ def _text_config(t: dict, where: str) -> TextConfig:
     )
 
 
-def _from_hf(raw: dict, where: str) -> ModelConfig:
-    v = raw.get("vision_config") or {}
-    vision = VisionConfig(
+# The original InternVisionConfig spells two switches differently from transformers' InternVLVisionConfig.
+_ORIGINAL_VISION_KEYS = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm"}
+
+
+def _vision_config(v: dict, image_size_default: int = 448) -> VisionConfig:
+    return VisionConfig(
         hidden_size=int(v.get("hidden_size", 1024)),
         num_hidden_layers=int(v.get("num_hidden_layers", 24)),
         num_attention_heads=int(v.get("num_attention_heads", 16)),
@@ -182,11 +185,15 @@ def _from_hf(raw: dict, where: str) -> ModelConfig:
         use_qk_norm=bool(v.get("use_qk_norm", False)),
         norm_type=v.get("norm_type", "layer_norm"),
         layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        image_size=_scalar(v.get("image_size", 448)),
+        image_size=_scalar(v.get("image_size", image_size_default)),
         patch_size=_scalar(v.get("patch_size", 14)),
         num_channels=int(v.get("num_channels", 3)),
         use_mean_pooling=bool(v.get("use_mean_pooling", True)),
     )
+
+
+def _from_hf(raw: dict, where: str) -> ModelConfig:
+    vision = _vision_config(raw.get("vision_config") or {})
     return ModelConfig(
         vision=vision,
         text=_text_config(raw.get("text_config") or {}, where),
@@ -203,21 +210,8 @@ def _from_hf(raw: dict, where: str) -> ModelConfig:
 
 def _from_original(raw: dict, where: str) -> ModelConfig:
     """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
-    v = raw.get("vision_config") or {}
-    vision = VisionConfig(
-        hidden_size=int(v.get("hidden_size", 1024)),
-        num_hidden_layers=int(v.get("num_hidden_layers", 24)),
-        num_attention_heads=int(v.get("num_attention_heads", 16)),
-        intermediate_size=int(v.get("intermediate_size", 4096)),
-        hidden_act=v.get("hidden_act", "gelu"),
-        attention_bias=bool(v.get("qkv_bias", True)),
-        use_qk_norm=bool(v.get("qk_normalization", False)),
-        norm_type=v.get("norm_type", "layer_norm"),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        image_size=_scalar(v.get("image_size", raw.get("force_image_size") or 448)),
-        patch_size=_scalar(v.get("patch_size", 14)),
-        num_channels=int(v.get("num_channels", 3)),
-    )
+    v = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in (raw.get("vision_config") or {}).items()}
+    vision = _vision_config(v, raw.get("force_image_size") or 448)
     if raw.get("ps_version", "v2") != "v2":
         raise UnsupportedModelError(f"{where}: ps_version {raw.get('ps_version')!r}; only 'v2' (InternVL3) is supported")
     llm = dict(raw.get("llm_config") or {})

@@ -125,7 +125,7 @@ class LLM:
             raise PromptError("expected a conversation (a list of messages) or a non-empty list of conversations")
         return list(conversations)
 
-    def _encode(self, conversation, params: SamplingParams):
+    def _encode(self, conversation, params: SamplingParams, add_generation_prompt: bool = True):
         kwargs = dict(max_num_tiles=params.max_num_tiles, num_frames=params.num_frames)
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
@@ -134,7 +134,7 @@ class LLM:
                 raise PromptError("a raw request must be a dict with a 'prompt' key (and optional 'images', 'videos')")
             return self.processor(text=conversation["prompt"], images=conversation.get("images"),
                                   videos=conversation.get("videos"), **kwargs)
-        return self.processor(conversation, add_generation_prompt=True, **kwargs)
+        return self.processor(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def _check_prompt(self, ids: list[int], what: str) -> None:
         if not ids:
@@ -147,10 +147,11 @@ class LLM:
         if bad:
             raise PromptError(f"{what}: token id {bad[0]} is outside the model's vocabulary ({vocab})")
 
-    def _make_sequence(self, conversation, params: SamplingParams, arrival: float, index: int) -> Sequence:
+    def _make_sequence(self, conversation, params: SamplingParams, arrival: float, index: int,
+                       add_generation_prompt: bool = True) -> Sequence:
         t0 = time.perf_counter()
         try:
-            enc = self._encode(conversation, params)
+            enc = self._encode(conversation, params, add_generation_prompt)
         except InternVLEngineError as e:  # name the request: in a batch, "image 0" alone is ambiguous
             raise type(e)(f"request {index}: {e}") from e
         rid = f"req-{index}-{uuid.uuid4().hex[:8]}"
@@ -284,13 +285,7 @@ class LLM:
                       params: SamplingParams | None = None) -> torch.Tensor:
         """fp32 [prompt_len, vocab] logits of every prompt position, from one forward pass (no KV cache)."""
         params = params or SamplingParams()
-        if isinstance(conversation, list) and conversation and isinstance(conversation[0], dict) \
-                and not add_generation_prompt:
-            enc = self.processor(conversation, add_generation_prompt=False, max_num_tiles=params.max_num_tiles,
-                                 num_frames=params.num_frames)
-            self._check_prompt(enc.input_ids, "prompt_logits")
-            seq = Sequence("logits", enc.input_ids, params, None, RequestMetrics(), pixel_values=enc.pixel_values)
-        else:
-            seq = self._sequences(conversation, params)[0]
+        params.validate()
+        seq = self._make_sequence(conversation, params, time.perf_counter(), 0, add_generation_prompt)
         self._vision([seq])
         return self.runner.prefill([seq], None, all_logits=True).cpu()

@@ -61,42 +61,12 @@ def write_processor_files(dst_dir, tile_size: int = 448, image_seq_length: int =
         },
     )
     (dst / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8")
-    size = {"height": tile_size, "width": tile_size}
-    _dump(
-        dst / "preprocessor_config.json",
-        {
-            "image_processor_type": "GotOcr2ImageProcessorFast",
-            "processor_class": "InternVLProcessor",
-            "crop_to_patches": False,
-            "min_patches": 1,
-            "max_patches": 12,
-            "size": size,
-            "resample": 3,
-            "do_resize": True,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(IMAGENET_MEAN),
-            "image_std": list(IMAGENET_STD),
-            "do_convert_rgb": True,
-        },
-    )
+    # Both processors resize bicubically to one tile and normalise with ImageNet statistics.
+    common = {"processor_class": "InternVLProcessor", "size": {"height": tile_size, "width": tile_size},
+              "resample": 3, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD), "do_convert_rgb": True}
+    _dump(dst / "preprocessor_config.json", {"image_processor_type": "GotOcr2ImageProcessorFast", **common,
+                                             "crop_to_patches": False, "min_patches": 1, "max_patches": 12})
     _dump(dst / "processor_config.json", {"image_seq_length": image_seq_length, "processor_class": "InternVLProcessor"})
-    _dump(
-        dst / "video_preprocessor_config.json",
-        {
-            "video_processor_type": "InternVLVideoProcessor",
-            "processor_class": "InternVLProcessor",
-            "size": size,
-            "resample": 3,
-            "do_resize": True,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(IMAGENET_MEAN),
-            "image_std": list(IMAGENET_STD),
-            "do_convert_rgb": True,
-            "do_sample_frames": False,
-            "initial_shift": True,
-        },
-    )
+    _dump(dst / "video_preprocessor_config.json", {"video_processor_type": "InternVLVideoProcessor", **common,
+                                                   "do_sample_frames": False, "initial_shift": True})
