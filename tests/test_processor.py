@@ -480,3 +480,11 @@ def test_errors(tmp_path, ours):
     # still usable afterwards
     enc = ours(text=IMAGE_TOKEN + "ok", images=[img])
     assert enc.num_patches == [1] and enc.pixel_values.shape == (1, 3, 448, 448)
+
+
+def test_video_placeholder_glued_to_text(ours, hf):
+    """Text right before <video> is tokenised together with "Frame1: ", as in InternVLProcessor's expanded string."""
+    frames = _frames(2, 16, 16)
+    enc = ours(text="Watch this <video>then answer.", videos=[np.stack(frames)])
+    hf_ids, _ = _hf_call(hf, "Watch this <video>then answer.", videos=[np.stack(frames)])
+    assert enc.input_ids == hf_ids

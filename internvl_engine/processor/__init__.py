@@ -222,22 +222,25 @@ class Processor:
         pos = 0
         ii = vi = 0
         for m in self._pattern.finditer(prompt):
-            ids += tok.encode(prompt[pos : m.start()]) if m.start() > pos else []
+            text = prompt[pos : m.start()]  # plain text waiting to be tokenised with whatever follows it
             pos = m.end()
             if m.lastgroup == "image":
                 tiles = image_tiles[ii]
                 ii += 1
                 t = tiles.shape[0]
-                ids += [tok.start_image_token_id] + ctx_run * t + [tok.end_image_token_id]
+                ids += (tok.encode(text) if text else []) + [tok.start_image_token_id] + ctx_run * t + [
+                    tok.end_image_token_id]
                 pixel_parts.append(tiles)
                 num_patches.append(t)
             else:
                 frames = video_frames[vi]
                 vi += 1
                 for f in range(frames.shape[0]):
-                    ids += tok.encode(f"Frame{f + 1}: " if f == 0 else f"\nFrame{f + 1}: ")
+                    # "Frame1: " joins the text before the placeholder in one segment, as in the expanded string
+                    ids += tok.encode(text + (f"Frame{f + 1}: " if f == 0 else f"\nFrame{f + 1}: "))
                     ids += [tok.start_image_token_id] + ctx_run + [tok.end_image_token_id]
                     num_patches.append(1)
+                    text = ""
                 pixel_parts.append(frames)
         if pos < len(prompt):
             ids += tok.encode(prompt[pos:])
