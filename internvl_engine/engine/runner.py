@@ -54,9 +54,10 @@ class ModelRunner:
     def _tensor(self, values, dtype):
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    def _rope_lens(self, per_token_lens: list[int]):
-        if self.dynamic_rope and max(per_token_lens) > self.max_pos:
-            return self._tensor(per_token_lens, torch.int64)
+    def _rope_lens(self, seq_lens: list[int], tokens_per_seq: list[int]):
+        """Per-token sequence length for dynamic-NTK RoPE, only when some sequence has outgrown the trained range."""
+        if self.dynamic_rope and max(seq_lens) > self.max_pos:
+            return torch.repeat_interleave(self._tensor(seq_lens, torch.int64), self._tensor(tokens_per_seq, torch.int64))
         return None
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -65,7 +66,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], cache: KVCache | None, all_logits: bool = False) -> torch.Tensor:
-        ids, positions, slots, cu, rope_lens = [], [], [], [0], []
+        ids, positions, slots, cu = [], [], [], [0]
         for s in seqs:
             n = len(s.prompt_ids)
             ids += s.prompt_ids
@@ -73,12 +74,12 @@ class ModelRunner:
             if cache is not None:
                 slots += self._slots(s, 0, n)
             cu.append(cu[-1] + n)
-            rope_lens += [n] * n
         feats = [s.image_features for s in seqs if s.image_features is not None]
-        max_len = max(len(s.prompt_ids) for s in seqs)
+        lens = [len(s.prompt_ids) for s in seqs]
+        max_len = max(lens)
         cu_t = self._tensor(cu, torch.int32)
         set_context(StepContext(True, self._tensor(slots, torch.int64), None if cache is None else cache.layers,
-                                cu_t, cu_t, max_len, max_len, rope_seq_lens=self._rope_lens(rope_lens)))
+                                cu_t, cu_t, max_len, max_len, rope_seq_lens=self._rope_lens(lens, lens)))
         try:
             hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64),
                                 torch.cat(feats) if feats else None)
@@ -97,7 +98,8 @@ class ModelRunner:
         slots = [self._slots(s, n - 1, n)[0] for s, n in zip(seqs, lens)]
         set_context(StepContext(False, self._tensor(slots, torch.int64), cache.layers,
                                 block_tables=self._tensor(tables, torch.int32),
-                                seq_lens=self._tensor(lens, torch.int32), rope_seq_lens=self._rope_lens(lens)))
+                                seq_lens=self._tensor(lens, torch.int32),
+                                rope_seq_lens=self._rope_lens(lens, [1] * len(lens))))
         try:
             hidden = self.model(self._tensor([s.output_ids[-1] for s in seqs], torch.int64),
                                 self._tensor([n - 1 for n in lens], torch.int64))
