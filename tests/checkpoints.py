@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from internvl_engine.processor.files import write_processor_files
+from internvl_engine.random_model import init_random_  # the spec's non-degenerate init, by parameter name
 
 # Tiny configs in the two vision-tower styles of the spec (section 1.4).
 VARIANTS = {
@@ -43,32 +44,13 @@ def hf_config(variant: str, max_position_embeddings: int = 32768):
                           tie_word_embeddings=v["text"]["tie_word_embeddings"])
 
 
-@torch.no_grad()
-def init_like_spec_(model, seed: int = 0) -> None:
-    """Non-degenerate random init (spec section 10), so greedy comparisons are meaningful."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rpartition(".")[2]
-        if ("norm" in name or "layernorm" in name) and leaf == "weight":
-            v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-        elif leaf.startswith("lambda"):
-            v = 0.5 + 0.1 * torch.randn(p.shape, generator=g)
-        elif leaf == "bias" or leaf in ("cls_token", "position_embeddings"):
-            v = 0.02 * torch.randn(p.shape, generator=g)
-        elif "embed_tokens" in name:
-            v = 0.01 * torch.randn(p.shape, generator=g)
-        else:
-            v = torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5
-        p.copy_(v)
-
-
 def build_hf_checkpoint(path: Path, variant: str = "300m", seed: int = 0, **config_kw):
     """Writes an `-hf` checkpoint with transformers' save_pretrained plus the processor files; returns the model."""
     from transformers import InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(hf_config(variant, **config_kw)).eval()
-    init_like_spec_(model, seed)
+    init_random_(model, seed)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     path.mkdir(parents=True, exist_ok=True)
