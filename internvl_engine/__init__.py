@@ -1,7 +1,7 @@
 """internvl-engine: fast, faithful inference for InternVL3 (InternViT + pixel shuffle + MLP projector + Qwen2.5)."""
 __version__ = "0.1.0"
 
-from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, PromptError,
+from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, KernelInputError, PromptError,
                      SamplingParamsError, UnsupportedModelError, VideoError)
 from .llm import LLM
 from .outputs import RequestMetrics, RequestOutput
@@ -10,4 +10,4 @@ from .sampling import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "Processor", "RequestOutput", "RequestMetrics", "InternVLEngineError",
            "CheckpointError", "UnsupportedModelError", "ImageError", "VideoError", "PromptError",
-           "SamplingParamsError", "BackendError", "__version__"]
+           "SamplingParamsError", "BackendError", "KernelInputError", "__version__"]

@@ -32,3 +32,7 @@ class SamplingParamsError(InternVLEngineError, ValueError):
 
 class BackendError(InternVLEngineError, RuntimeError):
     """A requested kernel backend or device is not available here."""
+
+
+class KernelInputError(InternVLEngineError, ValueError):
+    """A tensor passed to a kernel op has the wrong device, dtype, shape or layout (raised before any kernel runs)."""

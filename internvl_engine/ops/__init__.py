@@ -1,52 +1,127 @@
-"""The kernel contract: the one place that knows kernels exist.
+"""The kernel contract: the one place that knows kernels exist (ARCHITECTURE.md, "The kernel contract").
 
-Every op is bound to a backend once (at engine start or explicitly in tests), never chosen per call inside the
-models. `ops.<name>` calls the bound implementation; `ops.<name>_ref` is the plain-torch oracle.
-Backends: "torch" (always available). The kernel-library issue adds "cpp", "triton" and "cuda".
+Every op is bound to a backend once (at engine start, or explicitly in tests), never chosen per call inside the
+models: `ops.<name>` calls the bound implementation, after ops.checks has validated its arguments;
+`ops.<name>_ref` is the plain-torch oracle.
+
+Backends: "torch" (torch's own ops, always available), "cpp" (csrc/cpu, CPU tensors), "triton" (kernels/, CUDA
+tensors, or CPU tensors under TRITON_INTERPRET=1) and "cuda" (csrc/cuda, CUDA tensors). "auto" binds each op to
+the default of the device: on the CPU the C++ kernels, except flash_attention, where torch's fused SDPA is faster
+than the scalar C++ loop; on CUDA the torch backend until committed GPU benchmarks show a kernel faster
+(benchmarks/results/).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
+import torch
+
 from ..errors import BackendError
+from . import checks
+from .checks import fail
 from .ref import (flash_attention_ref, layer_norm_ref, paged_attention_ref, pixel_shuffle_ref, rms_norm_ref,
                   rotary_ref, write_kv_cache_ref)
 
 OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention")
-_BACKEND_MODULES = {"torch": ".torch_ops"}
-_active = {"name": None}
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+_MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
+# the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
+_DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
+AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"flash_attention": "torch"},
+        "cuda": dict.fromkeys(OPS, "torch")}
+_active = {"name": None, "binding": {}}
+
+
+def _module(name: str):
+    if name not in _MODULES:
+        raise BackendError(f"unknown kernel backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    return importlib.import_module(_MODULES[name], __name__)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else what is missing."""
+    mod = _module(name)
+    return mod.unavailable() if hasattr(mod, "unavailable") else None
 
 
 def available_backends() -> list[str]:
-    return list(_BACKEND_MODULES)
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
-def use(name: str) -> None:
-    """Bind every op to backend `name` (process-wide)."""
-    if name not in _BACKEND_MODULES:
-        raise BackendError(f"kernel backend {name!r} is not available; available: {available_backends()}")
-    mod = importlib.import_module(_BACKEND_MODULES[name], __name__)
+def _device_types(backend: str) -> tuple[str, ...]:
+    if backend == "triton":
+        import os
+        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    return _DEVICE_TYPES[backend]
+
+
+def _bind(op: str, backend: str):
+    impl = getattr(_module(backend), op)
+    check = getattr(checks, op)
+    devices = _device_types(backend)
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        check(*args, **kwargs)
+        first = args[0] if args else next(iter(kwargs.values()))
+        if first.device.type not in devices:
+            fail(op, f"backend {backend!r} runs on {' or '.join(devices)} tensors, got {first.device}")
+        return impl(*args, **kwargs)
+
+    run.backend = backend
+    return run
+
+
+def resolve(name: str, device="cpu") -> dict[str, str]:
+    """op -> backend for `name` ("auto" picks the device's defaults, falling back to torch where a default backend
+    is unavailable)."""
+    if name == "auto":
+        device_type = torch.device(device).type
+        table = AUTO.get(device_type)
+        if table is None:
+            raise BackendError(f"no kernel defaults for device type {device_type!r}")
+        return {op: b if unavailable_reason(b) is None else "torch" for op, b in table.items()}
+    why = unavailable_reason(name)
+    if why is not None:
+        raise BackendError(f"kernel backend {name!r} is not available: {why}")
+    return dict.fromkeys(OPS, name)
+
+
+def use(name: str, device="cpu") -> None:
+    """Bind every op to backend `name`, or to the device's defaults with "auto" (process-wide)."""
+    binding = resolve(name, device)
     g = globals()
-    for op in OPS:
-        g[op] = getattr(mod, op)
-    _active["name"] = name
+    for op, backend in binding.items():
+        g[op] = _bind(op, backend)
+    _active["name"], _active["binding"] = name, binding
 
 
 def current_backend() -> str:
     return _active["name"]
 
 
+def current_binding() -> dict[str, str]:
+    """op -> backend actually bound (what "auto" resolved to)."""
+    return dict(_active["binding"])
+
+
 @contextlib.contextmanager
-def use_backend(name: str):
-    previous = _active["name"]
-    use(name)
+def use_backend(name: str, device="cpu"):
+    previous = dict(_active["binding"]), _active["name"]
+    use(name, device)
     try:
         yield
     finally:
-        use(previous)
+        g = globals()
+        for op, backend in previous[0].items():
+            g[op] = _bind(op, backend)
+        _active["binding"], _active["name"] = previous
 
 
 use("torch")
 
-__all__ = list(OPS) + [f"{op}_ref" for op in OPS] + ["use", "use_backend", "current_backend", "available_backends"]
+__all__ = (list(OPS) + [f"{op}_ref" for op in OPS]
+           + ["use", "use_backend", "current_backend", "current_binding", "available_backends", "unavailable_reason",
+              "resolve", "BACKENDS"])

@@ -1,0 +1,46 @@
+// Host-side helpers shared by the CPU and CUDA launchers: argument checks and the dtype switch.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+namespace ive {
+
+// Throws std::invalid_argument (pybind11 turns it into ValueError) naming the op and the broken condition.
+#define IVE_CHECK(cond, op, msg)                                                                              \
+  do {                                                                                                        \
+    if (!(cond)) throw std::invalid_argument(std::string(op) + ": " + (msg) + " (failed: " #cond ")");        \
+  } while (0)
+
+inline const char* dtype_name(int dtype) {
+  switch (dtype) {
+    case kF32: return "float32";
+    case kF16: return "float16";
+    case kBF16: return "bfloat16";
+    default: return "unknown";
+  }
+}
+
+inline void check_dtype(int dtype, const char* op) {
+  IVE_CHECK(dtype == kF32 || dtype == kF16 || dtype == kBF16, op, "dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+}
+
+inline void check_ptr(ptr p, const char* op, const char* name) {
+  if (p == 0) throw std::invalid_argument(std::string(op) + ": " + name + " is a null address");
+}
+
+template <typename T>
+inline T* as(ptr p) { return reinterpret_cast<T*>(p); }
+
+// DISPATCH_DTYPE(dtype, F32, F16, BF16, ...) runs the body with `scalar_t` bound to the storage type.
+#define IVE_DISPATCH_DTYPE(dtype, F32_T, F16_T, BF16_T, ...)          \
+  switch (dtype) {                                                   \
+    case ::ive::kF32: { using scalar_t = F32_T; __VA_ARGS__; break; }  \
+    case ::ive::kF16: { using scalar_t = F16_T; __VA_ARGS__; break; }  \
+    case ::ive::kBF16: { using scalar_t = BF16_T; __VA_ARGS__; break; } \
+    default: throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype)); \
+  }
+
+}  // namespace ive

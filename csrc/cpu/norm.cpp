@@ -1,0 +1,85 @@
+// rms_norm and layer_norm on the CPU, one row per OpenMP iteration. Numerics follow ops/ref.py: fp32 statistics;
+// RMSNorm rounds the normalised row to the storage dtype before the weight multiply (transformers' Qwen2RMSNorm),
+// LayerNorm applies weight and bias in fp32 and rounds once.
+#include <vector>
+
+#include "cpu.h"
+
+namespace ive::cpu {
+
+namespace {
+template <typename T>
+void rms_norm_rows(T* out, T* residual_out, const T* x, const T* residual, const T* w, int64_t rows, int64_t cols,
+                   float eps) {
+#pragma omp parallel
+  {
+    std::vector<float> row(cols);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * cols;
+      float ss = 0.f;
+      for (int64_t c = 0; c < cols; ++c) {
+        float v = to_float(xr[c]);
+        if (residual) {  // the sum is rounded to the storage dtype, as torch's add would
+          T s = from_float<T>(v + to_float(residual[r * cols + c]));
+          residual_out[r * cols + c] = s;
+          v = to_float(s);
+        }
+        row[c] = v;
+        ss += v * v;
+      }
+      float inv = 1.f / std::sqrt(ss / float(cols) + eps);
+      for (int64_t c = 0; c < cols; ++c)
+        out[r * cols + c] = from_float<T>(to_float(w[c]) * to_float(from_float<T>(row[c] * inv)));
+    }
+  }
+}
+
+template <typename T>
+void layer_norm_rows(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t cols, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * cols;
+    double sum = 0, sq = 0;  // two moments in double: no cancellation for large means
+    for (int64_t c = 0; c < cols; ++c) {
+      double v = to_float(xr[c]);
+      sum += v;
+      sq += v * v;
+    }
+    float mean = float(sum / cols);
+    float var = float(sq / cols - (sum / cols) * (sum / cols));
+    float inv = 1.f / std::sqrt((var > 0.f ? var : 0.f) + eps);
+    for (int64_t c = 0; c < cols; ++c) {
+      float y = (to_float(xr[c]) - mean) * inv * to_float(w[c]);
+      out[r * cols + c] = from_float<T>(b ? y + to_float(b[c]) : y);
+    }
+  }
+}
+}  // namespace
+
+void rms_norm(ptr out, ptr residual_out, ptr x, ptr residual, ptr weight, int64_t rows, int64_t cols, double eps,
+              int dtype) {
+  const char* op = "rms_norm";
+  check_dtype(dtype, op);
+  IVE_CHECK(rows >= 0 && cols > 0, op, "rows must be >= 0 and cols > 0");
+  check_ptr(out, op, "out");
+  check_ptr(x, op, "x");
+  check_ptr(weight, op, "weight");
+  IVE_CHECK((residual == 0) == (residual_out == 0), op, "residual and residual_out come together");
+  IVE_CPU_DISPATCH(dtype, rms_norm_rows(as<scalar_t>(out), as<scalar_t>(residual_out), as<const scalar_t>(x),
+                                        as<const scalar_t>(residual), as<const scalar_t>(weight), rows, cols,
+                                        float(eps)));
+}
+
+void layer_norm(ptr out, ptr x, ptr weight, ptr bias, int64_t rows, int64_t cols, double eps, int dtype) {
+  const char* op = "layer_norm";
+  check_dtype(dtype, op);
+  IVE_CHECK(rows >= 0 && cols > 0, op, "rows must be >= 0 and cols > 0");
+  check_ptr(out, op, "out");
+  check_ptr(x, op, "x");
+  check_ptr(weight, op, "weight");
+  IVE_CPU_DISPATCH(dtype, layer_norm_rows(as<scalar_t>(out), as<const scalar_t>(x), as<const scalar_t>(weight),
+                                          as<const scalar_t>(bias), rows, cols, float(eps)));
+}
+
+}  // namespace ive::cpu

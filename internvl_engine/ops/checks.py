@@ -1,0 +1,163 @@
+"""Argument checks of the kernel contract, run before every op on every backend so that a wrong device, dtype,
+shape or layout raises KernelInputError naming the op and the tensor, never a crash or a silent misread inside a
+kernel. They read only metadata (no host synchronisation).
+
+Layouts: activations of norms and pixel_shuffle are contiguous. q/k/v may be token-strided views (slices of one
+packed qkv matmul output): stride(0) is free, heads and head dim are dense (stride(1) == D, stride(2) == 1).
+KV caches, block tables and index tensors are contiguous.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import KernelInputError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fail(op: str, msg: str):
+    raise KernelInputError(f"{op}: {msg}")
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def tensor(op, name, t, *, ndim=None, dtype=None, device=None, contiguous=True):
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        fail(op, f"{name} must have {ndim} dimensions, got {_desc(t)}")
+    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        want = dtype if isinstance(dtype, tuple) else (dtype,)
+        fail(op, f"{name} must be {'/'.join(str(d).replace('torch.', '') for d in want)}, got {_desc(t)}")
+    if device is not None and t.device != device:
+        fail(op, f"{name} is on {t.device} but the other inputs are on {device}")
+    if contiguous and not t.is_contiguous():
+        fail(op, f"{name} must be contiguous, got strides {t.stride()} for {_desc(t)}")
+
+
+def heads(op, name, t, n_heads=None, head_dim=None, *, dtype, device):
+    """[T, heads, D] with dense heads and D; the token stride is free."""
+    tensor(op, name, t, ndim=3, dtype=dtype, device=device, contiguous=False)
+    if n_heads is not None and t.shape[1] != n_heads or head_dim is not None and t.shape[2] != head_dim:
+        fail(op, f"{name} must be [T, {n_heads}, {head_dim}], got {_desc(t)}")
+    if t.stride(2) != 1 or t.stride(1) != t.shape[2] or t.stride(0) < t.shape[1] * t.shape[2]:
+        fail(op, f"{name} must have dense heads and head dim (strides (any, {t.shape[2]}, 1)), got strides "
+                 f"{t.stride()}")
+
+
+def same_shape(op, a_name, a, b_name, b):
+    if a.shape != b.shape:
+        fail(op, f"{b_name} {tuple(b.shape)} must have the shape of {a_name} {tuple(a.shape)}")
+
+
+def rms_norm(x, weight, eps, residual=None):
+    op = "rms_norm"
+    tensor(op, "x", x, dtype=FLOAT_DTYPES)
+    tensor(op, "weight", weight, ndim=1, dtype=x.dtype, device=x.device)
+    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        fail(op, f"weight {tuple(weight.shape)} must match the last dimension of x {tuple(x.shape)}")
+    if residual is not None:
+        tensor(op, "residual", residual, dtype=x.dtype, device=x.device)
+        same_shape(op, "x", x, "residual", residual)
+
+
+def layer_norm(x, weight, bias, eps):
+    op = "layer_norm"
+    tensor(op, "x", x, dtype=FLOAT_DTYPES)
+    tensor(op, "weight", weight, ndim=1, dtype=x.dtype, device=x.device)
+    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        fail(op, f"weight {tuple(weight.shape)} must match the last dimension of x {tuple(x.shape)}")
+    if bias is not None:
+        tensor(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device)
+        same_shape(op, "weight", weight, "bias", bias)
+
+
+def pixel_shuffle(features, scale=0.5):
+    op = "pixel_shuffle"
+    tensor(op, "features", features, ndim=3, dtype=FLOAT_DTYPES)
+    r = round(1 / scale) if scale > 0 else 0
+    if r < 1 or abs(r * scale - 1) > 1e-6:
+        fail(op, f"scale must be 1/r for an integer r >= 1, got {scale}")
+    side = round(features.shape[1] ** 0.5)
+    if side * side != features.shape[1] or side % r:
+        fail(op, f"features {tuple(features.shape)} must hold a square map of S*S tokens with S divisible by {r}")
+
+
+def rotary(q, k, positions, cos_sin):
+    op = "rotary"
+    if not isinstance(q, torch.Tensor):
+        fail(op, f"q must be a torch.Tensor, got {type(q).__name__}")
+    heads(op, "q", q, dtype=FLOAT_DTYPES, device=q.device)
+    d = q.shape[2]
+    heads(op, "k", k, head_dim=d, dtype=q.dtype, device=q.device)
+    if k.shape[0] != q.shape[0]:
+        fail(op, f"q has {q.shape[0]} tokens but k has {k.shape[0]}")
+    if d % 2:
+        fail(op, f"head dim must be even, got {d}")
+    tensor(op, "positions", positions, ndim=1, dtype=torch.int64, device=q.device)
+    if positions.shape[0] != q.shape[0]:
+        fail(op, f"positions has {positions.shape[0]} entries for {q.shape[0]} tokens")
+    tensor(op, "cos_sin", cos_sin, ndim=2, dtype=torch.float32, device=q.device)
+    if cos_sin.shape[1] != d:
+        fail(op, f"cos_sin must be [P, {d}], got {tuple(cos_sin.shape)}")
+
+
+def kv_cache(op, k_cache, v_cache, kv_heads=None, head_dim=None, *, dtype, device):
+    tensor(op, "k_cache", k_cache, ndim=4, dtype=dtype, device=device)
+    tensor(op, "v_cache", v_cache, ndim=4, dtype=dtype, device=device)
+    same_shape(op, "k_cache", k_cache, "v_cache", v_cache)
+    if kv_heads is not None and (k_cache.shape[2], k_cache.shape[3]) != (kv_heads, head_dim):
+        fail(op, f"caches must be [num_blocks, block_size, {kv_heads}, {head_dim}], got {tuple(k_cache.shape)}")
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    op = "write_kv_cache"
+    if not isinstance(k, torch.Tensor):
+        fail(op, f"k must be a torch.Tensor, got {type(k).__name__}")
+    heads(op, "k", k, dtype=FLOAT_DTYPES, device=k.device)
+    heads(op, "v", v, k.shape[1], k.shape[2], dtype=k.dtype, device=k.device)
+    if v.shape[0] != k.shape[0]:
+        fail(op, f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    kv_cache(op, k_cache, v_cache, k.shape[1], k.shape[2], dtype=k.dtype, device=k.device)
+    tensor(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=k.device)
+    if slot_mapping.shape[0] != k.shape[0]:
+        fail(op, f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
+
+
+def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    op = "flash_attention"
+    if not isinstance(q, torch.Tensor):
+        fail(op, f"q must be a torch.Tensor, got {type(q).__name__}")
+    heads(op, "q", q, dtype=FLOAT_DTYPES, device=q.device)
+    heads(op, "k", k, head_dim=q.shape[2], dtype=q.dtype, device=q.device)
+    heads(op, "v", v, k.shape[1], q.shape[2], dtype=q.dtype, device=q.device)
+    if v.shape[0] != k.shape[0]:
+        fail(op, f"k has {k.shape[0]} tokens but v has {v.shape[0]}")
+    if q.shape[1] % k.shape[1]:
+        fail(op, f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        tensor(op, name, cu, ndim=1, dtype=torch.int32, device=q.device)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 1:
+        fail(op, f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} must both "
+                 "be [batch + 1]")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, torch.Tensor) or int(n) != n or n < 0:
+            fail(op, f"{name} must be a non-negative host int, got {n!r}")
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    op = "paged_attention"
+    if not isinstance(q, torch.Tensor):
+        fail(op, f"q must be a torch.Tensor, got {type(q).__name__}")
+    heads(op, "q", q, dtype=FLOAT_DTYPES, device=q.device)
+    kv_cache(op, k_cache, v_cache, dtype=q.dtype, device=q.device)
+    if k_cache.shape[3] != q.shape[2] or q.shape[1] % k_cache.shape[2]:
+        fail(op, f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}: the head dims must agree and "
+                 "query heads be a multiple of KV heads")
+    tensor(op, "block_tables", block_tables, ndim=2, dtype=torch.int32, device=q.device)
+    tensor(op, "seq_lens", seq_lens, ndim=1, dtype=torch.int32, device=q.device)
+    if block_tables.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
+        fail(op, f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} must have one row "
+                 f"per query ({q.shape[0]})")

@@ -1,0 +1,16 @@
+"""The `cpp` backend: the C++ extension's CPU kernels (csrc/cpu/, OpenMP), for CPU tensors."""
+from __future__ import annotations
+
+from .ext_ops import ExtensionOps, load_extension
+
+_C, _why = load_extension()
+
+
+def unavailable() -> str | None:
+    return _why
+
+
+if _C is not None:
+    _ops = ExtensionOps(_C.cpu, "cpu", "cpp")
+    rms_norm, layer_norm, pixel_shuffle, rotary = _ops.rms_norm, _ops.layer_norm, _ops.pixel_shuffle, _ops.rotary
+    write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention

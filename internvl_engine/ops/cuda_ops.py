@@ -1,0 +1,27 @@
+"""The `cuda` backend: the C++ extension's CUDA kernels (csrc/cuda/), for CUDA tensors, launched on torch's
+current stream."""
+from __future__ import annotations
+
+import torch
+
+from .ext_ops import ExtensionOps, load_extension
+
+_C, _why = load_extension()
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims csrc/cuda instantiates
+
+
+def unavailable() -> str | None:
+    if _C is None:
+        return _why
+    if not getattr(_C, "CUDA_KERNELS", False):
+        return ("internvl_engine._C was built without CUDA kernels (nvcc was not found or INTERNVL_ENGINE_CUDA=0); "
+                "rebuild with nvcc on PATH")
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return None
+
+
+if _C is not None and getattr(_C, "CUDA_KERNELS", False):
+    _ops = ExtensionOps(_C.cuda, "cuda", "cuda", head_dims=HEAD_DIMS)
+    rms_norm, layer_norm, pixel_shuffle, rotary = _ops.rms_norm, _ops.layer_norm, _ops.pixel_shuffle, _ops.rotary
+    write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention

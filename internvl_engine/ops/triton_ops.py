@@ -1,0 +1,29 @@
+"""The `triton` backend: the Triton kernels of kernels/ (internvl_engine.kernels). Runs on CUDA tensors, or on CPU
+tensors under the Triton interpreter (TRITON_INTERPRET=1, set before the first import), which is how the CPU tests
+check it."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+
+def unavailable() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device is visible to torch (on the CPU, set TRITON_INTERPRET=1 before starting Python)"
+    return None
+
+
+def __getattr__(name):
+    # the kernels are imported on first use: importing triton costs a second, and most processes never need it
+    family = {"rms_norm": "norm", "layer_norm": "norm", "pixel_shuffle": "pixel_shuffle", "rotary": "rotary",
+              "write_kv_cache": "kv_cache", "flash_attention": "flash_attention",
+              "paged_attention": "paged_attention"}.get(name)
+    if family is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)

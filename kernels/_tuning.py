@@ -1,0 +1,77 @@
+"""Shared launch helpers for the Triton kernels.
+
+`autotune` wraps `triton.autotune` so the same kernels run under the Triton interpreter (TRITON_INTERPRET=1, CPU
+tensors): autotuning benchmarks each config with CUDA events, which the interpreter cannot do, so there the first
+config is used as a fixed choice. configs[0] of every kernel is therefore chosen to be valid for every head dim and
+cheap to interpret (few, large programs).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Read once at import: @triton.jit itself decides interpret-vs-compile at decoration time from the same variable.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (tl.arange extents must be powers of two; the tail is masked)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+class _FixedConfig:
+    """Stand-in for triton.autotune under the interpreter: `k[grid](*args)` launches with configs[0]'s meta-args."""
+
+    def __init__(self, fn, config):
+        self.fn = fn
+        self.config = config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = dict(kwargs)
+            meta.update(self.config.kwargs)
+            g = grid(meta) if callable(grid) else grid
+            return self.fn[g](*args, **meta)
+        return launch
+
+
+def autotune(configs, key):
+    """Decorator: triton.autotune(configs, key) on a GPU, configs[0] fixed under the interpreter."""
+    def deco(fn):
+        if INTERPRET:
+            return _FixedConfig(fn, configs[0])
+        return triton.autotune(configs=configs, key=key)(fn)
+    return deco
+
+
+# ---- dtype helpers shared by the kernels ---------------------------------------------------------------------------
+# The Triton interpreter stores bf16 as raw uint16 and (as of triton 3.8) gets two things wrong that real GPUs do
+# right: tl.dot on bf16 operands multiplies the raw bit patterns, and fp32 -> bf16 casts truncate (and the explicit
+# "rtne" mode drops the mantissa carry). Kernels therefore round and feed dots through these helpers; on a GPU they
+# reduce to a plain .to() and the native bf16 dot.
+_INTERP = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr):
+    """Round fp32 `x` to `dtype` to nearest-even (bf16 done by bit arithmetic under the interpreter)."""
+    if _INTERP and dtype == tl.bfloat16:
+        # RTNE on the fp32 bit pattern: add 0x7FFF plus the lowest kept bit, keep the high half. (No NaN inputs.)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def dot_operand(x):
+    """A tl.dot operand: unchanged on a GPU; bf16 widened exactly to fp32 under the interpreter."""
+    if _INTERP and x.dtype == tl.bfloat16:
+        y = x.to(tl.float32)
+    else:
+        y = x
+    return y
