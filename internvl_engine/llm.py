@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from . import ops
 from .config import ModelConfig
 from .engine.runner import ModelRunner
 from .engine.sequence import Sequence
@@ -82,11 +83,12 @@ class TextStream:
 
 class LLM:
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, *, max_model_len: int | None = None,
-                 seed: int = 0, block_size: int = 16):
+                 seed: int = 0, block_size: int = 16, backend: str = "auto"):
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
                                           or max_model_len < 2):
             raise InternVLEngineError(f"max_model_len must be None or an integer >= 2, got {max_model_len!r}")
         self.device = resolve_device(device)
+        ops.resolve(backend, self.device)  # an unavailable kernel backend fails here, before any weight is read
         if isinstance(model, str) and model.startswith("random:"):
             from .processor.tokenizer import build_internvl3_tokenizer_json
             from .random_model import init_random_, preset_config
@@ -108,7 +110,7 @@ class LLM:
             load_weights(net, checkpoint, self.dtype, self.device)
         self.model = net.eval()
         self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
-        self.runner = ModelRunner(net, self.device, self.dtype, block_size)
+        self.runner = ModelRunner(net, self.device, self.dtype, block_size, backend)
         self.sampler = Sampler()
         tok = self.processor.tokenizer
         self.eos_token_ids = set(self.config.eos_token_ids) | {tok.eos_token_id}

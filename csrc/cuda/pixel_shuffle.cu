@@ -6,6 +6,8 @@
 
 namespace {
 
+using ive::ptr;
+
 template <typename U>
 __global__ void pixel_shuffle_kernel(U* __restrict__ out, const U* __restrict__ in, int64_t total, int64_t cu,
                                      int64_t side, int64_t f) {

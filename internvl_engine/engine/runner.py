@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+
 from ..layers.context import StepContext, set_context
 from ..models.internvl import InternVLForConditionalGeneration
 from .sequence import Sequence
@@ -32,8 +34,11 @@ class KVCache:
 
 class ModelRunner:
     def __init__(self, model: InternVLForConditionalGeneration, device: torch.device, dtype: torch.dtype,
-                 block_size: int = 16):
+                 block_size: int = 16, backend: str = "auto"):
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
+        # op -> kernel backend, resolved once; re-bound at every step so engines with different backends can share
+        # a process
+        self.kernels = ops.resolve(backend, device)
         t = model.config.text
         self.max_pos = t.max_position_embeddings
         self.dynamic_rope = t.rope_type == "dynamic"
@@ -47,6 +52,7 @@ class ModelRunner:
     @torch.inference_mode()
     def vision(self, pixel_values: torch.Tensor, max_tiles_per_batch: int = 16) -> torch.Tensor:
         """[N, 3, S, S] -> [N * tokens_per_tile, D], in chunks so activation memory stays bounded."""
+        ops.bind(self.kernels)
         chunks = [self.model.get_image_features(pixel_values[i:i + max_tiles_per_batch].to(self.device))
                   for i in range(0, pixel_values.shape[0], max_tiles_per_batch)]
         return torch.cat(chunks)
@@ -66,6 +72,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], cache: KVCache | None, all_logits: bool = False) -> torch.Tensor:
+        ops.bind(self.kernels)
         ids, positions, slots, cu = [], [], [], [0]
         for s in seqs:
             n = len(s.prompt_ids)
@@ -91,6 +98,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:
+        ops.bind(self.kernels)
         bs = self.block_size
         lens = [s.num_tokens for s in seqs]
         width = -(-max(lens) // bs)

@@ -63,7 +63,7 @@ class InternVisionAttention(nn.Module):
         n, length, c = x.shape
         q, k, v = self.qkv.split(self.qkv(x))
         if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())  # norm kernels take dense rows
         heads = (n * length, self.num_heads, self.head_dim)
         cu = torch.arange(0, (n + 1) * length, length, dtype=torch.int32, device=x.device)
         o = ops.flash_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu, cu, length, length,

@@ -57,6 +57,7 @@ def _device_types(backend: str) -> tuple[str, ...]:
     return _DEVICE_TYPES[backend]
 
 
+@functools.lru_cache(maxsize=None)
 def _bind(op: str, backend: str):
     impl = getattr(_module(backend), op)
     check = getattr(checks, op)
@@ -89,13 +90,19 @@ def resolve(name: str, device="cpu") -> dict[str, str]:
     return dict.fromkeys(OPS, name)
 
 
-def use(name: str, device="cpu") -> None:
-    """Bind every op to backend `name`, or to the device's defaults with "auto" (process-wide)."""
-    binding = resolve(name, device)
+def bind(binding: dict[str, str], name: str | None = None) -> None:
+    """Bind each op to the backend `binding` names for it (a table from `resolve`); cheap enough to call per step."""
     g = globals()
     for op, backend in binding.items():
         g[op] = _bind(op, backend)
-    _active["name"], _active["binding"] = name, binding
+    if name is None:
+        name = next(iter(binding.values())) if len(set(binding.values())) == 1 else "mixed"
+    _active["name"], _active["binding"] = name, dict(binding)
+
+
+def use(name: str, device="cpu") -> None:
+    """Bind every op to backend `name`, or to the device's defaults with "auto" (process-wide)."""
+    bind(resolve(name, device), name)
 
 
 def current_backend() -> str:
@@ -114,14 +121,11 @@ def use_backend(name: str, device="cpu"):
     try:
         yield
     finally:
-        g = globals()
-        for op, backend in previous[0].items():
-            g[op] = _bind(op, backend)
-        _active["binding"], _active["name"] = previous
+        bind(*previous)
 
 
 use("torch")
 
 __all__ = (list(OPS) + [f"{op}_ref" for op in OPS]
-           + ["use", "use_backend", "current_backend", "current_binding", "available_backends", "unavailable_reason",
+           + ["use", "bind", "use_backend", "current_backend", "current_binding", "available_backends", "unavailable_reason",
               "resolve", "BACKENDS"])
