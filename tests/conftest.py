@@ -5,6 +5,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the triton backend runs through Triton's interpreter; @triton.jit reads this when a kernel module
+# is imported, so it is set before any test imports one.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 

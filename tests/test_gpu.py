@@ -39,13 +39,17 @@ def _check_bf16_ids(ours, ref_ids, ref_logits, rel_margin=0.02):
     return None
 
 
+GPU_BACKENDS = ["torch", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("variant", ["300m", "6b"])
-def test_fp32_cuda_matches_transformers(hf_checkpoint, variant):
+def test_fp32_cuda_matches_transformers(hf_checkpoint, variant, backend):
     path, hf_model = hf_checkpoint(variant)
     inputs = hf_inputs(make_hf_processor(path), CONV, 4)
     ref_model = _hf_on_cuda(hf_model, torch.float32)
     ref = hf_logits(ref_model, _to(inputs, torch.float32)).cpu()
-    llm = LLM(path, dtype="float32", device="cuda")
+    llm = LLM(path, dtype="float32", device="cuda", backend=backend)
     params = SamplingParams(max_tokens=16, ignore_eos=True, return_logits=True, max_num_tiles=4)
     assert (llm.prompt_logits(CONV, params=params) - ref).abs().max().item() <= 1e-3
     out = llm.generate(CONV, params)[0]
@@ -53,22 +57,24 @@ def test_fp32_cuda_matches_transformers(hf_checkpoint, variant):
     assert out.token_ids == ref_ids
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("variant", ["300m", "6b"])
-def test_bf16_cuda_follows_spec_rule(hf_checkpoint, variant):
+def test_bf16_cuda_follows_spec_rule(hf_checkpoint, variant, backend):
     path, hf_model = hf_checkpoint(variant)
     inputs = _to(hf_inputs(make_hf_processor(path), CONV, 4), torch.bfloat16)
     ref_model = _hf_on_cuda(hf_model, torch.bfloat16)
-    llm = LLM(path, dtype="bfloat16", device="cuda")
+    llm = LLM(path, dtype="bfloat16", device="cuda", backend=backend)
     out = llm.generate(CONV, SamplingParams(max_tokens=32, ignore_eos=True, max_num_tiles=4))[0]
     ref_ids, ref_logits = hf_greedy(ref_model, inputs, 32)
     _check_bf16_ids(out.token_ids, ref_ids, ref_logits)
 
 
-def test_internvl3_1b_shape_bf16_cuda(hf_checkpoint):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_internvl3_1b_shape_bf16_cuda(hf_checkpoint, backend):
     path, hf_model = hf_checkpoint("internvl3-1b")
     inputs = hf_inputs(make_hf_processor(path), CONV, 6)
     ref_model = _hf_on_cuda(hf_model, torch.bfloat16)
-    llm = LLM(path, dtype="bfloat16", device="cuda")
+    llm = LLM(path, dtype="bfloat16", device="cuda", backend=backend)
     out = llm.generate(CONV, SamplingParams(max_tokens=32, ignore_eos=True, max_num_tiles=6))[0]
     ref_ids, ref_logits = hf_greedy(ref_model, _to(inputs, torch.bfloat16), 32)
     _check_bf16_ids(out.token_ids, ref_ids, ref_logits)

@@ -1,5 +1,6 @@
 """fp32 parity with transformers' InternVLForConditionalGeneration on random-weight checkpoints it wrote itself:
-prompt logits, 16 greedy tokens and every step's logits, for both vision-tower styles and four kinds of prompt."""
+prompt logits, 16 greedy tokens and every step's logits, for both vision-tower styles, four kinds of prompt and
+every CPU kernel backend."""
 import numpy as np
 import pytest
 import torch
@@ -35,10 +36,13 @@ CONVERSATIONS = {
 MAX_TILES = 4
 
 
-@pytest.fixture(scope="module", params=["300m", "6b"])
+@pytest.fixture(scope="module", params=[(v, b) for b in ("torch", "cpp", "triton") for v in ("300m", "6b")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, hf_checkpoint):
-    path, hf_model = hf_checkpoint(request.param)
-    return LLM(path, dtype="float32", device="cpu"), hf_model, make_hf_processor(path)
+    """The same checks on every CPU kernel backend (triton through its interpreter)."""
+    variant, backend = request.param
+    path, hf_model = hf_checkpoint(variant)
+    return LLM(path, dtype="float32", device="cpu", backend=backend), hf_model, make_hf_processor(path)
 
 
 @pytest.mark.parametrize("kind", list(CONVERSATIONS))

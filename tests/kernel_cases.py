@@ -1,0 +1,53 @@
+"""Shared by the kernel tests (tests/test_<family>.py): which backends run where, the tolerance rules, and inputs
+laid out as the model lays them out (q/k/v as token-strided views of one packed qkv matmul output)."""
+import contextlib
+import os
+
+import pytest
+import torch
+
+from internvl_engine import ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+# Every test runs each backend on the CPU (triton through its interpreter) and, under -m gpu, on CUDA.
+BACKENDS = ([pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("torch", "cpp", "triton")]
+            + [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in ("torch", "triton", "cuda")])
+
+
+@contextlib.contextmanager
+def backend(name, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (set by conftest when "
+                    "no GPU is visible)")
+    with ops.use_backend(name, device):
+        yield
+
+
+def assert_close(out, ref, dtype):
+    """Ops whose only rounding is the final cast: a few units in the last place of the storage dtype."""
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def assert_attention_close(out, ref32, torch_lowp, dtype):
+    """The flash-attention rule: max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol, where ref32 is the
+    reference on fp32 copies of the inputs and torch_lowp torch's own implementation in the kernel's dtype."""
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    err = (out.float() - ref32.float()).abs().max().item()
+    bound = 2 * (torch_lowp.float() - ref32.float()).abs().max().item() + atol
+    assert out.dtype == dtype and not out.isnan().any()
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+def packed_qkv(tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
+    """q [T, H, D], k/v [T, Hk, D] as row-strided views of one [T, (H + 2 Hk) D] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(device)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return (q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim))
+
+
+def fp32(*tensors):
+    return [t.float() for t in tensors]

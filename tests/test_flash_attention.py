@@ -1,0 +1,45 @@
+"""flash_attention (varlen, causal GQA for the language model, bidirectional for the vision tower) on every backend,
+against ops.flash_attention_ref on fp32 copies, with the flash-attention tolerance rule."""
+import pytest
+import torch
+
+from internvl_engine import ops
+from kernel_cases import BACKENDS, DTYPES, assert_attention_close, backend, fp32, packed_qkv
+
+# (query lengths, key lengths): one short sequence, one long, a varlen batch, and chunks appended to a cached
+# prefix (Lq < Lk, causal mask aligned bottom-right)
+SEQS = {"7": ([7], [7]), "1025": ([1025], [1025]), "varlen": ([7, 300, 1, 64], [7, 300, 1, 64]),
+        "prefix": ([3, 17, 1], [40, 17, 33])}
+HEADS = [(4, 4, 64), (6, 1, 64), (7, 1, 128), (14, 2, 128), (6, 2, 32), (4, 2, 16)]  # GQA ratios 1, 6, 7
+
+
+def _run(backend_name, device, dtype, seqs, heads, kv_heads, head_dim, causal):
+    lq, lk = SEQS[seqs]
+    q, _, _ = packed_qkv(sum(lq), heads, kv_heads, head_dim, dtype, device, seed=1)
+    _, k, v = packed_qkv(sum(lk), heads, kv_heads, head_dim, dtype, device, seed=2)
+    cu_q = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    args = (cu_q, cu_k, max(lq), max(lk), causal, head_dim ** -0.5)
+    ref32 = ops.flash_attention_ref(*fp32(q, k, v), *args)
+    with ops.use_backend("torch"):
+        torch_lowp = ops.flash_attention(q, k, v, *args)
+    with backend(backend_name, device):
+        out = ops.flash_attention(q, k, v, *args)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert_attention_close(out, ref32, torch_lowp, dtype)
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", HEADS)
+@pytest.mark.parametrize("seqs,causal", [("7", True), ("7", False), ("varlen", True), ("varlen", False),
+                                         ("prefix", True)])  # a chunk appended to a cached prefix is causal
+def test_flash_attention(backend_name, device, dtype, heads, kv_heads, head_dim, seqs, causal):
+    _run(backend_name, device, dtype, seqs, heads, kv_heads, head_dim, causal)
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,causal", [(7, 1, 128, True), (4, 4, 64, False)])
+def test_flash_attention_1025_tokens(backend_name, device, dtype, heads, kv_heads, head_dim, causal):
+    _run(backend_name, device, dtype, "1025", heads, kv_heads, head_dim, causal)
