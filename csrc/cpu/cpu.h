@@ -9,6 +9,10 @@
 
 namespace ive::cpu {
 
+// Below this many elements an op runs on the calling thread: waking the OpenMP team costs more than the work
+// (decode-sized norms, rotary and cache writes).
+constexpr int64_t kParallelMin = 1 << 14;
+
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 

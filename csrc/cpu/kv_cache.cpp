@@ -14,7 +14,7 @@ void write_kv_cache(ptr k_cache, ptr v_cache, ptr k, ptr v, ptr slot_mapping, in
     check_ptr(p, op, name);
   const int64_t row = kv_heads * head_dim, bytes = row * (dtype == kF32 ? 4 : 2), elem = dtype == kF32 ? 4 : 2;
   const int64_t* slots = as<const int64_t>(slot_mapping);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * row >= kParallelMin)
   for (int64_t t = 0; t < tokens; ++t) {
     int64_t slot = slots[t];
     if (slot < 0) continue;

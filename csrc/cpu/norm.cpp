@@ -11,7 +11,7 @@ namespace {
 template <typename T>
 void rms_norm_rows(T* out, T* residual_out, const T* x, const T* residual, const T* w, int64_t rows, int64_t cols,
                    float eps) {
-#pragma omp parallel
+#pragma omp parallel if (rows * cols >= kParallelMin)
   {
     std::vector<float> row(cols);
 #pragma omp for schedule(static)
@@ -37,21 +37,20 @@ void rms_norm_rows(T* out, T* residual_out, const T* x, const T* residual, const
 
 template <typename T>
 void layer_norm_rows(T* out, const T* x, const T* w, const T* b, int64_t rows, int64_t cols, float eps) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * cols;
-    double sum = 0, sq = 0;  // two moments in double: no cancellation for large means
-    for (int64_t c = 0; c < cols; ++c) {
-      double v = to_float(xr[c]);
-      sum += v;
-      sq += v * v;
-    }
-    float mean = float(sum / cols);
-    float var = float(sq / cols - (sum / cols) * (sum / cols));
-    float inv = 1.f / std::sqrt((var > 0.f ? var : 0.f) + eps);
-    for (int64_t c = 0; c < cols; ++c) {
-      float y = (to_float(xr[c]) - mean) * inv * to_float(w[c]);
-      out[r * cols + c] = from_float<T>(b ? y + to_float(b[c]) : y);
+#pragma omp parallel if (rows * cols >= kParallelMin)
+  {
+    std::vector<float> row(cols);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float sum = 0.f, sq = 0.f;
+      for (int64_t c = 0; c < cols; ++c) sum += row[c] = to_float(x[r * cols + c]);
+      const float mean = sum / float(cols);
+      for (int64_t c = 0; c < cols; ++c) sq += (row[c] - mean) * (row[c] - mean);  // two passes: no cancellation
+      const float inv = 1.f / std::sqrt(sq / float(cols) + eps);
+      for (int64_t c = 0; c < cols; ++c) {
+        float y = (row[c] - mean) * inv * to_float(w[c]);
+        out[r * cols + c] = from_float<T>(b ? y + to_float(b[c]) : y);
+      }
     }
   }
 }

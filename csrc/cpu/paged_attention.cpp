@@ -11,7 +11,7 @@ void attention(T* out, const T* q, const T* k_cache, const T* v_cache, const int
                int64_t batch, int64_t heads, int64_t kv_heads, int64_t d, int64_t q_stride, int64_t block_size,
                int64_t max_blocks, float scale) {
   const int64_t group = heads / kv_heads, row = kv_heads * d;
-#pragma omp parallel
+#pragma omp parallel if (batch * heads * max_blocks * block_size * d >= kParallelMin)
   {
     std::vector<float> qf, scores, acc;
 #pragma omp for collapse(2) schedule(dynamic, 1)

@@ -13,7 +13,7 @@ void pixel_shuffle(ptr out, ptr in, int64_t n, int64_t side, int64_t channels, i
   const int64_t s = side / factor, bytes = channels * (dtype == kF32 ? 4 : 2);
   const char* src = as<const char>(in);
   char* dst = as<char>(out);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (n * side * side * channels >= kParallelMin)
   for (int64_t b = 0; b < n; ++b)
     for (int64_t i = 0; i < s; ++i)
       for (int64_t j = 0; j < s; ++j)

@@ -8,7 +8,7 @@ template <typename T>
 void rotate(T* x, const int64_t* positions, const float* cos_sin, int64_t tokens, int64_t heads, int64_t d,
             int64_t stride) {
   const int64_t half = d / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * heads * d >= kParallelMin)
   for (int64_t t = 0; t < tokens; ++t) {
     const float* cs = cos_sin + positions[t] * d;
     for (int64_t h = 0; h < heads; ++h) {
