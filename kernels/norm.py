@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, next_pow2
+from ._tuning import INTERPRET, next_pow2, to_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,15 +27,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, xo_ptr, n_rows, C, eps,
         # Qwen2 decoder: hidden = (hidden + residual) in the activation dtype, and that rounded sum is both the
         # new residual stream and the norm's input.
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = to_dtype(x.to(tl.float32) + r.to(tl.float32), x.dtype)
         tl.store(xo_ptr + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / C + eps)
     # transformers' Qwen2RMSNorm rounds the normalised value to the activation dtype before the weight multiply;
     # the product is then rounded again (torch low-precision elementwise = fp32 compute, one rounding).
-    yn = (xf * inv[:, None]).to(x.dtype)
+    yn = to_dtype(xf * inv[:, None], x.dtype)
     w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
-    y = (w.to(tl.float32)[None, :] * yn.to(tl.float32)).to(x.dtype)
+    y = to_dtype(w.to(tl.float32)[None, :] * yn.to(tl.float32), x.dtype)
     tl.store(y_ptr + offs, y, mask=mask)
 
 
@@ -56,7 +56,7 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n_rows, C, eps,
     y = y * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_dtype(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_blocks(n_rows, C):

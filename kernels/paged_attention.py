@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, autotune, next_pow2
+from ._tuning import INTERPRET, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
 _LOG2E = 1.4426950408889634
 _TARGET_PROGRAMS = 132 * 2          # H100 SXM has 132 SMs; two resident programs each
@@ -73,15 +73,15 @@ def _paged_attention_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, o_ptr, ws_o_p
         off = toks % BLOCK_SIZE
         kt = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[None, :] + offs_d[:, None],
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(dot_operand(q), dot_operand(kt), input_precision=DOT_PREC) * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, row_max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + row_sum(p, axis=1)
         v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(dot_operand(to_dtype(p, v.dtype)), dot_operand(v), input_precision=DOT_PREC)
         m_i = m_new
 
     if SPLIT:
@@ -94,7 +94,7 @@ def _paged_attention_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, o_ptr, ws_o_p
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+                 to_dtype(out, o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -110,13 +110,13 @@ def _paged_attention_merge_kernel(ws_o_ptr, ws_ml_ptr, o_ptr, H, num_splits, str
     m = tl.load(ws_ml_ptr + row * 2, mask=smask, other=-1.0e30)
     l = tl.load(ws_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
     # Empty splits carry m = -1e30, l = 0, acc = 0: they get weight ~0 and contribute nothing.
-    w = tl.exp2(m - tl.max(m, axis=0))
+    w = tl.exp2(m - row_max(m, axis=0))
     w = tl.where(smask, w, 0.0)
     acc = tl.load(ws_o_ptr + row[:, None] * D + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
-    den = tl.sum(l * w, axis=0)
+    num = row_sum(acc * w[:, None], axis=0)
+    den = row_sum(l * w, axis=0)
     den = tl.where(den == 0.0, 1.0, den)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, (num / den).to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, to_dtype(num / den, o_ptr.dtype.element_ty),
              mask=dmask)
 
 
@@ -168,7 +168,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     splits = _num_splits(B, Hk, capacity)
     tok_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, tok_per_split)
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dot_prec = "ieee" if q.dtype == torch.float32 else None
     if splits > 1:
         ws_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
         ws_ml = torch.empty((B, H, splits, 2), dtype=torch.float32, device=q.device)

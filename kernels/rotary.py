@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, next_pow2
+from ._tuning import INTERPRET, next_pow2, to_dtype
 
 
 @triton.jit
@@ -34,8 +34,8 @@ def _rotary_kernel(x_ptr, pos_ptr, cs_ptr, T, n_cols, stride_t, stride_h, stride
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    tl.store(p1, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    tl.store(p1, to_dtype(x1f * cos - x2f * sin, x1.dtype), mask=mask)
+    tl.store(p1 + HALF, to_dtype(x2f * cos + x1f * sin, x1.dtype), mask=mask)
 
 
 def _launch(x, positions, cos_sin):
