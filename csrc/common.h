@@ -31,6 +31,15 @@ inline void check_ptr(ptr p, const char* op, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(op) + ": " + name + " is a null address");
 }
 
+// The arguments every norm launcher shares.
+inline void check_norm(const char* op, int dtype, int64_t rows, int64_t cols, ptr out, ptr x, ptr weight) {
+  check_dtype(dtype, op);
+  IVE_CHECK(rows >= 0 && cols > 0, op, "rows must be >= 0 and cols > 0");
+  check_ptr(out, op, "out");
+  check_ptr(x, op, "x");
+  check_ptr(weight, op, "weight");
+}
+
 template <typename T>
 inline T* as(ptr p) { return reinterpret_cast<T*>(p); }
 

@@ -58,25 +58,15 @@ void layer_norm_rows(T* out, const T* x, const T* w, const T* b, int64_t rows, i
 
 void rms_norm(ptr out, ptr residual_out, ptr x, ptr residual, ptr weight, int64_t rows, int64_t cols, double eps,
               int dtype) {
-  const char* op = "rms_norm";
-  check_dtype(dtype, op);
-  IVE_CHECK(rows >= 0 && cols > 0, op, "rows must be >= 0 and cols > 0");
-  check_ptr(out, op, "out");
-  check_ptr(x, op, "x");
-  check_ptr(weight, op, "weight");
-  IVE_CHECK((residual == 0) == (residual_out == 0), op, "residual and residual_out come together");
+  check_norm("rms_norm", dtype, rows, cols, out, x, weight);
+  IVE_CHECK((residual == 0) == (residual_out == 0), "rms_norm", "residual and residual_out come together");
   IVE_CPU_DISPATCH(dtype, rms_norm_rows(as<scalar_t>(out), as<scalar_t>(residual_out), as<const scalar_t>(x),
                                         as<const scalar_t>(residual), as<const scalar_t>(weight), rows, cols,
                                         float(eps)));
 }
 
 void layer_norm(ptr out, ptr x, ptr weight, ptr bias, int64_t rows, int64_t cols, double eps, int dtype) {
-  const char* op = "layer_norm";
-  check_dtype(dtype, op);
-  IVE_CHECK(rows >= 0 && cols > 0, op, "rows must be >= 0 and cols > 0");
-  check_ptr(out, op, "out");
-  check_ptr(x, op, "x");
-  check_ptr(weight, op, "weight");
+  check_norm("layer_norm", dtype, rows, cols, out, x, weight);
   IVE_CPU_DISPATCH(dtype, layer_norm_rows(as<scalar_t>(out), as<const scalar_t>(x), as<const scalar_t>(weight),
                                           as<const scalar_t>(bias), rows, cols, float(eps)));
 }

@@ -52,12 +52,16 @@ def same_shape(op, a_name, a, b_name, b):
         fail(op, f"{b_name} {tuple(b.shape)} must have the shape of {a_name} {tuple(a.shape)}")
 
 
-def rms_norm(x, weight, eps, residual=None):
-    op = "rms_norm"
+def _norm(op, x, weight):
     tensor(op, "x", x, dtype=FLOAT_DTYPES)
     tensor(op, "weight", weight, ndim=1, dtype=x.dtype, device=x.device)
     if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
         fail(op, f"weight {tuple(weight.shape)} must match the last dimension of x {tuple(x.shape)}")
+
+
+def rms_norm(x, weight, eps, residual=None):
+    op = "rms_norm"
+    _norm(op, x, weight)
     if residual is not None:
         tensor(op, "residual", residual, dtype=x.dtype, device=x.device)
         same_shape(op, "x", x, "residual", residual)
@@ -65,10 +69,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 def layer_norm(x, weight, bias, eps):
     op = "layer_norm"
-    tensor(op, "x", x, dtype=FLOAT_DTYPES)
-    tensor(op, "weight", weight, ndim=1, dtype=x.dtype, device=x.device)
-    if x.dim() == 0 or weight.shape[0] != x.shape[-1]:
-        fail(op, f"weight {tuple(weight.shape)} must match the last dimension of x {tuple(x.shape)}")
+    _norm(op, x, weight)
     if bias is not None:
         tensor(op, "bias", bias, ndim=1, dtype=x.dtype, device=x.device)
         same_shape(op, "weight", weight, "bias", bias)

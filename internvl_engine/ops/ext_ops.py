@@ -26,15 +26,21 @@ class ExtensionOps:
     """The contract's ops over one launcher table. `device_type` is "cpu" or "cuda"; CUDA launchers get the
     stream as an extra last argument, and split-KV decode a workspace."""
 
-
-    def __init__(self, lib, device_type: str, backend: str, head_dims=None):
+    def __init__(self, lib, device_type: str, backend: str, head_dims=None, cuda_abi: bool | None = None,
+                 num_splits: int | None = None):
+        # cuda_abi: the launchers take a stream (and paged_attention a split-KV workspace). It is also set for CPU
+        # tensors when `lib` is the CUDA source compiled for the host by tests/cuda_emu (stream 0).
         self.lib, self.device_type, self.backend, self.head_dims = lib, device_type, backend, head_dims
+        self.cuda_abi = device_type == "cuda" if cuda_abi is None else cuda_abi
+        self.num_splits = num_splits  # None: num_kv_splits decides
 
     def _target(self, op, t, head_dim=None):
-        """The launcher's trailing arguments (the stream on CUDA); the dispatcher has checked the device type."""
+        """The launcher's trailing arguments (the stream for the CUDA ABI); the dispatcher checked the device."""
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
             fail(op, f"backend {self.backend!r} supports head dims {sorted(self.head_dims)}, got {head_dim}")
-        return () if self.device_type == "cpu" else (torch.cuda.current_stream(t.device).cuda_stream,)
+        if not self.cuda_abi:
+            return ()
+        return (torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0,)
 
     def rms_norm(self, x, weight, eps, residual=None):
         stream = self._target("rms_norm", x)
@@ -109,10 +115,10 @@ class ExtensionOps:
         args = (out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                 seq_lens.data_ptr(), b, h, k_cache.shape[2], d, q.stride(0), block_size, block_tables.shape[1],
                 float(scale), DTYPE_CODES[q.dtype])
-        if self.device_type == "cpu":
+        if not self.cuda_abi:
             self.lib.paged_attention(*args)
             return out
-        splits = num_kv_splits(b, k_cache.shape[2], block_tables.shape[1] * block_size, q.device)
+        splits = self.num_splits or num_kv_splits(b, k_cache.shape[2], block_tables.shape[1] * block_size, q.device)
         work = torch.empty(b * h * splits * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
         self.lib.paged_attention(*args, 0 if work is None else work.data_ptr(), splits, *stream)
         return out
