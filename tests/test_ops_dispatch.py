@@ -33,9 +33,9 @@ def test_use_backend_restores_the_previous_binding():
         assert ops.current_binding() == before and ops.rms_norm.backend == "torch"
 
 
-def test_auto_binds_cpp_on_cpu_except_flash_attention():
+def test_auto_binds_the_measured_defaults_on_cpu():
     binding = ops.resolve("auto", "cpu")
-    assert binding.pop("flash_attention") == "torch" and set(binding.values()) == {"cpp"}
+    assert binding == ops.AUTO["cpu"] and binding["rms_norm"] == "cpp" and binding["paged_attention"] == "cpp"
 
 
 @pytest.mark.parametrize("name,match", [("nope", "unknown kernel backend 'nope'"), ("cuda", "cuda")])

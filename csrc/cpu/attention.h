@@ -25,6 +25,7 @@ void attend_row(T* out, const T* q, int64_t n_keys, int64_t d, float scale, Rows
   for (int64_t j = 0; j < n_keys; ++j) {
     const T* k = rows(j).first;
     float s = 0.f;
+#pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < d; ++i) s += qf[i] * to_float(k[i]);
     scores[j] = s;
     m = std::max(m, s);
@@ -34,6 +35,7 @@ void attend_row(T* out, const T* q, int64_t n_keys, int64_t d, float scale, Rows
     float p = std::exp(scores[j] - m);
     sum += p;
     const T* v = rows(j).second;
+#pragma omp simd
     for (int64_t i = 0; i < d; ++i) acc[i] += p * to_float(v[i]);
   }
   for (int64_t i = 0; i < d; ++i) out[i] = from_float<T>(acc[i] / sum);

@@ -17,17 +17,18 @@ void rms_norm_rows(T* out, T* residual_out, const T* x, const T* residual, const
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * cols;
-      float ss = 0.f;
-      for (int64_t c = 0; c < cols; ++c) {
-        float v = to_float(xr[c]);
-        if (residual) {  // the sum is rounded to the storage dtype, as torch's add would
-          T s = from_float<T>(v + to_float(residual[r * cols + c]));
+      if (residual) {
+        for (int64_t c = 0; c < cols; ++c) {  // the sum is rounded to the storage dtype, as torch's add would
+          T s = from_float<T>(to_float(xr[c]) + to_float(residual[r * cols + c]));
           residual_out[r * cols + c] = s;
-          v = to_float(s);
+          row[c] = to_float(s);
         }
-        row[c] = v;
-        ss += v * v;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) row[c] = to_float(xr[c]);
       }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < cols; ++c) ss += row[c] * row[c];
       float inv = 1.f / std::sqrt(ss / float(cols) + eps);
       for (int64_t c = 0; c < cols; ++c)
         out[r * cols + c] = from_float<T>(to_float(w[c]) * to_float(from_float<T>(row[c] * inv)));
@@ -43,8 +44,11 @@ void layer_norm_rows(T* out, const T* x, const T* w, const T* b, int64_t rows, i
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       float sum = 0.f, sq = 0.f;
+      // `omp simd` lets the compiler reorder the sums into vector lanes (fp32 accumulation either way)
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < cols; ++c) sum += row[c] = to_float(x[r * cols + c]);
       const float mean = sum / float(cols);
+#pragma omp simd reduction(+ : sq)
       for (int64_t c = 0; c < cols; ++c) sq += (row[c] - mean) * (row[c] - mean);  // two passes: no cancellation
       const float inv = 1.f / std::sqrt(sq / float(cols) + eps);
       for (int64_t c = 0; c < cols; ++c) {

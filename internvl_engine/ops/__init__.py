@@ -6,9 +6,8 @@ models: `ops.<name>` calls the bound implementation, after ops.checks has valida
 
 Backends: "torch" (torch's own ops, always available), "cpp" (csrc/cpu, CPU tensors), "triton" (kernels/, CUDA
 tensors, or CPU tensors under TRITON_INTERPRET=1) and "cuda" (csrc/cuda, CUDA tensors). "auto" binds each op to
-the default of the device: on the CPU the C++ kernels, except flash_attention, where torch's fused SDPA is faster
-than the scalar C++ loop; on CUDA the torch backend until committed GPU benchmarks show a kernel faster
-(benchmarks/results/).
+the default of the device (AUTO): on the CPU whichever the committed CPU kernel benchmarks show faster; on CUDA the
+torch backend until committed GPU benchmarks show a kernel faster (benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -29,7 +28,9 @@ BACKENDS = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 # the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
 _DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
-AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"flash_attention": "torch"},
+# Per-op defaults from the committed kernel benchmarks (benchmarks/results/*-kernels.json): on the CPU the C++
+# kernels win except LayerNorm (torch's vectorised kernel) and attention prefill (torch's SDPA vs a scalar loop).
+AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attention": "torch"},
         "cuda": dict.fromkeys(OPS, "torch")}
 _active = {"name": None, "binding": {}}
 
