@@ -100,10 +100,11 @@ def main(argv=None):
     ap.add_argument("--output-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline", choices=["none", "hf"], default="none")
+    ap.add_argument("--backend", default="auto", help="kernel backend: auto, torch, cpp, triton, cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     device = llm.device
     images = [_image_for_tiles(args.tiles)] if args.tiles else []
     content = [{"type": "image", "image": im} for im in images] + [
@@ -117,6 +118,7 @@ def main(argv=None):
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         torch=torch.__version__, model=args.model, dtype=str(llm.dtype).replace("torch.", ""),
+        kernels=llm.runner.kernels,
         workload=dict(batch=1, images=len(images), tiles=out.metrics.num_tiles,
                       prompt_tokens=len(out.prompt_token_ids), output_tokens=args.output_tokens, repeat=args.repeat),
         ours=ours)
