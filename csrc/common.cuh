@@ -44,24 +44,19 @@ __device__ __forceinline__ float warp_max(float v) {
 // Block-wide sum; blockDim.x must be a multiple of 32 (<= 1024) and every thread must call it. `red` is a shared
 // buffer of >= 32 floats; it may be reused by consecutive calls (the leading barrier protects the previous reads).
 // Every thread gets the total.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+// block_sum and block_max: MAX selects the operation (warp_max, identity -inf; else warp_sum, identity 0).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  v = warp_sum(v);
+  v = MAX ? warp_max(v) : warp_sum(v);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  float r = lane < nwarps ? red[lane] : 0.f;
-  return warp_sum(r);
+  float r = lane < nwarps ? red[lane] : (MAX ? -INFINITY : 0.f);
+  return MAX ? warp_max(r) : warp_sum(r);
 }
-__device__ __forceinline__ float block_max(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float r = lane < nwarps ? red[lane] : -INFINITY;
-  return warp_max(r);
-}
+__device__ __forceinline__ float block_sum(float v, float* red) { return block_reduce<false>(v, red); }
+__device__ __forceinline__ float block_max(float v, float* red) { return block_reduce<true>(v, red); }
 
 // ---- 16-byte vector access (caller guarantees 16-byte alignment) ----
 template <typename T>
@@ -107,6 +102,23 @@ inline void check_launch(const char* op) {
 }
 
 inline cudaStream_t to_stream(stream_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// For the dtype-agnostic copy kernels: calls f(U{}) with the widest copy unit U (uint4, uint2, uint32_t or uint16_t:
+// 16, 8, 4 or 2 bytes) that divides `sizes` (every byte size and stride OR-ed together) and `addrs` (every base
+// address OR-ed together). Throws naming `op` when the addresses are not even 2-byte aligned.
+template <typename F>
+inline void with_copy_unit(const char* op, int64_t sizes, ptr addrs, F&& f) {
+  if (sizes % 16 == 0 && addrs % 16 == 0) {
+    f(uint4{});
+  } else if (sizes % 8 == 0 && addrs % 8 == 0) {
+    f(uint2{});
+  } else if (sizes % 4 == 0 && addrs % 4 == 0) {
+    f(uint32_t{});
+  } else {
+    IVE_CHECK(addrs % 2 == 0, op, "addresses must be aligned to the element size");
+    f(uint16_t{});
+  }
+}
 
 // Grid size for a grid-stride loop over n work items with `threads` per block (capped; the loop covers the rest).
 inline unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 8) {

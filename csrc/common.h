@@ -1,6 +1,7 @@
 // Host-side helpers shared by the CPU and CUDA launchers: argument checks and the dtype switch.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -29,6 +30,15 @@ inline void check_dtype(int dtype, const char* op) {
 
 inline void check_ptr(ptr p, const char* op, const char* name) {
   if (p == 0) throw std::invalid_argument(std::string(op) + ": " + name + " is a null address");
+}
+
+// check_ptr for each {name, address} in order: check_ptrs(op, {{"out", out}, {"x", x}}).
+struct NamedPtr {
+  const char* name;
+  ptr p;
+};
+inline void check_ptrs(const char* op, std::initializer_list<NamedPtr> ptrs) {
+  for (const NamedPtr& n : ptrs) check_ptr(n.p, op, n.name);
 }
 
 // The arguments every norm launcher shares.

@@ -21,6 +21,15 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def token_col_tiles(tokens: int, n_cols: int, max_block_c: int):
+    """(BLOCK_T, BLOCK_C, grid) for a kernel whose programs own BLOCK_T tokens x BLOCK_C columns of a [tokens, n_cols]
+    problem: BLOCK_C covers the columns up to max_block_c (4096 under the interpreter: few, large programs), BLOCK_T
+    fills a tile of 2048 elements (65536 under the interpreter); grid is (token tiles, column tiles)."""
+    block_c = min(next_pow2(n_cols), 4096 if INTERPRET else max_block_c)
+    block_t = min(next_pow2(tokens), max(1, (65536 if INTERPRET else 2048) // block_c))
+    return block_t, block_c, (triton.cdiv(tokens, block_t), triton.cdiv(n_cols, block_c))
+
+
 class _FixedConfig:
     """Stand-in for triton.autotune under the interpreter: `k[grid](*args)` launches with configs[0]'s meta-args."""
 

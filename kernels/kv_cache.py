@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, next_pow2
+from ._tuning import token_col_tiles
 
 
 @triton.jit
@@ -50,9 +50,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     n_cols = Hk * D
     if T == 0 or n_cols == 0:
         return
-    block_c = min(next_pow2(n_cols), 4096 if INTERPRET else 512)
-    block_t = min(next_pow2(T), max(1, (65536 if INTERPRET else 2048) // block_c))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(n_cols, block_c))
+    block_t, block_c, grid = token_col_tiles(T, n_cols, 512)
     _write_kv_cache_kernel[grid](k, v, k_cache, v_cache, slot_mapping, T, n_cols,
                                  k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  D=D, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, next_pow2, to_dtype
+from ._tuning import to_dtype, token_col_tiles
 
 
 @triton.jit
@@ -44,9 +44,7 @@ def _launch(x, positions, cos_sin):
     n_cols = H * half
     if T == 0 or n_cols == 0:
         return
-    block_c = min(next_pow2(n_cols), 4096 if INTERPRET else 256)
-    block_t = min(next_pow2(T), max(1, (65536 if INTERPRET else 2048) // block_c))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(n_cols, block_c))
+    block_t, block_c, grid = token_col_tiles(T, n_cols, 256)
     _rotary_kernel[grid](x, positions, cos_sin, T, n_cols, x.stride(0), x.stride(1), cos_sin.stride(0),
                          HALF=half, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 

@@ -18,14 +18,14 @@
 // Causal block skipping: a CTA only loads keys up to the last key visible to its last valid row. Rows that see no
 // key at all (Lk == 0, or causal with Lk - Lq + i < 0) produce zeros.
 #include "common.cuh"
+#include "cuda/attention.cuh"
 
 namespace {
 
 using ive::ptr;
-using ive::dev::from_float;
 using ive::dev::to_float;
-using ive::dev::warp_max;
 using ive::dev::warp_sum;
+namespace attn = ive::dev::attn;
 
 constexpr int kWarps = 4;
 constexpr int kRows = 4;                    // query rows per warp
@@ -69,13 +69,7 @@ flash_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __
   }
 
   float m_i[kRows], l_i[kRows], acc[kRows][DPL];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m_i[r] = -INFINITY;
-    l_i[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < DPL; ++c) acc[r][c] = 0.f;
-  }
+  attn::init_state(m_i, l_i, acc);
 
   const T* kbase = k + (int64_t)kvh * D;
   const T* vbase = v + (int64_t)kvh * D;
@@ -91,70 +85,24 @@ flash_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __
         kv = to_float(kbase[tok * k_stride + d]);
         vv = to_float(vbase[tok * v_stride + d]);
       }
-      Ks[d * KP + j] = kv;
-      Vs[j * D + d] = vv;
+      attn::stage_kv<D, KP>(Ks, Vs, j, d, kv, vv);
     }
     __syncthreads();
 
     // scores of key (n0 + lane) against this warp's rows
     float s[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) s[r] = 0.f;
-#pragma unroll 8
-    for (int d = 0; d < D; d += 4) {
-      const float k0 = Ks[(d + 0) * KP + lane], k1 = Ks[(d + 1) * KP + lane];
-      const float k2 = Ks[(d + 2) * KP + lane], k3 = Ks[(d + 3) * KP + lane];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float4 qv = *reinterpret_cast<const float4*>(&Qs[(row0 + r) * D + d]);
-        s[r] = fmaf(qv.x, k0, s[r]);
-        s[r] = fmaf(qv.y, k1, s[r]);
-        s[r] = fmaf(qv.z, k2, s[r]);
-        s[r] = fmaf(qv.w, k3, s[r]);
-      }
-    }
-
+    attn::tile_scores<D, kRows, KP>(Qs, Ks, row0, lane, s);
     const int kj = n0 + lane;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+    const auto valid = [&](int r) {
       const int qi = m0 + row0 + r;
-      bool valid = qi < Lq && kj < kv_end;
-      if (CAUSAL) valid = valid && kj <= Lk - Lq + qi;
-      const float sv = valid ? s[r] : -INFINITY;
-      const float m_new = fmaxf(m_i[r], warp_max(sv));
-      const float m_ref = m_new == -INFINITY ? 0.f : m_new;
-      const float p = exp2f(sv - m_ref);          // 0 for masked keys
-      const float alpha = exp2f(m_i[r] - m_ref);  // 0 when nothing was seen before (acc, l are 0 then)
-      l_i[r] = l_i[r] * alpha + p;                // per-lane partial; alpha is warp-uniform
-      m_i[r] = m_new;
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) acc[r][c] *= alpha;
-      Ps[(row0 + r) * kBlockN + lane] = p;
-    }
+      bool ok = qi < Lq && kj < kv_end;
+      if (CAUSAL) ok = ok && kj <= Lk - Lq + qi;
+      return ok;
+    };
+    attn::softmax_update<kRows, DPL, kBlockN>(s, valid, m_i, l_i, acc, Ps, row0, lane);
     __syncwarp();
-
     // acc += P V; keys past kv_end have p == 0 and V == 0
-#pragma unroll 4
-    for (int j = 0; j < kBlockN; j += 4) {
-      float4 p4[kRows];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) p4[r] = *reinterpret_cast<const float4*>(&Ps[(row0 + r) * kBlockN + j]);
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        float vv[DPL];
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) {
-          const int d = lane + 32 * c;
-          vv[c] = (D >= 32 || d < D) ? Vs[(j + jj) * D + d] : 0.f;
-        }
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float p = jj == 0 ? p4[r].x : jj == 1 ? p4[r].y : jj == 2 ? p4[r].z : p4[r].w;
-#pragma unroll
-          for (int c = 0; c < DPL; ++c) acc[r][c] = fmaf(p, vv[c], acc[r][c]);
-        }
-      }
-    }
+    attn::pv_accumulate<D, kRows, DPL, kBlockN>(Ps, Vs, row0, lane, acc);
     // the next iteration's leading __syncthreads orders these Ps/Vs reads before the next writes
   }
 
@@ -164,12 +112,7 @@ flash_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __
     const int qi = m0 + row0 + r;
     if (qi < Lq) {
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* o = out + ((int64_t)(q_begin + qi) * heads + h) * D;
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        if (D >= 32 || d < D) o[d] = from_float<T>(acc[r][c] * inv);
-      }
+      attn::store_row<T, D>(out + ((int64_t)(q_begin + qi) * heads + h) * D, acc[r], inv, lane);
     }
   }
 }
@@ -212,12 +155,8 @@ void flash_attention(ptr out, ptr q, ptr k, ptr v, ptr cu_seqlens_q, ptr cu_seql
   IVE_CHECK(heads <= 65535 && batch <= 65535, op, "heads and batch must be <= 65535 (grid limits)");
   IVE_CHECK(max_seqlen_q <= 0x7fffffffLL && max_seqlen_k <= 0x7fffffffLL, op, "sequence lengths must fit int32");
   if (batch == 0 || max_seqlen_q == 0) return;
-  check_ptr(out, op, "out");
-  check_ptr(q, op, "q");
-  check_ptr(k, op, "k");
-  check_ptr(v, op, "v");
-  check_ptr(cu_seqlens_q, op, "cu_seqlens_q");
-  check_ptr(cu_seqlens_k, op, "cu_seqlens_k");
+  check_ptrs(op, {{"out", out}, {"q", q}, {"k", k}, {"v", v}, {"cu_seqlens_q", cu_seqlens_q},
+                  {"cu_seqlens_k", cu_seqlens_k}});
   const dim3 grid(static_cast<unsigned>((max_seqlen_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(heads),
                   static_cast<unsigned>(batch));
   const int group = static_cast<int>(heads / kv_heads);

@@ -53,26 +53,13 @@ void write_kv_cache(ptr k_cache, ptr v_cache, ptr k, ptr v, ptr slot_mapping, in
   IVE_CHECK(k_stride >= kv_heads * head_dim, op, "k_stride must be >= kv_heads * head_dim");
   IVE_CHECK(v_stride >= kv_heads * head_dim, op, "v_stride must be >= kv_heads * head_dim");
   if (tokens == 0) return;
-  check_ptr(k_cache, op, "k_cache");
-  check_ptr(v_cache, op, "v_cache");
-  check_ptr(k, op, "k");
-  check_ptr(v, op, "v");
-  check_ptr(slot_mapping, op, "slot_mapping");
+  check_ptrs(op, {{"k_cache", k_cache}, {"v_cache", v_cache}, {"k", k}, {"v", v}, {"slot_mapping", slot_mapping}});
   const int64_t es = dtype == kF32 ? 4 : 2;
   const int64_t row_bytes = kv_heads * head_dim * es, ks = k_stride * es, vs = v_stride * es;
-  const int64_t sizes = row_bytes | ks | vs;
-  const ptr addrs = k_cache | v_cache | k | v;
   cudaStream_t s = to_stream(stream);
-  if (sizes % 16 == 0 && addrs % 16 == 0) {
-    launch<uint4>(k_cache, v_cache, k, v, slot_mapping, tokens, row_bytes, ks, vs, s);
-  } else if (sizes % 8 == 0 && addrs % 8 == 0) {
-    launch<uint2>(k_cache, v_cache, k, v, slot_mapping, tokens, row_bytes, ks, vs, s);
-  } else if (sizes % 4 == 0 && addrs % 4 == 0) {
-    launch<uint32_t>(k_cache, v_cache, k, v, slot_mapping, tokens, row_bytes, ks, vs, s);
-  } else {
-    IVE_CHECK(addrs % 2 == 0, op, "addresses must be aligned to the element size");
-    launch<uint16_t>(k_cache, v_cache, k, v, slot_mapping, tokens, row_bytes, ks, vs, s);
-  }
+  with_copy_unit(op, row_bytes | ks | vs, k_cache | v_cache | k | v, [&](auto unit) {
+    launch<decltype(unit)>(k_cache, v_cache, k, v, slot_mapping, tokens, row_bytes, ks, vs, s);
+  });
   check_launch(op);
 }
 

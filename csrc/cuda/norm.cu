@@ -114,6 +114,26 @@ int threads_for(int64_t units) {
   return static_cast<int>(t);
 }
 
+// The argument checks both launchers share: check_norm (as the CPU launchers) and the grid limit.
+void check_norm_launch(const char* op, int dtype, int64_t rows, int64_t cols, ive::ptr out, ive::ptr x,
+                       ive::ptr weight) {
+  ive::check_norm(op, dtype, rows, cols, out, x, weight);
+  IVE_CHECK(rows <= 0x7fffffffLL, op, "rows must fit the grid (< 2^31)");
+}
+
+// Launch shape: one block per row; 16-byte units (VEC) when cols and every address (`addrs`, OR-ed) allow.
+struct NormShape {
+  bool vec;
+  int threads;
+  dim3 grid;
+};
+template <typename T>
+NormShape norm_shape(int64_t rows, int64_t cols, ive::ptr addrs) {
+  constexpr int N = ive::dev::Vec16<T>::N;
+  const bool vec = cols % N == 0 && ive::dev::aligned16(addrs);
+  return {vec, threads_for(vec ? cols / N : cols), dim3(static_cast<unsigned>(rows))};
+}
+
 }  // namespace
 
 namespace ive {
@@ -122,28 +142,18 @@ namespace cuda {
 void rms_norm(ptr out, ptr residual_out, ptr x, ptr residual, ptr weight, int64_t rows, int64_t cols, double eps,
               int dtype, stream_t stream) {
   const char* op = "rms_norm";
-  check_dtype(dtype, op);
-  IVE_CHECK(rows >= 0, op, "rows must be >= 0");
-  IVE_CHECK(cols > 0, op, "cols must be > 0");
-  IVE_CHECK(rows <= 0x7fffffffLL, op, "rows must fit the grid (< 2^31)");
+  check_norm_launch(op, dtype, rows, cols, out, x, weight);
   if (rows == 0) return;
-  check_ptr(out, op, "out");
-  check_ptr(x, op, "x");
-  check_ptr(weight, op, "weight");
   if (residual != 0) check_ptr(residual_out, op, "residual_out (required with residual)");
   const ptr res_out = residual != 0 ? residual_out : 0;
   IVE_DISPATCH_DTYPE(dtype, float, __half, __nv_bfloat16, {
-    constexpr int N = dev::Vec16<scalar_t>::N;
-    const bool vec = cols % N == 0 && dev::aligned16(out) && dev::aligned16(x) && dev::aligned16(weight) &&
-                     dev::aligned16(residual) && dev::aligned16(res_out);
-    const int threads = threads_for(vec ? cols / N : cols);
-    const dim3 grid(static_cast<unsigned>(rows));
-    if (vec) {
-      rms_norm_kernel<scalar_t, true><<<grid, threads, 0, to_stream(stream)>>>(
+    const NormShape sh = norm_shape<scalar_t>(rows, cols, out | x | weight | residual | res_out);
+    if (sh.vec) {
+      rms_norm_kernel<scalar_t, true><<<sh.grid, sh.threads, 0, to_stream(stream)>>>(
           as<scalar_t>(out), as<scalar_t>(res_out), as<const scalar_t>(x), as<const scalar_t>(residual),
           as<const scalar_t>(weight), cols, static_cast<float>(eps));
     } else {
-      rms_norm_kernel<scalar_t, false><<<grid, threads, 0, to_stream(stream)>>>(
+      rms_norm_kernel<scalar_t, false><<<sh.grid, sh.threads, 0, to_stream(stream)>>>(
           as<scalar_t>(out), as<scalar_t>(res_out), as<const scalar_t>(x), as<const scalar_t>(residual),
           as<const scalar_t>(weight), cols, static_cast<float>(eps));
     }
@@ -154,26 +164,16 @@ void rms_norm(ptr out, ptr residual_out, ptr x, ptr residual, ptr weight, int64_
 void layer_norm(ptr out, ptr x, ptr weight, ptr bias, int64_t rows, int64_t cols, double eps, int dtype,
                 stream_t stream) {
   const char* op = "layer_norm";
-  check_dtype(dtype, op);
-  IVE_CHECK(rows >= 0, op, "rows must be >= 0");
-  IVE_CHECK(cols > 0, op, "cols must be > 0");
-  IVE_CHECK(rows <= 0x7fffffffLL, op, "rows must fit the grid (< 2^31)");
+  check_norm_launch(op, dtype, rows, cols, out, x, weight);
   if (rows == 0) return;
-  check_ptr(out, op, "out");
-  check_ptr(x, op, "x");
-  check_ptr(weight, op, "weight");
   IVE_DISPATCH_DTYPE(dtype, float, __half, __nv_bfloat16, {
-    constexpr int N = dev::Vec16<scalar_t>::N;
-    const bool vec = cols % N == 0 && dev::aligned16(out) && dev::aligned16(x) && dev::aligned16(weight) &&
-                     dev::aligned16(bias);
-    const int threads = threads_for(vec ? cols / N : cols);
-    const dim3 grid(static_cast<unsigned>(rows));
-    if (vec) {
-      layer_norm_kernel<scalar_t, true><<<grid, threads, 0, to_stream(stream)>>>(
+    const NormShape sh = norm_shape<scalar_t>(rows, cols, out | x | weight | bias);
+    if (sh.vec) {
+      layer_norm_kernel<scalar_t, true><<<sh.grid, sh.threads, 0, to_stream(stream)>>>(
           as<scalar_t>(out), as<const scalar_t>(x), as<const scalar_t>(weight), as<const scalar_t>(bias), cols,
           static_cast<float>(eps));
     } else {
-      layer_norm_kernel<scalar_t, false><<<grid, threads, 0, to_stream(stream)>>>(
+      layer_norm_kernel<scalar_t, false><<<sh.grid, sh.threads, 0, to_stream(stream)>>>(
           as<scalar_t>(out), as<const scalar_t>(x), as<const scalar_t>(weight), as<const scalar_t>(bias), cols,
           static_cast<float>(eps));
     }

@@ -21,14 +21,15 @@
 //   M = max over splits with m > -inf, w_s = exp2(m_s - M), out = sum w_s acc_s / sum w_s l_s (0 if no tokens).
 // seq_len 0 gives zeros.
 #include "common.cuh"
+#include "cuda/attention.cuh"
 
 namespace {
 
 using ive::ptr;
 using ive::dev::from_float;
 using ive::dev::to_float;
-using ive::dev::warp_max;
 using ive::dev::warp_sum;
+namespace attn = ive::dev::attn;
 
 constexpr int kWarps = 4;
 constexpr int kRows = 2;                 // query heads per warp
@@ -75,13 +76,7 @@ paged_attention_kernel(T* __restrict__ out, float* __restrict__ ws, const T* __r
   }
 
   float m_i[kRows], l_i[kRows], acc[kRows][DPL];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m_i[r] = -INFINITY;
-    l_i[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < DPL; ++c) acc[r][c] = 0.f;
-  }
+  attn::init_state(m_i, l_i, acc);
 
   const int64_t row_elems = (int64_t)kv_heads * D;  // one cache row [Hk, D]
   const int* table = block_tables + (int64_t)b * max_blocks;
@@ -106,66 +101,18 @@ paged_attention_kernel(T* __restrict__ out, float* __restrict__ ws, const T* __r
         kv = to_float(k_cache[off + d]);
         vv = to_float(v_cache[off + d]);
       }
-      Ks[d * KP + j] = kv;
-      Vs[j * D + d] = vv;
+      attn::stage_kv<D, KP>(Ks, Vs, j, d, kv, vv);
     }
     __syncthreads();
 
     if (warp_active) {  // warp-uniform: the shuffles below are reached by all 32 lanes or by none
       float s[kRows];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) s[r] = 0.f;
-#pragma unroll 8
-      for (int d = 0; d < D; d += 4) {
-        const float k0 = Ks[(d + 0) * KP + lane], k1 = Ks[(d + 1) * KP + lane];
-        const float k2 = Ks[(d + 2) * KP + lane], k3 = Ks[(d + 3) * KP + lane];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float4 qv = *reinterpret_cast<const float4*>(&Qs[(row0 + r) * D + d]);
-          s[r] = fmaf(qv.x, k0, s[r]);
-          s[r] = fmaf(qv.y, k1, s[r]);
-          s[r] = fmaf(qv.z, k2, s[r]);
-          s[r] = fmaf(qv.w, k3, s[r]);
-        }
-      }
-
-      const bool tok_valid = n0 + lane < end;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float sv = tok_valid ? s[r] : -INFINITY;  // invalid rows are finite junk (zero Q), never written
-        const float m_new = fmaxf(m_i[r], warp_max(sv));
-        const float m_ref = m_new == -INFINITY ? 0.f : m_new;
-        const float p = exp2f(sv - m_ref);
-        const float alpha = exp2f(m_i[r] - m_ref);
-        l_i[r] = l_i[r] * alpha + p;  // per-lane partial sum; alpha is warp-uniform
-        m_i[r] = m_new;
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) acc[r][c] *= alpha;
-        Ps[(row0 + r) * kBlockN + lane] = p;
-      }
+      attn::tile_scores<D, kRows, KP>(Qs, Ks, row0, lane, s);
+      const bool tok_valid = n0 + lane < end;  // invalid rows are finite junk (zero Q), never written
+      const auto valid = [tok_valid](int) { return tok_valid; };
+      attn::softmax_update<kRows, DPL, kBlockN>(s, valid, m_i, l_i, acc, Ps, row0, lane);
       __syncwarp();
-
-#pragma unroll 4
-      for (int j = 0; j < kBlockN; j += 4) {
-        float4 p4[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) p4[r] = *reinterpret_cast<const float4*>(&Ps[(row0 + r) * kBlockN + j]);
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          float vv[DPL];
-#pragma unroll
-          for (int c = 0; c < DPL; ++c) {
-            const int d = lane + 32 * c;
-            vv[c] = (D >= 32 || d < D) ? Vs[(j + jj) * D + d] : 0.f;
-          }
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) {
-            const float p = jj == 0 ? p4[r].x : jj == 1 ? p4[r].y : jj == 2 ? p4[r].z : p4[r].w;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[r][c] = fmaf(p, vv[c], acc[r][c]);
-          }
-        }
-      }
+      attn::pv_accumulate<D, kRows, DPL, kBlockN>(Ps, Vs, row0, lane, acc);
     }
   }
 
@@ -177,12 +124,7 @@ paged_attention_kernel(T* __restrict__ out, float* __restrict__ ws, const T* __r
     const int h = h_base + row0 + r;
     if (num_splits == 1) {
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* o = out + ((int64_t)b * heads + h) * D;
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) {
-        const int d = lane + 32 * c;
-        if (D >= 32 || d < D) o[d] = from_float<T>(acc[r][c] * inv);
-      }
+      attn::store_row<T, D>(out + ((int64_t)b * heads + h) * D, acc[r], inv, lane);
     } else {
       const int64_t row = ((int64_t)b * heads + h) * num_splits + split;
       float* wo = ws + row * D;
@@ -258,12 +200,8 @@ void paged_attention(ptr out, ptr q, ptr k_cache, ptr v_cache, ptr block_tables,
   IVE_CHECK(batch * heads <= 0x7fffffffLL, op, "batch * heads must fit the grid (< 2^31)");
   IVE_CHECK(max_blocks * block_size <= 0x7fffffffLL, op, "max_blocks * block_size must fit int32");
   if (batch == 0) return;
-  check_ptr(out, op, "out");
-  check_ptr(q, op, "q");
-  check_ptr(k_cache, op, "k_cache");
-  check_ptr(v_cache, op, "v_cache");
-  check_ptr(block_tables, op, "block_tables");
-  check_ptr(seq_lens, op, "seq_lens");
+  check_ptrs(op, {{"out", out}, {"q", q}, {"k_cache", k_cache}, {"v_cache", v_cache}, {"block_tables", block_tables},
+                  {"seq_lens", seq_lens}});
   if (num_splits > 1) check_ptr(workspace, op, "workspace (required with num_splits > 1)");
 
   const int64_t group = heads / kv_heads;

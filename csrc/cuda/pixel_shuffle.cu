@@ -51,23 +51,15 @@ void pixel_shuffle(ptr out, ptr in, int64_t n, int64_t side, int64_t channels, i
   IVE_CHECK(factor > 0, op, "factor must be > 0");
   IVE_CHECK(side % factor == 0, op, "side must be a multiple of factor");
   if (n == 0) return;
-  check_ptr(out, op, "out");
-  check_ptr(in, op, "in");
+  check_ptrs(op, {{"out", out}, {"in", in}});
   const int64_t es = dtype == kF32 ? 4 : 2;
   const int64_t row_bytes = channels * es;
   const int64_t total_bytes = n * side * side * row_bytes;
-  const ptr both = out | in;
   cudaStream_t s = to_stream(stream);
-  if (row_bytes % 16 == 0 && both % 16 == 0) {
-    launch<uint4>(out, in, total_bytes, row_bytes, side, factor, s);
-  } else if (row_bytes % 8 == 0 && both % 8 == 0) {
-    launch<uint2>(out, in, total_bytes, row_bytes, side, factor, s);
-  } else if (row_bytes % 4 == 0 && both % 4 == 0) {
-    launch<uint32_t>(out, in, total_bytes, row_bytes, side, factor, s);
-  } else {
-    IVE_CHECK(both % 2 == 0, op, "addresses must be aligned to the element size");
-    launch<uint16_t>(out, in, total_bytes, row_bytes, side, factor, s);
-  }
+  // total_bytes is a multiple of row_bytes, so the unit dividing row_bytes divides it too
+  with_copy_unit(op, row_bytes, out | in, [&](auto unit) {
+    launch<decltype(unit)>(out, in, total_bytes, row_bytes, side, factor, s);
+  });
   check_launch(op);
 }
 

@@ -160,7 +160,7 @@ def _include_dirs(out_dir: Path, cuda_include: str) -> list[str]:
 
 def _fingerprint(cxx: str, cuda_include: str) -> str:
     h = hashlib.sha256()
-    files = sorted((CSRC / "cuda").glob("*.cu")) + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh"))
+    files = [p for pattern in ("cuda/*.cu", "cuda/*.cuh", "*.h", "*.cuh") for p in sorted(CSRC.glob(pattern))]
     files += [CSRC / "bindings.cpp", HERE / "emu.h", HERE / "emu.cpp", Path(__file__).resolve()]
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
