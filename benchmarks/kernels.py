@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import measure_peaks, metadata, time_fn  # noqa: E402
-
-from internvl_engine import ops  # noqa: E402
-from internvl_engine.layers.rotary import RotaryEmbedding  # noqa: E402
-from internvl_engine.random_model import PRESETS  # noqa: E402
+from internvl_engine import ops
+from internvl_engine.bench.common import measure_peaks, metadata, time_fn
+from internvl_engine.layers.rotary import RotaryEmbedding
+from internvl_engine.random_model import PRESETS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
