@@ -15,20 +15,66 @@ BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 KBEGIN, KEND = "<!-- kernel-table:begin -->", "<!-- kernel-table:end -->"
 
 
-def table() -> str:
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}" if x >= 0.01 else f"{x * 1e3:.2f}"
+
+
+def _pair(ours, base) -> str:
+    return f"{_ms(ours)} / {_ms(base)}" if base is not None else f"{_ms(ours)} / -"
+
+
+def harness_table(records) -> str:
+    """Records of the harness (schema internvl-engine/e2e/1): one row per model, device and batch size."""
+    rows = ["| model (random weights) | device | dtype | batch | tiles / request | prompt tokens | TTFT ours / "
+            "transformers (ms) | TPOT ours / transformers (ms) | e2e p50 ours / transformers (ms) | output tok/s ours / "
+            "transformers | ids vs transformers | ours / floor (TTFT, TPOT) | commit | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        for run in r["runs"]:
+            o, b = run["ours"], run.get("baseline_hf")
+            get = (lambda k, sub=None: None if b is None else (b[k][sub] if sub else b[k]))
+            agree = "-" if b is None else ("all equal" if run["ids_agree"] else
+                                           f"equal up to token {run['ids_first_difference']}")
+            tps = f"{o['output_tokens_per_s']:.1f} / " + ("-" if b is None else f"{b['output_tokens_per_s']:.1f}")
+            prompt = run["prompt_tokens"]
+            prompt = prompt if isinstance(prompt, (int, float)) else max(prompt)
+            rows.append(
+                f"| {r['model'].removeprefix('random:')} | {r['device']} | {r['dtype']} | {run['batch']} | "
+                f"{run['tiles_per_request']} | {prompt} | {_pair(o['ttft_s'], get('ttft_s'))} | "
+                f"{_pair(o['tpot_s'], get('tpot_s'))} | {_pair(o['e2e_s']['p50'], get('e2e_s', 'p50'))} | {tps} | "
+                f"{agree} (of {r['workload']['output_tokens']}) | {run['vs_floor']['ttft']:.1f}x, "
+                f"{run['vs_floor']['tpot']:.1f}x | {r['commit']} | {r['date'][:10]} |")
+    return "\n".join(rows)
+
+
+def foundation_table(records) -> str:
+    """The first records (benchmarks/e2e.py before the harness): batch 1, one list of records per file."""
     rows = ["| model (random weights) | device | dtype | image tiles | prompt tokens | TTFT ours / transformers (ms) "
             "| TPOT ours / transformers (ms) | greedy ids vs transformers | commit | date |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for f in sorted(glob.glob(str(ROOT / "benchmarks/results/*-e2e.json"))):
-        for r in json.load(open(f)):
-            o, b, w = r["ours"], r.get("baseline_hf"), r["workload"]
-            ttft = f"{o['ttft_s'] * 1e3:.1f} / {b['ttft_s'] * 1e3:.1f}" if b else f"{o['ttft_s'] * 1e3:.1f} / -"
-            tpot = f"{o['tpot_s'] * 1e3:.2f} / {b['tpot_s'] * 1e3:.2f}" if b else f"{o['tpot_s'] * 1e3:.2f} / -"
-            agree = "-" if b is None else ("all equal" if r["ids_agree"] else f"equal up to token {r['ids_agree_prefix']}")
-            rows.append(f"| {r['model'].removeprefix('random:')} | {r['device']} | {r['dtype']} | {w['tiles']} | "
-                        f"{w['prompt_tokens']} | {ttft} | {tpot} | {agree} (of {w['output_tokens']}) | {r['commit']} | "
-                        f"{r['date'][:10]} |")
+    for r in records:
+        o, b, w = r["ours"], r.get("baseline_hf"), r["workload"]
+        ttft = f"{o['ttft_s'] * 1e3:.1f} / {b['ttft_s'] * 1e3:.1f}" if b else f"{o['ttft_s'] * 1e3:.1f} / -"
+        tpot = f"{o['tpot_s'] * 1e3:.2f} / {b['tpot_s'] * 1e3:.2f}" if b else f"{o['tpot_s'] * 1e3:.2f} / -"
+        agree = "-" if b is None else ("all equal" if r["ids_agree"] else f"equal up to token {r['ids_agree_prefix']}")
+        rows.append(f"| {r['model'].removeprefix('random:')} | {r['device']} | {r['dtype']} | {w['tiles']} | "
+                    f"{w['prompt_tokens']} | {ttft} | {tpot} | {agree} (of {w['output_tokens']}) | {r['commit']} | "
+                    f"{r['date'][:10]} |")
     return "\n".join(rows)
+
+
+def table() -> str:
+    harness, foundation = [], []
+    for f in sorted(glob.glob(str(ROOT / "benchmarks/results/*-e2e.json")), reverse=True):  # newest first
+        data = json.load(open(f))  # one record, or a list of them (gpu_check.sh merges its runs)
+        for r in data if isinstance(data, list) else [data]:
+            (harness if str(r.get("schema", "")).startswith("internvl-engine/e2e/") else foundation).append(r)
+    parts = []
+    if harness:
+        parts.append(harness_table(harness))
+    if foundation:
+        parts.append("Earlier batch-1 records (before the harness):\n\n" + foundation_table(foundation))
+    return "\n\n".join(parts)
 
 
 def kernel_table() -> str:

@@ -1,4 +1,4 @@
-"""Command line: `internvl-engine generate | demo | info` (also `python -m internvl_engine`)."""
+"""Command line: `internvl-engine generate | demo | info | bench` (also `python -m internvl_engine`)."""
 from __future__ import annotations
 
 import argparse
@@ -215,13 +215,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """`internvl-engine bench ...`: every argument goes to the end-to-end harness (internvl_engine.bench.e2e)."""
+    from .bench.e2e import main as bench_main
+
+    bench_main(args.bench_args, prog="internvl-engine bench")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="internvl-engine", description="InternVL3 inference engine.")
     parser.add_argument("--version", action="version", version=f"internvl-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info,bench}")
     sub.required = True
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos, streaming the text")
@@ -253,11 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_info)
+
+    # The harness owns its flags (internvl_engine.bench.e2e.build_parser): everything after `bench` is forwarded,
+    # --help included (main() collects them with parse_known_args).
+    b = sub.add_parser("bench", add_help=False,
+                       help="end-to-end benchmark: TTFT/TPOT/throughput per batch size vs floors and transformers "
+                            "(bench --help for its flags)")
+    b.set_defaults(func=cmd_bench, bench_args=[])
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except InternVLEngineError as e:

@@ -1,0 +1,78 @@
+"""Vision-stage benchmark: the InternViT tower + pixel shuffle + projector (`ModelRunner.vision`) for a ladder of tile
+counts on every available kernel backend, against the torch backend in the same run and against the compute floor
+(bench/floors.py: 723.6 GFLOP per 448x448 tile for InternViT-300M plus the projector, over the matmul peak measured
+at start).
+
+  python benchmarks/vision.py --device cuda --json out.json       # tiles 1, 4, 13; torch, triton, cuda
+  python benchmarks/vision.py --device cpu                        # tiles 1, 2; torch and cpp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from internvl_engine import LLM, ops
+from internvl_engine.bench.common import measure_peaks, metadata, time_fn
+from internvl_engine.bench.floors import vision_cost
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=device)
+    # "auto" is the engine's default per-op binding, the others bind every op to one backend
+    backends = [b for b in (args.backends.split(",") if args.backends else [*ops.BACKENDS, "auto"])
+                if b == "auto" or ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda"
+                                                                         or args.backends)]
+    record = metadata(device) | {"model": args.model, "dtype": str(llm.dtype).replace("torch.", ""),
+                                 "backends": backends, "peaks": measure_peaks(device), "results": []}
+    peak = record["peaks"]["matmul_flop_per_s"]
+    elem = torch.tensor([], dtype=llm.dtype).element_size()
+    per_tile = vision_cost(llm.config, 1, elem).flops
+    side = llm.config.vision.image_size
+    print(f"# {record['device']}  {args.model} {record['dtype']}  {per_tile / 1e9:.1f} GFLOP per tile  matmul peak "
+          f"{peak / 1e12:.1f} TFLOP/s  backends {backends}")
+    print(f"{'tiles':>5s} {'backend':8s} {'ms':>10s} {'ms/tile':>9s} {'TFLOP/s':>8s} {'x floor':>8s} {'vs torch':>8s}")
+    for tiles in [int(t) for t in args.tiles.split(",")]:
+        g = torch.Generator().manual_seed(tiles)
+        pixels = torch.randn(tiles, 3, side, side, generator=g).to(device, llm.dtype)
+        base = None
+        for backend in backends:
+            llm.runner.kernels = ops.resolve(backend, device)
+            t = time_fn(lambda: llm.runner.vision(pixels), device, repeat=args.repeat, warmup=1)
+            base = t if backend == "torch" else base
+            floor = vision_cost(llm.config, tiles, elem).floor_s(record["peaks"])
+            row = {"tiles": tiles, "backend": backend, "time_s": t, "flops": tiles * per_tile,
+                   "flop_per_s": tiles * per_tile / t, "floor_s": floor, "vs_floor": t / floor,
+                   "speedup_vs_torch": None if base is None else base / t}
+            record["results"].append(row)
+            vs = "" if base is None else f"{base / t:7.2f}x"
+            print(f"{tiles:5d} {backend:8s} {t * 1e3:10.1f} {t * 1e3 / tiles:9.2f} {row['flop_per_s'] / 1e12:8.2f} "
+                  f"{t / floor:7.1f}x {vs:>8s}", flush=True)
+    return record
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="random:internvl3-1b", help="random:<preset> or a checkpoint directory")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tiles", default=None, help="comma-separated tile counts (default 1,4,13 on CUDA, 1,2 on CPU)")
+    ap.add_argument("--backends", default=None, help="comma-separated (default: every available one; triton on "
+                                                     "the CPU only when named)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per point (default 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.tiles = args.tiles or ("1,4,13" if cuda else "1,2")
+    args.repeat = args.repeat or (10 if cuda else 2)
+    record = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2))
+        print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Physical floors of each stage, from the model's shape (shared/design/performance.md, "Model arithmetic").
+
+A stage's floor is max(FLOPs / matmul peak, bytes / copy bandwidth), with both peaks measured in the same run
+(`common.measure_peaks`). Counting rules:
+
+- vision, per 448x448 tile: 2 * (linear parameters of the tower) * tokens_per_tile (1024 patches + CLS = 1025)
+  + bidirectional attention 4 * L^2 * C per layer (QK^T and PV, C = vision hidden) + the patch embedding (a linear
+  over the 1024 patches) = 723.6 GFLOP for InternViT-300M (619 linear, 103 attention, 1.2 patch embedding); then the
+  projector (LayerNorm + two linears) over the 256 pixel-shuffled tokens. Bytes: the tower's and projector's weights.
+- prefill, per request of P prompt tokens: 2 * (decoder parameters, no embedding table, no lm_head) * P + causal
+  attention 2 * P^2 * C_attn per layer (C_attn = heads * head_dim) + lm_head for the last token only. Bytes: all LM
+  weights read once (incl. lm_head, excl. the embedding table, of which only rows are gathered), shared by the batch.
+- decode step at batch B and context T: bytes = all LM weights once (incl. lm_head) + B * T * KV bytes per token;
+  FLOPs = 2 * params * B + attention 4 * T * C_attn per layer per request.
+
+TTFT floor = vision + prefill floors; TPOT floor = the decode step floor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class StageCost:
+    flops: float
+    bytes: float
+
+    def floor_s(self, peaks: dict) -> float:
+        return max(self.flops / peaks["matmul_flop_per_s"], self.bytes / peaks["copy_bytes_per_s"])
+
+
+# ---------------------------------------------------------------------------------------------- parameter counts
+def vision_linear_params(cfg: ModelConfig) -> int:
+    """Weights of the tower's per-token linears (qkv, proj, fc1, fc2), all layers; biases excluded (no FLOPs)."""
+    v = cfg.vision
+    c, i = v.hidden_size, v.intermediate_size
+    return v.num_hidden_layers * (4 * c * c + 2 * c * i)
+
+
+def vision_tokens_per_tile(cfg: ModelConfig) -> int:
+    return cfg.vision.num_patches + 1  # + CLS
+
+
+def patch_embed_params(cfg: ModelConfig) -> int:
+    v = cfg.vision
+    return v.num_channels * v.patch_size ** 2 * v.hidden_size
+
+
+def projector_params(cfg: ModelConfig) -> int:
+    c_in = cfg.vision.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
+    h = cfg.text.hidden_size
+    return c_in * h + h * h
+
+
+def vision_params(cfg: ModelConfig) -> int:
+    """All vision weights read per forward (tower linears + patch embedding + projector; norms and biases are noise)."""
+    return vision_linear_params(cfg) + patch_embed_params(cfg) + projector_params(cfg)
+
+
+def lm_layer_params(cfg: ModelConfig) -> int:
+    """Decoder-layer weights of the language model (attention + MLP + q/k/v biases), all layers."""
+    t = cfg.text
+    h, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * t.intermediate_size + (q + 2 * kv) + 2 * h
+    return t.num_hidden_layers * per_layer
+
+
+def lm_head_params(cfg: ModelConfig) -> int:
+    return cfg.text.vocab_size * cfg.text.hidden_size
+
+
+def lm_weight_params(cfg: ModelConfig) -> int:
+    """LM weights a decode step reads: the layers + the lm_head (tied or not), without the embedding table."""
+    return lm_layer_params(cfg) + lm_head_params(cfg)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    t = cfg.text
+    return t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------- stage costs
+def vision_tower_flops_per_tile(cfg: ModelConfig) -> dict:
+    v = cfg.vision
+    n = vision_tokens_per_tile(cfg)
+    linear = 2 * vision_linear_params(cfg) * n
+    attention = v.num_hidden_layers * 4 * n * n * v.hidden_size
+    patch = 2 * patch_embed_params(cfg) * v.num_patches
+    return {"linear": linear, "attention": attention, "patch_embed": patch, "total": linear + attention + patch}
+
+
+def vision_cost(cfg: ModelConfig, tiles: int, dtype_bytes: int) -> StageCost:
+    per_tile = vision_tower_flops_per_tile(cfg)["total"] + 2 * projector_params(cfg) * cfg.image_seq_length
+    return StageCost(per_tile * tiles, vision_params(cfg) * dtype_bytes if tiles else 0.0)
+
+
+def prefill_cost(cfg: ModelConfig, prompt_tokens: list[int], dtype_bytes: int) -> StageCost:
+    t = cfg.text
+    c_attn = t.num_attention_heads * t.head_dim
+    flops = sum(2 * lm_layer_params(cfg) * p + t.num_hidden_layers * 2 * p * p * c_attn + 2 * lm_head_params(cfg)
+                for p in prompt_tokens)
+    return StageCost(flops, lm_weight_params(cfg) * dtype_bytes)
+
+
+def decode_cost(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> StageCost:
+    t = cfg.text
+    c_attn = t.num_attention_heads * t.head_dim
+    flops = batch * (2 * lm_weight_params(cfg) + t.num_hidden_layers * 4 * context * c_attn)
+    nbytes = lm_weight_params(cfg) * dtype_bytes + batch * context * kv_bytes_per_token(cfg, dtype_bytes)
+    return StageCost(flops, nbytes)
+
+
+def floors(cfg: ModelConfig, peaks: dict, *, tiles_per_request: int, prompt_tokens: list[int], output_tokens: int,
+           dtype_bytes: int) -> dict:
+    """Seconds: vision and prefill of a whole batch (one request per entry of `prompt_tokens`), their sum (TTFT)
+    and one decode step of that batch at the mean context of the decode phase (TPOT)."""
+    batch = len(prompt_tokens)
+    vision = vision_cost(cfg, tiles_per_request * batch, dtype_bytes).floor_s(peaks) if tiles_per_request else 0.0
+    prefill = prefill_cost(cfg, prompt_tokens, dtype_bytes).floor_s(peaks)
+    context = round(sum(prompt_tokens) / batch + output_tokens / 2)
+    tpot = decode_cost(cfg, batch, context, dtype_bytes).floor_s(peaks)
+    return {"vision_s": vision, "prefill_s": prefill, "ttft_s": vision + prefill, "tpot_s": tpot}

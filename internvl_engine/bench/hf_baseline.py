@@ -1,0 +1,122 @@
+"""transformers' InternVL as the in-process baseline of the benchmark harness (`--baseline hf`).
+
+transformers is a benchmark/test dependency, never the engine's: it is imported only inside these functions.
+
+Timing of a batch (one `processor(...)` + `generate` call over B conversations, left padding):
+- TTFT = wall time of `generate(max_new_tokens=1)` over the batch, processor included;
+- end-to-end = wall time of the full `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`, processor
+  included; every request of the batch finishes with it, so each gets that e2e;
+- TPOT = (e2e - TTFT) / (N - 1).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .common import sync
+
+
+def raw_config(model: str) -> dict:
+    """config.json contents of `--model` (a random preset or a checkpoint directory)."""
+    if model.startswith("random:"):
+        from ..random_model import preset_config
+        return preset_config(model.split(":", 1)[1])
+    return json.loads((Path(model) / "config.json").read_text())
+
+
+def hf_model_like(llm, raw: dict):
+    """transformers' InternVLForConditionalGeneration holding exactly `llm`'s weights (same device and dtype)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from ..loader import export_hf_state_dict
+
+    cfg = InternVLConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    with torch.device(llm.device):
+        model = InternVLForConditionalGeneration(cfg).to(llm.dtype)
+    state = {}
+    for key, t in export_hf_state_dict(llm.model).items():
+        if key.startswith("language_model.lm_head."):
+            key = key[len("language_model."):]
+        elif key.startswith("language_model.model."):
+            key = "model.language_model." + key[len("language_model.model."):]
+        else:
+            key = "model." + key
+        state[key] = t
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def make_processor(max_patches: int):
+    """InternVLProcessor (PIL image processor) built offline from the files the engine writes for a checkpoint."""
+    from transformers import AutoTokenizer
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    from ..processor.files import write_processor_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_processor_files(tmp)
+        d = Path(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(tmp, local_files_only=True)
+        video_processor = InternVLVideoProcessor.from_pretrained(tmp, local_files_only=True)
+        tpl = d / "chat_template.jinja"
+        chat_template = tpl.read_text(encoding="utf-8") if tpl.is_file() else None
+        pc = d / "processor_config.json"
+        image_seq_length = json.loads(pc.read_text()).get("image_seq_length", 256) if pc.is_file() else 256
+    proc = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                             image_seq_length=image_seq_length, chat_template=chat_template)
+    proc.image_processor.max_patches = max(1, max_patches)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+class HFBaseline:
+    def __init__(self, llm, model: str, max_patches: int):
+        self.device, self.dtype = llm.device, llm.dtype
+        self.model = hf_model_like(llm, raw_config(model))
+        self.processor = make_processor(max_patches)
+
+    def _texts(self, conversations) -> tuple[list[str], list]:
+        texts, images = [], []
+        for conv in conversations:
+            msgs = []
+            for m in conv:
+                content = []
+                for part in m["content"]:
+                    if part["type"] == "image":
+                        content.append({"type": "image"})
+                        images.append(part["image"])
+                    else:
+                        content.append(part)
+                msgs.append({"role": m["role"], "content": content})
+            texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        return texts, images
+
+    @torch.inference_mode()
+    def _generate(self, conversations, new_tokens: int):
+        sync(self.device)
+        t0 = time.perf_counter()
+        texts, images = self._texts(conversations)
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt",
+                                padding=len(texts) > 1)
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items()}
+        out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        prompt_len = inputs["input_ids"].shape[1]
+        return dt, out[:, prompt_len:].tolist()
+
+    def run_batch(self, conversations, new_tokens: int) -> dict:
+        """One batch: TTFT (a 1-token generate) then the full generate; returns seconds and each request's ids."""
+        ttft, _ = self._generate(conversations, 1)
+        e2e, ids = self._generate(conversations, new_tokens)
+        return {"ttft_s": ttft, "e2e_s": e2e, "tpot_s": (e2e - ttft) / max(1, new_tokens - 1), "ids": ids}

@@ -1,0 +1,191 @@
+"""The benchmark harness: floors against the spec's arithmetic, the e2e harness end to end (CPU, tiny model,
+transformers baseline) and its `internvl-engine bench` entry point."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl_engine.bench import floors
+from internvl_engine.config import ModelConfig
+from internvl_engine.random_model import preset_config
+
+ROOT = Path(__file__).resolve().parents[1]
+H100 = {"matmul_flop_per_s": 798e12, "copy_bytes_per_s": 3.0e12}  # the spec's measured H100 peaks
+
+
+def _cfg(name: str) -> ModelConfig:
+    return ModelConfig.from_dict(preset_config(name))
+
+
+def test_vision_flops_match_spec():
+    f = floors.vision_tower_flops_per_tile(_cfg("internvl3-1b"))
+    assert f["total"] == pytest.approx(723.6e9, rel=0.01)
+    assert f["linear"] == pytest.approx(619e9, rel=0.01)
+    assert f["attention"] == pytest.approx(103e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name, gb, kv_kib", [("internvl3-1b", 0.99, 12), ("internvl3-2b", 3.09, 28),
+                                              ("internvl3-8b", 14.1, 56)])
+def test_decode_weight_bytes_match_spec(name, gb, kv_kib):
+    cfg = _cfg(name)
+    assert floors.lm_weight_params(cfg) * 2 == pytest.approx(gb * 1e9, rel=0.01)
+    assert floors.kv_bytes_per_token(cfg, 2) == kv_kib * 1024
+    assert floors.decode_cost(cfg, 1, 0, 2).bytes == pytest.approx(gb * 1e9, rel=0.01)
+
+
+def test_lm_head_share_1b():
+    cfg = _cfg("internvl3-1b")
+    assert floors.lm_head_params(cfg) / floors.lm_weight_params(cfg) == pytest.approx(0.275, abs=0.002)
+
+
+@pytest.mark.parametrize("name, ttft1, ttft13, tpot1, tpot64", [
+    ("internvl3-1b", 1.24e-3, 15.4e-3, 0.333e-3, 0.60e-3),
+    ("internvl3-2b", 1.94e-3, 24.1e-3, 1.04e-3, 1.66e-3),
+    ("internvl3-8b", 5.64e-3, 69.8e-3, 4.73e-3, 5.97e-3)])
+def test_floor_table_matches_spec(name, ttft1, ttft13, tpot1, tpot64):
+    """The H100 floor table of shared/design/performance.md (1 tile = 256 image + 30 text tokens, 1k context)."""
+    cfg = _cfg(name)
+    one = floors.floors(cfg, H100, tiles_per_request=1, prompt_tokens=[286], output_tokens=0, dtype_bytes=2)
+    thirteen = floors.floors(cfg, H100, tiles_per_request=13, prompt_tokens=[13 * 256 + 30], output_tokens=0,
+                             dtype_bytes=2)
+    assert one["ttft_s"] == pytest.approx(ttft1, rel=0.02)
+    assert one["ttft_s"] == pytest.approx(one["vision_s"] + one["prefill_s"])
+    assert thirteen["ttft_s"] == pytest.approx(ttft13, rel=0.02)
+    assert floors.decode_cost(cfg, 1, 1024, 2).floor_s(H100) == pytest.approx(tpot1, rel=0.02)
+    assert floors.decode_cost(cfg, 64, 1024, 2).floor_s(H100) == pytest.approx(tpot64, rel=0.02)
+
+
+def test_floors_grow_with_batch():
+    cfg = _cfg("internvl3-1b")
+    small = floors.floors(cfg, H100, tiles_per_request=1, prompt_tokens=[286], output_tokens=32, dtype_bytes=2)
+    big = floors.floors(cfg, H100, tiles_per_request=1, prompt_tokens=[286] * 64, output_tokens=32, dtype_bytes=2)
+    for k in ("vision_s", "prefill_s", "ttft_s", "tpot_s"):
+        assert big[k] > small[k] > 0
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def test_e2e_harness_cpu_tiny_vs_hf(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "benchmarks/e2e.py", "--device", "cpu", "--model", "random:tiny",
+                           "--baseline", "hf", "--json", str(out), "--plot", str(tmp_path / "plot.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours" in proc.stdout and "floor" in proc.stdout and "hf" in proc.stdout
+    rec = json.loads(out.read_text())
+
+    assert rec["schema"] == "internvl-engine/e2e/1"
+    for key in ("date", "device", "commit", "command", "versions", "model", "dtype", "backend", "kernels", "peaks"):
+        assert key in rec, key
+    assert rec["model"] == "random:tiny" and rec["dtype"] == "float32" and isinstance(rec["kernels"], dict)
+    assert rec["peaks"]["copy_bytes_per_s"] > 0 and rec["peaks"]["matmul_flop_per_s"] > 0
+    w = rec["workload"]
+    assert w == {"images_per_request": 1, "tiles_per_image": 1, "prompt_words": 8, "output_tokens": 8,
+                 "batch_sizes": [1], "requests": [2], "seed": 0}
+    assert len(rec["runs"]) == 1
+    run = rec["runs"][0]
+    assert run["batch"] == 1 and run["requests"] == 2 and run["tiles_per_request"] == 1
+    assert all(isinstance(p, int) and p > 256 for p in run["prompt_tokens"])
+
+    ours = run["ours"]
+    for k in ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "tpot_s", "output_tokens_per_s", "images_per_s"):
+        assert _number(ours[k]) and ours[k] > 0, k
+    assert ours["preprocess_s"] + ours["vision_s"] + ours["prefill_s"] <= ours["ttft_s"] * 1.01
+    assert ours["e2e_s"]["p50"] <= ours["e2e_s"]["p90"] <= ours["e2e_s"]["p99"]
+    assert ours["e2e_s"]["p50"] > ours["ttft_s"]
+
+    hf = run["baseline_hf"]
+    for k in ("ttft_s", "tpot_s", "output_tokens_per_s", "images_per_s"):
+        assert _number(hf[k]) and hf[k] > 0, k
+    assert set(hf["e2e_s"]) == {"p50", "p90", "p99"}
+    assert set(run["ratio_vs_hf"]) == {"ttft", "tpot", "e2e_p50", "output_tokens_per_s"}
+    assert all(_number(v) and v > 0 for v in run["ratio_vs_hf"].values())
+    assert run["ids_agree"] is True and run["ids_first_difference"] is None
+
+    fl = run["floors"]
+    assert set(fl) == {"vision_s", "prefill_s", "ttft_s", "tpot_s"} and all(v > 0 for v in fl.values())
+    assert fl["ttft_s"] == pytest.approx(fl["vision_s"] + fl["prefill_s"])
+    assert run["vs_floor"]["ttft"] >= 1 and run["vs_floor"]["tpot"] >= 1
+
+
+def test_bench_subcommand_help():
+    proc = subprocess.run([sys.executable, "-m", "internvl_engine", "bench", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--model", "--batch", "--baseline", "--json", "--plot", "--output-tokens", "--tiles", "--quiet"):
+        assert flag in proc.stdout
+    assert "internvl-engine bench" in proc.stdout
+
+
+def test_bench_subcommand_forwards(tmp_path, monkeypatch):
+    """Arguments after `bench` reach the harness untouched; other subcommands still reject unknown flags."""
+    from internvl_engine import cli
+    from internvl_engine.bench import e2e
+
+    seen = {}
+    monkeypatch.setattr(e2e, "main", lambda argv=None, prog=None: seen.update(argv=argv, prog=prog))
+    assert cli.main(["bench", "--model", "random:tiny", "--batch", "1,4", "--quiet"]) == 0
+    assert seen == {"argv": ["--model", "random:tiny", "--batch", "1,4", "--quiet"], "prog": "internvl-engine bench"}
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--batch", "1"])
+
+
+def test_harness_does_not_import_transformers_without_baseline():
+    code = ("import sys; from internvl_engine.bench import e2e, floors; "
+            "e2e.main(['--device', 'cpu', '--output-tokens', '2', '--requests', '1', '--quiet']); "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _run_script(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_kernel_benchmark_cpu(tmp_path):
+    out = tmp_path / "kernels.json"
+    _run_script("kernels.py", "--device", "cpu", "--models", "internvl3-1b", "--repeat", "1", "--json", str(out))
+    r = json.loads(out.read_text())
+    assert {"date", "device", "commit", "command", "versions", "peaks", "results"} <= set(r)
+    assert r["peaks"]["copy_bytes_per_s"] > 0 and r["peaks"]["matmul_flop_per_s"] > 0
+    ops = {x["op"] for x in r["results"]}
+    assert ops == {"rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention",
+                   "paged_attention"}
+    for x in r["results"]:
+        assert "error" not in x, x
+        assert x["time_s"] > 0 and x["fraction_of_peak"] > 0
+        assert x["speedup_vs_torch"] == pytest.approx(1.0) if x["backend"] == "torch" else x["speedup_vs_torch"] > 0
+    assert {x["backend"] for x in r["results"]} == {"torch", "cpp"}
+
+
+def test_vision_benchmark_cpu(tmp_path):
+    out = tmp_path / "vision.json"
+    _run_script("vision.py", "--device", "cpu", "--model", "random:tiny", "--tiles", "1,2", "--repeat", "1",
+                "--json", str(out))
+    r = json.loads(out.read_text())
+    rows = r["results"]
+    assert {(x["tiles"], x["backend"]) for x in rows} == {(t, b) for t in (1, 2) for b in ("torch", "cpp", "auto")}
+    for x in rows:
+        assert x["time_s"] > 0 and x["floor_s"] > 0 and x["vs_floor"] >= 1
+        assert x["speedup_vs_torch"] == pytest.approx(1.0) if x["backend"] == "torch" else x["speedup_vs_torch"] > 0
+
+
+def test_readme_tables_are_generated_from_results():
+    """The README's performance and kernel tables are exactly what report.py makes of benchmarks/results/."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+    readme = (ROOT / "README.md").read_text()
+    for begin, end, body in ((report.BEGIN, report.END, report.table()),
+                             (report.KBEGIN, report.KEND, report.kernel_table())):
+        block = readme[readme.index(begin) + len(begin):readme.index(end)]
+        assert block.strip() == body.strip()
