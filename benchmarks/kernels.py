@@ -9,13 +9,11 @@ speedup over torch.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from internvl_engine import ops
-from internvl_engine.bench.common import measure_peaks, metadata, time_fn
+from internvl_engine.bench.common import backends_to_run, measure_peaks, metadata, time_fn, write_record
 from internvl_engine.layers.rotary import RotaryEmbedding
 from internvl_engine.random_model import PRESETS
 
@@ -91,8 +89,7 @@ def cases(model: str, device: torch.device, dtype: torch.dtype, small: bool):
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    backends = [b for b in (args.backends.split(",") if args.backends else ops.BACKENDS)
-                if ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda" or args.backends)]
+    backends = backends_to_run(args.backends, device)
     record = metadata(device) | {"dtype": args.dtype, "backends": backends, "peaks": measure_peaks(device),
                                  "results": []}
     peaks = record["peaks"]
@@ -140,9 +137,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     record = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2))
-        print(f"# wrote {args.json}")
+    write_record(args.json, record)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ at start).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from internvl_engine import LLM, ops
-from internvl_engine.bench.common import measure_peaks, metadata, time_fn
+from internvl_engine.bench.common import backends_to_run, measure_peaks, metadata, time_fn, write_record
 from internvl_engine.bench.floors import vision_cost
 
 
@@ -23,9 +21,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=device)
     # "auto" is the engine's default per-op binding, the others bind every op to one backend
-    backends = [b for b in (args.backends.split(",") if args.backends else [*ops.BACKENDS, "auto"])
-                if b == "auto" or ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda"
-                                                                         or args.backends)]
+    backends = backends_to_run(args.backends, device, with_auto=True)
     record = metadata(device) | {"model": args.model, "dtype": str(llm.dtype).replace("torch.", ""),
                                  "backends": backends, "peaks": measure_peaks(device), "results": []}
     peak = record["peaks"]["matmul_flop_per_s"]
@@ -69,9 +65,7 @@ def main(argv=None):
     args.tiles = args.tiles or ("1,4,13" if cuda else "1,2")
     args.repeat = args.repeat or (10 if cuda else 2)
     record = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2))
-        print(f"# wrote {args.json}")
+    write_record(args.json, record)
 
 
 if __name__ == "__main__":

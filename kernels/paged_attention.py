@@ -152,7 +152,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
         raise ValueError("paged_attention: q must have stride(-1) == 1")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != B \
             or block_tables.stride(1) != 1:
-        raise ValueError(f"paged_attention: block_tables must be int32 [B, max_blocks] with unit column stride")
+        raise ValueError("paged_attention: block_tables must be int32 [B, max_blocks] with unit column stride")
     if seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
         raise ValueError("paged_attention: seq_lens must be int32 [B]")
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)

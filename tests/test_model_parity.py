@@ -3,7 +3,6 @@ prompt logits, 16 greedy tokens and every step's logits, for both vision-tower s
 every CPU kernel backend."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from internvl_engine import LLM, SamplingParams

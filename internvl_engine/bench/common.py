@@ -11,6 +11,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import json
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, for `git rev-parse`
@@ -82,3 +84,19 @@ def measure_peaks(device: torch.device) -> dict:
     del src, dst, a, b
     return {"copy_bytes_per_s": 2 * n_bytes / t_copy, "matmul_flop_per_s": 2 * mm ** 3 / t_mm,
             "matmul": f"{mm}^3 {str(dtype).replace('torch.', '')}", "copy_bytes": n_bytes}
+
+
+def backends_to_run(spec: str | None, device: torch.device, with_auto: bool = False) -> list[str]:
+    """The kernel backends a benchmark compares: those named in `spec` (comma-separated), else every one available
+    here (triton on the CPU only when named: the interpreter is far too slow to time), plus "auto" if asked."""
+    from .. import ops
+    if spec:
+        return [b for b in spec.split(",") if b == "auto" or ops.unavailable_reason(b) is None]
+    names = [b for b in ops.BACKENDS if ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda")]
+    return names + (["auto"] if with_auto else [])
+
+
+def write_record(path: str | None, record: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(record, indent=2))
+        print(f"# wrote {path}")
