@@ -4,6 +4,7 @@ on torch's current stream so that CUDA graphs capture them). Arguments were vali
 what is checked here is only what differs between the two targets."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -127,8 +128,14 @@ class ExtensionOps:
 def num_kv_splits(batch: int, kv_heads: int, capacity: int, device) -> int:
     """Split-KV decode: enough (sequence, KV head, split) programs to fill the SMs twice over, each split covering
     at least 256 tokens. Decided from the block table's capacity, never from seq_lens (that would need a sync)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
     return max(1, min(-(-2 * sms // (batch * kv_heads)), capacity // 256, 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_cu_seqlens(cu, total, name):
