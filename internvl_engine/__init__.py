@@ -3,11 +3,13 @@ __version__ = "0.1.0"
 
 from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, KernelInputError, PromptError,
                      SamplingParamsError, UnsupportedModelError, VideoError)
+from .engine.async_llm import AsyncLLM
+from .engine.llm_engine import LLMEngine
 from .llm import LLM
 from .outputs import RequestMetrics, RequestOutput
 from .processor import Processor
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "Processor", "RequestOutput", "RequestMetrics", "InternVLEngineError",
+__all__ = ["LLM", "LLMEngine", "AsyncLLM", "SamplingParams", "Processor", "RequestOutput", "RequestMetrics", "InternVLEngineError",
            "CheckpointError", "UnsupportedModelError", "ImageError", "VideoError", "PromptError",
            "SamplingParamsError", "BackendError", "KernelInputError", "__version__"]

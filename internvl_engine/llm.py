@@ -1,5 +1,5 @@
-"""LLM: the synchronous front end. conversation -> Processor -> vision tower -> projector -> Qwen2 with a KV cache
--> sampler -> text, for one conversation or a batch."""
+"""LLM: the synchronous front end over LLMEngine. conversation -> Processor -> vision tower -> projector -> Qwen2
+with a paged KV cache -> sampler -> text, for one conversation or a batch (continuously batched by the engine)."""
 from __future__ import annotations
 
 import os
@@ -10,17 +10,11 @@ from typing import Iterator
 
 import torch
 
-from . import ops
 from .config import ModelConfig
-from .engine.runner import ModelRunner
 from .engine.sequence import Sequence
 from .errors import BackendError, CheckpointError, InternVLEngineError, PromptError
-from .loader import load_weights
-from .models.internvl import InternVLForConditionalGeneration
-from .outputs import RequestMetrics, RequestOutput
-from .processor import Processor
-from .processor.tokenizer import IncrementalDetokenizer
-from .sampling import Sampler, SamplingParams
+from .outputs import RequestOutput
+from .sampling import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -82,38 +76,25 @@ class TextStream:
 
 
 class LLM:
+    """Synchronous front end. Owns an LLMEngine (`.engine`); the engine's model, processor, config, runner, ...
+    are reachable as attributes of the LLM too."""
+
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, *, max_model_len: int | None = None,
-                 seed: int = 0, block_size: int = 16, backend: str = "auto"):
-        if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
-                                          or max_model_len < 2):
-            raise InternVLEngineError(f"max_model_len must be None or an integer >= 2, got {max_model_len!r}")
-        self.device = resolve_device(device)
-        ops.resolve(backend, self.device)  # an unavailable kernel backend fails here, before any weight is read
-        if isinstance(model, str) and model.startswith("random:"):
-            from .processor.tokenizer import build_internvl3_tokenizer_json
-            from .random_model import init_random_, preset_config
-            self.config = ModelConfig.from_dict(preset_config(model.split(":", 1)[1]), model)
-            self.processor = Processor.from_parts(build_internvl3_tokenizer_json(), None)
-            checkpoint = None
+                 seed: int = 0, block_size: int = 16, backend: str = "auto", **engine_kwargs):
+        from .engine.llm_engine import LLMEngine
+        self.engine = LLMEngine(model, dtype, device, max_model_len=max_model_len, seed=seed, block_size=block_size,
+                                backend=backend, **engine_kwargs)
+
+    def __getattr__(self, name):
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def __setattr__(self, name, value):
+        if name != "engine" and "engine" in self.__dict__ and hasattr(self.engine, name):
+            setattr(self.engine, name, value)  # e.g. llm.eos_token_ids = {...} configures the engine
         else:
-            checkpoint = _resolve_checkpoint(model)
-            self.config = ModelConfig.from_pretrained(checkpoint)
-            self.processor = Processor.from_pretrained(checkpoint)
-        self.dtype = resolve_dtype(dtype, self.config, self.device)
-        with torch.device("meta"):
-            net = InternVLForConditionalGeneration(self.config)
-        net.to_empty(device=self.device)
-        net.to(self.dtype)
-        if checkpoint is None:
-            init_random_(net, seed)
-        else:
-            load_weights(net, checkpoint, self.dtype, self.device)
-        self.model = net.eval()
-        self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
-        self.runner = ModelRunner(net, self.device, self.dtype, block_size, backend)
-        self.sampler = Sampler()
-        tok = self.processor.tokenizer
-        self.eos_token_ids = set(self.config.eos_token_ids) | {tok.eos_token_id}
+            object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ requests
     @staticmethod
@@ -127,46 +108,11 @@ class LLM:
             raise PromptError("expected a conversation (a list of messages) or a non-empty list of conversations")
         return list(conversations)
 
-    def _encode(self, conversation, params: SamplingParams, add_generation_prompt: bool = True):
-        kwargs = dict(max_num_tiles=params.max_num_tiles, num_frames=params.num_frames)
-        if isinstance(conversation, str):
-            conversation = [{"role": "user", "content": conversation}]
-        if isinstance(conversation, dict):  # raw prompt with <IMG_CONTEXT> / <video> placeholders
-            if "prompt" not in conversation:
-                raise PromptError("a raw request must be a dict with a 'prompt' key (and optional 'images', 'videos')")
-            return self.processor(text=conversation["prompt"], images=conversation.get("images"),
-                                  videos=conversation.get("videos"), **kwargs)
-        return self.processor(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
-
-    def _check_prompt(self, ids: list[int], what: str) -> None:
-        if not ids:
-            raise PromptError(f"{what}: the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptError(f"{what}: prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
-                              "tokens (max_model_len); use fewer or smaller images (max_num_tiles) or a shorter text")
-        vocab = self.config.text.vocab_size
-        bad = [i for i in ids if i >= vocab]
-        if bad:
-            raise PromptError(f"{what}: token id {bad[0]} is outside the model's vocabulary ({vocab})")
-
     def _make_sequence(self, conversation, params: SamplingParams, arrival: float, index: int,
-                       add_generation_prompt: bool = True) -> Sequence:
-        t0 = time.perf_counter()
-        try:
-            enc = self._encode(conversation, params, add_generation_prompt)
-        except InternVLEngineError as e:  # name the request: in a batch, "image 0" alone is ambiguous
-            raise type(e)(f"request {index}: {e}") from e
+                       add_generation_prompt: bool = True, check_capacity: bool = True) -> Sequence:
         rid = f"req-{index}-{uuid.uuid4().hex[:8]}"
-        self._check_prompt(enc.input_ids, f"request {index}")
-        metrics = RequestMetrics(arrival_time=arrival, preprocess_s=time.perf_counter() - t0,
-                                 prompt_tokens=len(enc.input_ids), num_images=len(enc.num_patches),
-                                 num_tiles=sum(enc.num_patches))
-        gen = None
-        if params.seed is not None and not params.greedy:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        return Sequence(rid, enc.input_ids, params, IncrementalDetokenizer(self.processor.tokenizer,
-                                                                           params.skip_special_tokens),
-                        metrics, pixel_values=enc.pixel_values, generator=gen)
+        return self.engine.make_sequence(rid, conversation, params, arrival, f"request {index}", add_generation_prompt,
+                                         check_capacity)
 
     def _sequences(self, conversations, params) -> list[Sequence]:
         batch = self._as_batch(conversations)
@@ -183,87 +129,35 @@ class LLM:
         return [self._make_sequence(c, p, arrival, i) for i, (c, p) in enumerate(zip(batch, plist))]
 
     # ------------------------------------------------------------------ the loop
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _vision(self, seqs: list[Sequence]) -> None:
-        with_images = [s for s in seqs if s.pixel_values is not None and s.pixel_values.shape[0]]
-        if not with_images:
-            return
-        t0 = time.perf_counter()
-        feats = self.runner.vision(torch.cat([s.pixel_values for s in with_images]))
-        self._sync()
-        dt = time.perf_counter() - t0
-        per_tile = self.config.image_seq_length
-        offset = 0
-        for s in with_images:
-            n = s.pixel_values.shape[0] * per_tile
-            s.image_features, offset = feats[offset:offset + n], offset + n
-            s.pixel_values = None
-            s.metrics.vision_s = dt
-
-    def _append(self, seq: Sequence, token: int, logits: torch.Tensor | None) -> str:
-        seq.output_ids.append(token)
-        if logits is not None:
-            seq.step_logits.append(logits.cpu())
-        p = seq.params
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        delta = seq.detokenizer.add([token])
-        if seq.finished:
-            delta += seq.detokenizer.flush()
-        seq.text += delta
-        return delta
-
-    def _run(self, seqs: list[Sequence]) -> Iterator[list[tuple[Sequence, str]]]:
-        """Runs the batch to completion, yielding (sequence, text delta) pairs after every step."""
-        self._vision(seqs)
-        cache = self.runner.new_cache([min(len(s.prompt_ids) + s.params.max_tokens, self.max_model_len)
-                                       for s in seqs])
-        for s in seqs:
-            s.block_table = cache.allocate(min(len(s.prompt_ids) + s.params.max_tokens, self.max_model_len))
-        t0 = time.perf_counter()
-        logits = self.runner.prefill(seqs, cache)
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        now = time.perf_counter()
-        step = []
-        for i, s in enumerate(seqs):
-            s.metrics.prefill_s = now - t0
-            s.metrics.ttft_s = now - s.metrics.arrival_time
-            step.append((s, self._append(s, tokens[i], logits[i] if s.params.return_logits else None)))
-        yield step
-        running = [s for s in seqs if not s.finished]
-        while running:
-            t0 = time.perf_counter()
-            logits = self.runner.decode(running, cache)
-            tokens = self.sampler(logits, [s.params for s in running], [s.generator for s in running]).tolist()
-            dt = time.perf_counter() - t0
-            step = []
-            for i, s in enumerate(running):
-                s.metrics.decode_s += dt
-                step.append((s, self._append(s, tokens[i], logits[i] if s.params.return_logits else None)))
-            yield step
-            running = [s for s in running if not s.finished]
-
-    def _output(self, s: Sequence) -> RequestOutput:
-        m = s.metrics
-        m.generated_tokens = len(s.output_ids)
-        m.tpot_s = m.decode_s / max(1, m.generated_tokens - 1)
-        m.e2e_s = time.perf_counter() - m.arrival_time
-        logits = torch.stack(s.step_logits) if s.step_logits else None
-        return RequestOutput(s.request_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason, m, logits)
+    def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:
+        """Adds the sequences to the engine and steps it until they finish, yielding their outputs of each step.
+        Closing the iterator early aborts whatever is unfinished."""
+        ids = {s.request_id for s in seqs}
+        added = []
+        try:
+            for s in seqs:
+                self.engine.add_sequence(s)
+                added.append(s)
+            while not all(s.finished for s in seqs):
+                outs = [o for o in self.engine.step() if o.request_id in ids]
+                if outs:
+                    yield outs
+        finally:
+            for s in added:
+                if not s.finished:
+                    self.engine.abort(s.request_id)
 
     # ------------------------------------------------------------------ public API
     def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """One conversation or a list of them -> one RequestOutput each, in order."""
         seqs = self._sequences(conversations, params)
-        for _ in self._run(seqs):
-            pass
-        return [self._output(s) for s in seqs]
+        final = {}
+        for outs in self._run(seqs):
+            for o in outs:
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[s.request_id] for s in seqs]
 
     def stream(self, conversation, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one conversation as they are produced; the stream's `.output` is set at the end.
@@ -273,11 +167,12 @@ class LLM:
             raise PromptError("stream() takes one conversation")
 
         def steps():
-            for step in self._run(seqs):
-                for _, delta in step:
-                    if delta:
-                        yield delta
-            stream.output = self._output(seqs[0])
+            for outs in self._run(seqs):
+                for o in outs:
+                    if o.delta:
+                        yield o.delta
+                    if o.finished:
+                        stream.output = o
 
         stream = TextStream(steps())
         return stream
@@ -288,6 +183,8 @@ class LLM:
         """fp32 [prompt_len, vocab] logits of every prompt position, from one forward pass (no KV cache)."""
         params = params or SamplingParams()
         params.validate()
-        seq = self._make_sequence(conversation, params, time.perf_counter(), 0, add_generation_prompt)
-        self._vision([seq])
-        return self.runner.prefill([seq], None, all_logits=True).cpu()
+        seq = self._make_sequence(conversation, params, time.perf_counter(), 0, add_generation_prompt,
+                                  check_capacity=False)
+        if seq.pixel_values is not None and seq.pixel_values.shape[0]:
+            seq.image_features = self.engine.runner.vision(seq.pixel_values)
+        return self.engine.runner.prefill([seq], None, all_logits=True).cpu()

@@ -142,7 +142,6 @@ def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The inverse mapping: our parameters under the `-hf` file-layout keys, packed matmuls split again.
     An lm_head tied to the embeddings is omitted, as transformers' save_pretrained does."""
     out: dict[str, torch.Tensor] = {}
-    unpack = {packed: (suffix, shard) for suffix, (packed, shard) in PACKED.items()}
     tied = model.lm_head.weight is model.language_model.embed_tokens.weight
     for name, param in model.named_parameters(remove_duplicate=False):
         if name == "lm_head.weight" and tied:

@@ -21,6 +21,9 @@ class RequestMetrics:
     generated_tokens: int = 0
     num_images: int = 0
     num_tiles: int = 0
+    queue_s: float = 0.0              # arrival -> first scheduled
+    cached_prompt_tokens: int = 0     # prompt tokens whose KV came from the prefix cache (first admission)
+    cached_images: int = 0            # images that skipped the vision tower (vision cache or cached prefix)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -32,6 +35,12 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str | None            # "stop" (eos or a stop token), "length" (max_tokens or context)
+    finish_reason: str | None            # "stop" (eos or a stop token), "length" (max_tokens or context),
+                                         # "abort" (LLMEngine.abort), None while running
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     logits: torch.Tensor | None = None   # [generated, vocab] fp32, when SamplingParams.return_logits
+    delta: str = ""                      # text newly detokenized by the step that produced this output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -75,13 +75,8 @@ def measure_peaks(device: torch.device) -> dict:
         n_bytes, mm, dtype = 2 << 30, 8192, torch.bfloat16
     else:
         n_bytes, mm, dtype = 256 << 20, 1024, torch.float32
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device, repeat=10)
-    a = torch.randn(mm, mm, device=device, dtype=dtype)
-    b = torch.randn(mm, mm, device=device, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device, repeat=10)
-    del src, dst, a, b
+    t_copy = _time_copy(n_bytes, device)
+    t_mm = _time_matmul(mm, dtype, device)
     return {"copy_bytes_per_s": 2 * n_bytes / t_copy, "matmul_flop_per_s": 2 * mm ** 3 / t_mm,
             "matmul": f"{mm}^3 {str(dtype).replace('torch.', '')}", "copy_bytes": n_bytes}
 
@@ -100,3 +95,15 @@ def write_record(path: str | None, record: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(record, indent=2))
         print(f"# wrote {path}")
+
+
+def _time_copy(n_bytes: int, device: torch.device) -> float:
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_fn(lambda: dst.copy_(src), device, repeat=10)
+
+
+def _time_matmul(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return time_fn(lambda: a @ b, device, repeat=10)

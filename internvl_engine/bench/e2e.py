@@ -104,6 +104,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--backend", default="auto", help="kernel backend: auto, torch, cpp, triton, cuda")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
+                         "transformers fits beside it)")
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--tiles", type=int, default=1, help="tiles per image (0: text only)")
     ap.add_argument("--prompt-words", type=int, default=8, help="random words added to each prompt")
@@ -260,7 +263,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     images = args.images if args.tiles else 0
     tiles = args.tiles if images else 0
 
-    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend)
+    util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
+    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util)
     device = llm.device
     peaks = common.measure_peaks(device)
     dtype_bytes = torch.empty((), dtype=llm.dtype).element_size()

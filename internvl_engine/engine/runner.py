@@ -1,7 +1,9 @@
 """Model runner: turns a list of sequences into one packed forward pass (prefill or decode) and returns the
-logits of each sequence's last token. The KV cache already has the paged layout of the kernel contract
-([num_blocks, block_size, Hk, D] per layer); here each request simply owns a contiguous run of blocks sized
-for its whole generation (the serving-runtime issue replaces this with a shared block manager)."""
+logits of each sequence's last token. The KV cache has the paged layout of the kernel contract
+([num_blocks, block_size, Hk, D] per layer). The serving engine keeps one persistent pool (new_pool) whose blocks
+the BlockManager hands out; prefill_chunks runs chunks [start, end) of sequences' token lists over it, reading a
+cached prefix / earlier chunks back from the pool. new_cache + prefill(cache=None) remain for the no-cache path
+(prompt_logits)."""
 from __future__ import annotations
 
 import torch
@@ -42,6 +44,15 @@ class ModelRunner:
         t = model.config.text
         self.max_pos = t.max_position_embeddings
         self.dynamic_rope = t.rope_type == "dynamic"
+
+    def kv_bytes_per_token(self) -> int:
+        t = self.model.config.text
+        return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def new_pool(self, num_blocks: int) -> KVCache:
+        t = self.model.config.text
+        return KVCache(t.num_hidden_layers, num_blocks, self.block_size, t.num_key_value_heads, t.head_dim, self.dtype,
+                       self.device)
 
     def new_cache(self, total_tokens_per_seq: list[int]) -> KVCache:
         t = self.model.config.text
@@ -95,6 +106,47 @@ class ModelRunner:
         if not all_logits:
             hidden = hidden[cu_t[1:].long() - 1]
         return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def prefill_chunks(self, chunks: list[tuple[Sequence, int, int]], cache: KVCache,
+                       features: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, list[int]]:
+        """One packed prefill over chunks (seq, start, end) of each sequence's token list; features[i] holds the
+        image-feature rows of the placeholders inside chunk i (or None). Returns (logits [k, V] of the chunks that
+        end their sequence's token list, their indices into chunks)."""
+        ops.bind(self.kernels)
+        bs = self.block_size
+        ids, positions, slots, cu_q, cu_k, gather = [], [], [], [0], [0], []
+        prefix = any(start > 0 for _, start, _ in chunks)
+        totals = []
+        for s, start, end in chunks:
+            toks = s.token_ids
+            ids += toks[start:end]
+            positions += range(start, end)
+            table = s.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if prefix:
+                gather += [table[p // bs] * bs + p % bs for p in range(end)]
+            cu_q.append(cu_q[-1] + end - start)
+            cu_k.append(cu_k[-1] + (end if prefix else end - start))
+            totals.append(len(toks))
+        q_lens = [e - st for _, st, e in chunks]
+        k_lens = [e if prefix else e - st for _, st, e in chunks]
+        feats = [f for f in features if f is not None and f.numel()]
+        cu_q_t = self._tensor(cu_q, torch.int32)
+        set_context(StepContext(True, self._tensor(slots, torch.int64), cache.layers, cu_q_t,
+                                self._tensor(cu_k, torch.int32) if prefix else cu_q_t, max(q_lens), max(k_lens),
+                                rope_seq_lens=self._rope_lens(totals, q_lens),
+                                kv_gather_slots=self._tensor(gather, torch.int64) if prefix else None))
+        try:
+            hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64),
+                                torch.cat(feats) if feats else None)
+        finally:
+            set_context(None)
+        last = [i for i, (s, _, end) in enumerate(chunks) if end == len(s.prompt_ids) + len(s.output_ids)]
+        if not last:
+            return None, []
+        hidden = hidden[self._tensor([cu_q[i + 1] - 1 for i in last], torch.int64)]
+        return self.model.compute_logits(hidden).float(), last
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], cache: KVCache) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from ..outputs import RequestMetrics
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import SamplingParams
+from .block_manager import MediaSpan
 
 
 @dataclass
@@ -24,6 +25,22 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     step_logits: list[torch.Tensor] = field(default_factory=list)
+    # ---- serving state (engine): media, paged-KV progress
+    num_patches: list[int] = field(default_factory=list)       # tiles (pixel rows) per image, in text order
+    media_keys: list[bytes] = field(default_factory=list)      # block_manager.media_key() per image
+    media: list[MediaSpan] = field(default_factory=list)       # placeholder runs, one per image
+    image_feats: list = field(default_factory=list)            # per image: projector rows or None (not computed)
+    num_computed: int = 0       # leading tokens whose KV is in the paged cache
+    prefill_target: int = 0     # len(token_ids) when (re)admitted: prefill runs [num_computed, prefill_target)
+    prefilled: bool = False     # the last prefill chunk ran; decodable
+    admitted_once: bool = False
+    first_scheduled: float | None = None
+    delta: str = ""             # text produced by the current step
+    cached_image_ids: set = field(default_factory=set)  # images that skipped the tower (vision or prefix cache)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:
@@ -32,3 +49,7 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def feature_rows_before(self, pos: int) -> int:
+        """Image-feature rows (= placeholder tokens) among token positions [0, pos)."""
+        return sum(min(max(pos - s.start, 0), s.end - s.start) for s in self.media)

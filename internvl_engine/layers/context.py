@@ -19,6 +19,8 @@ class StepContext:
     block_tables: torch.Tensor | None = None   # decode: [B, max_blocks] int32
     seq_lens: torch.Tensor | None = None       # decode: [B] int32, tokens in the cache including this one
     rope_seq_lens: torch.Tensor | None = None  # [T], only for dynamic-NTK RoPE past max_position_embeddings
+    kv_gather_slots: torch.Tensor | None = None  # prefill with a cached prefix / earlier chunk: [sum of end] int64,
+                                                 # cache slots of positions [0, end) of every sequence, in order
 
 
 _context: StepContext | None = None

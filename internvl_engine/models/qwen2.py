@@ -35,7 +35,14 @@ class Qwen2Attention(nn.Module):
         if ctx.kv_caches is not None:
             k_cache, v_cache = ctx.kv_caches[self.layer_idx]
             ops.write_kv_cache(k, v, k_cache, v_cache, ctx.slot_mapping)
-        if ctx.is_prefill:
+        if ctx.is_prefill and ctx.kv_gather_slots is not None:
+            # chunk after a cached prefix or an earlier chunk: attend over keys [0, end) read back from the cache
+            # (the causal mask is bottom-right aligned, so query i of a chunk sees keys up to start + i)
+            k_ctx = k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.kv_gather_slots]
+            v_ctx = v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.kv_gather_slots]
+            o = ops.flash_attention(q, k_ctx, v_ctx, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                    ctx.max_seqlen_k, causal=True, scale=scale)
+        elif ctx.is_prefill:
             o = ops.flash_attention(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
                                     causal=True, scale=scale)
         else:

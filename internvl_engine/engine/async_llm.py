@@ -1,0 +1,141 @@
+"""Front ends that share one engine between many callers: a background thread steps the LLMEngine while requests
+are in flight and hands each step's outputs to their submitters.
+
+- `AsyncLLM.generate(conversation, params, request_id)` is an async generator of RequestOutput snapshots (the last
+  one has `finished`), safe to call from many coroutines of one or several event loops; cancelling or closing the
+  generator aborts the request.
+- `AsyncLLM.submit(...)` returns a concurrent.futures.Future of the final RequestOutput, for plain threads.
+- `abort(request_id)` from anywhere; the request finishes with finish_reason "abort" and its KV blocks are freed.
+
+The engine's own lock serialises add_request / abort / step, so callers never touch the model concurrently.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable
+
+from ..outputs import RequestOutput
+from .llm_engine import LLMEngine
+
+
+class _EngineLoop:
+    """Steps the engine on one daemon thread while any request is unfinished; sleeps otherwise."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._poke = False  # an abort's final output is handed out by the next step, even with nothing else to run
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="internvl-engine-loop", daemon=True)
+        self._thread.start()
+
+    def add(self, request_id: str, conversation, params, sink) -> None:
+        with self._lock:
+            if request_id in self._sinks:
+                from ..errors import PromptError
+                raise PromptError(f"request id {request_id!r} is already in flight")
+            self._sinks[request_id] = sink
+        try:
+            self.engine.add_request(request_id, conversation, params)  # bad input raises here, to the caller
+        except BaseException:
+            with self._lock:
+                self._sinks.pop(request_id, None)
+            raise
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        aborted = self.engine.abort(request_id)
+        self._poke = True
+        self._wake.set()
+        return aborted
+
+    def _deliver(self, out) -> None:
+        with self._lock:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None and out.finished:
+                del self._sinks[out.request_id]
+        if sink is not None:
+            sink(out)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_unfinished_requests() and not self._poke:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            self._poke = False
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # an engine fault fails every request in flight, never silently
+                with self._lock:
+                    sinks, self._sinks = list(self._sinks.values()), {}
+                for sink in sinks:
+                    sink(e)
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+class AsyncLLM:
+    """`AsyncLLM(model, **engine_args)` takes LLMEngine's arguments (dtype, device, backend, kv_cache_tokens, ...)."""
+
+    def __init__(self, model, **engine_args):
+        self.engine = LLMEngine(model, **engine_args)
+        self._loop = _EngineLoop(self.engine)
+
+    async def generate(self, conversation, params=None, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        request_id = request_id or uuid.uuid4().hex
+
+        def sink(item):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        self._loop.add(request_id, conversation, params, sink)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # cancelled, or the consumer stopped iterating
+                self._loop.abort(request_id)
+
+    def submit(self, conversation, params=None, request_id: str | None = None) -> Future:
+        """Thread-friendly: a Future of the final RequestOutput."""
+        future: Future = Future()
+
+        def sink(item):
+            if isinstance(item, BaseException):
+                future.set_exception(item)
+            elif item.finished:
+                future.set_result(item)
+
+        self._loop.add(request_id or uuid.uuid4().hex, conversation, params, sink)
+        return future
+
+    def abort(self, request_id: str) -> bool:
+        return self._loop.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._loop.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,111 @@
+"""Continuous-batching scheduler over the paged KV pool.
+
+Each step is a prefill step or a decode step. Prefill has priority: partially prefilled running sequences continue,
+then waiting sequences are admitted FIFO while max_num_seqs and the pool allow; their chunks [start, end) share the
+max_num_batched_tokens budget (chunked prefill). Otherwise every fully prefilled running sequence decodes one token;
+when the pool cannot grow a table, the newest running sequence is preempted (blocks freed, put back at the front
+of the waiting queue, recomputed from prompt + outputs on re-admission)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager, NoFreeBlocksError
+from .sequence import Sequence
+
+
+@dataclass
+class SchedulerOutput:
+    is_prefill: bool
+    chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # prefill: (seq, start, end)
+    decode: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)                 # newly (re)admitted this step
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.decode
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < block_manager.block_size:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= block_size "
+                             f"({block_manager.block_size})")
+        self.bm = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence, releasing its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.request_id in self.bm:
+            self.bm.free(seq.request_id)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.request_id)
+        seq.num_computed, seq.prefilled, seq.block_table = 0, False, []
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = self._schedule_prefill()
+        if out.chunks:
+            return out
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> SchedulerOutput:
+        out = SchedulerOutput(True)
+        budget = self.max_num_batched_tokens
+        for s in self.running:
+            if budget <= 0:
+                break
+            if not s.prefilled and s.num_computed < s.prefill_target:
+                end = min(s.prefill_target, s.num_computed + budget)
+                out.chunks.append((s, s.num_computed, end))
+                budget -= end - s.num_computed
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            s = self.waiting[0]
+            tokens = s.token_ids
+            try:
+                alloc = self.bm.allocate(s.request_id, tokens, s.media)
+            except NoFreeBlocksError:
+                break
+            self.waiting.popleft()
+            self.running.append(s)
+            s.block_table = alloc.block_table
+            s.num_computed, s.prefill_target, s.prefilled = alloc.num_cached_tokens, len(tokens), False
+            out.admitted.append(s)
+            end = min(s.prefill_target, s.num_computed + budget)
+            out.chunks.append((s, s.num_computed, end))
+            budget -= end - s.num_computed
+        return out
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        out = SchedulerOutput(False)
+        for s in [s for s in self.running if s.prefilled]:
+            if s not in self.running:  # preempted below by an older sequence's growth
+                continue
+            while not self.bm.append_slot(s.request_id, s.num_tokens):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is s:
+                    break
+            else:
+                s.block_table = self.bm.block_table(s.request_id)
+                out.decode.append(s)
+        out.decode = [s for s in out.decode if s in self.running]
+        return out

@@ -1,0 +1,179 @@
+"""LLMEngine: continuous batching, paged KV pool with preemption, chunked prefill, prefix + vision caches, abort.
+CPU, fp32, the tiny random-weight checkpoint; every check compares greedy tokens with the request run alone."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from internvl_engine import SamplingParams
+from internvl_engine.engine.llm_engine import CapacityError, DuplicateRequestError, LLMEngine
+
+TILES = 1  # 256 image tokens per image with the 448px / patch 14 / shuffle 0.5 tower
+
+
+def _image(seed, w=96, h=80):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _conv(kind: int, i: int):
+    if kind == 0:
+        return [{"role": "user", "content": f"Tell me story number {i} about a dragon and a knight."}]
+    if kind == 1:
+        return [{"role": "user", "content": [{"type": "image", "image": _image(100 + i)},
+                                             {"type": "text", "text": f"Describe picture {i}."}]}]
+    return [{"role": "user", "content": [{"type": "image", "image": _image(200 + i)}, {"type": "text", "text": "and"},
+                                         {"type": "image", "image": _image(300 + i)},
+                                         {"type": "text", "text": f"compare them ({i})."}]}]
+
+
+REQUESTS = [_conv(i % 3, i) for i in range(8)]
+
+
+def _params(n=6):
+    return SamplingParams(max_tokens=n, ignore_eos=True, max_num_tiles=TILES)
+
+
+def _engine(path, **kw):
+    return LLMEngine(path, dtype="float32", device="cpu", **kw)
+
+
+def _drain(engine, limit=10_000):
+    final = {}
+    for _ in range(limit):
+        if not engine.has_unfinished_requests():
+            break
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    assert not engine.has_unfinished_requests()
+    return final
+
+
+@pytest.fixture(scope="module")
+def path(hf_checkpoint):
+    return hf_checkpoint("300m")[0]
+
+
+@pytest.fixture(scope="module")
+def alone(path):
+    """Greedy tokens of each request run alone, prefix and vision caches off."""
+    eng = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    out = []
+    for i, conv in enumerate(REQUESTS):
+        eng.add_request(f"a{i}", conv, _params())
+        out.append(_drain(eng)[f"a{i}"].token_ids)
+    return out
+
+
+def test_batch_invariance(path, alone):
+    eng = _engine(path)
+    for i, conv in enumerate(REQUESTS):
+        eng.add_request(f"b{i}", conv, _params())
+    final = _drain(eng)
+    assert [final[f"b{i}"].token_ids for i in range(8)] == alone
+    # staggered: 4 requests mid-decode when 4 more arrive
+    eng = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    for i in range(4):
+        eng.add_request(f"c{i}", REQUESTS[i], _params())
+    final = {}
+    for _ in range(3):
+        for o in eng.step():
+            final[o.request_id] = o
+    assert any(o.token_ids and not o.finished for o in final.values())  # some are decoding
+    for i in range(4, 8):
+        eng.add_request(f"c{i}", REQUESTS[i], _params())
+    final.update(_drain(eng))
+    assert [final[f"c{i}"].token_ids for i in range(8)] == alone
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_preemption_keeps_outputs(path):
+    # long outputs relative to the prompts: decode growth, not admission, exhausts the pool
+    n = 48
+    kinds = [_conv(0, i) for i in range(7)] + [REQUESTS[1]]
+    ref = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    alone = []
+    for i, conv in enumerate(kinds):
+        ref.add_request(f"a{i}", conv, _params(n))
+        alone.append(_drain(ref)[f"a{i}"].token_ids)
+    reqs = [kinds[i % 8] for i in range(16)]
+    need = 0
+    probe = _engine(path, kv_cache_tokens=64)
+    for conv in reqs:
+        need += len(probe.make_sequence("x", conv, _params(), 0.0, "x", check_capacity=False).prompt_ids) + n
+    del probe
+    eng = _engine(path, kv_cache_tokens=max(need // 4, 400), enable_prefix_caching=False)
+    free0 = eng.block_manager.num_free_blocks
+    for i, conv in enumerate(reqs):
+        eng.add_request(f"p{i}", conv, _params(n))
+    final = _drain(eng)
+    assert eng.num_preemptions > 0
+    assert [final[f"p{i}"].token_ids for i in range(16)] == [alone[i % 8] for i in range(16)]
+    assert eng.block_manager.num_free_blocks == free0
+    eng.block_manager.check_invariants()
+
+
+def test_request_larger_than_pool_raises(path):
+    eng = _engine(path, kv_cache_tokens=64)
+    with pytest.raises(CapacityError, match="kv_cache_tokens"):
+        eng.add_request("big", REQUESTS[1], _params())
+    eng.add_request("small", [{"role": "user", "content": "hi"}], _params())
+    assert _drain(eng)["small"].finish_reason == "length"
+
+
+def test_chunked_prefill(path, alone):
+    eng = _engine(path, max_num_batched_tokens=64, enable_prefix_caching=False)
+    for i in (1, 2, 0):
+        eng.add_request(f"k{i}", REQUESTS[i], _params())
+    final = _drain(eng)
+    assert final["k1"].metrics.prompt_tokens > 256
+    assert [final[f"k{i}"].token_ids for i in (0, 1, 2)] == [alone[0], alone[1], alone[2]]
+
+
+def test_prefix_and_vision_cache(path, alone):
+    eng = _engine(path)
+    eng.add_request("first", REQUESTS[1], _params())
+    first = _drain(eng)["first"]
+    assert first.metrics.cached_images == 0 and first.metrics.cached_prompt_tokens == 0
+    assert first.token_ids == alone[1]
+    eng.add_request("again", REQUESTS[1], _params())
+    again = _drain(eng)["again"]
+    assert again.metrics.cached_prompt_tokens > 0 and again.metrics.cached_images == 1
+    assert again.token_ids == first.token_ids
+    # same prompt text, a different image of the same size: only blocks before the image can be reused
+    other = [{"role": "user", "content": [{"type": "image", "image": _image(999)},
+                                          {"type": "text", "text": "Describe picture 1."}]}]
+    seq = eng.make_sequence("probe", other, _params(), 0.0, "probe")
+    image_start = seq.media[0].start
+    eng.add_request("other", other, _params())
+    out = _drain(eng)["other"]
+    assert out.metrics.cached_images == 0
+    assert out.metrics.cached_prompt_tokens < image_start
+    ref = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    ref.add_request("other", other, _params())
+    assert _drain(ref)["other"].token_ids == out.token_ids
+    # vision cache alone (prefix caching off): the tower is skipped, same tokens
+    eng2 = _engine(path, enable_prefix_caching=False)
+    for rid in ("v1", "v2"):
+        eng2.add_request(rid, REQUESTS[2], _params())
+        o = _drain(eng2)[rid]
+        assert o.token_ids == alone[2]
+    assert o.metrics.cached_images == 2 and o.metrics.cached_prompt_tokens == 0
+
+
+def test_abort_and_duplicate_ids(path):
+    eng = _engine(path)
+    free0 = eng.block_manager.num_free_blocks
+    eng.add_request("x", REQUESTS[0], _params(50))
+    with pytest.raises(DuplicateRequestError):
+        eng.add_request("x", REQUESTS[0], _params())
+    eng.add_request("y", REQUESTS[0], _params(10))
+    for _ in range(3):
+        eng.step()
+    assert eng.block_manager.num_free_blocks < free0
+    assert eng.abort("x") and not eng.abort("nope")
+    outs = _drain(eng)
+    assert outs["x"].finish_reason == "abort" and outs["y"].finish_reason == "length"
+    assert eng.block_manager.num_free_blocks == free0
+    eng.add_request("x", REQUESTS[0], _params(2))  # the id is free again
+    assert _drain(eng)["x"].finish_reason == "length"
+    eng.block_manager.check_invariants()
