@@ -71,7 +71,7 @@ def table() -> str:
             (harness if str(r.get("schema", "")).startswith("internvl-engine/e2e/") else foundation).append(r)
     parts = []
     if harness:
-        parts.append(harness_table(harness))
+        parts.append(harness_table(sorted(harness, key=lambda r: r["date"], reverse=True)))
     if foundation:
         parts.append("Earlier batch-1 records (before the harness):\n\n" + foundation_table(foundation))
     return "\n\n".join(parts)
