@@ -177,3 +177,18 @@ def test_abort_and_duplicate_ids(path):
     eng.add_request("x", REQUESTS[0], _params(2))  # the id is free again
     assert _drain(eng)["x"].finish_reason == "length"
     eng.block_manager.check_invariants()
+
+
+def test_decode_is_not_starved_by_arrivals(path):
+    """A new request arrives before every step; the running one still gains a token at least every other step."""
+    eng = _engine(path, max_num_seqs=64)
+    eng.add_request("first", REQUESTS[0], _params(8))
+    progress = []
+    for i in range(16):
+        eng.add_request(f"arrival{i}", _conv(0, 50 + i), _params(8))
+        for o in eng.step():
+            if o.request_id == "first":
+                progress.append(i)
+    assert len(progress) >= 7, progress  # 16 steps, prefills alternate with decodes
+    _drain(eng)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

@@ -1,7 +1,8 @@
 """Continuous-batching scheduler over the paged KV pool.
 
-Each step is a prefill step or a decode step. Prefill has priority: partially prefilled running sequences continue,
-then waiting sequences are admitted FIFO while max_num_seqs and the pool allow; their chunks [start, end) share the
+Each step is a prefill step or a decode step. Prefill has priority, except that two prefill steps never follow each
+other while some sequence is ready to decode. Partially prefilled running sequences continue first, then waiting
+sequences are admitted FIFO while max_num_seqs and the pool allow; their chunks [start, end) share the
 max_num_batched_tokens budget (chunked prefill). Otherwise every fully prefilled running sequence decodes one token;
 when the pool cannot grow a table, the newest running sequence is preempted (blocks freed, put back at the front
 of the waiting queue, recomputed from prompt + outputs on re-admission)."""
@@ -38,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,9 +64,18 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
+        # Prefill first, but never twice in a row while sequences wait to decode: a steady stream of arrivals
+        # would otherwise stall every running request (at worst, decode runs every other step).
+        if self._last_was_prefill and any(s.prefilled for s in self.running):
+            out = self._schedule_decode()
+            if out.decode:
+                self._last_was_prefill = False
+                return out
         out = self._schedule_prefill()
         if out.chunks:
+            self._last_was_prefill = True
             return out
+        self._last_was_prefill = False
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> SchedulerOutput:
