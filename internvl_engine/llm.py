@@ -5,61 +5,14 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .config import ModelConfig
 from .engine.sequence import Sequence
-from .errors import BackendError, CheckpointError, InternVLEngineError, PromptError
+from .errors import PromptError
 from .outputs import RequestOutput
 from .sampling import SamplingParams
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device} requested but CUDA is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise BackendError(f"device type {device.type!r} is not supported (cpu, cuda)")
-    return device
-
-
-def resolve_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """"auto": fp32 on the CPU (bf16 matmuls are slow there), else the checkpoint's dtype, bf16 if it names none."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        if dtype not in _DTYPES:
-            raise InternVLEngineError(f"dtype {dtype!r} is not supported; use one of auto, {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if device.type == "cpu":
-        return torch.float32
-    return _DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.bfloat16)
-
-
-def _resolve_checkpoint(model: str | os.PathLike) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if isinstance(model, str) and model.count("/") == 1 and not path.exists() and not model.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(f"{model!r} is not a local directory; downloading hub ids needs the `hub` extra "
-                                  "(pip install 'internvl-engine[hub]')") from None
-        try:
-            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-        except Exception as e:  # network or repository errors, surfaced with the id
-            raise CheckpointError(f"cannot download {model!r} from the hub: {e}") from None
-    raise CheckpointError(f"{model}: checkpoint directory not found")
-
 
 class TextStream:
     """Iterator over text deltas of one request; `.output` holds the RequestOutput once it is exhausted."""
@@ -152,12 +105,10 @@ class LLM:
                  ) -> list[RequestOutput]:
         """One conversation or a list of them -> one RequestOutput each, in order."""
         seqs = self._sequences(conversations, params)
-        final = {}
-        for outs in self._run(seqs):
-            for o in outs:
-                if o.finished:
-                    final[o.request_id] = o
-        return [final[s.request_id] for s in seqs]
+        for _ in self._run(seqs):
+            pass
+        # read from the sequences: another thread stepping the same engine may have produced the final outputs
+        return [self.engine.output(s) for s in seqs]
 
     def stream(self, conversation, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one conversation as they are produced; the stream's `.output` is set at the end.
@@ -171,8 +122,7 @@ class LLM:
                 for o in outs:
                     if o.delta:
                         yield o.delta
-                    if o.finished:
-                        stream.output = o
+            stream.output = self.engine.output(seqs[0])
 
         stream = TextStream(steps())
         return stream
@@ -185,6 +135,7 @@ class LLM:
         params.validate()
         seq = self._make_sequence(conversation, params, time.perf_counter(), 0, add_generation_prompt,
                                   check_capacity=False)
+        feats = None
         if seq.pixel_values is not None and seq.pixel_values.shape[0]:
-            seq.image_features = self.engine.runner.vision(seq.pixel_values)
-        return self.engine.runner.prefill([seq], None, all_logits=True).cpu()
+            feats = self.engine.runner.vision(seq.pixel_values)
+        return self.engine.runner.prefill_logits(seq.prompt_ids, feats).cpu()

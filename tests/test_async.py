@@ -116,3 +116,26 @@ def test_64_asyncio_tasks_with_aborts_and_cancellation(engine, solo):
             assert outs[-1].finished and outs[-1].token_ids == ref[i % len(convs)]
     _wait_idle(engine)
     assert engine.engine.block_manager.num_free_blocks == free0
+
+
+def test_llm_generate_from_several_threads():
+    """LLM.generate on one LLM from 4 threads at once: whichever thread steps the engine, each call returns its own
+    requests' final outputs, equal to a solo run."""
+    from internvl_engine import LLM
+    llm = LLM("random:tiny", device="cpu")
+    convs = _conversations(6)
+    ref = [o.token_ids for o in llm.generate(convs, PARAMS)]
+    results, errors = {}, []
+
+    def worker(t):
+        try:
+            results[t] = [o.token_ids for o in llm.generate(convs, PARAMS)]
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and all(results[t] == ref for t in range(4))

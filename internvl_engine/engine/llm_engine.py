@@ -9,15 +9,17 @@ BlockManager (prefix caching), the VisionCache and the continuous-batching Sched
 add_request / abort / step are serialised by one lock, so other threads may add or abort while a loop steps."""
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from .. import ops
 from ..config import ModelConfig
-from ..errors import InternVLEngineError, PromptError
+from ..errors import BackendError, CheckpointError, InternVLEngineError, PromptError
 from ..loader import load_weights
 from ..models.internvl import InternVLForConditionalGeneration
 from ..outputs import RequestMetrics, RequestOutput
@@ -29,6 +31,51 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .vision_cache import VisionCache
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device} requested but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise BackendError(f"device type {device.type!r} is not supported (cpu, cuda)")
+    return device
+
+
+def resolve_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": fp32 on the CPU (bf16 matmuls are slow there), else the checkpoint's dtype, bf16 if it names none."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise InternVLEngineError(f"dtype {dtype!r} is not supported; use one of auto, {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def _resolve_checkpoint(model: str | os.PathLike) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if isinstance(model, str) and model.count("/") == 1 and not path.exists() and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{model!r} is not a local directory; downloading hub ids needs the `hub` extra "
+                                  "(pip install 'internvl-engine[hub]')") from None
+        try:
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+        except Exception as e:  # network or repository errors, surfaced with the id
+            raise CheckpointError(f"cannot download {model!r} from the hub: {e}") from None
+    raise CheckpointError(f"{model}: checkpoint directory not found")
 
 
 class CapacityError(PromptError):
@@ -49,7 +96,6 @@ class LLMEngine:
                  seed: int = 0, block_size: int = 16, backend: str = "auto", kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, vision_cache_bytes: int | None = None):
-        from ..llm import _resolve_checkpoint, resolve_device, resolve_dtype
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
                                           or max_model_len < 2):
             raise InternVLEngineError(f"max_model_len must be None or an integer >= 2, got {max_model_len!r}")
@@ -182,7 +228,6 @@ class LLMEngine:
         # placeholder runs do not map one to one onto images (e.g. a raw prompt with adjacent images): one span over
         # all of them, keyed by every image, keeps prefix hashes exact; features are then handed out all at once
         pos = [i for i, t in enumerate(ids) if t == img]
-        import hashlib
         return [MediaSpan(pos[0], pos[-1] + 1, hashlib.blake2b(b"".join(keys), digest_size=32).digest())]
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -213,6 +258,7 @@ class LLMEngine:
             self.scheduler.remove(seq)
             seq.finish_reason, seq.delta = "abort", seq.detokenizer.flush()
             seq.text += seq.delta
+            self._finish_metrics(seq)
             self._aborted.append(seq)
             return True
 
@@ -258,13 +304,9 @@ class LLMEngine:
                 self._sync()
                 dt = time.perf_counter() - t0
                 for (s, i), f in zip(todo, torch.split(feats, rows)):
-                    f = f.clone()
-                    if id(s) not in single:
-                        s.image_feats[i] = f
-                        if self.vision_cache is not None:
-                            self.vision_cache.put(s.media_keys[i], f)
-                    else:
-                        s.image_feats[i] = f
+                    s.image_feats[i] = f = f.clone()
+                    if id(s) not in single and self.vision_cache is not None:
+                        self.vision_cache.put(s.media_keys[i], f)
                 for s in {id(s): s for s, _ in todo}.values():
                     s.metrics.vision_s += dt
             for s in {id(s): s for s, _ in need}.values():
@@ -295,15 +337,19 @@ class LLMEngine:
         delta = seq.detokenizer.add([token])
         if seq.finished:
             delta += seq.detokenizer.flush()
+            self._finish_metrics(seq)
         seq.text += delta
         seq.delta = delta
+
+    @staticmethod
+    def _finish_metrics(s: Sequence) -> None:
+        m = s.metrics
+        m.tpot_s = m.decode_s / max(1, len(s.output_ids) - 1)
+        m.e2e_s = time.perf_counter() - m.arrival_time
 
     def output(self, s: Sequence) -> RequestOutput:
         m = s.metrics
         m.generated_tokens = len(s.output_ids)
-        if s.finished:
-            m.tpot_s = m.decode_s / max(1, m.generated_tokens - 1)
-            m.e2e_s = time.perf_counter() - m.arrival_time
         logits = torch.stack(s.step_logits) if s.step_logits and s.finished else None
         return RequestOutput(s.request_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason,
                              RequestMetrics(**m.as_dict()), logits, s.delta)
@@ -320,11 +366,9 @@ class LLMEngine:
                 return outputs
             now = time.perf_counter()
             for s in sched.admitted:
-                if s.first_scheduled is None:
+                if s.first_scheduled is None:  # first admission; a preempted sequence is re-admitted later
                     s.first_scheduled = now
                     s.metrics.queue_s = now - s.metrics.arrival_time
-                if not s.admitted_once:
-                    s.admitted_once = True
                     s.metrics.cached_prompt_tokens = s.num_computed
                     if len(s.media) == len(s.media_keys):
                         s.cached_image_ids |= {i for i, sp in enumerate(s.media) if sp.end <= s.num_computed}

@@ -2,8 +2,7 @@
 logits of each sequence's last token. The KV cache has the paged layout of the kernel contract
 ([num_blocks, block_size, Hk, D] per layer). The serving engine keeps one persistent pool (new_pool) whose blocks
 the BlockManager hands out; prefill_chunks runs chunks [start, end) of sequences' token lists over it, reading a
-cached prefix / earlier chunks back from the pool. new_cache + prefill(cache=None) remain for the no-cache path
-(prompt_logits)."""
+cached prefix / earlier chunks back from the pool. prefill_logits is the no-cache path (prompt_logits)."""
 from __future__ import annotations
 
 import torch
@@ -22,16 +21,7 @@ class KVCache:
         self.block_size = block_size
         self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(num_layers)]
-        self._next = 0
         self.num_blocks = num_blocks
-
-    def allocate(self, num_tokens: int) -> list[int]:
-        n = -(-num_tokens // self.block_size)
-        if self._next + n > self.num_blocks:
-            raise RuntimeError("KV cache exhausted")  # sized by the caller; never reached
-        blocks = list(range(self._next, self._next + n))
-        self._next += n
-        return blocks
 
 
 class ModelRunner:
@@ -52,12 +42,6 @@ class ModelRunner:
     def new_pool(self, num_blocks: int) -> KVCache:
         t = self.model.config.text
         return KVCache(t.num_hidden_layers, num_blocks, self.block_size, t.num_key_value_heads, t.head_dim, self.dtype,
-                       self.device)
-
-    def new_cache(self, total_tokens_per_seq: list[int]) -> KVCache:
-        t = self.model.config.text
-        blocks = sum(-(-n // self.block_size) for n in total_tokens_per_seq)
-        return KVCache(t.num_hidden_layers, blocks, self.block_size, t.num_key_value_heads, t.head_dim, self.dtype,
                        self.device)
 
     @torch.inference_mode()
@@ -82,29 +66,18 @@ class ModelRunner:
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], cache: KVCache | None, all_logits: bool = False) -> torch.Tensor:
+    def prefill_logits(self, prompt_ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
+        """fp32 logits of every position of one prompt, in one forward pass that writes no KV cache."""
         ops.bind(self.kernels)
-        ids, positions, slots, cu = [], [], [], [0]
-        for s in seqs:
-            n = len(s.prompt_ids)
-            ids += s.prompt_ids
-            positions += range(n)
-            if cache is not None:
-                slots += self._slots(s, 0, n)
-            cu.append(cu[-1] + n)
-        feats = [s.image_features for s in seqs if s.image_features is not None]
-        lens = [len(s.prompt_ids) for s in seqs]
-        max_len = max(lens)
-        cu_t = self._tensor(cu, torch.int32)
-        set_context(StepContext(True, self._tensor(slots, torch.int64), None if cache is None else cache.layers,
-                                cu_t, cu_t, max_len, max_len, rope_seq_lens=self._rope_lens(lens, lens)))
+        n = len(prompt_ids)
+        cu = self._tensor([0, n], torch.int32)
+        set_context(StepContext(True, self._tensor([], torch.int64), None, cu, cu, n, n,
+                                rope_seq_lens=self._rope_lens([n], [n])))
         try:
-            hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64),
-                                torch.cat(feats) if feats else None)
+            hidden = self.model(self._tensor(prompt_ids, torch.int64), self._tensor(list(range(n)), torch.int64),
+                                features)
         finally:
             set_context(None)
-        if not all_logits:
-            hidden = hidden[cu_t[1:].long() - 1]
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
@@ -114,7 +87,6 @@ class ModelRunner:
         image-feature rows of the placeholders inside chunk i (or None). Returns (logits [k, V] of the chunks that
         end their sequence's token list, their indices into chunks)."""
         ops.bind(self.kernels)
-        bs = self.block_size
         ids, positions, slots, cu_q, cu_k, gather = [], [], [], [0], [0], []
         prefix = any(start > 0 for _, start, _ in chunks)
         totals = []
@@ -122,10 +94,9 @@ class ModelRunner:
             toks = s.token_ids
             ids += toks[start:end]
             positions += range(start, end)
-            table = s.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += self._slots(s, start, end)
             if prefix:
-                gather += [table[p // bs] * bs + p % bs for p in range(end)]
+                gather += self._slots(s, 0, end)
             cu_q.append(cu_q[-1] + end - start)
             cu_k.append(cu_k[-1] + (end if prefix else end - start))
             totals.append(len(toks))
@@ -142,7 +113,7 @@ class ModelRunner:
                                 torch.cat(feats) if feats else None)
         finally:
             set_context(None)
-        last = [i for i, (s, _, end) in enumerate(chunks) if end == len(s.prompt_ids) + len(s.output_ids)]
+        last = [i for i, ((_, _, end), total) in enumerate(zip(chunks, totals)) if end == total]
         if not last:
             return None, []
         hidden = hidden[self._tensor([cu_q[i + 1] - 1 for i in last], torch.int64)]

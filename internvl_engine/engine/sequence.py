@@ -18,7 +18,6 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
     pixel_values: torch.Tensor | None = None
-    image_features: torch.Tensor | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     block_table: list[int] = field(default_factory=list)
@@ -33,8 +32,7 @@ class Sequence:
     num_computed: int = 0       # leading tokens whose KV is in the paged cache
     prefill_target: int = 0     # len(token_ids) when (re)admitted: prefill runs [num_computed, prefill_target)
     prefilled: bool = False     # the last prefill chunk ran; decodable
-    admitted_once: bool = False
-    first_scheduled: float | None = None
+    first_scheduled: float | None = None  # set at the first admission (queue time, cached-prompt metrics)
     delta: str = ""             # text produced by the current step
     cached_image_ids: set = field(default_factory=set)  # images that skipped the tower (vision or prefix cache)
 
@@ -50,6 +48,3 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def feature_rows_before(self, pos: int) -> int:
-        """Image-feature rows (= placeholder tokens) among token positions [0, pos)."""
-        return sum(min(max(pos - s.start, 0), s.end - s.start) for s in self.media)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 
 import torch
 
@@ -53,7 +54,6 @@ def available_backends() -> list[str]:
 
 def _device_types(backend: str) -> tuple[str, ...]:
     if backend == "triton":
-        import os
         return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
     return _DEVICE_TYPES[backend]
 
