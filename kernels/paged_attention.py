@@ -11,8 +11,10 @@ With one split the program normalises and writes the output directly. With sever
 range [s*TOK_PER_SPLIT, (s+1)*TOK_PER_SPLIT) and stores its unnormalised accumulator acc_s, running max m_s and
 sum l_s (base-2 domain) in an fp32 workspace; _paged_attention_merge_kernel then combines
     M = max_s m_s,   w_s = 2^(m_s - M),   out = sum_s w_s * acc_s / sum_s w_s * l_s.
-The split count is chosen on the host from B, Hk and the block-table capacity only (never from seq_lens, which
-would need a device->host sync); splits past a sequence's length exit after writing an empty partial (l = 0).
+TOK_PER_SPLIT is a fixed 256 tokens (rounded up to BLOCK_N), so the split count follows the block-table capacity
+only, never the batch or seq_lens (that would need a device->host sync): a sequence gets the same result in any
+batch and any table width (batch invariance). Splits past a sequence's length exit after writing an empty partial
+(l = 0, which the merge weights by exactly 0).
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ import triton.language as tl
 from ._tuning import INTERPRET, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
 _LOG2E = 1.4426950408889634
-_TARGET_PROGRAMS = 132 * 2          # H100 SXM has 132 SMs; two resident programs each
-_MIN_TOKENS_PER_SPLIT = 256         # below this the merge and partial writes outweigh the extra parallelism
-_BLOCK_N = 64                       # tokens per inner step (and the split granularity)
+_SPLIT_TOKENS = 256                 # split granularity (as csrc/cuda/paged_attention.cu)
+_BLOCK_N = 64                       # tokens per inner step
 
 _CONFIGS = [
     triton.Config({}, num_warps=4, num_stages=2),
@@ -120,15 +121,6 @@ def _paged_attention_merge_kernel(ws_o_ptr, ws_ml_ptr, o_ptr, H, num_splits, str
              mask=dmask)
 
 
-def _num_splits(B, Hk, capacity):
-    base = max(B * Hk, 1)
-    if base >= _TARGET_PROGRAMS:
-        return 1
-    want = triton.cdiv(_TARGET_PROGRAMS, base)
-    most = max(1, capacity // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, most))
-
-
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     if q.dim() != 3:
         raise ValueError(f"paged_attention: q must be [B, H, D], got {tuple(q.shape)}")
@@ -165,8 +157,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     # The interpreter pays per step, so it takes bigger token steps.
     block_n = max(128 if INTERPRET else _BLOCK_N, block_size)
     capacity = max_blocks * block_size
-    splits = _num_splits(B, Hk, capacity)
-    tok_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    tok_per_split = triton.cdiv(_SPLIT_TOKENS, block_n) * block_n
     splits = triton.cdiv(capacity, tok_per_split)
     dot_prec = "ieee" if q.dtype == torch.float32 else None
     if splits > 1:

@@ -227,3 +227,17 @@ def _paged(impl, dtype, heads, kv_heads, head_dim, block_size, lens):
     out = run(impl, "paged_attention", q, k_cache, v_cache, tables, seq_lens, scale)
     assert out.shape == q.shape
     assert_attention_close(out, ref32, torch_lowp, dtype)
+
+
+def test_paged_attention_is_batch_invariant(emu_lib):
+    """Default split-KV (one split per 256 tokens of capacity): bit-identical alone, in a batch and with a wider
+    block table, as tests/test_paged_attention.py checks for the other kernels."""
+    impl, lens, bs = _ops(emu_lib), [1024, 37, 300], 16
+    k_cache, v_cache, tables, seq_lens = _cache(lens, bs, 2, 64, torch.bfloat16, "cpu", seed=3)
+    q = packed_qkv(len(lens), 8, 2, 64, torch.bfloat16, "cpu", seed=4)[0].contiguous()
+    batch = run(impl, "paged_attention", q, k_cache, v_cache, tables, seq_lens, 0.125)
+    wide = torch.cat([tables, tables[:, :1].expand(-1, 40)], 1).contiguous()
+    for i, n in enumerate(lens):
+        for t in (tables[i:i + 1, :-(-n // bs)].contiguous(), wide[i:i + 1]):
+            alone = run(impl, "paged_attention", q[i:i + 1], k_cache, v_cache, t, seq_lens[i:i + 1], 0.125)
+            assert torch.equal(alone[0], batch[i]), (i, t.shape)

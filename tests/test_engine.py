@@ -192,3 +192,34 @@ def test_decode_is_not_starved_by_arrivals(path):
     assert len(progress) >= 7, progress  # 16 steps, prefills alternate with decodes
     _drain(eng)
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_decode_graph_path_matches_eager(path, alone, monkeypatch):
+    """The CUDA-graph decode path (cuda_graphs.py) with its replay emulated on the CPU: persistent buffers, batch
+    and context buckets, padding rows, lazy capture of a new context bucket. Same tokens as each request alone."""
+    from internvl_engine.engine import cuda_graphs
+    monkeypatch.setattr(cuda_graphs, "FIRST_CONTEXT_TOKENS", 32)  # widths 2, 8, 32, ... blocks: prompts cross them
+    eng = _engine(path, max_num_seqs=6)
+    eng.runner.enable_graphs(eng.cache, 6, -(-eng.max_model_len // eng.block_size), emulate=True)
+    graphs = eng.runner.graphs
+    assert graphs.batches == [1, 2, 4, 6] and set(graphs.graphs) == {(b, 2) for b in (1, 2, 4, 6)}
+    lengths = [3, 6, 4, 6, 5, 2, 6, 6]  # finishing at different steps: batches shrink through the buckets
+    for i, conv in enumerate(REQUESTS):
+        eng.add_request(f"g{i}", conv, _params(lengths[i]))
+    final = _drain(eng)
+    assert [final[f"g{i}"].token_ids for i in range(8)] == [alone[i][:n] for i, n in enumerate(lengths)]
+    assert graphs.replays > 0
+    assert any(w > 2 for _, w in graphs.graphs)  # captured at first use
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_decode_blocks_are_registered_for_reuse(path):
+    """Blocks filled during decode become prefix-cache entries: a follow-up turn that repeats the answer reuses
+    them."""
+    eng = _engine(path)
+    eng.add_request("turn1", REQUESTS[0], _params(40))
+    out = _drain(eng)["turn1"]
+    history = out.prompt_token_ids + out.token_ids
+    cached = eng.block_manager.num_cached_tokens(history + [0])
+    assert cached > len(out.prompt_token_ids)  # beyond the prompt: decode-time blocks
+    assert cached == (len(history) - 1) // eng.block_size * eng.block_size  # every block whose KV was written

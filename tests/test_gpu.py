@@ -90,3 +90,26 @@ def test_batch_matches_single_on_cuda(hf_checkpoint):
     together = llm.generate(batch, params)
     for conv, out in zip(batch, together):
         assert out.token_ids == llm.generate(conv, params)[0].token_ids
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_decode_from_cuda_graphs_is_batch_invariant(hf_checkpoint, backend):
+    """Decode replays CUDA graphs (serving-runtime issue); bf16 ids of each request are the same alone, in a batch
+    of 8, and with enforce_eager=True."""
+    path, _ = hf_checkpoint("300m")
+    rng = np.random.default_rng(1)
+    convs = [[{"role": "user", "content": [{"type": "image", "image": Image.fromarray(
+                 rng.integers(0, 256, (200 + 40 * i, 300, 3), dtype=np.uint8))},
+                                            {"type": "text", "text": f"Question {i}: what is shown?"}]}]
+             for i in range(8)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, max_num_tiles=2)
+    llm = LLM(path, dtype="bfloat16", device="cuda", backend=backend)
+    graphs = llm.runner.graphs
+    assert graphs is not None and (1, graphs.widths[0]) in graphs.graphs
+    together = [o.token_ids for o in llm.generate(convs, params)]
+    assert graphs.replays >= 23
+    alone = [llm.generate(c, params)[0].token_ids for c in convs]
+    assert together == alone
+    eager = LLM(path, dtype="bfloat16", device="cuda", backend=backend, enforce_eager=True)
+    assert eager.runner.graphs is None
+    assert [o.token_ids for o in eager.generate(convs, params)] == together

@@ -47,3 +47,25 @@ def test_paged_attention(backend_name, device, dtype, heads, kv_heads, head_dim,
         out = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, scale)
     assert out.shape == q.shape
     assert_attention_close(out, ref32, torch_lowp, dtype)
+
+
+KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend_name,device", KERNEL_BACKENDS)
+def test_paged_attention_is_batch_invariant(backend_name, device):
+    """A sequence's output is bit-identical alone, in a batch, and with a wider block table (split-KV partitions
+    are fixed 256-token ranges, never chosen from the batch): what lets decode pad batches for CUDA graphs and
+    still give each request the tokens it gets alone."""
+    lens, bs = [1024, 37, 300], 16
+    k_cache, v_cache, tables, seq_lens = _cache(lens, bs, 2, 64, torch.bfloat16, device, seed=3)
+    q, _, _ = packed_qkv(len(lens), 8, 2, 64, torch.bfloat16, device, seed=4)
+    q = q.contiguous()
+    with backend(backend_name, device):
+        batch = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, 0.125)
+        wide = torch.cat([tables, tables[:, :1].expand(-1, 40)], 1).contiguous()  # capacity 65 -> 105 blocks
+        for i, n in enumerate(lens):
+            narrow = tables[i:i + 1, :-(-n // bs)].contiguous()
+            for t in (narrow, wide[i:i + 1]):
+                alone = ops.paged_attention(q[i:i + 1], k_cache, v_cache, t, seq_lens[i:i + 1], 0.125)
+                assert torch.equal(alone[0], batch[i]), (i, t.shape)

@@ -12,13 +12,17 @@
 //   and NaN planted in unused cache rows never enters), K is staged transposed (pitch 33) and V row-major as fp32,
 //   lane j scores token j against the warp's heads (Q pre-scaled by scale*log2(e)), online softmax with exp2,
 //   p through shared memory, lane owns output dims lane + 32*c.
-// Splits: chunk = ceil(max_blocks*block_size / num_splits) rounded up to a multiple of block_size; split s covers
-// tokens [s*chunk, min((s+1)*chunk, seq_len)). With num_splits == 1 the CTA normalises and writes `out`. Otherwise
+// Splits: chunk = ceil(max_blocks*block_size / num_splits) rounded up to a multiple of kSplitAlign = 256 tokens;
+// split s covers tokens [s*chunk, min((s+1)*chunk, seq_len)). The caller passes num_splits =
+// ceil(capacity / 256), so every split is the same 256-token range whatever the batch and block-table width, and
+// a sequence's result does not depend on the batch it runs in (batch invariance; empty splits add exact zeros, and
+// the single-split path multiplies by 1/l exactly as the merge does). With num_splits == 1 the CTA normalises and
+// writes `out`. Otherwise
 // it writes its unnormalised accumulator, running max m (base-2 domain, -inf for an empty split) and running sum l
 // to the fp32 workspace and paged_attention_merge_kernel combines the splits:
 //   workspace[0 : B*H*S*D]              acc of row (b*H + h)*S + s at row*D .. row*D + D-1
 //   workspace[B*H*S*D : B*H*S*(D+2)]    (m, l) of that row at 2*row, 2*row + 1
-//   M = max over splits with m > -inf, w_s = exp2(m_s - M), out = sum w_s acc_s / sum w_s l_s (0 if no tokens).
+//   M = max over splits with m > -inf, w_s = exp2(m_s - M), out = sum w_s acc_s * (1 / sum w_s l_s) (0 if no tokens).
 // seq_len 0 gives zeros.
 #include "common.cuh"
 #include "cuda/attention.cuh"
@@ -162,7 +166,7 @@ __global__ void paged_attention_merge_kernel(T* __restrict__ out, const float* _
         num = fmaf(w, wo[(int64_t)s * head_dim + d], num);
       }
     }
-    out[bh * head_dim + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+    out[bh * head_dim + d] = from_float<T>(num * (den > 0.f ? 1.f / den : 0.f));
   }
 }
 
@@ -208,9 +212,9 @@ void paged_attention(ptr out, ptr q, ptr k_cache, ptr v_cache, ptr block_tables,
   const int64_t head_chunks = (group + kHeads - 1) / kHeads;
   IVE_CHECK(kv_heads * head_chunks <= 65535, op, "kv_heads * ceil(group / 8) must be <= 65535 (grid limit)");
   const int64_t capacity = max_blocks * block_size;
+  constexpr int64_t kSplitAlign = 256;
   int64_t chunk = (capacity + num_splits - 1) / num_splits;
-  chunk = (chunk + block_size - 1) / block_size * block_size;
-  if (chunk < block_size) chunk = block_size;
+  chunk = num_splits == 1 ? capacity : (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads * head_chunks),
                   static_cast<unsigned>(num_splits));
   const float scale_log2 = static_cast<float>(scale) * kLog2e;

@@ -95,7 +95,7 @@ class LLMEngine:
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, *, max_model_len: int | None = None,
                  seed: int = 0, block_size: int = 16, backend: str = "auto", kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192,
-                 enable_prefix_caching: bool = True, vision_cache_bytes: int | None = None):
+                 enable_prefix_caching: bool = True, vision_cache_bytes: int | None = None, enforce_eager: bool = False):
         if max_model_len is not None and (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
                                           or max_model_len < 2):
             raise InternVLEngineError(f"max_model_len must be None or an integer >= 2, got {max_model_len!r}")
@@ -147,6 +147,9 @@ class LLMEngine:
         self.cache = self.runner.new_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.enforce_eager = bool(enforce_eager) or self.device.type != "cuda"
+        if not self.enforce_eager:  # decode graphs for the batch ladder, over this pool (cuda_graphs.py)
+            self.runner.enable_graphs(self.cache, max_num_seqs, -(-self.max_model_len // block_size))
         if vision_cache_bytes is None:
             vision_cache_bytes = (256 if self.device.type == "cuda" else 64) << 20
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes > 0 else None
@@ -380,9 +383,10 @@ class LLMEngine:
                 logits, last = self.runner.prefill_chunks(sched.chunks, self.cache, feats)
                 finished_chunk = [sched.chunks[i][0] for i in last]
                 if finished_chunk:
-                    tokens = self.sampler(logits, [s.params for s in finished_chunk],
-                                          [s.generator for s in finished_chunk]).tolist()
-                self._sync()
+                    tokens = self.runner.to_host(self.sampler(logits, [s.params for s in finished_chunk],
+                                                              [s.generator for s in finished_chunk]))
+                # no sync for a chunk that samples nothing: the last chunk's token copy waits for all of them, so
+                # the chunks' prefill_s still add up
                 dt = time.perf_counter() - t0
                 for s, start, end in sched.chunks:
                     s.num_computed = end
@@ -398,10 +402,13 @@ class LLMEngine:
                 seqs = sched.decode
                 t0 = time.perf_counter()
                 logits = self.runner.decode(seqs, self.cache)
-                tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+                tokens = self.runner.to_host(self.sampler(logits, [s.params for s in seqs],
+                                                          [s.generator for s in seqs]))
                 dt = time.perf_counter() - t0
                 for i, s in enumerate(seqs):
                     s.num_computed = s.num_tokens
+                    if s.num_computed % self.block_size == 0:  # a block filled by decode: a follow-up turn reuses it
+                        self.block_manager.register_computed(s.request_id, s.token_ids, s.num_computed)
                     s.metrics.decode_s += dt
                     self._append(s, tokens[i], logits[i] if s.params.return_logits else None)
                     sampled.append(s)

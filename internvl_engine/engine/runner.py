@@ -2,7 +2,12 @@
 logits of each sequence's last token. The KV cache has the paged layout of the kernel contract
 ([num_blocks, block_size, Hk, D] per layer). The serving engine keeps one persistent pool (new_pool) whose blocks
 the BlockManager hands out; prefill_chunks runs chunks [start, end) of sequences' token lists over it, reading a
-cached prefix / earlier chunks back from the pool. prefill_logits is the no-cache path (prompt_logits)."""
+cached prefix / earlier chunks back from the pool. decode runs one token per sequence, from a CUDA graph when
+enable_graphs() was called and the step fits one (cuda_graphs.py), else eagerly. prefill_logits is the no-cache
+path (prompt_logits).
+
+Host-to-device inputs go through pinned memory without blocking, so the only host synchronisation of a step is
+to_host(), the copy of its sampled tokens."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +16,7 @@ from .. import ops
 
 from ..layers.context import StepContext, set_context
 from ..models.internvl import InternVLForConditionalGeneration
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 
@@ -34,6 +40,22 @@ class ModelRunner:
         t = model.config.text
         self.max_pos = t.max_position_embeddings
         self.dynamic_rope = t.rope_type == "dynamic"
+        self.graphs: DecodeGraphs | None = None
+        self._pinned = device.type == "cuda"
+
+    def enable_graphs(self, cache: "KVCache", max_batch: int, max_blocks: int, emulate: bool = False) -> None:
+        """Capture decode graphs for the batch ladder up to max_batch over `cache` (emulate: CPU tests)."""
+        self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate)
+        self.graphs.capture_start()
+
+    def to_host(self, t: torch.Tensor) -> list:
+        """The step's one synchronisation: a device-to-host copy into pinned memory, then wait for it."""
+        if not self._pinned:
+            return t.tolist()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.tolist()
 
     def kv_bytes_per_token(self) -> int:
         t = self.model.config.text
@@ -53,6 +75,8 @@ class ModelRunner:
         return torch.cat(chunks)
 
     def _tensor(self, values, dtype):
+        if self._pinned:  # a plain copy from pageable memory would block on the stream
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _rope_lens(self, seq_lens: list[int], tokens_per_seq: list[int]):
@@ -125,6 +149,11 @@ class ModelRunner:
         bs = self.block_size
         lens = [s.num_tokens for s in seqs]
         width = -(-max(lens) // bs)
+        key = self.graphs.bucket(len(seqs), width) if self.graphs is not None else None
+        if key is not None and not (self.dynamic_rope and max(lens) > self.max_pos):
+            return self.graphs.run(key, [s.output_ids[-1] for s in seqs], [n - 1 for n in lens],
+                                   [self._slots(s, n - 1, n)[0] for s, n in zip(seqs, lens)], lens,
+                                   [s.block_table for s in seqs])
         tables = [s.block_table[:width] + [0] * (width - min(width, len(s.block_table))) for s in seqs]
         slots = [self._slots(s, n - 1, n)[0] for s, n in zip(seqs, lens)]
         set_context(StepContext(False, self._tensor(slots, torch.int64), cache.layers,

@@ -4,13 +4,13 @@ on torch's current stream so that CUDA graphs capture them). Arguments were vali
 what is checked here is only what differs between the two targets."""
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
 
 from .checks import fail
 
+SPLIT_TOKENS = 256  # csrc/cuda/paged_attention.cu kSplitAlign
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -119,23 +119,17 @@ class ExtensionOps:
         if not self.cuda_abi:
             self.lib.paged_attention(*args)
             return out
-        splits = self.num_splits or num_kv_splits(b, k_cache.shape[2], block_tables.shape[1] * block_size, q.device)
+        splits = self.num_splits or num_kv_splits(block_tables.shape[1] * block_size)
         work = torch.empty(b * h * splits * (d + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
         self.lib.paged_attention(*args, 0 if work is None else work.data_ptr(), splits, *stream)
         return out
 
 
-def num_kv_splits(batch: int, kv_heads: int, capacity: int, device) -> int:
-    """Split-KV decode: enough (sequence, KV head, split) programs to fill the SMs twice over, each split covering
-    at least 256 tokens. Decided from the block table's capacity, never from seq_lens (that would need a sync)."""
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1
-    return max(1, min(-(-2 * sms // (batch * kv_heads)), capacity // 256, 32))
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def num_kv_splits(capacity: int) -> int:
+    """Split-KV decode: one split per 256 tokens of block-table capacity (the launcher aligns splits to 256). The
+    partition depends on neither the batch nor seq_lens (that would need a sync), so a sequence's output is the
+    same in any batch; splits past a sequence's length exit at once."""
+    return max(1, -(-capacity // SPLIT_TOKENS))
 
 
 def _check_cu_seqlens(cu, total, name):

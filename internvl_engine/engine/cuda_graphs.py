@@ -1,0 +1,146 @@
+"""Decode through CUDA graphs. One decode step of a small model is a few hundred short kernels, so on a GPU its time
+is launch and Python overhead, not memory traffic (performance.md: TPOT's floor is the weight read). The decode
+forward (language model + lm_head + fp32 cast) is therefore captured once per (batch bucket, context bucket) over
+persistent device buffers, and a step only copies its inputs into those buffers and replays the graph.
+
+- Batch buckets: 1, 2, 4, 8, ... up to max_num_seqs (the last bucket is max_num_seqs itself). A batch of n runs in
+  the smallest bucket >= n; the padding rows decode token 0 at position 0 with slot -1 (no KV write) and
+  seq_len 1 over block 0, and their logits are dropped.
+- Context buckets: the block-table width, 1024 tokens first, then x4, up to max_model_len. The paged-attention
+  kernels walk only seq_len tokens, so width only decides split-KV; the torch backend's gather reads the whole
+  width, which is why there is more than one bucket.
+- Inputs travel as one asynchronous copy per dtype from pinned host staging. The staging is overwritten only at the
+  next step, after the engine has waited for this step's sampled tokens (stream order), so it is never in use.
+- Graphs of the batch ladder at the first context bucket are captured at start; other buckets at their first use.
+
+With `emulate=True` (CPU tests) a "graph" is the captured Python closure itself, replayed over the same
+persistent buffers: everything here but the capture runs and is compared with eager decode."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..layers.context import StepContext, set_context
+
+FIRST_CONTEXT_TOKENS = 1024
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+def context_ladder(max_blocks: int, block_size: int) -> list[int]:
+    widths, w = [], max(1, -(-FIRST_CONTEXT_TOKENS // block_size))
+    while w < max_blocks:
+        widths.append(w)
+        w *= 4
+    return widths + [max_blocks]
+
+
+class _Emulated:
+    """CPU stand-in for torch.cuda.CUDAGraph: replay re-runs the captured closure over the same buffers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+class DecodeGraphs:
+    def __init__(self, runner, cache, max_batch: int, max_blocks: int, emulate: bool = False):
+        self.runner, self.cache, self.emulate = runner, cache, emulate
+        self.batches = batch_ladder(max_batch)
+        self.widths = context_ladder(max_blocks, runner.block_size)
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        dev, pin = runner.device, runner.device.type == "cuda"
+        # int64 rows: input ids, positions, slots; int32: seq_lens then the block table ([b, w] row-major)
+        self.host64 = torch.zeros(3, max_batch, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.dev64 = torch.zeros_like(self.host64, device=dev)
+        self.dev32 = torch.zeros_like(self.host32, device=dev)
+        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.pool = None if emulate else torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.replays = 0  # decode steps served from a graph (tests and the harness read it)
+
+    def capture_start(self) -> None:
+        for b in reversed(self.batches):  # largest first: smaller graphs reuse its memory pool
+            self._capture(b, self.widths[0])
+
+    def bucket(self, n: int, blocks: int) -> tuple[int, int] | None:
+        if n > self.max_batch or blocks > self.max_blocks:
+            return None
+        return next(b for b in self.batches if b >= n), next(w for w in self.widths if w >= blocks)
+
+    # ------------------------------------------------------------------ capture
+    def _forward(self, b: int, w: int) -> torch.Tensor:
+        m = self.max_batch
+        ctx = StepContext(False, self.dev64[2, :b], self.cache.layers,
+                          block_tables=self.dev32[m:m + b * w].view(b, w), seq_lens=self.dev32[:b])
+        ops.bind(self.runner.kernels)
+        set_context(ctx)
+        try:
+            hidden = self.runner.model(self.dev64[0, :b], self.dev64[1, :b])
+        finally:
+            set_context(None)
+        return self.runner.model.compute_logits(hidden).float()
+
+    def _stage_padding(self, b: int, w: int, n: int = 0) -> None:
+        self.np64[:, n:b] = 0
+        self.np64[2, n:b] = -1
+        self.np32[n:b] = 1
+        m = self.max_batch
+        self.np32[m + n * w:m + b * w] = 0
+
+    @torch.inference_mode()
+    def _capture(self, b: int, w: int):
+        self._stage_padding(b, w)
+        self._upload(b, w)
+        if self.emulate:
+            g = _Emulated(lambda: self._forward(b, w))
+            out = g.out = self._forward(b, w)
+        else:
+            # warm up on a side stream first (Triton compiles and autotunes here, cuBLAS creates its workspaces),
+            # as torch's CUDA-graph notes prescribe
+            side = torch.cuda.Stream(self.runner.device)
+            side.wait_stream(torch.cuda.current_stream(self.runner.device))
+            with torch.cuda.stream(side):
+                self._forward(b, w)
+            torch.cuda.current_stream(self.runner.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                out = self._forward(b, w)
+        self.graphs[(b, w)] = g, out
+        return g, out
+
+    # ------------------------------------------------------------------ a step
+    def _upload(self, b: int, w: int) -> None:
+        self.dev64.copy_(self.host64, non_blocking=True)
+        k = self.max_batch + b * w
+        self.dev32[:k].copy_(self.host32[:k], non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, key: tuple[int, int], ids: list[int], positions: list[int], slots: list[int], lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """fp32 logits [n, V] of one decode step through the graph for `key` (from bucket())."""
+        b, w = key
+        g, out = self.graphs.get(key) or self._capture(b, w)
+        n, m = len(ids), self.max_batch
+        self.np64[0, :n], self.np64[1, :n], self.np64[2, :n] = ids, positions, slots
+        self.np32[:n] = lens
+        table = self.np32[m:m + b * w].reshape(b, w)
+        for i, row in enumerate(tables):
+            k = min(len(row), w)
+            table[i, :k] = row[:k]
+            table[i, k:] = 0
+        self._stage_padding(b, w, n)
+        self._upload(b, w)
+        g.replay()
+        self.replays += 1
+        return out[:n]
