@@ -114,7 +114,8 @@ def cmd_generate(args) -> int:
     content = [{"type": "image", "path": p} for p in args.image]
     content += [{"type": "video", "path": p} for p in args.video]
     content.append({"type": "text", "text": args.prompt})
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+              enforce_eager=args.enforce_eager)
     _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
     return 0
 
@@ -131,7 +132,7 @@ def cmd_demo(args) -> int:
     print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
     image = demo_image_path()
     t0 = time.perf_counter()
-    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend)
+    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend, enforce_eager=args.enforce_eager)
     print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
     print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
     conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
     g.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
+    g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     g.add_argument("prompt", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
 
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=32, metavar="N")
     d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
     d.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
+    d.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")

@@ -107,6 +107,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
+    ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--tiles", type=int, default=1, help="tiles per image (0: text only)")
     ap.add_argument("--prompt-words", type=int, default=8, help="random words added to each prompt")
@@ -192,7 +193,8 @@ def _ms(x) -> str:
 def format_table(record: dict) -> str:
     head = (f"{'batch':>5} {'who':<8} {'TTFT ms':>9} {'(pre / vision / prefill)':>26} {'TPOT ms':>9} "
             f"{'e2e p50':>9} {'p90':>9} {'p99':>9} {'tok/s':>9} {'img/s':>8}")
-    lines = [f"{record['model']} on {record['device']}, {record['dtype']}, backend {record['backend']}; "
+    graphs = "CUDA-graph decode" if record.get("cuda_graphs") else "eager decode"
+    lines = [f"{record['model']} on {record['device']}, {record['dtype']}, backend {record['backend']}, {graphs}; "
              f"{record['workload']['images_per_request']} image(s) x {record['workload']['tiles_per_image']} tile(s), "
              f"{record['workload']['output_tokens']} output tokens", head, "-" * len(head)]
     for run in record["runs"]:
@@ -264,7 +266,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     tiles = args.tiles if images else 0
 
     util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
-    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util)
+    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util,
+              enforce_eager=args.enforce_eager)
     device = llm.device
     peaks = common.measure_peaks(device)
     dtype_bytes = torch.empty((), dtype=llm.dtype).element_size()
@@ -317,6 +320,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     record = {"schema": SCHEMA, **common.metadata(device), "model": args.model,
               "dtype": str(llm.dtype).replace("torch.", ""), "backend": args.backend,
               "kernels": llm.runner.kernels, "peaks": peaks,
+              "cuda_graphs": None if llm.runner.graphs is None else
+              {"decode_steps_replayed": llm.runner.graphs.replays, "captured": sorted(llm.runner.graphs.graphs)},
               "workload": {"images_per_request": images, "tiles_per_image": tiles,
                            "prompt_words": args.prompt_words, "output_tokens": n_tokens, "batch_sizes": batch_sizes,
                            "requests": [n for _, n in plan], "seed": args.seed},
