@@ -23,12 +23,18 @@ def _pair(ours, base) -> str:
     return f"{_ms(ours)} / {_ms(base)}" if base is not None else f"{_ms(ours)} / -"
 
 
+def _decode_mode(r) -> str:
+    if r["device"] == "cpu" or "cuda_graphs" not in r:  # CPU, or a record from before CUDA graphs existed
+        return "eager"
+    return "CUDA graphs" if r["cuda_graphs"] else "eager (enforce_eager)"
+
+
 def harness_table(records) -> str:
     """Records of the harness (schema internvl-engine/e2e/1): one row per model, device and batch size."""
     rows = ["| model (random weights) | device | dtype | batch | tiles / request | prompt tokens | TTFT ours / "
             "transformers (ms) | TPOT ours / transformers (ms) | e2e p50 ours / transformers (ms) | output tok/s ours / "
-            "transformers | ids vs transformers | ours / floor (TTFT, TPOT) | commit | date |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "transformers | ids vs transformers | ours / floor (TTFT, TPOT) | decode | commit | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for run in r["runs"]:
             o, b = run["ours"], run.get("baseline_hf")
@@ -43,7 +49,7 @@ def harness_table(records) -> str:
                 f"{run['tiles_per_request']} | {prompt} | {_pair(o['ttft_s'], get('ttft_s'))} | "
                 f"{_pair(o['tpot_s'], get('tpot_s'))} | {_pair(o['e2e_s']['p50'], get('e2e_s', 'p50'))} | {tps} | "
                 f"{agree} (of {r['workload']['output_tokens']}) | {run['vs_floor']['ttft']:.1f}x, "
-                f"{run['vs_floor']['tpot']:.1f}x | {r['commit']} | {r['date'][:10]} |")
+                f"{run['vs_floor']['tpot']:.1f}x | {_decode_mode(r)} | {r['commit']} | {r['date'][:10]} |")
     return "\n".join(rows)
 
 

@@ -87,7 +87,8 @@ def backends_to_run(spec: str | None, device: torch.device, with_auto: bool = Fa
     from .. import ops
     if spec:
         return [b for b in spec.split(",") if b == "auto" or ops.unavailable_reason(b) is None]
-    names = [b for b in ops.BACKENDS if ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda")]
+    names = [b for b in ops.BACKENDS if ops.unavailable_reason(b) is None and (b != "triton" or device.type == "cuda")
+             and device.type in ops._device_types(b)]  # cpp is CPU-only, cuda CUDA-only
     return names + (["auto"] if with_auto else [])
 
 

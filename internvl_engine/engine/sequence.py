@@ -10,7 +10,7 @@ from ..sampling import SamplingParams
 from .block_manager import MediaSpan
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in running` must not compare token lists field by field
 class Sequence:
     request_id: str
     prompt_ids: list[int]
