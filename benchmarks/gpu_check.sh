@@ -33,13 +33,13 @@ python3 -m internvl_engine info --json > "$OUT/info.json" 2>&1
 grep -q '"cuda_kernels": true' "$OUT/info.json" || echo "WARNING: the CUDA kernels were not built (see setup.log)"
 
 stage_tests() {
-  # model tests (whole engine per backend vs transformers) first, then the kernel tests spread over 8 workers
-  # (Triton compiles and autotunes in parallel)
-  xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+  # model tests (whole engine per backend vs transformers) first, then the kernel tests spread over 14 workers
+  # (Triton compiles and autotunes in parallel); -v names each failure as it happens, even if a timeout cuts the run
+  xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 14"
   { timeout 170 python3 -m pytest -m gpu -q -rA -p no:cacheprovider ${xdist:+-n 4} tests/test_gpu.py
     echo "model tests rc=$?"
-    timeout 150 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $xdist ${GPU_CHECK_TESTS:---ignore=tests/test_gpu.py tests}
-    echo "kernel tests rc=$?"; } 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|error|rc=|FAILED|ERROR" | tail -n 40
+    timeout 150 python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $xdist ${GPU_CHECK_TESTS:---ignore=tests/test_gpu.py tests}
+    echo "kernel tests rc=$?"; } 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E " passed| failed|rc=|FAILED|ERROR" | tail -n 40
 }
 stage_kernels() {
   timeout 75 python3 benchmarks/kernels.py --device cuda --models internvl3-1b,internvl3-2b --repeat 10 \
@@ -55,7 +55,7 @@ stage_e2e() {
   for spec in $E2E; do
     IFS=: read -r model tiles batches mode <<< "$spec"
     extra=(--baseline hf); [ "${mode:-}" = eager ] && extra=(--enforce-eager)
-    timeout 80 python3 benchmarks/e2e.py --model "random:$model" --device cuda --dtype bfloat16 --tiles "$tiles" \
+    timeout 100 python3 benchmarks/e2e.py --model "random:$model" --device cuda --dtype bfloat16 --tiles "$tiles" \
       --batch "$batches" --output-tokens 64 --quiet "${extra[@]}" --json "$OUT/e2e-$model-t$tiles-${mode:-graphs}.json" \
       >> "$OUT/e2e.log" 2>&1
     echo "e2e $spec rc=$?"
