@@ -33,8 +33,8 @@ def harness_table(records) -> str:
     """Records of the harness (schema internvl-engine/e2e/1): one row per model, device and batch size."""
     rows = ["| model (random weights) | device | dtype | batch | tiles / request | prompt tokens | TTFT ours / "
             "transformers (ms) | TPOT ours / transformers (ms) | e2e p50 ours / transformers (ms) | output tok/s ours / "
-            "transformers | ids vs transformers | ours / floor (TTFT, TPOT) | decode | commit | date |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "transformers | ids vs transformers | ours / floor (TTFT, TPOT) | kernels | decode | commit | date |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for run in r["runs"]:
             o, b = run["ours"], run.get("baseline_hf")
@@ -49,7 +49,7 @@ def harness_table(records) -> str:
                 f"{run['tiles_per_request']} | {prompt} | {_pair(o['ttft_s'], get('ttft_s'))} | "
                 f"{_pair(o['tpot_s'], get('tpot_s'))} | {_pair(o['e2e_s']['p50'], get('e2e_s', 'p50'))} | {tps} | "
                 f"{agree} (of {r['workload']['output_tokens']}) | {run['vs_floor']['ttft']:.1f}x, "
-                f"{run['vs_floor']['tpot']:.1f}x | {_decode_mode(r)} | {r['commit']} | {r['date'][:10]} |")
+                f"{run['vs_floor']['tpot']:.1f}x | {'/'.join(sorted(set(r['kernels'].values())))} | {_decode_mode(r)} | {r['commit']} | {r['date'][:10]} |")
     return "\n".join(rows)
 
 
@@ -101,6 +101,8 @@ def kernel_table() -> str:
                 "|---|---|---|---|---|---|---|---|---|"]
         for x in r["results"]:
             if "error" in x:
+                if "runs on cpu tensors" in x["error"]:  # 2be9dbb's harness also tried the CPU-only backend on CUDA
+                    continue
                 rows.append(f"| {x['model']} | {x['op']} | {x['case']} | {x['backend']} | error | | | | |")
                 continue
             tf = f"{x['flop_per_s'] / 1e12:.2f}" if x["flops"] else ""

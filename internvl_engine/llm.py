@@ -2,9 +2,11 @@
 with a paged KV cache -> sampler -> text, for one conversation or a batch (continuously batched by the engine)."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -13,6 +15,12 @@ from .engine.sequence import Sequence
 from .errors import PromptError
 from .outputs import RequestOutput
 from .sampling import SamplingParams
+
+
+@functools.lru_cache(maxsize=1)
+def _preprocess_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="internvl-preprocess")
+
 
 class TextStream:
     """Iterator over text deltas of one request; `.output` holds the RequestOutput once it is exhausted."""
@@ -79,7 +87,13 @@ class LLM:
                 raise PromptError(f"expected SamplingParams, got {type(p).__name__}")
             p.validate()
         arrival = time.perf_counter()
-        return [self._make_sequence(c, p, arrival, i) for i, (c, p) in enumerate(zip(batch, plist))]
+        jobs = list(enumerate(zip(batch, plist)))
+        if len(jobs) == 1:
+            return [self._make_sequence(batch[0], plist[0], arrival, 0)]
+        # preprocessing is host work on each request's critical path (image decode, resize, normalise, hash), and
+        # most of it releases the GIL: spread a batch over threads; map keeps the order and raises the first error
+        return list(_preprocess_pool().map(lambda job: self._make_sequence(job[1][0], job[1][1], arrival, job[0]),
+                                           jobs))
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:

@@ -43,3 +43,17 @@ def test_flash_attention(backend_name, device, dtype, heads, kv_heads, head_dim,
 @pytest.mark.parametrize("heads,kv_heads,head_dim,causal", [(7, 1, 128, True), (4, 4, 64, False)])
 def test_flash_attention_1025_tokens(backend_name, device, dtype, heads, kv_heads, head_dim, causal):
     _run(backend_name, device, dtype, "1025", heads, kv_heads, head_dim, causal)
+
+
+def test_torch_backend_output_is_dense_whatever_sdpa_returns(monkeypatch):
+    """CUDA's fp32 SDPA returns its output as the transpose of a [B, H, L, D] tensor, which the CPU kernel does not:
+    the torch backend must still hand back a contiguous [T, H, D] (a GPU-run failure, reproduced here)."""
+    import torch.nn.functional as F
+    from internvl_engine.ops import torch_ops
+    real = F.scaled_dot_product_attention
+
+    def cuda_like(q, k, v, **kw):  # q [B, H, L, D] -> out laid out [B, H, L, D] in memory
+        return real(q, k, v, **kw).contiguous()
+
+    monkeypatch.setattr(torch_ops.F, "scaled_dot_product_attention", cuda_like)
+    _run("torch", "cpu", torch.float32, "7", 4, 2, 16, True)

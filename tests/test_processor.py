@@ -358,6 +358,16 @@ def test_mixed_order(ours, hf):
     vf = ours(text="<video>", videos=[frames]).pixel_values
     ib = ours(text=IMAGE_TOKEN, images=[b], max_num_tiles=6).pixel_values
     assert torch.equal(enc.pixel_values, torch.cat([ia, vf, ib]))
+    # one content digest per num_patches entry, in text order: the same pixels give the same digest
+    d = enc.media_digests
+    assert len(d) == len(enc.num_patches) == 7 and len(set(d)) == 7
+    assert d[0] == ours(text=IMAGE_TOKEN, images=[a], max_num_tiles=6).media_digests[0]
+    assert d[1:6] == ours(text="<video>", videos=[frames]).media_digests
+    assert d[6] == ours(text=IMAGE_TOKEN, images=[b], max_num_tiles=6).media_digests[0]
+    assert d[0] != ours(text=IMAGE_TOKEN, images=[a], max_num_tiles=1).media_digests[0]  # other tiles
+    nudged = _smooth(200, 500).copy()
+    nudged[0, 0, 0] ^= 1  # one pixel, one bit
+    assert d[0] != ours(text=IMAGE_TOKEN, images=[PIL.Image.fromarray(nudged)], max_num_tiles=6).media_digests[0]
 
 
 def test_video_file(tmp_path, ours, hf):

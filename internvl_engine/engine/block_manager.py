@@ -46,15 +46,21 @@ class MediaSpan:
             raise TypeError(f"MediaSpan.key must be bytes, got {type(self.key).__name__}")
 
 
-def media_key(pixel_values: torch.Tensor, **tiling) -> bytes:
-    """Content key of one preprocessed image: its pixel tensor (dtype, shape, raw bytes) plus the tiling parameters
-    that produced it (e.g. max_num_tiles=12, image_size=448, num_patches=7). Tiling values must have a stable repr
-    (ints, floats, strings, tuples of those). The same key means the same projector output, so it keys both the
-    prefix hashes and the VisionCache."""
-    t = pixel_values.detach().reshape(-1).contiguous().cpu()
+def media_key(content: torch.Tensor | bytes, **tiling) -> bytes:
+    """Content key of one preprocessed image: its pixel tensor (dtype, shape, raw bytes) or the processor's digest
+    of the uint8 pixels behind it (processor.images.content_digest), plus the tiling parameters that produced it
+    (e.g. max_num_tiles=12, image_size=448, num_patches=7). Tiling values must have a stable repr (ints, floats,
+    strings, tuples of those). The same key means the same projector output, so it keys both the prefix hashes and
+    the VisionCache."""
     h = hashlib.blake2b(digest_size=_DIGEST)
-    h.update(repr((str(t.dtype), tuple(pixel_values.shape), sorted(tiling.items()))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if isinstance(content, bytes):
+        h.update(repr(("digest", sorted(tiling.items()))).encode())
+        h.update(content)
+        return h.digest()
+    t = content.detach().reshape(-1).contiguous().cpu()
+    h.update(repr((str(t.dtype), tuple(content.shape), sorted(tiling.items()))).encode())
+    if t.numel():
+        h.update(memoryview(t.view(torch.uint8).numpy()))  # no copy of the pixels
     return h.digest()
 
 

@@ -33,8 +33,9 @@ _DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
 # kernels win except LayerNorm (torch's vectorised kernel) and attention prefill (torch's SDPA vs a scalar loop).
 AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attention": "torch"},
         # benchmarks/results/2026-11-26-h100-2be9dbb-kernels.json: the CUDA kernels win every element-wise op
-        # (1.2-5.5x over torch); Triton's tensor-core attention matches torch's SDPA on prefill without its per-layer
-        # host sync, and leads paged decode at batch 64 (2.5x; the CUDA-core kernel 1.6x)
+        # (1.2-5.5x over torch); Triton's tensor-core attention is within 0.89-1.04x of torch's SDPA on prefill
+        # without its per-layer host sync. Paged decode per call: CUDA leads at the 1B shape, Triton at the 2B
+        # shape's batch 64; both mostly launch cost, which decode's CUDA graphs remove: Triton's tensor-core kernel
         "cuda": dict.fromkeys(OPS, "cuda") | {"flash_attention": "triton", "paged_attention": "triton"}}
 _active = {"name": None, "binding": {}}
 

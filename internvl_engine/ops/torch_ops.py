@@ -58,8 +58,10 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     n = len(cq) - 1
     if cq == ck and q.shape[0] == n * max_seqlen_q:  # equal lengths (vision tiles): one batched call
         shape = (n, max_seqlen_q)
+        # contiguous: the contract's output is dense, and CUDA's fp32 SDPA kernel hands back a [B, H, L, D] layout
+        # whose transpose the reshape would only view (seen on the H100, benchmarks/results/*-2be9dbb-pytest-gpu.log)
         return _sdpa(q.view(*shape, *q.shape[1:]), k.view(*shape, *k.shape[1:]), v.view(*shape, *v.shape[1:]),
-                     scale, causal).reshape(q.shape)
+                     scale, causal).reshape(q.shape).contiguous()
     out = torch.empty_like(q)
     for b in range(n):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ImageError, InternVLEngineError, PromptError, VideoError
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image, preprocess_image, to_rgb_array, validate_tile_limits
+from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_tiles_u8, load_image, normalize_tiles,
+                     preprocess_image, to_rgb_array, validate_tile_limits)
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
-from .video import load_video, preprocess_video, sample_frame_indices
+from .video import load_video, normalize_frames, preprocess_video, sample_frame_indices, video_frames_u8
 
 __all__ = [
     "Encoding",
@@ -41,6 +42,7 @@ class Encoding:
     pixel_values: torch.Tensor | None  # float32 [T,3,S,S], images and video frames in text order
     num_patches: list[int] = field(default_factory=list)  # tiles per image, 1 per video frame, in text order
     prompt: str = ""  # rendered text before placeholder expansion
+    media_digests: list[bytes] = field(default_factory=list)  # content_digest per num_patches entry
 
 
 def _plural(n: int, word: str) -> str:
@@ -218,6 +220,7 @@ class Processor:
         ctx_run = [tok.image_token_id] * self.image_seq_length
         ids: list[int] = []
         pixel_parts: list[torch.Tensor] = []
+        digests: list[bytes] = []
         num_patches: list[int] = []
         pos = 0
         ii = vi = 0
@@ -225,16 +228,18 @@ class Processor:
             text = prompt[pos : m.start()]  # plain text waiting to be tokenised with whatever follows it
             pos = m.end()
             if m.lastgroup == "image":
-                tiles = image_tiles[ii]
+                tiles, digest = image_tiles[ii]
                 ii += 1
                 t = tiles.shape[0]
+                digests.append(digest)
                 ids += (tok.encode(text) if text else []) + [tok.start_image_token_id] + ctx_run * t + [
                     tok.end_image_token_id]
                 pixel_parts.append(tiles)
                 num_patches.append(t)
             else:
-                frames = video_frames[vi]
+                frames, frame_digests = video_frames[vi]
                 vi += 1
+                digests += frame_digests
                 for f in range(frames.shape[0]):
                     # "Frame1: " joins the text before the placeholder in one segment, as in the expanded string
                     ids += tok.encode(text + (f"Frame{f + 1}: " if f == 0 else f"\nFrame{f + 1}: "))
@@ -244,8 +249,9 @@ class Processor:
                 pixel_parts.append(frames)
         if pos < len(prompt):
             ids += tok.encode(prompt[pos:])
-        pixel_values = torch.cat(pixel_parts, 0) if pixel_parts else None
-        return Encoding(input_ids=ids, pixel_values=pixel_values, num_patches=num_patches, prompt=prompt)
+        pixel_values = (pixel_parts[0] if len(pixel_parts) == 1 else torch.cat(pixel_parts, 0)) if pixel_parts else None
+        return Encoding(input_ids=ids, pixel_values=pixel_values, num_patches=num_patches, prompt=prompt,
+                        media_digests=digests)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -275,25 +281,24 @@ class Processor:
             )
         return given
 
-    def _image_tiles(self, index: int, source, min_t: int, max_t: int) -> torch.Tensor:
+    def _image_tiles(self, index: int, source, min_t: int, max_t: int) -> tuple[torch.Tensor, bytes]:
+        """(float32 tiles, content digest of the image's uint8 tiles)."""
         try:
-            arr = preprocess_image(
-                source,
-                tile=self.tile_size,
-                min_tiles=min_t,
-                max_tiles=max_t,
-                mean=self.image_mean,
-                std=self.image_std,
-            )
+            u8 = image_tiles_u8(source, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
         except ImageError as e:
             raise ImageError(f"image {index}: {e}") from e
-        return torch.from_numpy(arr)
+        digest = content_digest(u8, tuple(self.image_mean), tuple(self.image_std))
+        return torch.from_numpy(normalize_tiles(u8, self.image_mean, self.image_std)), digest
 
-    def _video_frames(self, index: int, source, num_frames: int | None) -> torch.Tensor:
+    def _video_frames(self, index: int, source, num_frames: int | None) -> tuple[torch.Tensor, list[bytes]]:
+        """(float32 frames, content digest of each uint8 frame)."""
         try:
             frames = load_video(source)
             if num_frames is not None:
                 frames = [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
-            return preprocess_video(frames, size=self.video_size, mean=self.video_mean, std=self.video_std)
+            u8 = video_frames_u8(frames, size=self.video_size)
         except VideoError as e:
             raise VideoError(f"video {index}: {e}") from e
+        params = (tuple(self.video_mean), tuple(self.video_std))
+        digests = [content_digest(f.numpy(), *params) for f in u8]
+        return normalize_frames(u8, self.video_mean, self.video_std), digests

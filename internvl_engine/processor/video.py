@@ -94,6 +94,19 @@ def sample_frame_indices(total: int, num_frames: int, initial_shift=True) -> lis
 
 def preprocess_video(frames, *, size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """float32 [F, 3, size, size]: uint8 antialiased bicubic resize then fused (x - 255*mean) / (255*std)."""
+    return normalize_frames(video_frames_u8(frames, size=size), mean, std)
+
+
+def normalize_frames(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    rescale_factor = 1 / 255
+    m = torch.tensor(list(mean)) * (1.0 / rescale_factor)
+    s = torch.tensor(list(std)) * (1.0 / rescale_factor)
+    x = x.to(torch.float32)
+    return x.sub_(m.view(-1, 1, 1)).div_(s.view(-1, 1, 1))
+
+
+def video_frames_u8(frames, *, size: int = 448) -> torch.Tensor:
+    """uint8 [F, 3, size, size]: the frames after the antialiased bicubic resize, before normalisation."""
     arrs = []
     for i, fr in enumerate(frames):
         if isinstance(fr, PIL.Image.Image):
@@ -109,8 +122,4 @@ def preprocess_video(frames, *, size: int = 448, mean=IMAGENET_MEAN, std=IMAGENE
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
     if tuple(x.shape[-2:]) != (size, size):
         x = torch.nn.functional.interpolate(x, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
-    rescale_factor = 1 / 255
-    m = torch.tensor(list(mean)) * (1.0 / rescale_factor)
-    s = torch.tensor(list(std)) * (1.0 / rescale_factor)
-    x = x.to(torch.float32)
-    return x.sub_(m.view(-1, 1, 1)).div_(s.view(-1, 1, 1))
+    return x
