@@ -87,13 +87,13 @@ class LLM:
                 raise PromptError(f"expected SamplingParams, got {type(p).__name__}")
             p.validate()
         arrival = time.perf_counter()
-        jobs = list(enumerate(zip(batch, plist)))
-        if len(jobs) == 1:
-            return [self._make_sequence(batch[0], plist[0], arrival, 0)]
+        def make(i):
+            return self._make_sequence(batch[i], plist[i], arrival, i)
+        if len(batch) == 1:
+            return [make(0)]
         # preprocessing is host work on each request's critical path (image decode, resize, normalise, hash), and
         # most of it releases the GIL: spread a batch over threads; map keeps the order and raises the first error
-        return list(_preprocess_pool().map(lambda job: self._make_sequence(job[1][0], job[1][1], arrival, job[0]),
-                                           jobs))
+        return list(_preprocess_pool().map(make, range(len(batch))))
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:

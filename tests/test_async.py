@@ -43,6 +43,14 @@ def solo(engine):
     return convs, [engine.submit(c, PARAMS).result(timeout=120).token_ids for c in convs]
 
 
+def _run_threads(worker, n):
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def _wait_idle(llm, timeout=60):
     deadline = time.time() + timeout
     while llm.engine.has_unfinished_requests() and time.time() < deadline:
@@ -69,11 +77,7 @@ def test_200_requests_from_8_threads_with_aborts(engine, solo):
             except Exception as e:  # noqa: BLE001 - collected and asserted below
                 errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_threads(worker, 8)
     assert not errors and len(results) == 200
     aborted = [o for _, o in results.values() if o.finish_reason == "abort"]
     done = [(k, o) for k, o in results.values() if o.finish_reason != "abort"]
@@ -139,9 +143,5 @@ def test_llm_generate_from_several_threads():
         except Exception as e:  # noqa: BLE001 - asserted below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_threads(worker, 4)
     assert not errors and all(results[t] == ref for t in range(4))

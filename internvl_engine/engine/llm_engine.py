@@ -209,11 +209,9 @@ class LLMEngine:
                        IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
                        pixel_values=enc.pixel_values, generator=gen, num_patches=num_patches)
         if num_patches and enc.pixel_values is not None:
-            # the processor's digests of the uint8 pixels (a quarter of the float bytes to hash); pixel rows otherwise
-            contents = enc.media_digests if len(enc.media_digests) == len(num_patches) else \
-                list(torch.split(enc.pixel_values, num_patches))
-            keys = [media_key(c, max_num_tiles=params.max_num_tiles, num_patches=n)
-                    for c, n in zip(contents, num_patches)]
+            # keyed by the processor's digests of the uint8 pixels (a quarter of the float bytes to hash)
+            keys = [media_key(d, max_num_tiles=params.max_num_tiles, num_patches=n)
+                    for d, n in zip(enc.media_digests, num_patches, strict=True)]
             seq.media_keys, seq.image_feats = keys, [None] * len(keys)
             seq.media = self._spans(seq.prompt_ids, keys, num_patches)
         metrics.preprocess_s = time.perf_counter() - t0
