@@ -4,6 +4,10 @@
 tensors): autotuning benchmarks each config with CUDA events, which the interpreter cannot do, so there the first
 config is used as a fixed choice. configs[0] of every kernel is therefore chosen to be valid for every head dim and
 cheap to interpret (few, large programs).
+
+`INTERNVL_ENGINE_TRITON_CONFIG=i` (or `use_config(i)`) launches configs[i] instead of tuning, on a GPU too. The GPU
+correctness tests run that way: tuning benchmarks every config for every new key, and at a few seconds of compiling
+per config that cut the GPU kernel tests short. tests/test_triton_configs.py runs each config on purpose instead.
 """
 from __future__ import annotations
 
@@ -30,29 +34,53 @@ def token_col_tiles(tokens: int, n_cols: int, max_block_c: int):
     return block_t, block_c, (triton.cdiv(tokens, block_t), triton.cdiv(n_cols, block_c))
 
 
-class _FixedConfig:
-    """Stand-in for triton.autotune under the interpreter: `k[grid](*args)` launches with configs[0]'s meta-args."""
+_forced: int | None = None
+_env_config = os.environ.get("INTERNVL_ENGINE_TRITON_CONFIG", "")
+if _env_config:
+    _forced = int(_env_config)
 
-    def __init__(self, fn, config):
+
+class use_config:
+    """Context manager: autotuned kernels launch configs[index] (None: tune again) inside the block."""
+
+    def __init__(self, index: int | None):
+        self.index = index
+
+    def __enter__(self):
+        global _forced
+        self._saved, _forced = _forced, self.index
+        return self
+
+    def __exit__(self, *exc):
+        global _forced
+        _forced = self._saved
+
+
+class _Tuned:
+    """`k[grid](*args)`: launches the forced config, configs[0] under the interpreter, else triton's autotuner."""
+
+    def __init__(self, fn, configs, key):
         self.fn = fn
-        self.config = config
+        self.configs = configs
+        self.tuner = None if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
 
     def __getitem__(self, grid):
+        if _forced is None and self.tuner is not None:
+            return self.tuner[grid]
+        config = self.configs[_forced or 0]
+
         def launch(*args, **kwargs):
-            meta = dict(kwargs)
-            meta.update(self.config.kwargs)
+            meta = {**kwargs, **config.kwargs}
             g = grid(meta) if callable(grid) else grid
+            if not INTERPRET:  # the interpreter has no warps or pipeline stages
+                meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
             return self.fn[g](*args, **meta)
         return launch
 
 
 def autotune(configs, key):
-    """Decorator: triton.autotune(configs, key) on a GPU, configs[0] fixed under the interpreter."""
-    def deco(fn):
-        if INTERPRET:
-            return _FixedConfig(fn, configs[0])
-        return triton.autotune(configs=configs, key=key)(fn)
-    return deco
+    """Decorator: triton.autotune(configs, key) on a GPU, configs[0] under the interpreter, configs[i] when forced."""
+    return lambda fn: _Tuned(fn, configs, key)
 
 
 # ---- dtype helpers shared by the kernels ---------------------------------------------------------------------------

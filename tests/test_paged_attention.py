@@ -37,6 +37,10 @@ def _cache(lens, block_size, kv_heads, head_dim, dtype, device, seed):
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("lens", [[1], [37, 1, 64, 300], [1025]])
 def test_paged_attention(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens):
+    _run(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens)
+
+
+def _run(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens):
     k_cache, v_cache, tables, seq_lens = _cache(lens, block_size, kv_heads, head_dim, dtype, device, seed=len(lens))
     q, _, _ = packed_qkv(len(lens), heads, kv_heads, head_dim, dtype, device, seed=5)
     scale = head_dim ** -0.5
