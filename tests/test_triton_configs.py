@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from internvl_engine.kernels import _tuning, flash_attention, paged_attention
 from kernel_cases import DTYPES
