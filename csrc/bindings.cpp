@@ -2,6 +2,7 @@
 // pybind11 needs no glue and the module never links against torch.
 #include <pybind11/pybind11.h>
 
+#include "images.h"
 #include "ops.h"
 
 #ifndef IVE_CUDA_ARCHS
@@ -18,6 +19,9 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("write_kv_cache", &ive::cpu::write_kv_cache);
   cpu.def("flash_attention", &ive::cpu::flash_attention);
   cpu.def("paged_attention", &ive::cpu::paged_attention);
+  auto images = m.def_submodule("images", "host image preprocessing (OpenMP); releases the GIL");
+  images.def("resize_u8", &ive::images::resize_u8, pybind11::call_guard<pybind11::gil_scoped_release>());
+  images.def("tiles_normalize", &ive::images::tiles_normalize, pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef IVE_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels; every launcher takes the stream as its last argument");
   cuda.def("rms_norm", &ive::cuda::rms_norm);

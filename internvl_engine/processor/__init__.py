@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ImageError, InternVLEngineError, PromptError, VideoError
-from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_tiles_u8, load_image, normalize_tiles,
+from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_grids_u8, load_image, normalize_grids,
                      preprocess_image, to_rgb_array, validate_tile_limits)
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
@@ -284,11 +284,11 @@ class Processor:
     def _image_tiles(self, index: int, source, min_t: int, max_t: int) -> tuple[torch.Tensor, bytes]:
         """(float32 tiles, content digest of the image's uint8 tiles)."""
         try:
-            u8 = image_tiles_u8(source, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
+            grids = image_grids_u8(source, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
         except ImageError as e:
             raise ImageError(f"image {index}: {e}") from e
-        digest = content_digest(u8, tuple(self.image_mean), tuple(self.image_std))
-        return torch.from_numpy(normalize_tiles(u8, self.image_mean, self.image_std)), digest
+        digest = content_digest(grids, tuple(self.image_mean), tuple(self.image_std))
+        return torch.from_numpy(normalize_grids(grids, self.tile_size, self.image_mean, self.image_std)), digest
 
     def _video_frames(self, index: int, source, num_frames: int | None) -> tuple[torch.Tensor, list[bytes]]:
         """(float32 frames, content digest of each uint8 frame)."""

@@ -7,16 +7,20 @@ import base64
 import hashlib
 import binascii
 import io
+import math
 import os
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import torch
 
 from ..errors import ImageError, PromptError
 
@@ -139,7 +143,7 @@ def to_rgb_array(image) -> np.ndarray:
             white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             rgb = PIL.Image.alpha_composite(white, rgba).convert("RGB")
         else:
-            rgb = image.convert("RGB")
+            rgb = image if image.mode == "RGB" else image.convert("RGB")  # (an RGB convert is a copy)
         return np.asarray(rgb, dtype=np.uint8)
     if isinstance(image, np.ndarray):
         arr = check_array(image)
@@ -212,52 +216,184 @@ def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
     return (x[None, :] - m) / s
 
 
-def normalize_tiles(tiles_u8: np.ndarray, mean, std) -> np.ndarray:
-    """[T, 3, H, W] uint8 -> float32 through the per-channel table: the same values as the float arithmetic, at a
-    third of its host time (preprocessing is part of TTFT)."""
-    table = _normalize_table(tuple(float(v) for v in mean), tuple(float(v) for v in std))
-    out = np.empty(tiles_u8.shape, dtype=np.float32)
-    for c in range(3):
-        np.take(table[c], tiles_u8[:, c], out=out[:, c])
+# ---- host pixel work: the C++ extension's threads when it is built, PIL and numpy otherwise ------------------------
+# Both paths give identical bytes (tests/test_images.py); `native_pixels(False)` picks the fallback, for tests and the
+# before/after benchmark (benchmarks/preprocess.py).
+_native_enabled = os.environ.get("INTERNVL_ENGINE_NATIVE_IMAGES", "1") != "0"
+_active_lock = threading.Lock()
+_active = 0
+
+
+@lru_cache(maxsize=1)
+def _native_module():
+    """(`_C.images`, Pillow's pass order) once a probe resize matched the installed Pillow byte for byte, else
+    (None, None). Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the width
+    does, older Pillow never; on the probe the two orders give different bytes, so the probe tells them apart."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None, None
+    ext = getattr(_C, "images", None)
+    if ext is None:
+        return None, None
+    probe = np.random.default_rng(0).integers(0, 256, (61, 23, 3), dtype=np.uint8)
+    want = np.asarray(PIL.Image.fromarray(probe).resize((20, 17), resample=PIL.Image.BICUBIC))
+    for order in ("height_shrink_first", "horizontal_first"):
+        if np.array_equal(_resize_native(ext, order, probe, 20, 17, threads=1), want):
+            return ext, order
+    return None, None
+
+
+def native_images():
+    """The extension's image launchers (`_C.images`), or None when it is not built, does not reproduce the installed
+    Pillow, or is switched off."""
+    return _native_module()[0] if _native_enabled else None
+
+
+@contextmanager
+def native_pixels(enabled: bool):
+    global _native_enabled
+    saved, _native_enabled = _native_enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _native_enabled = saved
+
+
+@contextmanager
+def _thread_share():
+    """OpenMP threads for one image: torch's intra-op thread count shared among the images in flight (LLM
+    preprocesses a batch on a thread pool; without sharing each image would start a full team)."""
+    global _active
+    with _active_lock:
+        _active += 1
+        n = max(1, torch.get_num_threads() // _active)
+    try:
+        yield n
+    finally:
+        with _active_lock:
+            _active -= 1
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic with a = -0.5, written in the operation order of Pillow's bicubic_filter (the coefficients must
+    round exactly as Pillow's do)."""
+    x = np.abs(x)
+    near = (1.5 * x - 2.5) * x * x + 1  # ((a + 2) x - (a + 3)) x x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5  # (((x - 5) x + 8) x - 4) a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@lru_cache(maxsize=128)
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's bicubic taps for one axis of Image.resize (box 0..in_size): int32 bounds [out, 2] (first input
+    index, tap count) and int32 coefficients [out, ksize] in its fixed point (2^22 = 1.0). The double arithmetic
+    follows Pillow's precompute_coeffs and normalize_coeffs_8bpc step by step, so the integer passes of
+    csrc/cpu/images.cpp reproduce PIL's bytes."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)  # downsampling stretches the filter (antialiasing)
+    support = 2.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(ksize)
+    w = _bicubic(((taps[None, :] + first[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
+    w[taps[None, :] >= count[:, None]] = 0.0
+    total = np.zeros(out_size)
+    for t in range(ksize):  # summed tap by tap, in Pillow's order
+        total += w[:, t]
+    w = np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
+    scaled = w * float(1 << 22)
+    coeffs = np.where(w < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int32)
+    bounds = np.stack([first, count], axis=1).astype(np.int32)
+    return bounds, coeffs
+
+
+def _vertical_first(order: str, in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    return order == "height_shrink_first" and in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2
+
+
+def _resize_native(ext, order: str, rgb: np.ndarray, width: int, height: int, threads: int) -> np.ndarray:
+    h, w, c = rgb.shape
+    rgb = np.ascontiguousarray(rgb)
+    out = np.empty((height, width, c), dtype=np.uint8)
+    hb, hk = bicubic_taps(w, width) if width != w else (None, None)  # an unchanged axis is no pass, as in Pillow
+    vb, vk = bicubic_taps(h, height) if height != h else (None, None)
+    addr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+    ext.resize_u8(out.ctypes.data, rgb.ctypes.data, h, w, height, width, c, addr(hb), addr(hk),
+                  0 if hk is None else hk.shape[1], addr(vb), addr(vk), 0 if vk is None else vk.shape[1],
+                  _vertical_first(order, w, h, width, height), threads)
     return out
 
 
-def content_digest(pixels_u8: np.ndarray, *params) -> bytes:
-    """blake2b of uint8 pixels (shape included) and the parameters that turn them into model input (mean, std).
-    Normalisation is a per-channel injective map of uint8, so this identifies the float pixel tensor exactly while
-    hashing a quarter of its bytes (the media content key of the prefix and vision caches)."""
-    h = hashlib.blake2b(digest_size=32)
-    h.update(repr((pixels_u8.shape, params)).encode())
-    h.update(memoryview(np.ascontiguousarray(pixels_u8)))
+def resize_bicubic(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [height, width, C], the bytes of PIL's Image.resize((width, height), BICUBIC)."""
+    ext = native_images()
+    if ext is None:
+        return np.asarray(PIL.Image.fromarray(rgb).resize((width, height), resample=PIL.Image.BICUBIC))
+    with _thread_share() as threads:
+        return _resize_native(ext, _native_module()[1], rgb, width, height, threads)
+
+
+def normalize_grids(grids: list[np.ndarray], tile: int, mean, std) -> np.ndarray:
+    """HWC uint8 grids of tiles ([rows * tile, cols * tile, 3] each) -> float32 [T, 3, tile, tile], tiles row-major,
+    grid after grid, each value through its channel's table (the values of transformers' float arithmetic)."""
+    table = _normalize_table(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    shapes = [(g.shape[0] // tile, g.shape[1] // tile) for g in grids]
+    out = np.empty((sum(r * c for r, c in shapes), 3, tile, tile), dtype=np.float32)
+    ext = native_images()
+    t = 0
+    for g, (rows, cols) in zip(grids, shapes):
+        n = rows * cols
+        if ext is not None:
+            g = np.ascontiguousarray(g)
+            with _thread_share() as threads:
+                ext.tiles_normalize(out[t].ctypes.data, g.ctypes.data, rows, cols, tile, 3, table.ctypes.data, threads)
+        else:
+            v = g.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(n, 3, tile, tile)
+            for c in range(3):
+                np.take(table[c], v[:, c], out=out[t:t + n, c])
+        t += n
+    return out
+
+
+def content_digest(pixels_u8, *params) -> bytes:
+    """SHA-256 of uint8 pixels (one array or a list; shapes included) and the parameters that turn them into model
+    input (mean, std). Normalisation is a per-channel injective map of uint8, so this identifies the float pixel
+    tensor exactly while hashing a quarter of its bytes (the media content key of the prefix and vision caches).
+    SHA-256 rather than the caches' blake2b: it hashes megabytes per image, and with the SHA extensions of current
+    CPUs it runs at about twice blake2b's speed (1.9 vs 1.05 GB/s on the development machine)."""
+    arrays = pixels_u8 if isinstance(pixels_u8, (list, tuple)) else [pixels_u8]
+    h = hashlib.sha256()
+    h.update(repr(([a.shape for a in arrays], params)).encode())
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)))
     return h.digest()
 
 
-def preprocess_image(image, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, **tiling) -> np.ndarray:
-    """float32 [T, 3, tile, tile]: tiles row-major, then a thumbnail when T > 1 (tiling: image_tiles_u8's)."""
-    return normalize_tiles(image_tiles_u8(image, **tiling), mean, std)
+def preprocess_image(image, *, tile: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD, **tiling) -> np.ndarray:
+    """float32 [T, 3, tile, tile]: tiles row-major, then a thumbnail when T > 1 (tiling: image_grids_u8's)."""
+    return normalize_grids(image_grids_u8(image, tile=tile, **tiling), tile, mean, std)
 
 
-def image_tiles_u8(
+def image_grids_u8(
     image,
     *,
     tile: int = 448,
     min_tiles: int = 1,
     max_tiles: int = 12,
     crop_to_patches: bool = True,
-) -> np.ndarray:
-    """uint8 [T, 3, tile, tile] before normalisation: tiles row-major, then a thumbnail when T > 1."""
+) -> list[np.ndarray]:
+    """The image resized, as uint8 HWC grids of tiles before normalisation: the canvas [rows * tile, cols * tile, 3]
+    (read tile by tile, row-major), then a [tile, tile, 3] thumbnail when the canvas holds more than one tile."""
     validate_tile_limits(min_tiles, max_tiles)
-    rgb = PIL.Image.fromarray(np.ascontiguousarray(to_rgb_array(image)), mode="RGB")
-    w, h = rgb.size
-    parts = []
+    rgb = to_rgb_array(image)
+    h, w = rgb.shape[:2]
     if crop_to_patches and max_tiles > 1:
         cols, rows = select_grid(w, h, min_tiles, max_tiles, tile)
-        canvas = np.asarray(rgb.resize((cols * tile, rows * tile), resample=PIL.Image.BICUBIC))
-        for k in range(cols * rows):
-            c, r = k % cols, k // cols
-            parts.append(canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile])
+        grids = [resize_bicubic(rgb, cols * tile, rows * tile)]
         if cols * rows > 1:
-            parts.append(np.asarray(rgb.resize((tile, tile), resample=PIL.Image.BICUBIC)))
-    else:
-        parts.append(np.asarray(rgb.resize((tile, tile), resample=PIL.Image.BICUBIC)))
-    return np.stack(parts).transpose(0, 3, 1, 2)
+            grids.append(resize_bicubic(rgb, tile, tile))
+        return grids
+    return [resize_bicubic(rgb, tile, tile)]
