@@ -2,6 +2,7 @@
 bicubic resize byte for byte over sizes that shrink, grow and keep either axis (both pass orders), the tile layout
 and normalisation against the numpy fallback, the probe that reads Pillow's pass order, bad taps, and images
 preprocessed concurrently. test_processor.py compares the whole processor with transformers."""
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -10,11 +11,7 @@ import pytest
 
 from internvl_engine.processor import images
 
-try:
-    from internvl_engine import _C  # noqa: F401
-    BUILT = True
-except ImportError:
-    BUILT = False
+BUILT = importlib.util.find_spec("internvl_engine._C") is not None
 pytestmark = pytest.mark.skipif(not BUILT, reason="needs the C++ extension (CI builds it and checks it loads)")
 
 
