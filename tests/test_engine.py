@@ -2,6 +2,7 @@
 CPU, fp32, the tiny random-weight checkpoint; every check compares greedy tokens with the request run alone."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from internvl_engine import SamplingParams
@@ -211,6 +212,33 @@ def test_decode_graph_path_matches_eager(path, alone, monkeypatch):
     assert graphs.replays > 0
     assert any(w > 2 for _, w in graphs.graphs)  # captured at first use
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_vision_graph_path_matches_eager(path, monkeypatch):
+    """The vision tower from graphs captured per tile count (cuda_graphs.VisionGraphs), replay emulated on the CPU:
+    images of 1, 3 and 4 tiles in chunks of at most 3 tiles, so chunks of 3 and 1 repeat and replay. Same features
+    and tokens as the eager tower."""
+    from internvl_engine.engine import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "VISION_CHUNK_TILES", 3)
+    convs = [[{"role": "user", "content": [{"type": "image", "image": _image(400 + i, w=w, h=100)},
+                                           {"type": "text", "text": f"What is in picture {i}?"}]}]
+             for i, w in enumerate([100, 300, 200, 100, 300])]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, max_num_tiles=4)
+    eager = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    graphed = _engine(path, enable_prefix_caching=False, vision_cache_bytes=0)
+    graphed.runner.enable_graphs(graphed.cache, 4, -(-graphed.max_model_len // graphed.block_size), emulate=True)
+    vg = graphed.runner.vision_graphs
+    pixels = [graphed.processor(c, max_num_tiles=4).pixel_values for c in convs]
+    assert [p.shape[0] for p in pixels] == [1, 4, 3, 1, 4]
+    for p in pixels:
+        assert torch.equal(graphed.runner.vision(p), eager.runner.vision(p))
+    assert set(vg.graphs) == {1, 3} and vg.replays == 7  # 1 | 3+1 | 3 | 1 | 3+1
+    for engine, tag in ((eager, "e"), (graphed, "g")):
+        for i, conv in enumerate(convs):
+            engine.add_request(f"{tag}{i}", conv, params)
+    final = {**_drain(eager), **_drain(graphed)}
+    assert [final[f"g{i}"].token_ids for i in range(5)] == [final[f"e{i}"].token_ids for i in range(5)]
+    assert vg.replays > 7
 
 
 def test_decode_blocks_are_registered_for_reuse(path):

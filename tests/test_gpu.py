@@ -120,3 +120,21 @@ def test_decode_from_cuda_graphs_is_batch_invariant(hf_checkpoint, backend):
     eager_ids = [o.token_ids for o in eager.generate(convs, params)]
     if backend != "torch":  # torch's SDPA over the gathered table is not invariant to the table's width
         assert eager_ids == together
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_vision_from_cuda_graphs_equals_eager(hf_checkpoint, backend):
+    """The vision tower replays a graph per tile count (cuda_graphs.VisionGraphs): bf16 features identical to the
+    eager tower's on the same chunk, at its capture and at a later replay."""
+    from internvl_engine import ops
+    path, _ = hf_checkpoint("300m")
+    llm = _llm(path, dtype="bfloat16", device="cuda", backend=backend)
+    runner = llm.runner
+    assert runner.vision_graphs is not None
+    pixels = torch.randn(5, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    for n in (1, 3, 1, 5, 3):
+        ops.bind(runner.kernels)
+        with torch.inference_mode():
+            eager = runner.model.get_image_features(pixels[:n].cuda())
+        assert torch.equal(runner.vision(pixels[:n]), eager), f"{n} tiles"
+    assert set(runner.vision_graphs.graphs) == {1, 3, 5} and runner.vision_graphs.replays == 5

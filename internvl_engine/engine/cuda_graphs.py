@@ -1,4 +1,4 @@
-"""Decode through CUDA graphs. One decode step of a small model is a few hundred short kernels, so on a GPU its time
+"""Decode and the vision tower through CUDA graphs. One decode step of a small model is a few hundred short kernels, so on a GPU its time
 is launch and Python overhead, not memory traffic (performance.md: TPOT's floor is the weight read). The decode
 forward (language model + lm_head + fp32 cast) is therefore captured once per (batch bucket, context bucket) over
 persistent device buffers, and a step only copies its inputs into those buffers and replays the graph.
@@ -13,11 +13,15 @@ persistent device buffers, and a step only copies its inputs into those buffers 
   next step, after the engine has waited for this step's sampled tokens (stream order), so it is never in use.
 - Graphs of the batch ladder at the first context bucket are captured at start; other buckets at their first use.
 
+The vision tower is the same story at TTFT: 24 layers of about a dozen kernels each, around 350 launches per image
+chunk whatever its size. VisionGraphs captures the tower, pixel shuffle and projector once per tile count (1 to the
+runner's chunk size, each at its first use) over one persistent pixel buffer. No padding: a chunk of n tiles replays
+the graph of exactly n, so it runs the kernels eager mode would run on the same shapes.
+
 With `emulate=True` (CPU tests) a "graph" is the captured Python closure itself, replayed over the same
 persistent buffers: everything here but the capture runs and is compared with eager decode."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import ops
@@ -50,6 +54,24 @@ class _Emulated:
 
     def replay(self):
         self.out.copy_(self.fn())
+
+
+def capture(fn, device: torch.device, pool, emulate: bool):
+    """(graph, its output tensor) for `fn`, a forward over persistent buffers."""
+    if emulate:
+        g = _Emulated(fn)
+        return g, g.out
+    # warm up on a side stream first (Triton compiles and autotunes here, cuBLAS creates its workspaces), as
+    # torch's CUDA-graph notes prescribe
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out
 
 
 class DecodeGraphs:
@@ -102,20 +124,7 @@ class DecodeGraphs:
     def _capture(self, b: int, w: int):
         self._stage_padding(b, w)
         self._upload(b, w)
-        if self.emulate:
-            g = _Emulated(lambda: self._forward(b, w))
-            out = g.out
-        else:
-            # warm up on a side stream first (Triton compiles and autotunes here, cuBLAS creates its workspaces),
-            # as torch's CUDA-graph notes prescribe
-            side = torch.cuda.Stream(self.runner.device)
-            side.wait_stream(torch.cuda.current_stream(self.runner.device))
-            with torch.cuda.stream(side):
-                self._forward(b, w)
-            torch.cuda.current_stream(self.runner.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                out = self._forward(b, w)
+        g, out = capture(lambda: self._forward(b, w), self.runner.device, self.pool, self.emulate)
         self.graphs[(b, w)] = g, out
         return g, out
 
@@ -144,3 +153,36 @@ class DecodeGraphs:
         g.replay()
         self.replays += 1
         return out[:n]
+
+
+class VisionGraphs:
+    def __init__(self, runner, max_tiles: int, emulate: bool = False):
+        self.runner, self.max_tiles, self.emulate = runner, max_tiles, emulate
+        self.pixels: torch.Tensor | None = None  # [max_tiles, 3, S, S] fp32, shaped by the first chunk
+        self.pool = None if emulate else torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, object] = {}
+        self.replays = 0  # chunks served from a graph
+
+    def fits(self, pixel_values: torch.Tensor) -> bool:
+        n = pixel_values.shape[0]
+        return 0 < n <= self.max_tiles and (self.pixels is None or pixel_values.shape[1:] == self.pixels.shape[1:])
+
+    def _forward(self, n: int) -> torch.Tensor:
+        ops.bind(self.runner.kernels)
+        return self.runner.model.get_image_features(self.pixels[:n])
+
+    @torch.inference_mode()
+    def run(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Feature rows [n * tokens_per_tile, D] of a chunk that fits(), in a fresh tensor (the graph's output buffer
+        is overwritten by the next replay)."""
+        n = pixel_values.shape[0]
+        if self.pixels is None:
+            self.pixels = torch.zeros((self.max_tiles, *pixel_values.shape[1:]), dtype=torch.float32,
+                                      device=self.runner.device)
+        self.pixels[:n].copy_(pixel_values, non_blocking=True)
+        if n not in self.graphs:
+            self.graphs[n] = capture(lambda: self._forward(n), self.runner.device, self.pool, self.emulate)
+        g, out = self.graphs[n]
+        g.replay()
+        self.replays += 1
+        return out.clone()

@@ -16,8 +16,11 @@ from .. import ops
 
 from ..layers.context import StepContext, set_context
 from ..models.internvl import InternVLForConditionalGeneration
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, VisionGraphs
 from .sequence import Sequence
+
+
+VISION_CHUNK_TILES = 16  # tiles per vision-tower forward (activation memory), and so the largest vision graph
 
 
 class KVCache:
@@ -41,12 +44,15 @@ class ModelRunner:
         self.max_pos = t.max_position_embeddings
         self.dynamic_rope = t.rope_type == "dynamic"
         self.graphs: DecodeGraphs | None = None
+        self.vision_graphs: VisionGraphs | None = None
         self._pinned = device.type == "cuda"
 
     def enable_graphs(self, cache: "KVCache", max_batch: int, max_blocks: int, emulate: bool = False) -> None:
-        """Capture decode graphs for the batch ladder up to max_batch over `cache` (emulate: CPU tests)."""
+        """Capture decode graphs for the batch ladder up to max_batch over `cache`, and let the vision tower run from
+        graphs captured per tile count at first use (emulate: CPU tests)."""
         self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate)
         self.graphs.capture_start()
+        self.vision_graphs = VisionGraphs(self, VISION_CHUNK_TILES, emulate)
 
     def to_host(self, t: torch.Tensor) -> list:
         """The step's one synchronisation: a device-to-host copy into pinned memory, then wait for it."""
@@ -67,12 +73,18 @@ class ModelRunner:
                        self.device)
 
     @torch.inference_mode()
-    def vision(self, pixel_values: torch.Tensor, max_tiles_per_batch: int = 16) -> torch.Tensor:
-        """[N, 3, S, S] -> [N * tokens_per_tile, D], in chunks so activation memory stays bounded."""
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N * tokens_per_tile, D], in chunks so activation memory stays bounded; each chunk
+        from a graph when enable_graphs() was called."""
         ops.bind(self.kernels)
-        chunks = [self.model.get_image_features(pixel_values[i:i + max_tiles_per_batch].to(self.device))
-                  for i in range(0, pixel_values.shape[0], max_tiles_per_batch)]
-        return torch.cat(chunks)
+        out = []
+        for i in range(0, pixel_values.shape[0], VISION_CHUNK_TILES):
+            chunk = pixel_values[i:i + VISION_CHUNK_TILES]
+            if self.vision_graphs is not None and self.vision_graphs.fits(chunk):
+                out.append(self.vision_graphs.run(chunk))
+            else:
+                out.append(self.model.get_image_features(chunk.to(self.device)))
+        return torch.cat(out)
 
     def _tensor(self, values, dtype):
         if self._pinned:  # a plain copy from pageable memory would block on the stream

@@ -54,14 +54,16 @@ def _sdpa(q, k, v, scale, causal, mask=None):
 
 
 def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    n = len(cq) - 1
-    if cq == ck and q.shape[0] == n * max_seqlen_q:  # equal lengths (vision tiles): one batched call
+    n = cu_seqlens_q.shape[0] - 1
+    # n sequences of at most max_seqlen tokens filling n * max_seqlen rows all have max_seqlen tokens: equal lengths
+    # (vision tiles) are known from shapes alone, so that path reads no device value (it runs inside CUDA graphs)
+    if max_seqlen_q == max_seqlen_k and q.shape[0] == n * max_seqlen_q and k.shape[0] == n * max_seqlen_k:
         shape = (n, max_seqlen_q)
         # contiguous: the contract's output is dense, and CUDA's fp32 SDPA kernel hands back a [B, H, L, D] layout
         # whose transpose the reshape would only view (seen on the H100, benchmarks/results/*-2be9dbb-pytest-gpu.log)
         return _sdpa(q.view(*shape, *q.shape[1:]), k.view(*shape, *k.shape[1:]), v.view(*shape, *v.shape[1:]),
                      scale, causal).reshape(q.shape).contiguous()
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.empty_like(q)
     for b in range(n):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
