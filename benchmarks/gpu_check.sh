@@ -49,7 +49,7 @@ stage_kernels() {
   echo "kernels rc=$?"; tail -n 50 "$OUT/kernels.log"
 }
 stage_vision() {
-  timeout 45 python3 benchmarks/vision.py --device cuda --json "$OUT/vision.json" >> "$OUT/kernels.log" 2>&1
+  timeout 60 python3 benchmarks/vision.py --device cuda --json "$OUT/vision.json" >> "$OUT/kernels.log" 2>&1
   echo "vision rc=$?"; tail -n 12 "$OUT/kernels.log"
 }
 stage_e2e() {
