@@ -41,7 +41,7 @@ stage_tests() {
   { timeout 170 python3 -m pytest -m gpu -q -rA -p no:cacheprovider ${xdist:+-n 4} tests/test_gpu.py
     echo "model tests rc=$?"
     INTERNVL_ENGINE_TRITON_CONFIG=0 timeout 300 python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $xdist ${GPU_CHECK_TESTS:---ignore=tests/test_gpu.py tests}
-    echo "kernel tests rc=$?"; } 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E " passed| failed|rc=|FAILED|ERROR" | tail -n 40
+    echo "kernel tests rc=$?"; } 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E " passed| failed| skipped|rc=|FAILED|ERROR" | tail -n 40
 }
 stage_kernels() {
   timeout 75 python3 benchmarks/kernels.py --device cuda --models internvl3-1b,internvl3-2b --repeat 10 \

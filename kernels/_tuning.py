@@ -37,6 +37,8 @@ def token_col_tiles(tokens: int, n_cols: int, max_block_c: int):
 _forced: int | None = None
 _env_config = os.environ.get("INTERNVL_ENGINE_TRITON_CONFIG", "")
 if _env_config:
+    if not _env_config.isdigit():
+        raise ValueError(f"INTERNVL_ENGINE_TRITON_CONFIG must be a config index (0, 1, ...), got {_env_config!r}")
     _forced = int(_env_config)
 
 
@@ -67,7 +69,11 @@ class _Tuned:
     def __getitem__(self, grid):
         if _forced is None and self.tuner is not None:
             return self.tuner[grid]
-        config = self.configs[_forced or 0]
+        index = _forced or 0
+        if index >= len(self.configs):
+            raise ValueError(f"{self.fn.__name__}: forced Triton config {index} of {len(self.configs)} "
+                             f"(INTERNVL_ENGINE_TRITON_CONFIG / use_config)")
+        config = self.configs[index]
 
         def launch(*args, **kwargs):
             meta = {**kwargs, **config.kwargs}

@@ -15,8 +15,10 @@ BUILT = importlib.util.find_spec("internvl_engine._C") is not None
 pytestmark = pytest.mark.skipif(not BUILT, reason="needs the C++ extension (CI builds it and checks it loads)")
 
 
-def test_native_path_is_on():
-    """Built extension, yet no native path, would mean the probe found the installed Pillow's bytes unmatched."""
+@pytest.fixture(autouse=True)
+def native_on():
+    """Every test here exercises the C++ path: a built extension with no native path would mean the probe found the
+    installed Pillow's bytes unmatched, and the comparisons below would compare Pillow with itself."""
     assert images.native_images() is not None
 
 
@@ -54,6 +56,14 @@ def test_resize_one_channel_and_random_sizes():
         img = _image(h, w, c=1 if i % 4 == 0 else 3, seed=i)
         np.testing.assert_array_equal(images.resize_bicubic(img, ow, oh), _pil(img, ow, oh),
                                       err_msg=f"{w}x{h} -> {ow}x{oh}")
+
+
+def test_channel_counts_and_fallback():
+    img = _image(30, 40, c=1)
+    with images.native_pixels(False):
+        np.testing.assert_array_equal(images.resize_bicubic(img, 17, 9), _pil(img, 17, 9))
+    with pytest.raises(ValueError, match="3 or 1"):
+        images.resize_bicubic(_image(30, 40, c=4), 17, 9)  # Pillow resizes RGBA premultiplied
 
 
 def test_probe_tells_the_pass_orders_apart():

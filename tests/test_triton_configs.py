@@ -63,3 +63,13 @@ def test_environment_forces_a_config():
     env = {**os.environ, "INTERNVL_ENGINE_TRITON_CONFIG": "2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"
+
+
+def test_a_forced_index_past_the_configs_is_a_clear_error(monkeypatch):
+    import torch
+    from kernel_cases import packed_qkv
+    q, k, v = packed_qkv(4, 2, 2, 16, torch.float32, "cpu")
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with _tuning.use_config(len(paged_attention._CONFIGS) + len(flash_attention._CONFIGS)):
+        with pytest.raises(ValueError, match="forced Triton config"):
+            flash_attention.flash_attention(q, k, v, cu, cu, 4, 4, True, 0.25)

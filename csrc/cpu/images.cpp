@@ -108,10 +108,12 @@ void resize_u8(ptr out, ptr in, int64_t in_h, int64_t in_w, int64_t out_h, int64
   const auto* vb = reinterpret_cast<const int32_t*>(v_bounds);
   // every tap must stay inside the input: a wrong table is an error here, not a read past the image
   for (int64_t x = 0; hb && x < out_w; ++x)
-    IVE_CHECK(hb[2 * x] >= 0 && hb[2 * x + 1] >= 0 && hb[2 * x + 1] <= h_ksize && hb[2 * x] + hb[2 * x + 1] <= in_w,
+    IVE_CHECK(hb[2 * x] >= 0 && hb[2 * x + 1] >= 0 && hb[2 * x + 1] <= h_ksize &&
+                  int64_t(hb[2 * x]) + hb[2 * x + 1] <= in_w,
               op, "horizontal taps out of range");
   for (int64_t y = 0; vb && y < out_h; ++y)
-    IVE_CHECK(vb[2 * y] >= 0 && vb[2 * y + 1] >= 0 && vb[2 * y + 1] <= v_ksize && vb[2 * y] + vb[2 * y + 1] <= in_h,
+    IVE_CHECK(vb[2 * y] >= 0 && vb[2 * y + 1] >= 0 && vb[2 * y + 1] <= v_ksize &&
+                  int64_t(vb[2 * y]) + vb[2 * y + 1] <= in_h,
               op, "vertical taps out of range");
   const int nt = int(threads);
   if (!vb && !hb) {

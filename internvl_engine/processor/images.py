@@ -236,12 +236,18 @@ def _native_module():
     ext = getattr(_C, "images", None)
     if ext is None:
         return None, None
-    probe = np.random.default_rng(0).integers(0, 256, (61, 23, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, 256, (61, 23, 3), dtype=np.uint8)
     want = np.asarray(PIL.Image.fromarray(probe).resize((20, 17), resample=PIL.Image.BICUBIC))
-    for order in ("height_shrink_first", "horizontal_first"):
-        if np.array_equal(_resize_native(ext, order, probe, 20, 17, threads=1), want):
-            return ext, order
-    return None, None
+    order = next((o for o in PASS_ORDERS if np.array_equal(_resize_native(ext, o, probe, 20, 17, threads=1), want)),
+                 None)
+    # a few more shapes (down, up, mixed, one axis) guard against a Pillow whose coefficients round differently
+    for w, h, ow, oh in ((97, 64, 40, 131), (300, 41, 448, 17), (50, 50, 50, 449), (640, 480, 448, 448)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(PIL.Image.fromarray(img).resize((ow, oh), resample=PIL.Image.BICUBIC))
+        if order is None or not np.array_equal(_resize_native(ext, order, img, ow, oh, threads=1), want):
+            return None, None
+    return ext, order
 
 
 def native_images():
@@ -262,17 +268,18 @@ def native_pixels(enabled: bool):
 
 @contextmanager
 def _thread_share():
-    """OpenMP threads for one image: torch's intra-op thread count shared among the images in flight (LLM
-    preprocesses a batch on a thread pool; without sharing each image would start a full team)."""
+    """OpenMP threads for one image: what is left of torch's intra-op thread count by the images in flight, at
+    least one (LLM preprocesses a batch on a thread pool; without sharing each image would start a full team, and
+    the threads in use stay below that count plus the number of images)."""
     global _active
     with _active_lock:
-        _active += 1
-        n = max(1, torch.get_num_threads() // _active)
+        n = max(1, torch.get_num_threads() - _active)
+        _active += n
     try:
         yield n
     finally:
         with _active_lock:
-            _active -= 1
+            _active -= n
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -290,7 +297,7 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     index, tap count) and int32 coefficients [out, ksize] in its fixed point (2^22 = 1.0). The double arithmetic
     follows Pillow's precompute_coeffs and normalize_coeffs_8bpc step by step, so the integer passes of
     csrc/cpu/images.cpp reproduce PIL's bytes."""
-    scale = in_size / out_size
+    scale = float(np.float32(in_size)) / out_size  # Pillow's box edges are float32 (exact below 2^24 pixels)
     filterscale = max(scale, 1.0)  # downsampling stretches the filter (antialiasing)
     support = 2.0 * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
@@ -308,6 +315,9 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     coeffs = np.where(w < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled)).astype(np.int32)
     bounds = np.stack([first, count], axis=1).astype(np.int32)
     return bounds, coeffs
+
+
+PASS_ORDERS = ("height_shrink_first", "horizontal_first")
 
 
 def _vertical_first(order: str, in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
@@ -328,10 +338,14 @@ def _resize_native(ext, order: str, rgb: np.ndarray, width: int, height: int, th
 
 
 def resize_bicubic(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 [H, W, C] -> [height, width, C], the bytes of PIL's Image.resize((width, height), BICUBIC)."""
+    """uint8 [H, W, C] with C = 3 (RGB) or 1 (L) -> [height, width, C], the bytes of PIL's
+    Image.resize((width, height), BICUBIC). (Pillow resizes LA and RGBA premultiplied, which this does not.)"""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (1, 3):
+        raise ValueError(f"resize_bicubic: uint8 [H, W, 3 or 1] expected, got {rgb.dtype} {tuple(rgb.shape)}")
     ext = native_images()
     if ext is None:
-        return np.asarray(PIL.Image.fromarray(rgb).resize((width, height), resample=PIL.Image.BICUBIC))
+        im = PIL.Image.fromarray(rgb if rgb.shape[2] == 3 else rgb[..., 0])
+        return np.asarray(im.resize((width, height), resample=PIL.Image.BICUBIC)).reshape(height, width, -1)
     with _thread_share() as threads:
         return _resize_native(ext, _native_module()[1], rgb, width, height, threads)
 
