@@ -126,11 +126,11 @@ void resize_u8(ptr out, ptr in, int64_t in_h, int64_t in_w, int64_t out_h, int64
     horizontal(dst, src, in_h, in_w, out_w, channels, hb, hk, h_ksize, nt);
     return;
   }
-  if (vertical_first || !hb) {
-    if (!hb) {
-      vertical(dst, src, out_h, in_w * channels, vb, vk, v_ksize, 0, nt);
-      return;
-    }
+  if (!hb) {
+    vertical(dst, src, out_h, in_w * channels, vb, vk, v_ksize, 0, nt);
+    return;
+  }
+  if (vertical_first) {
     std::vector<uint8_t> tmp(size_t(out_h * in_w * channels));
     vertical(tmp.data(), src, out_h, in_w * channels, vb, vk, v_ksize, 0, nt);
     horizontal(dst, tmp.data(), out_h, in_w, out_w, channels, hb, hk, h_ksize, nt);

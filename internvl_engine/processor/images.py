@@ -342,12 +342,12 @@ def resize_bicubic(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     Image.resize((width, height), BICUBIC). (Pillow resizes LA and RGBA premultiplied, which this does not.)"""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (1, 3):
         raise ValueError(f"resize_bicubic: uint8 [H, W, 3 or 1] expected, got {rgb.dtype} {tuple(rgb.shape)}")
-    ext = native_images()
+    ext, order = _native_module() if _native_enabled else (None, None)
     if ext is None:
         im = PIL.Image.fromarray(rgb if rgb.shape[2] == 3 else rgb[..., 0])
         return np.asarray(im.resize((width, height), resample=PIL.Image.BICUBIC)).reshape(height, width, -1)
     with _thread_share() as threads:
-        return _resize_native(ext, _native_module()[1], rgb, width, height, threads)
+        return _resize_native(ext, order, rgb, width, height, threads)
 
 
 def normalize_grids(grids: list[np.ndarray], tile: int, mean, std) -> np.ndarray:
