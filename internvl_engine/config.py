@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .constants import IMAGE_TOKEN_ID, MAX_TILES, MIN_TILES, TILE_SIZE
 from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
@@ -22,7 +23,7 @@ class VisionConfig:
     use_qk_norm: bool = False
     norm_type: str = "layer_norm"  # "layer_norm" (InternViT-300M) | "rms_norm" (InternViT-6B)
     layer_norm_eps: float = 1e-6
-    image_size: int = 448
+    image_size: int = TILE_SIZE
     patch_size: int = 14
     num_channels: int = 3
     use_mean_pooling: bool = True
@@ -60,7 +61,7 @@ class TextConfig:
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    image_token_id: int = 151667
+    image_token_id: int = IMAGE_TOKEN_ID
     downsample_ratio: float = 0.5
     projector_hidden_act: str = "gelu"
     vision_feature_layer: int = -1
@@ -69,6 +70,11 @@ class ModelConfig:
     torch_dtype: str | None = None
     eos_token_ids: tuple[int, ...] = (151645,)
     source_format: str = "hf"  # "hf" | "original"
+    source: str = ""  # where it was read (the config.json path), for error messages
+    # Tiling limits the model config itself states (the original format's min/max_dynamic_patch); None: it does not
+    # say, and the processor files or the defaults decide.
+    min_tiles: int | None = None
+    max_tiles: int | None = None
 
     @property
     def image_seq_length(self) -> int:
@@ -95,28 +101,34 @@ class ModelConfig:
                 f"{where}: model_type {model_type!r} (architectures {arch}) is not supported; "
                 "expected an InternVL checkpoint ('internvl' or 'internvl_chat')")
         _validate(cfg, where)
+        cfg.source = where
         return cfg
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         cfg_file = path / "config.json"
-        raw = _read_json(cfg_file)
+        raw = read_json(cfg_file)
         cfg = cls.from_dict(raw, str(cfg_file))
         gen_file = path / "generation_config.json"
         eos = [cfg.text.eos_token_id]
         if gen_file.exists():
-            eos.append(_read_json(gen_file).get("eos_token_id"))
+            eos.append(read_json(gen_file).get("eos_token_id"))
         cfg.eos_token_ids = tuple(sorted({i for e in eos for i in _as_list(e)})) or (151645,)
         return cfg
 
 
-def _read_json(p: Path) -> dict:
-    if not p.exists():
-        raise CheckpointError(f"{p}: file not found")
+def read_json(p: Path) -> dict:
+    """A checkpoint's JSON file as a dict; any problem is a CheckpointError naming the file."""
     try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = Path(p).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: cannot read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
@@ -174,7 +186,7 @@ def _text_config(t: dict, where: str) -> TextConfig:
 _ORIGINAL_VISION_KEYS = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm"}
 
 
-def _vision_config(v: dict, image_size_default: int = 448) -> VisionConfig:
+def _vision_config(v: dict, image_size_default: int = TILE_SIZE) -> VisionConfig:
     return VisionConfig(
         hidden_size=int(v.get("hidden_size", 1024)),
         num_hidden_layers=int(v.get("num_hidden_layers", 24)),
@@ -197,7 +209,7 @@ def _from_hf(raw: dict, where: str) -> ModelConfig:
     return ModelConfig(
         vision=vision,
         text=_text_config(raw.get("text_config") or {}, where),
-        image_token_id=int(raw.get("image_token_id", 151667)),
+        image_token_id=int(raw.get("image_token_id", IMAGE_TOKEN_ID)),
         downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
         projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
         vision_feature_layer=raw.get("vision_feature_layer", -1),
@@ -211,20 +223,33 @@ def _from_hf(raw: dict, where: str) -> ModelConfig:
 def _from_original(raw: dict, where: str) -> ModelConfig:
     """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
     v = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in (raw.get("vision_config") or {}).items()}
-    vision = _vision_config(v, raw.get("force_image_size") or 448)
+    vision = _vision_config(v, raw.get("force_image_size") or TILE_SIZE)
     if raw.get("ps_version", "v2") != "v2":
         raise UnsupportedModelError(f"{where}: ps_version {raw.get('ps_version')!r}; only 'v2' (InternVL3) is supported")
     llm = dict(raw.get("llm_config") or {})
+    min_tiles, max_tiles = _original_tiling(raw, where)
     return ModelConfig(
         vision=vision,
         text=_text_config(llm, where),
-        image_token_id=int(raw.get("img_context_token_id") or 151667),
+        image_token_id=int(raw.get("img_context_token_id") or IMAGE_TOKEN_ID),
         downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
         vision_feature_layer=int(raw.get("select_layer", -1)),
         tie_word_embeddings=raw.get("tie_word_embeddings"),
         torch_dtype=raw.get("torch_dtype") or llm.get("torch_dtype"),
         source_format="original",
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
     )
+
+
+def _original_tiling(raw: dict, where: str) -> tuple[int | None, int | None]:
+    """The original format keeps its tiling in config.json (OpenGVLab's own preprocessing reads it from there)."""
+    if "dynamic_image_size" in raw and not raw["dynamic_image_size"]:
+        return 1, 1  # one resized tile per image, no thumbnail
+    if raw.get("use_thumbnail") is False:
+        raise UnsupportedModelError(f"{where}: use_thumbnail=false is not supported (InternVL3 tiles add a thumbnail)")
+    lo, hi = raw.get("min_dynamic_patch"), raw.get("max_dynamic_patch")
+    return (None if lo is None else int(lo)), (None if hi is None else int(hi))
 
 
 def _validate(cfg: ModelConfig, where: str) -> None:

@@ -3,20 +3,25 @@ transformers 5.24's InternVLProcessor (PIL image backend, torchvision video back
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ImageError, InternVLEngineError, PromptError, VideoError
+from ..constants import IMAGE_SEQ_LENGTH, MAX_TILES, MIN_TILES, TILE_SIZE
+from ..errors import CheckpointError, ImageError, PromptError, VideoError
+from .files import read_processor_settings
 from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_grids_u8, load_image, normalize_grids,
                      preprocess_image, to_rgb_array, validate_tile_limits)
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
 from .video import load_video, normalize_frames, preprocess_video, sample_frame_indices, video_frames_u8
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 __all__ = [
     "Encoding",
@@ -43,50 +48,51 @@ class Encoding:
     num_patches: list[int] = field(default_factory=list)  # tiles per image, 1 per video frame, in text order
     prompt: str = ""  # rendered text before placeholder expansion
     media_digests: list[bytes] = field(default_factory=list)  # content_digest per num_patches entry
+    # per num_patches entry, the [start, end) of its <IMG_CONTEXT> run in input_ids (num_patches[i] * image_seq_length
+    # ids): the rows its vision features replace
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def _size_of(cfg: dict, default: int, path: Path) -> int:
-    size = cfg.get("size", default)
-    if isinstance(size, dict):
-        h, w = size.get("height"), size.get("width")
-        if h is None or w is None or h != w:
-            raise CheckpointError(f"{path}: size must be a square {{height, width}}, got {size}")
-        return int(h)
-    return int(size)
-
-
 class Processor:
+    """Conversation or raw prompt + media -> Encoding. Built from a checkpoint's files (from_pretrained) or from
+    parts (from_parts). Given the model's config (model_config=), the settings no file states follow the model
+    (tile size = vision image_size, image_seq_length = its tokens per tile, its tiling limits), and stated settings
+    that disagree with the model raise CheckpointError naming both sources."""
+
     def __init__(
         self,
         tokenizer: Tokenizer,
         chat_template: str | None = None,
         *,
-        image_seq_length: int = 256,
-        tile_size: int = 448,
+        image_seq_length: int | None = None,
+        tile_size: int | None = None,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
-        min_tiles: int = 1,
-        max_tiles: int = 12,
+        min_tiles: int | None = None,
+        max_tiles: int | None = None,
         video_size: int | None = None,
         video_mean=None,
         video_std=None,
+        model_config: "ModelConfig | None" = None,
+        origin: Mapping[str, str] | None = None,
     ):
+        """origin: where each given setting came from ("tile_size" -> a file name ...), for error messages."""
+        m = model_config
         self.tokenizer = tokenizer
         self.template = ChatTemplate(chat_template)
+        self.model_config = m
+        if image_seq_length is None:
+            image_seq_length = m.image_seq_length if m is not None else IMAGE_SEQ_LENGTH
+        if tile_size is None:
+            tile_size = m.vision.image_size if m is not None else TILE_SIZE
+        if min_tiles is None:
+            min_tiles = m.min_tiles if m is not None and m.min_tiles is not None else MIN_TILES
+        if max_tiles is None:
+            max_tiles = m.max_tiles if m is not None and m.max_tiles is not None else MAX_TILES
         self.image_seq_length = int(image_seq_length)
         self.tile_size = int(tile_size)
         self.image_mean = tuple(float(x) for x in image_mean)
@@ -100,6 +106,31 @@ class Processor:
         self._pattern = re.compile(
             f"(?P<image>{re.escape(tokenizer.image_token)})|(?P<video>{re.escape(tokenizer.video_token)})"
         )
+        if m is not None:
+            self._check_model_agreement(m, dict(origin or {}))
+
+    def _check_model_agreement(self, m: "ModelConfig", origin: dict[str, str]) -> None:
+        """A processor that disagrees with the model feeds it tiles of the wrong size, or a number of
+        <IMG_CONTEXT> rows other than the features it makes; refuse it at load."""
+        model = m.source or "the model config"
+        given = "given to the Processor"
+        v = m.vision
+        for name, side in (("tile_size", self.tile_size), ("video_size", self.video_size)):
+            if side != v.image_size:
+                kind = "tile" if name == "tile_size" else "video frame"
+                raise CheckpointError(
+                    f"processor {kind} size {side} ({origin.get(name, given)}) does not match the vision tower's "
+                    f"image_size {v.image_size} ({model})")
+        if self.image_seq_length != m.image_seq_length:
+            raise CheckpointError(
+                f"processor image_seq_length {self.image_seq_length} ({origin.get('image_seq_length', given)}) does "
+                f"not match the model's {m.image_seq_length} tokens per tile ({model}: image_size {v.image_size}, "
+                f"patch_size {v.patch_size}, downsample_ratio {m.downsample_ratio})")
+        tok_id = self.tokenizer.image_token_id
+        if tok_id != m.image_token_id:
+            raise CheckpointError(
+                f"{self.tokenizer.image_token} is id {tok_id} in the tokenizer "
+                f"({origin.get('image_token_id', given)}) but image_token_id is {m.image_token_id} ({model})")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -107,49 +138,37 @@ class Processor:
         cls,
         tokenizer_json: dict | Tokenizer | None = None,
         chat_template: str | None = None,
-        image_seq_length: int = 256,
-        tile_size: int = 448,
+        image_seq_length: int | None = None,
+        tile_size: int | None = None,
+        *,
+        model_config: "ModelConfig | None" = None,
         **kwargs,
     ) -> "Processor":
+        """Settings left None follow model_config when given, else the InternVL3 defaults (constants)."""
         if tokenizer_json is None:
             tokenizer_json = build_internvl3_tokenizer_json()
         tok = tokenizer_json if isinstance(tokenizer_json, Tokenizer) else Tokenizer(tokenizer_json)
-        return cls(tok, chat_template, image_seq_length=image_seq_length, tile_size=tile_size, **kwargs)
+        return cls(tok, chat_template, image_seq_length=image_seq_length, tile_size=tile_size,
+                   model_config=model_config, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path) -> "Processor":
+    def from_pretrained(cls, path, *, model_config: "ModelConfig | None" = None) -> "Processor":
+        """From a checkpoint directory's tokenizer, chat template and processor files (every form
+        read_processor_settings knows). With model_config (the same checkpoint's ModelConfig), what the files
+        leave out follows the model, and what they state must agree with it."""
         d = Path(path)
         tok_path = d / "tokenizer.json"
         if not tok_path.is_file():
             raise CheckpointError(f"tokenizer file not found: {tok_path}")
-        model_max_length = None
-        if (d / "tokenizer_config.json").is_file():
-            model_max_length = _read_json(d / "tokenizer_config.json").get("model_max_length")
-        tokenizer = Tokenizer(tok_path, model_max_length=model_max_length)
-        kwargs: dict = {}
-        p = d / "preprocessor_config.json"
-        if p.is_file():
-            cfg = _read_json(p)
-            kwargs["tile_size"] = _size_of(cfg, 448, p)
-            resample = cfg.get("resample", 3)
-            if resample not in (3, "bicubic", "BICUBIC"):
-                raise CheckpointError(f"{p}: resample={resample!r} is not supported (only 3 = bicubic)")
-            if "image_mean" in cfg:
-                kwargs["image_mean"] = cfg["image_mean"]
-            if "image_std" in cfg:
-                kwargs["image_std"] = cfg["image_std"]
-            kwargs["min_tiles"] = int(cfg.get("min_patches", 1))
-            kwargs["max_tiles"] = int(cfg.get("max_patches", 12))
-        p = d / "processor_config.json"
-        if p.is_file():
-            kwargs["image_seq_length"] = int(_read_json(p).get("image_seq_length", 256))
-        p = d / "video_preprocessor_config.json"
-        if p.is_file():
-            cfg = _read_json(p)
-            kwargs["video_size"] = _size_of(cfg, kwargs.get("tile_size", 448), p)
-            kwargs["video_mean"] = cfg.get("image_mean")
-            kwargs["video_std"] = cfg.get("image_std")
-        return cls(tokenizer, load_chat_template(d), **kwargs)
+        s = read_processor_settings(d)
+        tokenizer = Tokenizer(tok_path, model_max_length=s.model_max_length)
+        kwargs = {name: getattr(s, name) for name in (
+            "tile_size", "image_seq_length", "min_tiles", "max_tiles", "video_size", "video_mean", "video_std")}
+        for name in ("image_mean", "image_std"):
+            if getattr(s, name) is not None:
+                kwargs[name] = getattr(s, name)
+        origin = {**s.where, "image_token_id": str(tok_path)}
+        return cls(tokenizer, load_chat_template(d), model_config=model_config, origin=origin, **kwargs)
 
     # ---------------------------------------------------------------- prompt
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
@@ -177,14 +196,27 @@ class Processor:
         min_num_tiles: int | None = None,
         num_frames: int | None = None,
     ) -> Encoding:
+        min_t, max_t = self._tile_limits(min_num_tiles, max_num_tiles)
+        prompt, images, videos = self._gather(conversation, text, images, videos, add_generation_prompt)
+        self._check_placeholders(prompt, images, videos)
+        image_tiles = [self._image_tiles(i, src, min_t, max_t) for i, src in enumerate(images)]
+        video_frames = [self._video_frames(i, src, num_frames) for i, src in enumerate(videos)]
+        return self._expand(prompt, image_tiles, video_frames)
+
+    # ---------------------------------------------------------------- steps of __call__
+    def _tile_limits(self, min_num_tiles: int | None, max_num_tiles: int | None) -> tuple[int, int]:
         max_t = self.max_tiles if max_num_tiles is None else max_num_tiles
         min_t = self.min_tiles if min_num_tiles is None else min_num_tiles
         if min_num_tiles is None and max_num_tiles is not None:
-            min_t = min(min_t, max_t)
+            min_t = min(min_t, max_t)  # a caller's lower max_num_tiles wins over the checkpoint's min_patches
         validate_tile_limits(min_t, max_t)
+        return min_t, max_t
+
+    def _gather(self, conversation, text, images, videos, add_generation_prompt: bool) -> tuple[str, list, list]:
+        """(prompt, images, videos): the rendered conversation or the raw text, and the media in text order, from
+        the conversation's items or from images=/videos=."""
         images = self._as_list(images, "images")
         videos = self._as_list(videos, "videos")
-
         if conversation is not None:
             if text is not None:
                 raise PromptError("pass either a conversation or text=, not both")
@@ -192,13 +224,14 @@ class Processor:
             prompt = self._render(messages, add_generation_prompt)
             images = self._merge_media("image", [s for k, s in media if k == "image"], images)
             videos = self._merge_media("video", [s for k, s in media if k == "video"], videos)
-        elif text is not None:
+            return prompt, images, videos
+        if text is not None:
             if not isinstance(text, str):
                 raise PromptError(f"text must be a string, got {type(text).__name__}")
-            prompt = text
-        else:
-            raise PromptError("nothing to encode: pass a conversation or text=")
+            return text, images, videos
+        raise PromptError("nothing to encode: pass a conversation or text=")
 
+    def _check_placeholders(self, prompt: str, images: list, videos: list) -> None:
         order = [m.lastgroup for m in self._pattern.finditer(prompt)]
         n_img_ph, n_vid_ph = order.count("image"), order.count("video")
         if n_img_ph != len(images):
@@ -210,48 +243,50 @@ class Processor:
                 f"{_plural(n_vid_ph, 'video placeholder')} ({self.tokenizer.video_token}) but {_plural(len(videos), 'video')}"
             )
 
-        image_tiles = [self._image_tiles(i, src, min_t, max_t) for i, src in enumerate(images)]
-        video_frames = [self._video_frames(i, src, num_frames) for i, src in enumerate(videos)]
-
-        # Expansion (InternVLProcessor.replace_image_token / replace_video_token) built directly as ids: every
-        # boundary is an added special token, which splits the text before pre-tokenisation, so per-segment
-        # tokenisation equals tokenising the expanded string.
+    def _expand(self, prompt: str, image_tiles: list[tuple[torch.Tensor, bytes]],
+                video_frames: list[tuple[torch.Tensor, list[bytes]]]) -> Encoding:
+        """Placeholder expansion (InternVLProcessor.replace_image_token / replace_video_token) built directly as
+        ids, recording where each <IMG_CONTEXT> run lands. Every boundary is an added special token, which splits
+        the text before pre-tokenisation, so per-segment tokenisation equals tokenising the expanded string."""
         tok = self.tokenizer
-        ctx_run = [tok.image_token_id] * self.image_seq_length
         ids: list[int] = []
-        pixel_parts: list[torch.Tensor] = []
-        digests: list[bytes] = []
+        spans: list[tuple[int, int]] = []
         num_patches: list[int] = []
+        digests: list[bytes] = []
+        pixel_parts: list[torch.Tensor] = []
+
+        def image_block(text: str, tiles: int) -> None:
+            ids.extend(tok.encode(text) if text else [])
+            ids.append(tok.start_image_token_id)
+            start = len(ids)
+            ids.extend([tok.image_token_id] * (tiles * self.image_seq_length))
+            spans.append((start, len(ids)))
+            num_patches.append(tiles)
+            ids.append(tok.end_image_token_id)
+
+        images, videos = iter(image_tiles), iter(video_frames)
         pos = 0
-        ii = vi = 0
         for m in self._pattern.finditer(prompt):
             text = prompt[pos : m.start()]  # plain text waiting to be tokenised with whatever follows it
             pos = m.end()
             if m.lastgroup == "image":
-                tiles, digest = image_tiles[ii]
-                ii += 1
-                t = tiles.shape[0]
+                tiles, digest = next(images)
+                image_block(text, tiles.shape[0])
                 digests.append(digest)
-                ids += (tok.encode(text) if text else []) + [tok.start_image_token_id] + ctx_run * t + [
-                    tok.end_image_token_id]
                 pixel_parts.append(tiles)
-                num_patches.append(t)
             else:
-                frames, frame_digests = video_frames[vi]
-                vi += 1
-                digests += frame_digests
+                frames, frame_digests = next(videos)
                 for f in range(frames.shape[0]):
                     # "Frame1: " joins the text before the placeholder in one segment, as in the expanded string
-                    ids += tok.encode(text + (f"Frame{f + 1}: " if f == 0 else f"\nFrame{f + 1}: "))
-                    ids += [tok.start_image_token_id] + ctx_run + [tok.end_image_token_id]
-                    num_patches.append(1)
+                    image_block(text + (f"Frame{f + 1}: " if f == 0 else f"\nFrame{f + 1}: "), 1)
                     text = ""
+                digests += frame_digests
                 pixel_parts.append(frames)
         if pos < len(prompt):
             ids += tok.encode(prompt[pos:])
         pixel_values = (pixel_parts[0] if len(pixel_parts) == 1 else torch.cat(pixel_parts, 0)) if pixel_parts else None
         return Encoding(input_ids=ids, pixel_values=pixel_values, num_patches=num_patches, prompt=prompt,
-                        media_digests=digests)
+                        media_digests=digests, image_spans=spans)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod

@@ -22,6 +22,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from ..constants import MAX_TILES, MIN_TILES, TILE_SIZE
 from ..errors import ImageError, PromptError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -183,7 +184,7 @@ def validate_tile_limits(min_tiles: int, max_tiles: int) -> None:
         )
 
 
-def select_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int = 448) -> tuple[int, int]:
+def select_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int = TILE_SIZE) -> tuple[int, int]:
     """(cols, rows), same as transformers' get_optimal_tiled_canvas."""
     aspect = width / height
     area = width * height
@@ -199,7 +200,8 @@ def select_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: i
     return best
 
 
-def num_tiles(width: int, height: int, min_tiles: int = 1, max_tiles: int = 12, tile: int = 448) -> int:
+def num_tiles(width: int, height: int, min_tiles: int = MIN_TILES, max_tiles: int = MAX_TILES,
+              tile: int = TILE_SIZE) -> int:
     if max_tiles <= 1:
         return 1
     cols, rows = select_grid(width, height, min_tiles, max_tiles, tile)
@@ -386,7 +388,7 @@ def content_digest(pixels_u8, *params) -> bytes:
     return h.digest()
 
 
-def preprocess_image(image, *, tile: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD, **tiling) -> np.ndarray:
+def preprocess_image(image, *, tile: int = TILE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, **tiling) -> np.ndarray:
     """float32 [T, 3, tile, tile]: tiles row-major, then a thumbnail when T > 1 (tiling: image_grids_u8's)."""
     return normalize_grids(image_grids_u8(image, tile=tile, **tiling), tile, mean, std)
 
@@ -394,9 +396,9 @@ def preprocess_image(image, *, tile: int = 448, mean=IMAGENET_MEAN, std=IMAGENET
 def image_grids_u8(
     image,
     *,
-    tile: int = 448,
-    min_tiles: int = 1,
-    max_tiles: int = 12,
+    tile: int = TILE_SIZE,
+    min_tiles: int = MIN_TILES,
+    max_tiles: int = MAX_TILES,
     crop_to_patches: bool = True,
 ) -> list[np.ndarray]:
     """The image resized, as uint8 HWC grids of tiles before normalisation: the canvas [rows * tile, cols * tile, 3]

@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..constants import TILE_SIZE
 from ..errors import ImageError, VideoError
 from .images import IMAGENET_MEAN, IMAGENET_STD, describe_source, load_image, to_rgb_array
 
@@ -92,7 +93,7 @@ def sample_frame_indices(total: int, num_frames: int, initial_shift=True) -> lis
     return torch.arange(initial_shift, total, total / num_frames).int().tolist()
 
 
-def preprocess_video(frames, *, size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def preprocess_video(frames, *, size: int = TILE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """float32 [F, 3, size, size]: uint8 antialiased bicubic resize then fused (x - 255*mean) / (255*std)."""
     return normalize_frames(video_frames_u8(frames, size=size), mean, std)
 
@@ -105,7 +106,7 @@ def normalize_frames(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> t
     return x.sub_(m.view(-1, 1, 1)).div_(s.view(-1, 1, 1))
 
 
-def video_frames_u8(frames, *, size: int = 448) -> torch.Tensor:
+def video_frames_u8(frames, *, size: int = TILE_SIZE) -> torch.Tensor:
     """uint8 [F, 3, size, size]: the frames after the antialiased bicubic resize, before normalisation."""
     arrs = []
     for i, fr in enumerate(frames):
