@@ -32,14 +32,14 @@ VARIANTS = {
 }
 
 
-def hf_config(variant: str, max_position_embeddings: int = 32768):
+def hf_config(variant: str, max_position_embeddings: int = 32768, image_size: int = 448):
     from transformers import InternVLConfig
 
     v = VARIANTS[variant]
     text = dict(model_type="qwen2", vocab_size=151674, rms_norm_eps=1e-6, max_position_embeddings=max_position_embeddings,
                 rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0},
                 bos_token_id=151643, eos_token_id=151645, **v["text"])
-    vision = dict(layer_norm_eps=1e-6, image_size=448, patch_size=14, hidden_act="gelu", **v["vision"])
+    vision = dict(layer_norm_eps=1e-6, image_size=image_size, patch_size=14, hidden_act="gelu", **v["vision"])
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667,
                           tie_word_embeddings=v["text"]["tie_word_embeddings"])
 
@@ -57,6 +57,28 @@ def build_hf_checkpoint(path: Path, variant: str = "300m", seed: int = 0, **conf
     model.save_pretrained(path)
     write_processor_files(path)
     return model
+
+
+def build_hf_checkpoint_with_hf_processor(path: Path, variant: str = "300m", image_size: int = 448, seed: int = 0,
+                                          **processor_kw):
+    """An `-hf` checkpoint whose model AND processor files transformers wrote (save_pretrained for both: the
+    processor settings nested in processor_config.json, as transformers 5 saves them). The processor's tile side
+    and image_seq_length follow the model's image_size; processor_kw as hf_processor.save_hf_processor.
+    Returns (model, the transformers processor)."""
+    from transformers import InternVLForConditionalGeneration
+
+    from hf_processor import save_hf_processor
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(hf_config(variant, image_size=image_size)).eval()
+    init_random_(model, seed)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokens_per_tile = (image_size // 14 // 2) ** 2  # patch 14, pixel shuffle 0.5
+    processor = save_hf_processor(path, tile_size=image_size, image_seq_length=tokens_per_tile, **processor_kw)
+    return model, processor
 
 
 def read_json(p: Path) -> dict:

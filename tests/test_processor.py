@@ -498,3 +498,48 @@ def test_video_placeholder_glued_to_text(ours, hf):
     enc = ours(text="Watch this <video>then answer.", videos=[np.stack(frames)])
     hf_ids, _ = _hf_call(hf, "Watch this <video>then answer.", videos=[np.stack(frames)])
     assert enc.input_ids == hf_ids
+
+
+# ------------------------------------------------------------------ image spans
+
+
+def _check_spans(enc, seq=256):
+    """image_spans: one [start, end) per num_patches entry, in order, each exactly its <IMG_CONTEXT> run between
+    <img> and </img>, together covering every <IMG_CONTEXT> id."""
+    ids = enc.input_ids
+    assert len(enc.image_spans) == len(enc.num_patches)
+    covered = []
+    for (start, end), n in zip(enc.image_spans, enc.num_patches):
+        assert end - start == n * seq
+        assert set(ids[start:end]) == {151667}
+        assert ids[start - 1] == 151665 and ids[end] == 151666  # <img> ... </img>
+        covered += range(start, end)
+    assert covered == [i for i, t in enumerate(ids) if t == 151667]  # in order, disjoint, nothing left out
+
+
+def test_image_spans(ours):
+    a, b = PIL.Image.fromarray(_smooth(300, 800)), PIL.Image.fromarray(_rand(64, 64))
+    frames = _frames(3, 20, 30)
+    conv = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "and"},
+                                         {"type": "image", "image": b}, {"type": "video", "video": frames},
+                                         {"type": "text", "text": "?"}]}]
+    enc = ours(conv, max_num_tiles=6)
+    assert enc.num_patches == [4, 1, 1, 1, 1]  # 800x300: 3x1 + thumbnail
+    _check_spans(enc)
+    first = enc.input_ids.index(151667)
+    assert enc.image_spans[0] == (first, first + 4 * 256)
+
+    one = ours(text=IMAGE_TOKEN + "Describe this image in detail.", images=[b])
+    assert one.image_spans == [(1, 257)] and one.input_ids[257:] == [151666, 74785, 419, 2168, 304, 7716, 13]
+
+    # raw prompts: adjacent placeholders, a video glued to text, the same spans as the rendered conversation
+    raw = ours(text=IMAGE_TOKEN * 2 + "<video>x" + IMAGE_TOKEN, images=[a, b, a], videos=[np.stack(frames)],
+               max_num_tiles=3)
+    _check_spans(raw)
+    assert raw.num_patches == [4, 1, 1, 1, 1, 4]
+    same = ours(text=enc.prompt, images=[a, b], videos=[frames], max_num_tiles=6)
+    assert same.image_spans == enc.image_spans and same.input_ids == enc.input_ids
+
+    assert ours(text="no media").image_spans == []
+    small = Processor.from_parts(ours.tokenizer, image_seq_length=4, tile_size=28)
+    _check_spans(small(text="a" + IMAGE_TOKEN + "b<video>", images=[a], videos=[frames]), seq=4)
