@@ -4,7 +4,7 @@ transformers 5.24's InternVLProcessor (PIL image backend, torchvision video back
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -57,6 +57,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
 class Processor:
     """Conversation or raw prompt + media -> Encoding. Built from a checkpoint's files (from_pretrained) or from
     parts (from_parts). Given the model's config (model_config=), the settings no file states follow the model
@@ -70,8 +74,8 @@ class Processor:
         *,
         image_seq_length: int | None = None,
         tile_size: int | None = None,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
+        image_mean=None,
+        image_std=None,
         min_tiles: int | None = None,
         max_tiles: int | None = None,
         video_size: int | None = None,
@@ -85,18 +89,13 @@ class Processor:
         self.tokenizer = tokenizer
         self.template = ChatTemplate(chat_template)
         self.model_config = m
-        if image_seq_length is None:
-            image_seq_length = m.image_seq_length if m is not None else IMAGE_SEQ_LENGTH
-        if tile_size is None:
-            tile_size = m.vision.image_size if m is not None else TILE_SIZE
-        if min_tiles is None:
-            min_tiles = m.min_tiles if m is not None and m.min_tiles is not None else MIN_TILES
-        if max_tiles is None:
-            max_tiles = m.max_tiles if m is not None and m.max_tiles is not None else MAX_TILES
-        self.image_seq_length = int(image_seq_length)
-        self.tile_size = int(tile_size)
-        self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_std = tuple(float(x) for x in image_std)
+        # each setting: as given, else as the model says, else the InternVL3 default
+        self.image_seq_length = int(_first(image_seq_length, m and m.image_seq_length, IMAGE_SEQ_LENGTH))
+        self.tile_size = int(_first(tile_size, m and m.vision.image_size, TILE_SIZE))
+        min_tiles = _first(min_tiles, m and m.min_tiles, MIN_TILES)
+        max_tiles = _first(max_tiles, m and m.max_tiles, MAX_TILES)
+        self.image_mean = tuple(float(x) for x in _first(image_mean, IMAGENET_MEAN))
+        self.image_std = tuple(float(x) for x in _first(image_std, IMAGENET_STD))
         validate_tile_limits(min_tiles, max_tiles)
         self.min_tiles = min_tiles
         self.max_tiles = max_tiles
@@ -115,11 +114,10 @@ class Processor:
         model = m.source or "the model config"
         given = "given to the Processor"
         v = m.vision
-        for name, side in (("tile_size", self.tile_size), ("video_size", self.video_size)):
+        for what, key, side in (("tile", "tile_size", self.tile_size), ("video frame", "video_size", self.video_size)):
             if side != v.image_size:
-                kind = "tile" if name == "tile_size" else "video frame"
                 raise CheckpointError(
-                    f"processor {kind} size {side} ({origin.get(name, given)}) does not match the vision tower's "
+                    f"processor {what} size {side} ({origin.get(key, given)}) does not match the vision tower's "
                     f"image_size {v.image_size} ({model})")
         if self.image_seq_length != m.image_seq_length:
             raise CheckpointError(
@@ -162,13 +160,9 @@ class Processor:
             raise CheckpointError(f"tokenizer file not found: {tok_path}")
         s = read_processor_settings(d)
         tokenizer = Tokenizer(tok_path, model_max_length=s.model_max_length)
-        kwargs = {name: getattr(s, name) for name in (
-            "tile_size", "image_seq_length", "min_tiles", "max_tiles", "video_size", "video_mean", "video_std")}
-        for name in ("image_mean", "image_std"):
-            if getattr(s, name) is not None:
-                kwargs[name] = getattr(s, name)
+        settings = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("model_max_length", "where")}
         origin = {**s.where, "image_token_id": str(tok_path)}
-        return cls(tokenizer, load_chat_template(d), model_config=model_config, origin=origin, **kwargs)
+        return cls(tokenizer, load_chat_template(d), model_config=model_config, origin=origin, **settings)
 
     # ---------------------------------------------------------------- prompt
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
@@ -199,8 +193,7 @@ class Processor:
         min_t, max_t = self._tile_limits(min_num_tiles, max_num_tiles)
         prompt, images, videos = self._gather(conversation, text, images, videos, add_generation_prompt)
         self._check_placeholders(prompt, images, videos)
-        image_tiles = [self._image_tiles(i, src, min_t, max_t) for i, src in enumerate(images)]
-        video_frames = [self._video_frames(i, src, num_frames) for i, src in enumerate(videos)]
+        image_tiles, video_frames = self._load(images, videos, min_t, max_t, num_frames)
         return self._expand(prompt, image_tiles, video_frames)
 
     # ---------------------------------------------------------------- steps of __call__
@@ -242,6 +235,12 @@ class Processor:
             raise PromptError(
                 f"{_plural(n_vid_ph, 'video placeholder')} ({self.tokenizer.video_token}) but {_plural(len(videos), 'video')}"
             )
+
+    def _load(self, images: list, videos: list, min_t: int, max_t: int, num_frames: int | None):
+        """([(float32 tiles, digest)] per image, [(float32 frames, digest per frame)] per video), in order."""
+        image_tiles = [self._image_tiles(i, src, min_t, max_t) for i, src in enumerate(images)]
+        video_frames = [self._video_frames(i, src, num_frames) for i, src in enumerate(videos)]
+        return image_tiles, video_frames
 
     def _expand(self, prompt: str, image_tiles: list[tuple[torch.Tensor, bytes]],
                 video_frames: list[tuple[torch.Tensor, list[bytes]]]) -> Encoding:
