@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import IMAGE_TOKEN_ID, MAX_TILES, MIN_TILES, TILE_SIZE
+from .constants import IMAGE_TOKEN_ID, TILE_SIZE
 from .errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
@@ -224,6 +224,10 @@ def _from_original(raw: dict, where: str) -> ModelConfig:
     """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
     v = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in (raw.get("vision_config") or {}).items()}
     vision = _vision_config(v, raw.get("force_image_size") or TILE_SIZE)
+    if raw.get("force_image_size") and raw["force_image_size"] != vision.image_size:
+        # OpenGVLab's model then interpolates the position embeddings to force_image_size tiles; this one does not
+        raise UnsupportedModelError(f"{where}: force_image_size {raw['force_image_size']} differs from the vision "
+                                    f"image_size {vision.image_size}")
     if raw.get("ps_version", "v2") != "v2":
         raise UnsupportedModelError(f"{where}: ps_version {raw.get('ps_version')!r}; only 'v2' (InternVL3) is supported")
     llm = dict(raw.get("llm_config") or {})
@@ -243,7 +247,8 @@ def _from_original(raw: dict, where: str) -> ModelConfig:
 
 
 def _original_tiling(raw: dict, where: str) -> tuple[int | None, int | None]:
-    """The original format keeps its tiling in config.json (OpenGVLab's own preprocessing reads it from there)."""
+    """The original format keeps its tiling limits in config.json, where OpenGVLab's training code and vLLM
+    read them."""
     if "dynamic_image_size" in raw and not raw["dynamic_image_size"]:
         return 1, 1  # one resized tile per image, no thumbnail
     if raw.get("use_thumbnail") is False:

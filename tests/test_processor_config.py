@@ -153,6 +153,8 @@ def test_original_checkpoint_settings(tmp_path):
     assert ModelConfig.from_dict({**raw, "dynamic_image_size": False}).max_tiles == 1
     with pytest.raises(UnsupportedModelError, match="use_thumbnail"):
         ModelConfig.from_dict({**raw, "use_thumbnail": False})
+    with pytest.raises(UnsupportedModelError, match="force_image_size 224 differs from the vision image_size 448"):
+        ModelConfig.from_dict({**raw, "force_image_size": 224})
 
 
 def test_unstated_settings_follow_the_model(tmp_path):
