@@ -31,12 +31,23 @@ def assert_close(out, ref, dtype):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-def assert_attention_close(out, ref32, torch_lowp, dtype):
-    """The flash-attention rule: max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol, where ref32 is the
-    reference on fp32 copies of the inputs and torch_lowp torch's own implementation in the kernel's dtype."""
+def attention_refs(oracle, q, k, v, *args):
+    """(ref, lowp) for assert_attention_close, from the oracle alone: ref on fp64 copies of q, k, v (or of q and the
+    caches), lowp the fp32 oracle's output rounded to q's dtype, i.e. the error that storing the result in that
+    dtype costs (for fp32, the fp32 oracle's own error). Neither comes from a backend: the yardstick used to be the
+    torch backend in q's dtype, and with the torch backend under test the rule then held whatever it computed."""
+    ref = oracle(*(t.double() for t in (q, k, v)), *args)
+    lowp = oracle(*(t.float() for t in (q, k, v)), *args).to(q.dtype)
+    return ref, lowp
+
+
+def assert_attention_close(out, ref, lowp, dtype):
+    """The flash-attention rule: max|kernel - ref| <= 2 * max|lowp - ref| + atol, where ref is the reference on
+    high-precision copies of the inputs and lowp a result in the kernel's dtype computed independently of the
+    kernel under test (attention_refs)."""
     atol = 1e-5 if dtype == torch.float32 else 1e-3
-    err = (out.float() - ref32.float()).abs().max().item()
-    bound = 2 * (torch_lowp.float() - ref32.float()).abs().max().item() + atol
+    err = (out.double() - ref.double()).abs().max().item()
+    bound = 2 * (lowp.double() - ref.double()).abs().max().item() + atol
     assert out.dtype == dtype and not out.isnan().any()
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
 

@@ -1,11 +1,12 @@
-"""paged_attention (decode over block tables) on every backend against ops.paged_attention_ref: GQA ratios 1, 6
-and 7, block sizes 16 and 32, shuffled block tables with unused (garbage) entries, lengths that are not multiples
-of the block size, and NaN planted in every cache slot no sequence owns."""
+"""paged_attention (decode over block tables) on every backend against ops.paged_attention_ref on fp64 copies, with
+the flash-attention tolerance rule (kernel_cases.attention_refs): GQA ratios 1, 6 and 7, block sizes 16 and 32,
+shuffled block tables with unused (garbage) entries, lengths that are not multiples of the block size, and NaN
+planted in every cache slot no sequence owns."""
 import pytest
 import torch
 
 from internvl_engine import ops
-from kernel_cases import BACKENDS, DTYPES, assert_attention_close, backend, fp32, packed_qkv
+from kernel_cases import BACKENDS, DTYPES, assert_attention_close, attention_refs, backend, packed_qkv
 
 
 def _cache(lens, block_size, kv_heads, head_dim, dtype, device, seed):
@@ -40,17 +41,22 @@ def test_paged_attention(backend_name, device, dtype, heads, kv_heads, head_dim,
     _run(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens)
 
 
-def _run(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens):
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+def test_paged_attention_honours_scale(backend_name, device):
+    """The other cases pass head_dim ** -0.5, which is also SDPA's default: a backend that dropped its scale would
+    pass them all."""
+    _run(backend_name, device, torch.float32, 6, 2, 32, 16, [37, 1, 64], scale=0.3)
+
+
+def _run(backend_name, device, dtype, heads, kv_heads, head_dim, block_size, lens, scale=None):
     k_cache, v_cache, tables, seq_lens = _cache(lens, block_size, kv_heads, head_dim, dtype, device, seed=len(lens))
     q, _, _ = packed_qkv(len(lens), heads, kv_heads, head_dim, dtype, device, seed=5)
-    scale = head_dim ** -0.5
-    ref32 = ops.paged_attention_ref(*fp32(q, k_cache, v_cache), tables, seq_lens, scale)
-    with ops.use_backend("torch"):
-        torch_lowp = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, scale)
+    scale = head_dim ** -0.5 if scale is None else scale
+    ref, lowp = attention_refs(ops.paged_attention_ref, q, k_cache, v_cache, tables, seq_lens, scale)
     with backend(backend_name, device):
         out = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, scale)
     assert out.shape == q.shape
-    assert_attention_close(out, ref32, torch_lowp, dtype)
+    assert_attention_close(out, ref, lowp, dtype)
 
 
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]

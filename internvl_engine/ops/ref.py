@@ -1,7 +1,8 @@
 """Plain-torch reference of every op in the kernel contract (ARCHITECTURE.md, "The kernel contract").
 
 These are the oracles of the kernel tests: simple, loop-based where that is clearest, fp32 accumulation, the
-result cast back to the input dtype. Shapes: T tokens, H query heads, Hk KV heads, D head dim, C channels.
+result cast back to the input dtype (the attention oracles keep fp64 inputs in fp64: the attention tests measure
+every backend against them on fp64 copies). Shapes: T tokens, H query heads, Hk KV heads, D head dim, C channels.
 """
 from __future__ import annotations
 
@@ -58,13 +59,15 @@ def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping):
 
 
 def _attend(q, k, v, scale, causal):
-    """q [Lq, H, D], k/v [Lk, Hk, D] -> [Lq, H, D] in fp32; causal masks are aligned bottom-right (query i sees keys
-    up to Lk - Lq + i), the convention for a chunk of new tokens appended to a cached prefix."""
+    """q [Lq, H, D], k/v [Lk, Hk, D] -> [Lq, H, D] in fp32 (fp64 for fp64 inputs); causal masks are aligned
+    bottom-right (query i sees keys up to Lk - Lq + i), the convention for a chunk of new tokens appended to a
+    cached prefix."""
     lq, h, _ = q.shape
     lk, hk, _ = k.shape
-    kf = k.float().repeat_interleave(h // hk, dim=1)
-    vf = v.float().repeat_interleave(h // hk, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kf = k.to(acc).repeat_interleave(h // hk, dim=1)
+    vf = v.to(acc).repeat_interleave(h // hk, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.to(acc), kf) * scale
     if causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         s = s.masked_fill(~keep, float("-inf"))
