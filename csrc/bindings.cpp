@@ -35,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("CUDA_KERNELS") = false;
 #endif
+  m.attr("PAGED_SPLIT_TOKENS") = ive::kPagedSplitTokens;
   pybind11::list archs;
   for (const char* a = IVE_CUDA_ARCHS; *a;) {  // "sm_80;sm_90a" -> ["sm_80", "sm_90a"]
     const char* end = a;

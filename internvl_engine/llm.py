@@ -37,25 +37,31 @@ class TextStream:
 
 
 class LLM:
-    """Synchronous front end. Owns an LLMEngine (`.engine`); the engine's model, processor, config, runner, ...
-    are reachable as attributes of the LLM too."""
+    """Synchronous front end over one LLMEngine (`.engine`), for one caller at a time: concurrent callers share an
+    engine through AsyncLLM. Settings are EngineConfig's fields (engine/config.py), validated there."""
 
-    def __init__(self, model: str | os.PathLike, dtype="auto", device=None, *, max_model_len: int | None = None,
-                 seed: int = 0, block_size: int = 16, backend: str = "auto", **engine_kwargs):
+    def __init__(self, model: str | os.PathLike, dtype="auto", device=None, **settings):
         from .engine.llm_engine import LLMEngine
-        self.engine = LLMEngine(model, dtype, device, max_model_len=max_model_len, seed=seed, block_size=block_size,
-                                backend=backend, **engine_kwargs)
+        self.engine = LLMEngine(model, dtype, device, **settings)
 
-    def __getattr__(self, name):
-        if name == "engine":
-            raise AttributeError(name)
-        return getattr(self.engine, name)
+    # read-only views of the engine: what it loaded and how it runs
+    config = property(lambda self: self.engine.config, doc="ModelConfig of the checkpoint")
+    engine_config = property(lambda self: self.engine.engine_config, doc="EngineConfig the engine was built with")
+    processor = property(lambda self: self.engine.processor, doc="the Processor (template, tokenizer, media)")
+    model = property(lambda self: self.engine.model, doc="the InternVLForConditionalGeneration module")
+    runner = property(lambda self: self.engine.runner, doc="the ModelRunner (KV pool, CUDA graphs)")
+    device = property(lambda self: self.engine.device)
+    dtype = property(lambda self: self.engine.dtype)
+    max_model_len = property(lambda self: self.engine.max_model_len, doc="longest sequence accepted, in tokens")
 
-    def __setattr__(self, name, value):
-        if name != "engine" and "engine" in self.__dict__ and hasattr(self.engine, name):
-            setattr(self.engine, name, value)  # e.g. llm.eos_token_ids = {...} configures the engine
-        else:
-            object.__setattr__(self, name, value)
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end generation (checkpoint's eos ids and the tokenizer's); settable, validated."""
+        return self.engine.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.engine.eos_token_ids = ids
 
     # ------------------------------------------------------------------ requests
     @staticmethod
@@ -126,30 +132,27 @@ class LLM:
 
     def stream(self, conversation, params: SamplingParams | None = None) -> TextStream:
         """Text deltas of one conversation as they are produced; the stream's `.output` is set at the end.
-        Bad input raises here, before the first delta."""
+        Bad input raises here, before the first delta. Deltas are read off the request's text, so none is lost when
+        another thread's call steps the engine in between."""
         seqs = self._sequences(conversation, params)
         if len(seqs) != 1:
             raise PromptError("stream() takes one conversation")
+        seq = seqs[0]
 
         def steps():
-            for outs in self._run(seqs):
-                for o in outs:
-                    if o.delta:
-                        yield o.delta
-            stream.output = self.engine.output(seqs[0])
+            sent = 0
+            for _ in self._run(seqs):
+                if len(seq.text) > sent:
+                    yield seq.text[sent:]
+                    sent = len(seq.text)
+            if len(seq.text) > sent:  # the step that finished it may have been another caller's
+                yield seq.text[sent:]
+            stream.output = self.engine.output(seq)
 
         stream = TextStream(steps())
         return stream
 
-    @torch.inference_mode()
     def prompt_logits(self, conversation, add_generation_prompt: bool = True,
                       params: SamplingParams | None = None) -> torch.Tensor:
         """fp32 [prompt_len, vocab] logits of every prompt position, from one forward pass (no KV cache)."""
-        params = params or SamplingParams()
-        params.validate()
-        seq = self._make_sequence(conversation, params, time.perf_counter(), 0, add_generation_prompt,
-                                  check_capacity=False)
-        feats = None
-        if seq.pixel_values is not None and seq.pixel_values.shape[0]:
-            feats = self.engine.runner.vision(seq.pixel_values)
-        return self.engine.runner.prefill_logits(seq.prompt_ids, feats).cpu()
+        return self.engine.prompt_logits(conversation, add_generation_prompt, params)

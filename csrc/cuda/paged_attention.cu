@@ -12,7 +12,7 @@
 //   and NaN planted in unused cache rows never enters), K is staged transposed (pitch 33) and V row-major as fp32,
 //   lane j scores token j against the warp's heads (Q pre-scaled by scale*log2(e)), online softmax with exp2,
 //   p through shared memory, lane owns output dims lane + 32*c.
-// Splits: chunk = ceil(max_blocks*block_size / num_splits) rounded up to a multiple of kSplitAlign = 256 tokens;
+// Splits: chunk = ceil(max_blocks*block_size / num_splits) rounded up to a multiple of kPagedSplitTokens (ops.h);
 // split s covers tokens [s*chunk, min((s+1)*chunk, seq_len)). The caller passes num_splits =
 // ceil(capacity / 256), so every split is the same 256-token range whatever the batch and block-table width, and
 // a sequence's result does not depend on the batch it runs in (batch invariance; empty splits add exact zeros, and
@@ -212,9 +212,8 @@ void paged_attention(ptr out, ptr q, ptr k_cache, ptr v_cache, ptr block_tables,
   const int64_t head_chunks = (group + kHeads - 1) / kHeads;
   IVE_CHECK(kv_heads * head_chunks <= 65535, op, "kv_heads * ceil(group / 8) must be <= 65535 (grid limit)");
   const int64_t capacity = max_blocks * block_size;
-  constexpr int64_t kSplitAlign = 256;
   int64_t chunk = (capacity + num_splits - 1) / num_splits;
-  chunk = num_splits == 1 ? capacity : (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
+  chunk = num_splits == 1 ? capacity : (chunk + kPagedSplitTokens - 1) / kPagedSplitTokens * kPagedSplitTokens;
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads * head_chunks),
                   static_cast<unsigned>(num_splits));
   const float scale_log2 = static_cast<float>(scale) * kLog2e;

@@ -108,6 +108,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
     ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--vision-graphs", action="store_true",
+                    help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--tiles", type=int, default=1, help="tiles per image (0: text only)")
     ap.add_argument("--prompt-words", type=int, default=8, help="random words added to each prompt")
@@ -267,7 +269,7 @@ def main(argv=None, prog: str | None = None) -> dict:
 
     util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
     llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, vision_graphs=args.vision_graphs)
     device = llm.device
     peaks = common.measure_peaks(device)
     dtype_bytes = torch.empty((), dtype=llm.dtype).element_size()

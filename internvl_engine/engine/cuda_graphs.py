@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..layers.context import StepContext, set_context
+from ..layers.attention import AttentionMetadata
 
 FIRST_CONTEXT_TOKENS = 1024
 
@@ -103,14 +102,9 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ capture
     def _forward(self, b: int, w: int) -> torch.Tensor:
         m = self.max_batch
-        ctx = StepContext(False, self.dev64[2, :b], self.cache.layers,
-                          block_tables=self.dev32[m:m + b * w].view(b, w), seq_lens=self.dev32[:b])
-        ops.bind(self.runner.kernels)
-        set_context(ctx)
-        try:
-            hidden = self.runner.model(self.dev64[0, :b], self.dev64[1, :b])
-        finally:
-            set_context(None)
+        meta = AttentionMetadata(False, self.dev64[2, :b], self.cache.layers,
+                                 block_tables=self.dev32[m:m + b * w].view(b, w), seq_lens=self.dev32[:b])
+        hidden = self.runner.model(self.dev64[0, :b], self.dev64[1, :b], meta)
         return self.runner.model.compute_logits(hidden).float()
 
     def _stage_padding(self, b: int, w: int, n: int = 0) -> None:
@@ -135,16 +129,15 @@ class DecodeGraphs:
         self.dev32[:k].copy_(self.host32[:k], non_blocking=True)
 
     @torch.inference_mode()
-    def run(self, key: tuple[int, int], ids: list[int], positions: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """fp32 logits [n, V] of one decode step through the graph for `key` (from bucket())."""
+    def run(self, key: tuple[int, int], step) -> torch.Tensor:
+        """fp32 logits [n, V] of one decode StepInput through the graph for `key` (from bucket())."""
         b, w = key
         g, out = self.graphs.get(key) or self._capture(b, w)
-        n, m = len(ids), self.max_batch
-        self.np64[0, :n], self.np64[1, :n], self.np64[2, :n] = ids, positions, slots
-        self.np32[:n] = lens
+        n, m = len(step.input_ids), self.max_batch
+        self.np64[0, :n], self.np64[1, :n], self.np64[2, :n] = step.input_ids, step.positions, step.slots
+        self.np32[:n] = step.seq_lens
         table = self.np32[m:m + b * w].reshape(b, w)
-        for i, row in enumerate(tables):
+        for i, row in enumerate(step.block_tables):
             k = min(len(row), w)
             table[i, :k] = row[:k]
             table[i, k:] = 0
@@ -168,7 +161,6 @@ class VisionGraphs:
         return 0 < n <= self.max_tiles and (self.pixels is None or pixel_values.shape[1:] == self.pixels.shape[1:])
 
     def _forward(self, n: int) -> torch.Tensor:
-        ops.bind(self.runner.kernels)
         return self.runner.model.get_image_features(self.pixels[:n])
 
     @torch.inference_mode()

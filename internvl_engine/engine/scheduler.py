@@ -5,7 +5,10 @@ other while some sequence is ready to decode. Partially prefilled running sequen
 sequences are admitted FIFO while max_num_seqs and the pool allow; their chunks [start, end) share the
 max_num_batched_tokens budget (chunked prefill). Otherwise every fully prefilled running sequence decodes one token;
 when the pool cannot grow a table, the newest running sequence is preempted (blocks freed, put back at the front
-of the waiting queue, recomputed from prompt + outputs on re-admission)."""
+of the waiting queue, recomputed from prompt + outputs on re-admission).
+
+After the forward, postprocess() advances what each sequence has computed, registers filled blocks for prefix
+reuse, appends the sampled tokens, applies the finish rules and drops finished sequences."""
 from __future__ import annotations
 
 from collections import deque
@@ -28,7 +31,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 8192):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_token_ids: set[int], max_model_len: int):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < block_manager.block_size:
@@ -40,6 +44,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._last_was_prefill = False
+        self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,7 +64,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq.request_id)
-        seq.num_computed, seq.prefilled, seq.block_table = 0, False, []
+        seq.num_computed, seq.prefilled = 0, False
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -97,7 +102,6 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(s)
-            s.block_table = alloc.block_table
             s.num_computed, s.prefill_target, s.prefilled = alloc.num_cached_tokens, len(tokens), False
             out.admitted.append(s)
             end = min(s.prefill_target, s.num_computed + budget)
@@ -116,7 +120,40 @@ class Scheduler:
                 if victim is s:
                     break
             else:
-                s.block_table = self.bm.block_table(s.request_id)
                 out.decode.append(s)
         out.decode = [s for s in out.decode if s in self.running]
         return out
+
+    # ------------------------------------------------------------------ after the forward
+    def sampling(self, out: SchedulerOutput) -> list[Sequence]:
+        """The sequences that sample a token in this step: every decoding one, and the chunks that end a prompt."""
+        if not out.is_prefill:
+            return out.decode
+        return [s for s, _, end in out.chunks if end == s.prefill_target]
+
+    def postprocess(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int]) -> None:
+        """Record a step's progress: computed counts, prefix registration of filled blocks, the sampled token of each
+        of `sampled` (= sampling(out)), finish rules; finished sequences leave the scheduler."""
+        bs = self.bm.block_size
+        for s, _, end in out.chunks:
+            s.num_computed = end
+        for s, token in zip(sampled, tokens, strict=True):
+            if out.is_prefill:
+                s.prefilled = True
+                self.bm.register_computed(s.request_id, s.token_ids, s.num_computed)
+            else:
+                s.num_computed = s.num_tokens
+                if s.num_computed % bs == 0:  # a block filled by decode: a follow-up turn reuses it
+                    self.bm.register_computed(s.request_id, s.token_ids, s.num_computed)
+            s.output_ids.append(token)
+            s.finish_reason = self.finish_reason(s, token)
+            if s.finished:
+                self.remove(s)
+
+    def finish_reason(self, s: Sequence, token: int) -> str | None:
+        p = s.params
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -20,14 +20,13 @@ class Sequence:
     pixel_values: torch.Tensor | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     step_logits: list[torch.Tensor] = field(default_factory=list)
     # ---- serving state (engine): media, paged-KV progress
     num_patches: list[int] = field(default_factory=list)       # tiles (pixel rows) per image, in text order
     media_keys: list[bytes] = field(default_factory=list)      # block_manager.media_key() per image
-    media: list[MediaSpan] = field(default_factory=list)       # placeholder runs, one per image
+    media: list[MediaSpan] = field(default_factory=list)       # the processor's placeholder spans, one per image
     image_feats: list = field(default_factory=list)            # per image: projector rows or None (not computed)
     num_computed: int = 0       # leading tokens whose KV is in the paged cache
     prefill_target: int = 0     # len(token_ids) when (re)admitted: prefill runs [num_computed, prefill_target)

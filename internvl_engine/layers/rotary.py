@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
-from .context import get_context
 
 
 def inverse_frequencies(base, head_dim: int, device=None) -> torch.Tensor:
@@ -21,8 +19,9 @@ def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, max_position_embeddings: int, rope_type: str = "default",
-                 factor: float = 1.0):
+                 factor: float = 1.0, *, ops=None):
         super().__init__()
+        self.ops = ops
         self.head_dim, self.theta, self.max_pos = head_dim, theta, max_position_embeddings
         self.rope_type, self.factor = rope_type, factor
         self._table: torch.Tensor | None = None
@@ -50,9 +49,9 @@ class RotaryEmbedding(nn.Module):
         inv = 1.0 / (base[:, None] ** exponents[None, :])
         return _cos_sin(positions.float()[:, None] * inv)
 
-    def forward(self, positions, q, k):
-        ctx = get_context()
-        if self.rope_type == "dynamic" and ctx.rope_seq_lens is not None:
-            rows = self.dynamic_rows(positions, ctx.rope_seq_lens)
-            return ops.rotary(q, k, torch.arange(positions.shape[0], device=positions.device), rows)
-        return ops.rotary(q, k, positions, self.table(positions.device))
+    def forward(self, positions, q, k, rope_seq_lens: torch.Tensor | None = None):
+        """Rotates q and k in place; rope_seq_lens [T] (dynamic NTK past the trained range) picks per-token rows."""
+        if self.rope_type == "dynamic" and rope_seq_lens is not None:
+            rows = self.dynamic_rows(positions, rope_seq_lens)
+            return self.ops.rotary(q, k, torch.arange(positions.shape[0], device=positions.device), rows)
+        return self.ops.rotary(q, k, positions, self.table(positions.device))

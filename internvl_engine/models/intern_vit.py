@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..config import VisionConfig
 from ..layers.linear import PackedLinear
 from ..layers.norm import LayerNorm, RMSNorm, make_norm
@@ -47,15 +46,16 @@ class InternVisionEmbeddings(nn.Module):
 
 
 class InternVisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops):
         super().__init__()
+        self.ops = ops
         c = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         # Checkpoints keep q_proj/k_proj/v_proj (-hf) or a fused qkv (original); both load into this one matmul.
         self.qkv = PackedLinear(c, [c, c, c], ["q_proj", "k_proj", "v_proj"], bias=cfg.attention_bias)
         if cfg.use_qk_norm:  # normalises all heads together, before the head split
-            self.q_norm = RMSNorm(c, cfg.layer_norm_eps)
-            self.k_norm = RMSNorm(c, cfg.layer_norm_eps)
+            self.q_norm = RMSNorm(c, cfg.layer_norm_eps, ops)
+            self.k_norm = RMSNorm(c, cfg.layer_norm_eps, ops)
         self.use_qk_norm = cfg.use_qk_norm
         self.projection_layer = nn.Linear(c, c, bias=True)
 
@@ -66,7 +66,7 @@ class InternVisionAttention(nn.Module):
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())  # norm kernels take dense rows
         heads = (n * length, self.num_heads, self.head_dim)
         cu = torch.arange(0, (n + 1) * length, length, dtype=torch.int32, device=x.device)
-        o = ops.flash_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu, cu, length, length,
+        o = self.ops.flash_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), cu, cu, length, length,
                                 causal=False, scale=self.head_dim ** -0.5)
         return self.projection_layer(o.reshape(n, length, c))
 
@@ -82,12 +82,12 @@ class InternVisionMLP(nn.Module):
 
 
 class InternVisionLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops):
         super().__init__()
-        self.attention = InternVisionAttention(cfg)
+        self.attention = InternVisionAttention(cfg, ops)
         self.mlp = InternVisionMLP(cfg)
-        self.layernorm_before = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps)
-        self.layernorm_after = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps)
+        self.layernorm_before = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps, ops)
+        self.layernorm_after = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps, ops)
         self.lambda_1 = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lambda_2 = nn.Parameter(torch.ones(cfg.hidden_size))
 
@@ -97,20 +97,20 @@ class InternVisionLayer(nn.Module):
 
 
 class InternVisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, ops):
         super().__init__()
-        self.layer = nn.ModuleList(InternVisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layer = nn.ModuleList(InternVisionLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
 
 
 class InternVisionModel(nn.Module):
-    def __init__(self, cfg: VisionConfig, feature_layer: int = -1):
+    def __init__(self, cfg: VisionConfig, feature_layer: int, ops):
         super().__init__()
         self.embeddings = InternVisionEmbeddings(cfg)
-        self.encoder = InternVisionEncoder(cfg)
+        self.encoder = InternVisionEncoder(cfg, ops)
         # feature_layer -k is the output of layer L-k+1; later layers are never run.
         self.num_layers_used = cfg.num_hidden_layers + feature_layer + 1
         if not cfg.use_mean_pooling:
-            self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+            self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, ops)
 
     def forward(self, pixel_values):
         """pixel_values [N, 3, S, S] -> hidden states [N, 1 + (S/14)^2, C] of the selected layer."""

@@ -6,18 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import ops as ops_module
 from ..config import ModelConfig
+from ..layers.attention import AttentionMetadata
 from ..layers.norm import LayerNorm
 from .intern_vit import InternVisionModel
 from .qwen2 import Qwen2Model
 
 
 class InternVLMultiModalProjector(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
         width = cfg.vision.hidden_size * int(1 / cfg.downsample_ratio) ** 2
-        self.layer_norm = LayerNorm(width, eps=1e-5)  # torch's default eps, unlike the tower's 1e-6
+        self.layer_norm = LayerNorm(width, 1e-5, ops)  # torch's default eps, unlike the tower's 1e-6
         self.linear_1 = nn.Linear(width, cfg.text.hidden_size)
         self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
 
@@ -26,12 +27,14 @@ class InternVLMultiModalProjector(nn.Module):
 
 
 class InternVLForConditionalGeneration(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops: ops_module.OpTable | None = None):
+        """ops: the engine's kernel table (default: the caller's current one, torch unless chosen otherwise)."""
         super().__init__()
         self.config = cfg
-        self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer)
-        self.multi_modal_projector = InternVLMultiModalProjector(cfg)
-        self.language_model = Qwen2Model(cfg.text)
+        self.ops = ops = ops or ops_module.current_table()
+        self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer, ops)
+        self.multi_modal_projector = InternVLMultiModalProjector(cfg, ops)
+        self.language_model = Qwen2Model(cfg.text, ops)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     def tie_lm_head(self) -> None:
@@ -41,18 +44,20 @@ class InternVLForConditionalGeneration(nn.Module):
         """pixel_values [N, 3, S, S] -> [N * tokens_per_tile, D] rows in tile order."""
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         states = self.vision_tower(pixel_values.to(dtype))[:, 1:]  # drop CLS
-        features = ops.pixel_shuffle(states.contiguous(), self.config.downsample_ratio)
+        features = self.ops.pixel_shuffle(states.contiguous(), self.config.downsample_ratio)
         return self.multi_modal_projector(features).flatten(0, 1)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+              image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, with image_features [R, D] written over rows image_rows [R] (int64): the positions of
+        the processor's placeholder spans, never a search for the <IMG_CONTEXT> id (a generated one is text)."""
         x = self.language_model.embed_tokens(input_ids)
-        if image_features is not None and image_features.numel():
-            # Image rows overwrite the <IMG_CONTEXT> embeddings in order (the processor guarantees the counts match).
-            x = x.masked_scatter((input_ids == self.config.image_token_id)[:, None], image_features.to(x.dtype))
+        if image_rows is not None and image_rows.numel():
+            x = x.index_copy(0, image_rows, image_features.to(x.dtype))
         return x
 
-    def forward(self, input_ids, positions, image_features=None):
-        return self.language_model(positions, self.embed(input_ids, image_features))
+    def forward(self, input_ids, positions, meta: AttentionMetadata, image_features=None, image_rows=None):
+        return self.language_model(positions, self.embed(input_ids, image_features, image_rows), meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

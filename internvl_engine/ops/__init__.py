@@ -1,7 +1,9 @@
 """The kernel contract: the one place that knows kernels exist (ARCHITECTURE.md, "The kernel contract").
 
-Every op is bound to a backend once (at engine start, or explicitly in tests), never chosen per call inside the
-models: `ops.<name>` calls the bound implementation, after ops.checks has validated its arguments;
+Every op is bound to a backend once per engine, in an OpTable that the engine hands to the model it builds
+(models call `self.ops.<name>`), never chosen per call inside the models and never by rebinding module globals.
+Each bound op validates its arguments (ops.checks) before the kernel runs. `ops.<name>` at module level calls the
+current table of the thread (torch unless use()/use_backend() chose another), for tests and scripts;
 `ops.<name>_ref` is the plain-torch oracle.
 
 Backends: "torch" (torch's own ops, always available), "cpp" (csrc/cpu, CPU tensors), "triton" (kernels/, CUDA
@@ -12,6 +14,7 @@ the default of the device (AUTO): whichever backend the committed kernel benchma
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -37,7 +40,6 @@ AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attent
         # without its per-layer host sync. Paged decode per call: CUDA leads at the 1B shape, Triton at the 2B
         # shape's batch 64; both mostly launch cost, which decode's CUDA graphs remove: Triton's tensor-core kernel
         "cuda": dict.fromkeys(OPS, "cuda") | {"flash_attention": "triton", "paged_attention": "triton"}}
-_active = {"name": None, "binding": {}}
 
 
 def _module(name: str):
@@ -95,42 +97,87 @@ def resolve(name: str, device="cpu") -> dict[str, str]:
     return dict.fromkeys(OPS, name)
 
 
-def bind(binding: dict[str, str], name: str | None = None) -> None:
-    """Bind each op to the backend `binding` names for it (a table from `resolve`); cheap enough to call per step."""
-    g = globals()
-    for op, backend in binding.items():
-        g[op] = _bind(op, backend)
-    if name is None:
-        name = next(iter(binding.values())) if len(set(binding.values())) == 1 else "mixed"
-    _active["name"], _active["binding"] = name, dict(binding)
+class OpTable:
+    """Each op bound to one backend: resolved once from a backend choice and handed to the model an engine builds,
+    so engines on different backends share a process (and threads) without rebinding anything per step."""
+
+    def __init__(self, binding: dict[str, str], name: str | None = None):
+        self.binding = {op: binding[op] for op in OPS}
+        self.name = name or (next(iter(self.binding.values())) if len(set(self.binding.values())) == 1 else "mixed")
+        self.rms_norm = _bind("rms_norm", self.binding["rms_norm"])
+        self.layer_norm = _bind("layer_norm", self.binding["layer_norm"])
+        self.pixel_shuffle = _bind("pixel_shuffle", self.binding["pixel_shuffle"])
+        self.rotary = _bind("rotary", self.binding["rotary"])
+        self.write_kv_cache = _bind("write_kv_cache", self.binding["write_kv_cache"])
+        self.flash_attention = _bind("flash_attention", self.binding["flash_attention"])
+        self.paged_attention = _bind("paged_attention", self.binding["paged_attention"])
+
+    @classmethod
+    def resolve(cls, name: str, device="cpu") -> "OpTable":
+        return cls(resolve(name, device), name)
+
+    def __repr__(self) -> str:
+        return f"OpTable({self.name}: {self.binding})"
+
+
+# The table behind the module-level ops.<name> calls (kernel tests, benchmarks, scripts): per thread and per asyncio
+# task, torch until use()/use_backend() says otherwise. Models never read it; they call the table they were given.
+_current: contextvars.ContextVar[OpTable] = contextvars.ContextVar("internvl_engine_ops")
+_TORCH = OpTable(dict.fromkeys(OPS, "torch"), "torch")
+
+
+def current_table() -> OpTable:
+    return _current.get(_TORCH)
+
+
+class _Dispatch:
+    """ops.<name>(...): the op of current_table()."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.__name__ = self.__qualname__ = op
+
+    def __call__(self, *args, **kwargs):
+        return getattr(current_table(), self.op)(*args, **kwargs)
+
+    @property
+    def backend(self) -> str:
+        return current_table().binding[self.op]
+
+
+rms_norm = _Dispatch("rms_norm")
+layer_norm = _Dispatch("layer_norm")
+pixel_shuffle = _Dispatch("pixel_shuffle")
+rotary = _Dispatch("rotary")
+write_kv_cache = _Dispatch("write_kv_cache")
+flash_attention = _Dispatch("flash_attention")
+paged_attention = _Dispatch("paged_attention")
 
 
 def use(name: str, device="cpu") -> None:
-    """Bind every op to backend `name`, or to the device's defaults with "auto" (process-wide)."""
-    bind(resolve(name, device), name)
+    """Make backend `name` (or the device's defaults with "auto") the current table of this thread / task."""
+    _current.set(OpTable.resolve(name, device))
 
 
 def current_backend() -> str:
-    return _active["name"]
+    return current_table().name
 
 
 def current_binding() -> dict[str, str]:
     """op -> backend actually bound (what "auto" resolved to)."""
-    return dict(_active["binding"])
+    return dict(current_table().binding)
 
 
 @contextlib.contextmanager
 def use_backend(name: str, device="cpu"):
-    previous = dict(_active["binding"]), _active["name"]
-    use(name, device)
+    token = _current.set(OpTable.resolve(name, device))
     try:
-        yield
+        yield current_table()
     finally:
-        bind(*previous)
+        _current.reset(token)
 
 
-use("torch")
 
 __all__ = (list(OPS) + [f"{op}_ref" for op in OPS]
-           + ["use", "bind", "use_backend", "current_backend", "current_binding", "available_backends", "unavailable_reason",
-              "resolve", "BACKENDS"])
+           + ["OpTable", "use", "use_backend", "current_table", "current_backend", "current_binding",
+              "available_backends", "unavailable_reason", "resolve", "BACKENDS"])

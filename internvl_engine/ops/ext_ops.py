@@ -10,7 +10,6 @@ import torch
 
 from .checks import fail
 
-SPLIT_TOKENS = 256  # csrc/cuda/paged_attention.cu kSplitAlign
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -126,10 +125,10 @@ class ExtensionOps:
 
 
 def num_kv_splits(capacity: int) -> int:
-    """Split-KV decode: one split per 256 tokens of block-table capacity (the launcher aligns splits to 256). The
+    """Split-KV decode: one split per PAGED_SPLIT_TOKENS (csrc/ops.h) of block-table capacity. The
     partition depends on neither the batch nor seq_lens (that would need a sync), so a sequence's output is the
     same in any batch; splits past a sequence's length exit at once."""
-    return max(1, -(-capacity // SPLIT_TOKENS))
+    return max(1, -(-capacity // importlib.import_module("internvl_engine._C").PAGED_SPLIT_TOKENS))
 
 
 def _check_cu_seqlens(cu, total, name):

@@ -1,0 +1,106 @@
+"""EngineConfig: every engine setting with its one default, validated once where it is built; LLM, AsyncLLM,
+LLMEngine and the CLI pass it down instead of repeating keyword defaults. Also the resolution of what the settings
+name (device, dtype, checkpoint directory)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import BackendError, CheckpointError, InternVLEngineError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+class EngineConfigError(InternVLEngineError, ValueError):
+    """An engine setting is out of range or of the wrong type."""
+
+
+def _int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise EngineConfigError(f"{name} must be {'None or ' if optional else ''}an integer >= {minimum}, "
+                                f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | os.PathLike                # a checkpoint dir | a hub id ([hub] extra) | "random:<preset>"
+    dtype: str | torch.dtype = "auto"       # auto: fp32 on the CPU, else the checkpoint's dtype (bf16 if unnamed)
+    device: str | torch.device | None = None  # None: cuda when available, else cpu
+    max_model_len: int | None = None        # None: the model's context (RoPE scaling included)
+    seed: int = 0                           # random:<preset> weights
+    block_size: int = 16                    # tokens per KV block
+    backend: str = "auto"                   # kernel backend: auto | torch | cpp | triton | cuda
+    kv_cache_tokens: int | None = None      # KV pool size; None: 16384 on the CPU, gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.9     # share of free device memory the KV pool takes (CUDA)
+    max_num_seqs: int = 64                  # sequences running at once
+    max_num_batched_tokens: int = 8192      # prefill tokens per step (chunked prefill)
+    enable_prefix_caching: bool = True
+    vision_cache_bytes: int | None = None   # projector outputs kept (LRU); None: 256 MiB on CUDA, 64 MiB on the CPU
+    enforce_eager: bool = False             # no CUDA graphs
+    vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
+
+    def __post_init__(self):
+        _int("max_model_len", self.max_model_len, 2, optional=True)
+        _int("seed", self.seed, 0)
+        _int("block_size", self.block_size)
+        _int("max_num_seqs", self.max_num_seqs)
+        _int("max_num_batched_tokens", self.max_num_batched_tokens, self.block_size)
+        _int("kv_cache_tokens", self.kv_cache_tokens, self.block_size, optional=True)
+        _int("vision_cache_bytes", self.vision_cache_bytes, 0, optional=True)
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise EngineConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if not isinstance(self.backend, str):
+            raise EngineConfigError(f"backend must be a string, got {self.backend!r}")
+        if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
+            raise EngineConfigError(f"dtype {self.dtype!r} is not supported; use one of auto, {sorted(DTYPES)}")
+
+    @property
+    def is_random(self) -> bool:
+        return isinstance(self.model, str) and self.model.startswith("random:")
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device} requested but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise BackendError(f"device type {device.type!r} is not supported (cpu, cuda)")
+    return device
+
+
+def resolve_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": fp32 on the CPU (bf16 matmuls are slow there), else the checkpoint's dtype, bf16 if it names none."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def resolve_checkpoint(model: str | os.PathLike) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if isinstance(model, str) and model.count("/") == 1 and not path.exists() and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{model!r} is not a local directory; downloading hub ids needs the `hub` extra "
+                                  "(pip install 'internvl-engine[hub]')") from None
+        try:
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+        except Exception as e:  # network or repository errors, surfaced with the id
+            raise CheckpointError(f"cannot download {model!r} from the hub: {e}") from None
+    raise CheckpointError(f"{model}: checkpoint directory not found")

@@ -1,0 +1,86 @@
+"""StepInput: one forward pass as plain data (token ids, positions, cache slots, block tables, lengths, image
+features and where they go), with no Sequence, tokenizer or generator in it. The runner executes it; a
+tensor-parallel worker on another rank will receive exactly this. The builders here turn the scheduler's choice
+into one, reading block tables from their one owner, the BlockManager."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .sequence import Sequence
+
+
+@dataclass
+class StepInput:
+    is_prefill: bool
+    input_ids: list[int]                      # packed over the step's sequences
+    positions: list[int]
+    slots: list[int]                          # KV-cache slot of each token (block * block_size + offset)
+    query_lens: list[int]                     # tokens of each sequence in this step (1 in decode)
+    key_lens: list[int]                       # keys each sequence attends to (decode: its length)
+    seq_lens: list[int]                       # each sequence's whole length (dynamic-NTK RoPE)
+    logits_rows: list[int] | None = None      # rows whose logits are wanted (None: every row)
+    block_tables: list[list[int]] | None = None  # decode: one row per sequence, padded with block 0
+    gather_slots: list[int] | None = None     # prefill after a cached prefix / earlier chunk: slots of keys [0, end)
+    image_features: torch.Tensor | None = None  # [R, D] projector rows of the placeholders in this step
+    image_rows: list[int] | None = None       # their rows in input_ids
+    write_cache: bool = True                  # False: a forward that reads and writes no cache (prompt logits)
+
+
+def _slots(table: list[int], block_size: int, start: int, end: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def image_rows(seq: Sequence, start: int, end: int, base: int) -> list[int]:
+    """Rows (offset by `base`) of seq's placeholder positions inside [start, end), in span order."""
+    rows: list[int] = []
+    for sp in seq.media:
+        lo, hi = max(start, sp.start), min(end, sp.end)
+        rows += range(base + lo - start, base + hi - start)
+    return rows
+
+
+def prefill_input(chunks: list[tuple[Sequence, int, int]], bm: BlockManager,
+                  features: list[torch.Tensor | None]) -> StepInput:
+    """Chunks [start, end) of sequences' token lists in one packed prefill; features[i] holds the projector rows of
+    the placeholders inside chunk i (or None). Logits are wanted for the chunks that end their token list."""
+    bs = bm.block_size
+    prefix = any(start > 0 for _, start, _ in chunks)
+    step = StepInput(True, [], [], [], [], [], [], logits_rows=[], gather_slots=[] if prefix else None, image_rows=[])
+    for s, start, end in chunks:
+        toks, table, base = s.token_ids, bm.block_table(s.request_id), len(step.input_ids)
+        step.input_ids += toks[start:end]
+        step.positions += range(start, end)
+        step.slots += _slots(table, bs, start, end)
+        if prefix:
+            step.gather_slots += _slots(table, bs, 0, end)
+        step.query_lens.append(end - start)
+        step.key_lens.append(end if prefix else end - start)
+        step.seq_lens.append(len(toks))
+        step.image_rows += image_rows(s, start, end, base)
+        if end == len(toks):
+            step.logits_rows.append(len(step.input_ids) - 1)
+    feats = [f for f in features if f is not None and f.numel()]
+    step.image_features = torch.cat(feats) if feats else None
+    return step
+
+
+def decode_input(seqs: list[Sequence], bm: BlockManager) -> StepInput:
+    """One new token per sequence: its last sampled token at position len - 1."""
+    bs = bm.block_size
+    lens = [s.num_tokens for s in seqs]
+    width = -(-max(lens) // bs)
+    tables = [bm.block_table(s.request_id) for s in seqs]
+    return StepInput(False, [s.output_ids[-1] for s in seqs], [n - 1 for n in lens],
+                     [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)], [1] * len(seqs), lens, lens,
+                     block_tables=[t[:width] + [0] * (width - len(t)) for t in tables])
+
+
+def prompt_input(prompt_ids: list[int], spans, features: torch.Tensor | None) -> StepInput:
+    """Every position of one prompt, no cache: the forward behind prompt_logits."""
+    n = len(prompt_ids)
+    rows = [p for sp in spans for p in range(sp.start, sp.end)]
+    return StepInput(True, list(prompt_ids), list(range(n)), [], [n], [n], [n], image_features=features,
+                     image_rows=rows, write_cache=False)
