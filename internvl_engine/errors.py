@@ -36,3 +36,32 @@ class BackendError(InternVLEngineError, RuntimeError):
 
 class KernelInputError(InternVLEngineError, ValueError):
     """A tensor passed to a kernel op has the wrong device, dtype, shape or layout (raised before any kernel runs)."""
+
+
+class RequestFailedError(InternVLEngineError, RuntimeError):
+    """One request failed while it ran (vision, prefill, decode, sampling, detokenising, delivery); the engine
+    finished it with finish_reason="error" and kept serving the others. `stage` names where, `__cause__` what."""
+
+    def __init__(self, request_id: str, stage: str, cause: BaseException):
+        super().__init__(f"request {request_id} failed in stage {stage!r}: {type(cause).__name__}: {cause}")
+        self.request_id, self.stage = request_id, stage
+        self.__cause__ = cause
+
+
+class EngineDeadError(InternVLEngineError, RuntimeError):
+    """The engine hit a fault it cannot recover from (a sticky device error, a dead worker, its loop thread
+    died): every pending and later call raises this at once; check_health() says why. Restart the process."""
+
+
+class MediaPolicyError(InternVLEngineError, ValueError):
+    """Media refused by the processor's media policy (processor.media_policy): a local file where local files are
+    refused or outside the allowed root, a URL (or a redirect) to a host or scheme the policy does not allow, a
+    request over a count limit. The message names the limit (media_policy.<field>)."""
+
+
+class MediaTooLargeError(MediaPolicyError):
+    """A download, a data: URI or an image's pixel count is over the media policy's cap."""
+
+
+class MediaTimeoutError(MediaPolicyError):
+    """Fetching a media URL took longer than the media policy's fetch_timeout_s."""
