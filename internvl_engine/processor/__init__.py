@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+import PIL.Image
 import torch
 
 from ..constants import IMAGE_SEQ_LENGTH, MAX_TILES, MIN_TILES, TILE_SIZE
-from ..errors import CheckpointError, ImageError, PromptError, VideoError
+from ..errors import CheckpointError, ImageError, MediaPolicyError, PromptError, VideoError
 from .files import read_processor_settings
 from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_grids_u8, load_image, normalize_grids,
-                     preprocess_image, to_rgb_array, validate_tile_limits)
+                     num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
+from .media import MediaPolicy
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
 from .video import load_video, normalize_frames, preprocess_video, sample_frame_indices, video_frames_u8
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Encoding",
+    "MediaPolicy",
     "Processor",
     "Tokenizer",
     "IncrementalDetokenizer",
@@ -83,10 +86,16 @@ class Processor:
         video_std=None,
         model_config: "ModelConfig | None" = None,
         origin: Mapping[str, str] | None = None,
+        media_policy: MediaPolicy | None = None,
     ):
-        """origin: where each given setting came from ("tile_size" -> a file name ...), for error messages."""
+        """origin: where each given setting came from ("tile_size" -> a file name ...), for error messages.
+        media_policy: what media may be read and how much (None: MediaPolicy(), which trusts the caller); kept as
+        the plain attribute `media_policy`, read at each call, which an owner (the engine) may replace."""
         m = model_config
         self.tokenizer = tokenizer
+        if media_policy is not None and not isinstance(media_policy, MediaPolicy):
+            raise MediaPolicyError(f"media_policy must be a MediaPolicy, got {type(media_policy).__name__}")
+        self.media_policy = media_policy if media_policy is not None else MediaPolicy()
         self.template = ChatTemplate(chat_template)
         self.model_config = m
         # each setting: as given, else as the model says, else the InternVL3 default
@@ -140,6 +149,7 @@ class Processor:
         tile_size: int | None = None,
         *,
         model_config: "ModelConfig | None" = None,
+        media_policy: MediaPolicy | None = None,
         **kwargs,
     ) -> "Processor":
         """Settings left None follow model_config when given, else the InternVL3 defaults (constants)."""
@@ -147,10 +157,11 @@ class Processor:
             tokenizer_json = build_internvl3_tokenizer_json()
         tok = tokenizer_json if isinstance(tokenizer_json, Tokenizer) else Tokenizer(tokenizer_json)
         return cls(tok, chat_template, image_seq_length=image_seq_length, tile_size=tile_size,
-                   model_config=model_config, **kwargs)
+                   model_config=model_config, media_policy=media_policy, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, *, model_config: "ModelConfig | None" = None) -> "Processor":
+    def from_pretrained(cls, path, *, model_config: "ModelConfig | None" = None,
+                        media_policy: MediaPolicy | None = None) -> "Processor":
         """From a checkpoint directory's tokenizer, chat template and processor files (every form
         read_processor_settings knows). With model_config (the same checkpoint's ModelConfig), what the files
         leave out follows the model, and what they state must agree with it."""
@@ -162,7 +173,8 @@ class Processor:
         tokenizer = Tokenizer(tok_path, model_max_length=s.model_max_length)
         settings = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("model_max_length", "where")}
         origin = {**s.where, "image_token_id": str(tok_path)}
-        return cls(tokenizer, load_chat_template(d), model_config=model_config, origin=origin, **settings)
+        return cls(tokenizer, load_chat_template(d), model_config=model_config, origin=origin,
+                   media_policy=media_policy, **settings)
 
     # ---------------------------------------------------------------- prompt
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
@@ -237,9 +249,24 @@ class Processor:
             )
 
     def _load(self, images: list, videos: list, min_t: int, max_t: int, num_frames: int | None):
-        """([(float32 tiles, digest)] per image, [(float32 frames, digest per frame)] per video), in order."""
-        image_tiles = [self._image_tiles(i, src, min_t, max_t) for i, src in enumerate(images)]
-        video_frames = [self._video_frames(i, src, num_frames) for i, src in enumerate(videos)]
+        """([(float32 tiles, digest)] per image, [(float32 frames, digest per frame)] per video), in order, under
+        the media policy: counts refused before any medium is read, tiles and frames as each medium's are known."""
+        policy = self.media_policy
+        policy.check_image_count(len(images))
+        # every image makes at least one tile (min_t + 1 with its thumbnail when min_t > 1)
+        policy.check_tiles(len(images) * (1 if max_t <= 1 or min_t <= 1 else min_t + 1),
+                           f"{_plural(len(images), 'image')} make at least")
+        if num_frames is not None:  # each video then keeps exactly num_frames (or fails)
+            policy.check_video_frames(len(videos) * num_frames,
+                                      f"{_plural(len(videos), 'video')} of num_frames={num_frames} make")
+        image_tiles, tiles = [], 0
+        for i, src in enumerate(images):
+            image_tiles.append(self._image_tiles(i, src, min_t, max_t, tiles))
+            tiles += image_tiles[-1][0].shape[0]
+        video_frames, frames = [], 0
+        for i, src in enumerate(videos):
+            video_frames.append(self._video_frames(i, src, num_frames, frames))
+            frames += video_frames[-1][0].shape[0]
         return image_tiles, video_frames
 
     def _expand(self, prompt: str, image_tiles: list[tuple[torch.Tensor, bytes]],
@@ -315,24 +342,46 @@ class Processor:
             )
         return given
 
-    def _image_tiles(self, index: int, source, min_t: int, max_t: int) -> tuple[torch.Tensor, bytes]:
-        """(float32 tiles, content digest of the image's uint8 tiles)."""
+    def _image_tiles(self, index: int, source, min_t: int, max_t: int, tiles_before: int = 0
+                     ) -> tuple[torch.Tensor, bytes]:
+        """(float32 tiles, content digest of the image's uint8 tiles); its tiles counted against the media policy
+        (with tiles_before already in the request) before any resizing."""
+        policy = self.media_policy
         try:
-            grids = image_grids_u8(source, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
-        except ImageError as e:
-            raise ImageError(f"image {index}: {e}") from e
+            image = load_image(source, policy) if isinstance(source, (str, Path)) else source
+            size = _image_size(image)
+            if size is not None:
+                n = num_tiles(*size, min_t, max_t, self.tile_size)
+                policy.check_tiles(tiles_before + n, f"its {n} tiles bring the request to")
+            grids = image_grids_u8(image, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
+        except (ImageError, MediaPolicyError) as e:
+            raise type(e)(f"image {index}: {e}") from e
         digest = content_digest(grids, tuple(self.image_mean), tuple(self.image_std))
         return torch.from_numpy(normalize_grids(grids, self.tile_size, self.image_mean, self.image_std)), digest
 
-    def _video_frames(self, index: int, source, num_frames: int | None) -> tuple[torch.Tensor, list[bytes]]:
-        """(float32 frames, content digest of each uint8 frame)."""
+    def _video_frames(self, index: int, source, num_frames: int | None, frames_before: int = 0
+                      ) -> tuple[torch.Tensor, list[bytes]]:
+        """(float32 frames, content digest of each uint8 frame); only the sampled frames are decoded into memory,
+        after their count passed the media policy."""
+        policy = self.media_policy
         try:
-            frames = load_video(source)
-            if num_frames is not None:
-                frames = [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
+            frames = load_video(source, num_frames, policy=policy,
+                                on_frames=lambda n: policy.check_video_frames(
+                                    frames_before + n, f"its {n} frames bring the request to"))
             u8 = video_frames_u8(frames, size=self.video_size)
-        except VideoError as e:
-            raise VideoError(f"video {index}: {e}") from e
+        except (VideoError, MediaPolicyError) as e:
+            raise type(e)(f"video {index}: {e}") from e
         params = (tuple(self.video_mean), tuple(self.video_std))
         digests = [content_digest(f.numpy(), *params) for f in u8]
         return normalize_frames(u8, self.video_mean, self.video_std), digests
+
+
+def _image_size(image) -> tuple[int, int] | None:
+    """(width, height) of a loaded image or a valid array; None when image_grids_u8 is to report the problem."""
+    if isinstance(image, PIL.Image.Image):
+        w, h = image.size
+    elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        h, w = image.shape[:2]
+    else:
+        return None
+    return (w, h) if w > 0 and h > 0 else None

@@ -9,8 +9,8 @@ import binascii
 import io
 import math
 import os
+import re
 import threading
-import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
@@ -24,11 +24,13 @@ import torch
 
 from ..constants import MAX_TILES, MIN_TILES, TILE_SIZE
 from ..errors import ImageError, PromptError
+from .media import MediaPolicy, fetch_url
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TILES_LIMIT = 64
-URL_TIMEOUT_S = 10.0
+URL_TIMEOUT_S = 10.0  # the default MediaPolicy.fetch_timeout_s
+DEFAULT_POLICY = MediaPolicy()  # the Python API's: trusts its caller (any local file, any host, no caps)
 
 
 def describe_source(source, limit: int = 80) -> str:
@@ -45,11 +47,16 @@ def describe_source(source, limit: int = 80) -> str:
     return f"object of type {type(source).__name__}"
 
 
-def _open_bytes(data: bytes, name: str) -> PIL.Image.Image:
+def _open_bytes(data: bytes, name: str, policy: MediaPolicy | None = None) -> PIL.Image.Image:
     try:
         img = PIL.Image.open(io.BytesIO(data))
-        img.load()  # force full decode so truncated files fail here
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    if policy is not None:
+        policy.check_pixels(img.width, img.height, f"image {name}")  # from the header, before decoding
+    try:
+        img.load()  # force full decode so truncated files fail here
+    except Exception as e:
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
     return img
 
@@ -82,8 +89,12 @@ def check_array(arr: np.ndarray, name: str | None = None) -> np.ndarray:
     return arr
 
 
-def load_image(source) -> PIL.Image.Image:
-    """PIL image from a PIL image, uint8 array, path, file:// URI, data: URI or http(s) URL (mode kept)."""
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def load_image(source, policy: MediaPolicy | None = None) -> PIL.Image.Image:
+    """PIL image from a PIL image, uint8 array, path, file:// URI, data: URI or http(s) URL (mode kept). Paths, URLs
+    and data: URIs meet the media policy (None: the default, permissive one) before any of their bytes is read."""
     if isinstance(source, PIL.Image.Image):
         _check_size(source, describe_source(source))
         return source
@@ -98,8 +109,10 @@ def load_image(source) -> PIL.Image.Image:
         raise ImageError(
             f"unsupported image source {describe_source(source)}: expected a PIL image, uint8 array, path or URL"
         )
+    policy = policy or DEFAULT_POLICY
     name = describe_source(source)
     if source.startswith("data:"):
+        policy.check_data_uri(source, "data: URI")
         head, sep, payload = source.partition(",")
         if not sep or ";base64" not in head:
             raise ImageError(f"image data URI {name} is not of the form data:image/...;base64,<data>")
@@ -107,22 +120,18 @@ def load_image(source) -> PIL.Image.Image:
             data = base64.b64decode(payload, validate=False)
         except (binascii.Error, ValueError) as e:
             raise ImageError(f"image data URI {name} has invalid base64: {e}") from e
-        return _finish(_open_bytes(data, name), name)
-    if source.startswith(("http://", "https://")):
-        try:
-            req = urllib.request.Request(source, headers={"User-Agent": "internvl_engine"})
-            with urllib.request.urlopen(req, timeout=URL_TIMEOUT_S) as resp:
-                data = resp.read()
-        except urllib.error.HTTPError as e:
-            raise ImageError(f"cannot fetch image URL {name}: HTTP {e.code} {e.reason}") from e
-        except urllib.error.URLError as e:
-            raise ImageError(f"cannot fetch image URL {name}: {e.reason}") from e
-        except Exception as e:  # timeouts, connection resets
-            raise ImageError(f"cannot fetch image URL {name}: {type(e).__name__}: {e}") from e
-        return _finish(_open_bytes(data, name), name)
+        return _finish(_open_bytes(data, name, policy), name)
+    scheme = _SCHEME.match(source)
+    scheme = scheme.group(1).lower() if scheme else None
+    if scheme in ("http", "https"):
+        return _finish(_open_bytes(fetch_url(source, policy, f"image URL {name}"), name, policy), name)
+    if scheme not in (None, "file"):
+        raise ImageError(f"unsupported image source {name}: URL scheme {scheme!r} (http, https, file and data "
+                         f"are read)")
     path = source
-    if source.startswith("file://"):
+    if scheme == "file":
         path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+    path = policy.local_path(path, f"image file {name}")  # before opening it, or saying whether it exists
     if not os.path.exists(path):
         raise ImageError(f"image file not found: {name}")
     if not os.path.isfile(path):
@@ -132,7 +141,7 @@ def load_image(source) -> PIL.Image.Image:
             data = f.read()
     except OSError as e:
         raise ImageError(f"cannot read image file {name}: {e}") from e
-    return _finish(_open_bytes(data, name), name)
+    return _finish(_open_bytes(data, name, policy), name)
 
 
 def to_rgb_array(image) -> np.ndarray:

@@ -13,63 +13,136 @@ import PIL.Image
 import torch
 
 from ..constants import TILE_SIZE
-from ..errors import ImageError, VideoError
-from .images import IMAGENET_MEAN, IMAGENET_STD, describe_source, load_image, to_rgb_array
+from ..errors import ImageError, MediaPolicyError, VideoError
+from .images import DEFAULT_POLICY, IMAGENET_MEAN, IMAGENET_STD, describe_source, load_image, to_rgb_array
+from .media import MediaPolicy
 
 
-def _decode_file(path: str, name: str) -> list[np.ndarray]:
+def _import_av(name: str):
     try:
         import av
     except ImportError as e:
         raise VideoError(
             f"decoding video {name} needs PyAV: pip install av (or install internvl_engine with the `video` extra)"
         ) from e
+    return av
+
+
+def _frame_to_rgb(frame) -> np.ndarray:
+    """A decoded frame as uint8 HxWx3: the one place a video frame becomes an array."""
+    return frame.to_ndarray(format="rgb24")
+
+
+def _container_frame_count(av, path: str, name: str) -> int:
+    """The first video stream's frame count as the container states it; 0 when it does not."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"video {name} has no video stream")
+        return int(container.streams.video[0].frames or 0)
+
+
+def _decode(av, path: str, keep, on_kept=None) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the whole stream, converting and holding only the frames keep(index) selects (the others are
+    dropped as they come); ({index: frame}, frames decoded). on_kept(count) after each frame kept."""
+    kept: dict[int, np.ndarray] = {}
+    n = 0
+    with av.open(path) as container:
+        for frame in container.decode(container.streams.video[0]):
+            if keep(n):
+                kept[n] = _frame_to_rgb(frame)
+                if on_kept is not None:
+                    on_kept(len(kept))
+            n += 1
+    return kept, n
+
+
+def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=None) -> list[np.ndarray]:
+    """The frames load_video returns for a file, decoded as a stream. With num_frames, only the frames
+    sample_frame_indices picks from the total are converted and kept, so the result equals sampling the list of
+    every decoded frame (the total is the container's count, or a first pass's when it states none, and is
+    checked against the frames actually decoded: a wrong count means one more pass with the true one)."""
+    av = _import_av(name)
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoError(f"video {name} has no video stream")
-            stream = container.streams.video[0]
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    except VideoError:
+        total = _container_frame_count(av, path, name)
+        if num_frames is None:
+            if on_frames is None:  # nothing to check first: one pass, as before
+                kept, n = _decode(av, path, lambda i: True)
+                return [kept[i] for i in range(n)]
+            total = total or _decode(av, path, lambda i: False)[1]
+            if total:
+                on_frames(total)
+            # a container that under-counts is caught as its extra frames arrive
+            kept, n = _decode(av, path, lambda i: True, lambda k: k > total and on_frames(k))
+            return [kept[i] for i in range(n)]
+        total = total or _decode(av, path, lambda i: False)[1]
+        for _attempt in range(2):
+            if total == 0:
+                raise VideoError(f"video {name} has no frames")
+            idx = sample_frame_indices(total, num_frames)
+            if on_frames is not None:
+                on_frames(len(idx))
+            kept, n = _decode(av, path, set(idx).__contains__)
+            if n == total:
+                return [kept[i] for i in idx]
+            total = n  # the container's count was wrong: sample from what decoding gives
+        raise VideoError(f"video {name} decoded to a different number of frames on each pass")
+    except (VideoError, MediaPolicyError):
         raise
     except Exception as e:
         raise VideoError(f"cannot decode video {name}: {type(e).__name__}: {e}") from e
-    return frames
 
 
-def load_video(source) -> list[np.ndarray]:
-    """List of uint8 HxWx3 RGB frames from a path/file:// URI, a list of frames, or a uint8 [F,H,W,C] array."""
+def _select(total: int, num_frames: int | None, name: str, on_frames) -> list[int]:
+    """Indices of the frames used (all, or those sampled), checked by on_frames before any is loaded."""
+    if total == 0:
+        raise VideoError(f"video {name} has no frames")
+    idx = list(range(total)) if num_frames is None else sample_frame_indices(total, num_frames)
+    if on_frames is not None:
+        on_frames(len(idx))
+    return idx
+
+
+def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | None = None,
+               on_frames=None) -> list[np.ndarray]:
+    """uint8 HxWx3 RGB frames from a path/file:// URI, a list of frames (arrays, images or image sources), or a
+    uint8 [F,H,W,C] array: every frame, or with num_frames the ones sample_frame_indices picks (only those are
+    converted, loaded or kept). policy: the media policy for paths and for the frames' sources (None: the
+    default, permissive one). on_frames(count): called with the number of frames to be kept before any is
+    loaded (and again if decoding finds more than the container said); it may raise to refuse them."""
     name = describe_source(source)
     if isinstance(source, (list, tuple)):
         name = f"(list of {len(source)} frames)"
     if isinstance(source, Path):
         source = str(source)
+    policy = policy or DEFAULT_POLICY
     if isinstance(source, str):
         path = source
         if source.startswith("file://"):
             path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
-        elif "://" in source:
+        elif "://" in source or source.startswith("data:"):
             raise VideoError(f"unsupported video source {name}: only local paths and file:// URIs are supported")
+        path = policy.local_path(path, f"video file {name}")
         if not os.path.isfile(path):
             raise VideoError(f"video file not found: {name}")
-        frames = _decode_file(path, name)
+        frames = _decode_file(path, name, num_frames, on_frames)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] not in (1, 3, 4):
             raise VideoError(f"video {name}: expected a uint8 array [frames, height, width, channels]")
         frames = []
-        for i, fr in enumerate(source):
+        for i in _select(len(source), num_frames, name, on_frames):
             try:
-                frames.append(to_rgb_array(fr))
+                frames.append(to_rgb_array(source[i]))
             except ImageError as e:
                 raise VideoError(f"video {name}, frame {i}: {e}") from e
     elif isinstance(source, (list, tuple)):
         frames = []
-        for i, fr in enumerate(source):
+        for i in _select(len(source), num_frames, name, on_frames):
+            fr = source[i]
             try:
-                img = fr if isinstance(fr, np.ndarray) else load_image(fr)
+                img = fr if isinstance(fr, np.ndarray) else load_image(fr, policy)
                 frames.append(to_rgb_array(img))
-            except ImageError as e:
-                raise VideoError(f"video frame {i}: {e}") from e
+            except (ImageError, MediaPolicyError) as e:
+                raise (VideoError if isinstance(e, ImageError) else type(e))(f"video frame {i}: {e}") from e
     else:
         raise VideoError(f"unsupported video source {name}: expected a path, a list of frames or a uint8 array")
     if not frames:
