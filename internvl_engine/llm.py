@@ -123,7 +123,9 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """One conversation or a list of them -> one RequestOutput each, in order."""
+        """One conversation or a list of them -> one RequestOutput each, in order. Bad input raises before anything
+        runs; a request that fails while running comes back with finish_reason "error" and `.error`, and the others
+        are unaffected."""
         seqs = self._sequences(conversations, params)
         for _ in self._run(seqs):
             pass
@@ -148,6 +150,8 @@ class LLM:
             if len(seq.text) > sent:  # the step that finished it may have been another caller's
                 yield seq.text[sent:]
             stream.output = self.engine.output(seq)
+            if seq.error is not None:  # it failed while running: RequestFailedError naming the stage
+                raise seq.error
 
         stream = TextStream(steps())
         return stream

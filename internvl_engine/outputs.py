@@ -36,10 +36,11 @@ class RequestOutput:
     token_ids: list[int]
     prompt_token_ids: list[int]
     finish_reason: str | None            # "stop" (eos or a stop token), "length" (max_tokens or context),
-                                         # "abort" (LLMEngine.abort), None while running
+                                         # "abort" (LLMEngine.abort), "error" (see .error), None while running
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     logits: torch.Tensor | None = None   # [generated, vocab] fp32, when SamplingParams.return_logits
     delta: str = ""                      # text newly detokenized by the step that produced this output
+    error: Exception | None = None       # with finish_reason "error": a RequestFailedError naming stage and cause
 
     @property
     def finished(self) -> bool:

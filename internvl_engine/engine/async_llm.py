@@ -17,12 +17,16 @@ import uuid
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable
 
+from ..errors import EngineDeadError, PromptError, RequestFailedError
 from ..outputs import RequestOutput
 from .llm_engine import LLMEngine
 
 
 class _EngineLoop:
-    """Steps the engine on one daemon thread while any request is unfinished; sleeps otherwise."""
+    """Steps the engine on one daemon thread while any request is unfinished; sleeps otherwise. Nothing a caller
+    hands over (a cancelled future, a closed event loop, a consumer that raises) can raise inside this thread: a
+    delivery that fails aborts that request alone. Only an engine death ends the loop, failing every request in
+    flight with EngineDeadError."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -34,10 +38,15 @@ class _EngineLoop:
         self._thread = threading.Thread(target=self._run, name="internvl-engine-loop", daemon=True)
         self._thread.start()
 
+    def check_health(self) -> None:
+        self.engine.check_health()
+        if not self._thread.is_alive() and not self._stopped:
+            raise EngineDeadError("the engine loop thread is not running")
+
     def add(self, request_id: str, conversation, params, sink) -> None:
+        self.check_health()
         with self._lock:
             if request_id in self._sinks:
-                from ..errors import PromptError
                 raise PromptError(f"request id {request_id!r} is already in flight")
             self._sinks[request_id] = sink
         try:
@@ -54,13 +63,33 @@ class _EngineLoop:
         self._wake.set()
         return aborted
 
-    def _deliver(self, out) -> None:
+    def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
             sink = self._sinks.get(out.request_id)
             if sink is not None and out.finished:
                 del self._sinks[out.request_id]
-        if sink is not None:
+        if sink is None:
+            return
+        try:
+            self.engine.faults.check("deliver", (out.request_id,))
             sink(out)
+        except Exception as e:  # the consumer is gone or broken: that request ends, nothing else notices
+            with self._lock:
+                self._sinks.pop(out.request_id, None)
+            self.engine.abort(out.request_id)
+            try:  # tell the consumer, if it can still hear
+                sink(RequestFailedError(out.request_id, "deliver", e))
+            except Exception:
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            sinks, self._sinks = list(self._sinks.values()), {}
+        for sink in sinks:
+            try:
+                sink(error)
+            except Exception:  # a consumer that cannot take it is gone anyway
+                pass
 
     def _run(self) -> None:
         while not self._stopped:
@@ -71,12 +100,12 @@ class _EngineLoop:
             self._poke = False
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # an engine fault fails every request in flight, never silently
-                with self._lock:
-                    sinks, self._sinks = list(self._sinks.values()), {}
-                for sink in sinks:
-                    sink(e)
-                continue
+            except EngineDeadError as e:
+                self._fail_all(e)
+                return
+            except BaseException as e:  # a fault outside any request's stages: the engine cannot vouch for itself
+                self._fail_all(self.engine._die(f"engine loop: {type(e).__name__}: {e}"))
+                return
             for out in outputs:
                 self._deliver(out)
 
@@ -87,20 +116,26 @@ class _EngineLoop:
 
 
 class AsyncLLM:
-    """`AsyncLLM(model, **engine_args)` takes LLMEngine's arguments (dtype, device, backend, kv_cache_tokens, ...)."""
+    """`AsyncLLM(model, **settings)` takes LLMEngine's arguments (EngineConfig: dtype, device, backend, ...)."""
 
     def __init__(self, model, **engine_args):
         self.engine = LLMEngine(model, **engine_args)
         self._loop = _EngineLoop(self.engine)
 
+    def check_health(self) -> None:
+        """Raises EngineDeadError (saying why) once the engine or its loop thread is dead."""
+        self._loop.check_health()
+
     async def generate(self, conversation, params=None, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
+        """RequestOutput snapshots of one request; a request that fails while running raises its
+        RequestFailedError here, a dead engine EngineDeadError."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         request_id = request_id or uuid.uuid4().hex
 
         def sink(item):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, item)  # raises once the loop is closed: the request ends
 
         self._loop.add(request_id, conversation, params, sink)
         finished = False
@@ -108,24 +143,38 @@ class AsyncLLM:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise item.error
                 yield item
         finally:
             if not finished:  # cancelled, or the consumer stopped iterating
                 self._loop.abort(request_id)
 
     def submit(self, conversation, params=None, request_id: str | None = None) -> Future:
-        """Thread-friendly: a Future of the final RequestOutput."""
+        """Thread-friendly: a Future of the final RequestOutput (its exception: the request's error). Cancelling
+        the future aborts the request."""
         future: Future = Future()
+        request_id = request_id or uuid.uuid4().hex
 
         def sink(item):
+            if future.done():
+                return
             if isinstance(item, BaseException):
                 future.set_exception(item)
+            elif item.error is not None:
+                future.set_exception(item.error)
             elif item.finished:
                 future.set_result(item)
 
-        self._loop.add(request_id or uuid.uuid4().hex, conversation, params, sink)
+        def on_done(f):
+            if f.cancelled():
+                self._loop.abort(request_id)
+
+        self._loop.add(request_id, conversation, params, sink)
+        future.add_done_callback(on_done)
         return future
 
     def abort(self, request_id: str) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import fields
 import torch
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, InternVLEngineError, PromptError
+from ..errors import CheckpointError, EngineDeadError, InternVLEngineError, PromptError, RequestFailedError
 from ..loader import load_weights
 from ..models.internvl import InternVLForConditionalGeneration
 from ..ops import OpTable
@@ -29,6 +29,7 @@ from ..processor import Processor
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import Sampler, SamplingParams
 from .block_manager import BlockManager, MediaSpan, media_key
+from .faults import FaultInjector, InjectedFatalFault
 from .config import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
@@ -85,6 +86,11 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._lock = threading.RLock()  # re-entrant: an abandoned stream may be collected (and abort) inside step()
+        self.faults = FaultInjector()   # the fault-injection test hook (faults.py); empty in service
+        self._stage = ""                # what the current step is doing, named in a failed request's error
+        self._dead: str | None = None   # why the engine died (EngineDeadError from then on)
+        self.num_request_errors = 0     # requests finished with "error" while running
+        self.num_isolation_splits = 0   # failed steps rerun in halves to find the failing requests
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -134,6 +140,33 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    # ------------------------------------------------------------------ health
+    def check_health(self) -> None:
+        """Raises EngineDeadError, saying why, once the engine has hit a fault it cannot recover from."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self._dead}")
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    def inject_fault(self, request_id: str, stage: str, error: BaseException | None = None, times: int | None = None,
+                     fatal: bool = False) -> None:
+        """Test hook: raise `error` (default: faults.InjectedFault) whenever a step reaches `stage` for `request_id`
+        (stages in faults.STAGES; at most `times` times); fatal=True makes it a fault the engine cannot recover
+        from."""
+        self.faults.add(request_id, stage, error, times, fatal)
+
+    def _die(self, why: str) -> EngineDeadError:
+        """Mark the engine dead and finish every request it holds with the error; the error to raise."""
+        self._dead = why
+        dead = EngineDeadError(f"the engine is dead: {why}")
+        for s in list(self._requests.values()):
+            s.finish_reason, s.error = "error", dead
+            self.scheduler.remove(s)
+        self._requests.clear()
+        return dead
+
     # ------------------------------------------------------------------ requests
     def _encode(self, conversation, params: SamplingParams, add_generation_prompt: bool = True):
         kwargs = dict(max_num_tiles=params.max_num_tiles, num_frames=params.num_frames)
@@ -181,6 +214,8 @@ class LLMEngine:
                       add_generation_prompt: bool = True, check_capacity: bool = True) -> Sequence:
         """Preprocess and validate one request (typed errors, nothing changes in the engine)."""
         t0 = time.perf_counter()
+        self.check_health()
+        self.faults.check("preprocess", (request_id,))
         try:
             enc = self._encode(conversation, params, add_generation_prompt)
         except InternVLEngineError as e:  # name the request: in a batch, "image 0" alone is ambiguous
@@ -203,6 +238,7 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         with self._lock:
+            self.check_health()
             if seq.request_id in self._requests:
                 raise DuplicateRequestError(f"request id {seq.request_id!r} is already in the engine")
             self._requests[seq.request_id] = seq
@@ -246,21 +282,56 @@ class LLMEngine:
         seq = self.make_sequence(f"prompt-logits-{uuid.uuid4().hex[:8]}", conversation, params, time.perf_counter(),
                                  "request 0", add_generation_prompt, check_capacity=False)
         with self._lock:
+            self.check_health()
             feats = self.runner.vision(seq.pixel_values) if seq.media else None
             return self.runner.execute(prompt_input(seq.prompt_ids, seq.media, feats)).cpu()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         with self._lock:
+            self.check_health()
             outputs = [self.output(s) for s in self._aborted]
             self._aborted.clear()
             sched = self._schedule()
             if sched.empty:
                 return outputs
-            sampled = self.scheduler.sampling(sched)
+            return outputs + self._run(sched)
+
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """Execute, postprocess and emit a scheduled step. When it raises, its requests run again in halves until a
+        failure is down to one request, which alone finishes with an error; the others' tokens do not depend on
+        what they are batched with, so they come out as they would have without it."""
+        sampled = self.scheduler.sampling(sched)
+        try:
             tokens, logits = self._execute(sched, sampled)
-            self.scheduler.postprocess(sched, sampled, tokens)
-            return outputs + [self._emit(s, logits, k) for k, s in enumerate(sampled)]
+        except Exception as e:
+            self._raise_if_fatal(e)
+            if len(sched.sequences) == 1:
+                return [self._fail(sched.sequences[0], self._stage, e)]
+            self.num_isolation_splits += 1
+            return [o for part in sched.halves() for o in self._run(part)]
+        self.scheduler.postprocess(sched, sampled, tokens)
+        return [self._emit_or_fail(s, logits, k) for k, s in enumerate(sampled)]
+
+    def _raise_if_fatal(self, e: Exception) -> None:
+        """A fault no rerun can survive (a sticky device error, an injected fatal one) kills the engine."""
+        fatal = e if isinstance(e, InjectedFatalFault) else None
+        if fatal is None and self.device.type == "cuda":
+            try:  # a sticky CUDA error poisons the context: every later call on the device fails too
+                torch.cuda.synchronize(self.device)
+            except Exception as sticky:
+                fatal = sticky
+        if fatal is not None:
+            raise self._die(f"{self._stage}: {type(fatal).__name__}: {fatal}") from fatal
+
+    def _fail(self, s: Sequence, stage: str, cause: Exception) -> RequestOutput:
+        s.finish_reason, s.error = "error", RequestFailedError(s.request_id, stage, cause)
+        self.scheduler.remove(s)  # frees its blocks
+        self._requests.pop(s.request_id, None)
+        self.faults.clear(s.request_id)
+        self.num_request_errors += 1
+        self._finish_metrics(s)
+        return self.output(s)
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
@@ -278,14 +349,21 @@ class LLMEngine:
 
     def _execute(self, sched: SchedulerOutput, sampled: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
         """The step's forward and sampling: (a token per sampled sequence, their fp32 logits)."""
+        ids = [s.request_id for s in sched.sequences]
+        self._stage = "step"
+        self.faults.check("step", ids)
         if sched.is_prefill:
             step = prefill_input(sched.chunks, self.block_manager, self._features(sched.chunks))
         else:
             step = decode_input(sched.decode, self.block_manager)
+        self._stage = "prefill" if sched.is_prefill else "decode"
+        self.faults.check(self._stage, ids)
         t0 = time.perf_counter()  # prefill_s excludes the vision tower (vision_s)
         logits = self.runner.execute(step)
         tokens = []
         if sampled:  # a chunk that samples nothing does not sync: the last chunk's token copy waits for all of them
+            self._stage = "sample"
+            self.faults.check("sample", [s.request_id for s in sampled])
             tokens = self.runner.to_host(self.sampler(logits, [s.params for s in sampled],
                                                       [s.generator for s in sampled]))
         dt = time.perf_counter() - t0
@@ -296,6 +374,13 @@ class LLMEngine:
             for s in sched.decode:
                 s.metrics.decode_s += dt
         return tokens, logits
+
+    def _emit_or_fail(self, s: Sequence, logits: torch.Tensor | None, row: int) -> RequestOutput:
+        try:
+            self.faults.check("detokenize", (s.request_id,))
+            return self._emit(s, logits, row)
+        except Exception as e:
+            return self._fail(s, "detokenize", e)
 
     def _emit(self, s: Sequence, logits: torch.Tensor | None, row: int) -> RequestOutput:
         """Detokenise the token a step appended to `s`, record its metrics, and snapshot its output."""
@@ -323,7 +408,7 @@ class LLMEngine:
         m.generated_tokens = len(s.output_ids)
         logits = torch.stack(s.step_logits) if s.step_logits and s.finished else None
         return RequestOutput(s.request_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason,
-                             RequestMetrics(**m.as_dict()), logits, s.delta)
+                             RequestMetrics(**m.as_dict()), logits, s.delta, s.error)
 
     # ------------------------------------------------------------------ image features
     def _features(self, chunks) -> list[torch.Tensor | None]:
@@ -351,6 +436,8 @@ class LLMEngine:
         return True
 
     def _run_vision(self, todo: list[tuple[Sequence, int]]) -> None:
+        self._stage = "vision"
+        self.faults.check("vision", [s.request_id for s, _ in todo])
         t0 = time.perf_counter()
         pixels, rows = [], []
         for s, i in todo:

@@ -29,6 +29,18 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.chunks and not self.decode
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [s for s, _, _ in self.chunks] if self.is_prefill else list(self.decode)
+
+    def halves(self) -> list["SchedulerOutput"]:
+        """The step split in two (fault isolation reruns each part)."""
+        items = self.chunks if self.is_prefill else self.decode
+        mid = len(items) // 2
+        if self.is_prefill:
+            return [SchedulerOutput(True, chunks=items[:mid]), SchedulerOutput(True, chunks=items[mid:])]
+        return [SchedulerOutput(False, decode=items[:mid]), SchedulerOutput(False, decode=items[mid:])]
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,

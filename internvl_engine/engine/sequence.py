@@ -34,6 +34,7 @@ class Sequence:
     first_scheduled: float | None = None  # set at the first admission (queue time, cached-prompt metrics)
     delta: str = ""             # text produced by the current step
     cached_image_ids: set = field(default_factory=set)  # images that skipped the tower (vision or prefix cache)
+    error: Exception | None = None  # why it finished with "error"
 
     @property
     def token_ids(self) -> list[int]:
