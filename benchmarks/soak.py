@@ -1,0 +1,200 @@
+"""Soak test of the serving engine's failure model: a seeded mix of requests from threads and asyncio, with aborts
+and cancellations at random points, hostile media, injected faults at every stage and a KV pool small enough to
+preempt. Every request must end (no hang), the pool must end clean, the engine loop must stay alive, and every good
+request's tokens must equal what it gets alone.
+
+    python benchmarks/soak.py --requests 500 --json benchmarks/results/<date>-cpu-<commit>-soak.json
+
+Prints and writes: requests, by kind and outcome, faults, aborts, cancellations, preemptions, isolation reruns, and
+the four loss columns: lost, leaked_blocks, dead_threads, good_mismatched."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from internvl_engine import LLM, SamplingParams
+from internvl_engine.engine.async_llm import AsyncLLM
+from internvl_engine.engine.faults import STAGES
+from internvl_engine.errors import InternVLEngineError, RequestFailedError
+
+SETTINGS = dict(device="cpu", kv_cache_tokens=1024, max_num_seqs=12, vision_cache_bytes=8 << 20)
+FAULT_STAGES = [s for s in STAGES if s not in ("preprocess",)]
+KINDS = ("good", "good", "good", "good", "good", "hostile", "fault", "abort", "cancel")
+
+
+def conversations(k: int) -> list:
+    rng = np.random.default_rng(0)
+    convs = []
+    for i in range(k):
+        if i % 2:
+            convs.append(f"Soak question {i}: tell me about rivers.")
+        else:
+            img = Image.fromarray(rng.integers(0, 256, (48 + i, 64, 3), dtype=np.uint8))
+            convs.append([{"role": "user", "content": [{"type": "image", "image": img},
+                                                       {"type": "text", "text": f"Soak picture {i}."}]}])
+    return convs
+
+
+HOSTILE = [
+    [{"role": "user", "content": [{"type": "image", "image": np.zeros((0, 4, 3), np.uint8)},
+                                  {"type": "text", "text": "empty"}]}],
+    [{"role": "user", "content": [{"type": "image", "url": "data:image/png;base64,bm90IGFuIGltYWdl"},
+                                  {"type": "text", "text": "garbage"}]}],
+    [{"role": "user", "content": [{"type": "audio"}]}],
+]
+
+
+def params(i: int) -> SamplingParams:
+    return SamplingParams(max_tokens=16 + 8 * (i % 5), ignore_eos=True, max_num_tiles=1)  # growth preempts
+
+
+class Soak:
+    def __init__(self, args):
+        self.args, self.rng = args, random.Random(args.seed)
+        self.convs = conversations(args.distinct)
+        alone = LLM("random:tiny", **SETTINGS)
+        self.alone = [alone.generate(c, params(i))[0].token_ids for i, c in enumerate(self.convs)]
+        del alone
+        self.engine = AsyncLLM("random:tiny", **SETTINGS)
+        self.plan = [(n, self.rng.choice(KINDS), self.rng.randrange(args.distinct), self.rng.random())
+                     for n in range(args.requests)]
+        self.outcomes: dict[int, str] = {}
+        self.mismatched = 0
+        self.lock = threading.Lock()
+
+    def record(self, n: int, outcome: str, kind: str, conv: int, tokens=None) -> None:
+        with self.lock:
+            self.outcomes[n] = f"{kind}:{outcome}"
+            if kind == "good" and (outcome != "ok" or tokens != self.alone[conv]):
+                self.mismatched += 1
+
+    def prepare(self, n: int, kind: str, conv: int):
+        rid = f"soak-{n}"
+        if kind == "fault":
+            self.engine.engine.inject_fault(rid, FAULT_STAGES[n % len(FAULT_STAGES)])
+        source = HOSTILE[n % len(HOSTILE)] if kind == "hostile" else self.convs[conv]
+        return rid, source
+
+    # -------------------------------------------------------------- threads
+    def run_thread(self, n, kind, conv, x) -> None:
+        rid, source = self.prepare(n, kind, conv)
+        try:
+            future = self.engine.submit(source, params(conv), request_id=rid)
+        except InternVLEngineError:
+            return self.record(n, "refused", kind, conv)
+        if kind in ("cancel", "abort"):
+            time.sleep(x * 0.05)
+            future.cancel() if kind == "cancel" else self.engine.abort(rid)
+        try:
+            out = future.result(timeout=120)
+            self.record(n, "ok" if out.finish_reason == "length" else out.finish_reason, kind, conv, out.token_ids)
+        except CancelledError:
+            self.record(n, "cancelled", kind, conv)
+        except RequestFailedError:
+            self.record(n, "error", kind, conv)
+
+    # -------------------------------------------------------------- asyncio
+    async def run_task(self, n, kind, conv, x) -> None:
+        rid, source = self.prepare(n, kind, conv)
+        stop_after = 1 + int(x * 3) if kind in ("cancel", "abort") else None
+        tokens, finish = None, None
+        try:
+            seen = 0
+            async for out in self.engine.generate(source, params(conv), rid):
+                seen += 1
+                tokens, finish = out.token_ids, out.finish_reason
+                if stop_after is not None and seen >= stop_after and not out.finished:
+                    if kind == "abort":
+                        self.engine.abort(rid)
+                    else:
+                        finish = "cancelled"
+                        break  # leaving the generator aborts the request
+            self.record(n, "ok" if finish == "length" else f"{finish}", kind, conv, tokens)
+        except RequestFailedError:
+            self.record(n, "error", kind, conv)
+        except InternVLEngineError:
+            self.record(n, "refused", kind, conv)
+
+    async def run_async(self, items) -> None:
+        window = asyncio.Semaphore(self.args.concurrency)
+
+        async def one(item):
+            async with window:
+                await self.run_task(*item)
+        await asyncio.gather(*(one(it) for it in items))
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        threaded = [it for it in self.plan if it[0] % 2 == 0]
+        tasks = [it for it in self.plan if it[0] % 2 == 1]
+        workers = []
+        for w in range(self.args.threads):
+            mine = threaded[w::self.args.threads]
+            workers.append(threading.Thread(target=lambda m=mine: [self.run_thread(*it) for it in m]))
+        for t in workers:
+            t.start()
+        asyncio.run(self.run_async(tasks))
+        for t in workers:
+            t.join(timeout=300)
+        deadline = time.time() + 60
+        while self.engine.engine.has_unfinished_requests() and time.time() < deadline:
+            time.sleep(0.05)
+        eng, bm = self.engine.engine, self.engine.engine.block_manager
+        bm.check_invariants()
+        counts: dict[str, int] = {}
+        for o in self.outcomes.values():
+            counts[o] = counts.get(o, 0) + 1
+        result = {
+            "requests": len(self.plan), "wall_s": round(time.perf_counter() - t0, 1), "outcomes": counts,
+            "faults_injected": sum(k == "fault" for _, k, _, _ in self.plan),
+            "aborts": sum(k == "abort" for _, k, _, _ in self.plan),
+            "cancellations": sum(k == "cancel" for _, k, _, _ in self.plan),
+            "hostile": sum(k == "hostile" for _, k, _, _ in self.plan),
+            "preemptions": eng.num_preemptions, "request_errors": eng.num_request_errors,
+            "isolation_splits": eng.num_isolation_splits,
+            "lost": len(self.plan) - len(self.outcomes) + int(eng.has_unfinished_requests()),
+            "leaked_blocks": bm.num_blocks - bm.num_free_blocks,
+            "dead_threads": sum(t.is_alive() for t in workers) + int(not self.engine._loop._thread.is_alive()),
+            "good_mismatched": self.mismatched,
+        }
+        self.engine.shutdown()
+        return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--distinct", type=int, default=12, help="distinct good conversations (solo runs as reference)")
+    ap.add_argument("--threads", type=int, default=6)
+    ap.add_argument("--concurrency", type=int, default=24, help="asyncio requests in flight at once")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    result = Soak(args).run()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    record = {"schema": "internvl-engine/soak/1", "date": time.strftime("%Y-%m-%d"),
+              "device": f"{platform.machine()} CPU", "commit": commit,
+              "command": "python " + " ".join(["benchmarks/soak.py"] + sys.argv[1:]), "settings": SETTINGS, **result}
+    print(json.dumps(record, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    bad = {k: record[k] for k in ("lost", "leaked_blocks", "dead_threads", "good_mismatched") if record[k]}
+    if bad:
+        raise SystemExit(f"soak: losses {bad}")
+
+
+if __name__ == "__main__":
+    main()
