@@ -20,7 +20,8 @@ from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_grids_u8
 from .media import MediaPolicy
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
-from .video import load_video, normalize_frames, preprocess_video, sample_frame_indices, video_frames_u8
+from .video import (check_num_frames, load_video, normalize_frames, preprocess_video, sample_frame_indices,
+                    video_frames_u8)
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -252,6 +253,7 @@ class Processor:
         """([(float32 tiles, digest)] per image, [(float32 frames, digest per frame)] per video), in order, under
         the media policy: counts refused before any medium is read, tiles and frames as each medium's are known."""
         policy = self.media_policy
+        num_frames = check_num_frames(num_frames) if videos else num_frames
         policy.check_image_count(len(images))
         # every image makes at least one tile (min_t + 1 with its thumbnail when min_t > 1)
         policy.check_tiles(len(images) * (1 if max_t <= 1 or min_t <= 1 else min_t + 1),

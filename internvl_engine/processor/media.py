@@ -6,7 +6,6 @@ server's. Every refusal raises a MediaPolicyError subclass whose message names t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import http.client
 import ipaddress
 import os
@@ -102,8 +101,9 @@ class MediaPolicy:
         resolved = os.path.realpath(path)
         root = self.local_media_root
         if os.path.commonpath([resolved, root]) != root:
-            raise MediaPolicyError(f"{what} resolves to {resolved!r}, outside the allowed local media root "
-                                   f"{root!r} (media_policy.local_media_root)")
+            where = "is" if resolved == os.path.abspath(path) else f"resolves to {resolved!r},"
+            raise MediaPolicyError(f"{what} {where} outside the allowed local media root {root!r} "
+                                   f"(media_policy.local_media_root)")
         return resolved
 
     def check_url(self, url: str, what: str) -> None:

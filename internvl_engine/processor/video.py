@@ -3,6 +3,7 @@ InternVLVideoProcessor (torchvision backend on CPU); spec section 6."""
 
 from __future__ import annotations
 
+import operator
 import os
 import urllib.parse
 import urllib.request
@@ -74,7 +75,8 @@ def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=
             # a container that under-counts is caught as its extra frames arrive
             kept, n = _decode(av, path, lambda i: True, lambda k: k > total and on_frames(k))
             return [kept[i] for i in range(n)]
-        total = total or _decode(av, path, lambda i: False)[1]
+        if total < num_frames:  # none stated, or too few for this request: count, so a refusal is true
+            total = _decode(av, path, lambda i: False)[1]
         for _attempt in range(2):
             if total == 0:
                 raise VideoError(f"video {name} has no frames")
@@ -84,7 +86,8 @@ def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=
             kept, n = _decode(av, path, set(idx).__contains__)
             if n == total:
                 return [kept[i] for i in idx]
-            total = n  # the container's count was wrong: sample from what decoding gives
+            kept = None  # the container's count was wrong: sample again from what decoding gives
+            total = n
         raise VideoError(f"video {name} decoded to a different number of frames on each pass")
     except (VideoError, MediaPolicyError):
         raise
@@ -102,6 +105,19 @@ def _select(total: int, num_frames: int | None, name: str, on_frames) -> list[in
     return idx
 
 
+def check_num_frames(num_frames) -> int | None:
+    """num_frames as an int >= 1 (numpy integers accepted), or None."""
+    if num_frames is None:
+        return None
+    try:
+        n = operator.index(num_frames)
+    except TypeError:
+        n = 0
+    if isinstance(num_frames, bool) or n < 1:
+        raise VideoError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    return n
+
+
 def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | None = None,
                on_frames=None) -> list[np.ndarray]:
     """uint8 HxWx3 RGB frames from a path/file:// URI, a list of frames (arrays, images or image sources), or a
@@ -109,6 +125,7 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
     converted, loaded or kept). policy: the media policy for paths and for the frames' sources (None: the
     default, permissive one). on_frames(count): called with the number of frames to be kept before any is
     loaded (and again if decoding finds more than the container said); it may raise to refuse them."""
+    num_frames = check_num_frames(num_frames)
     name = describe_source(source)
     if isinstance(source, (list, tuple)):
         name = f"(list of {len(source)} frames)"
