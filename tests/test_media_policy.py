@@ -87,6 +87,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(302, headers=[("Location", f"http://localhost:{port}/img.png"), ("Content-Length", "0")])
             elif self.path == "/redirect-ftp":
                 self._send(302, headers=[("Location", f"ftp://127.0.0.1:{port}/img.png"), ("Content-Length", "0")])
+            elif self.path == "/redirect-file":
+                self._send(307, headers=[("Location", "file:///etc/passwd"), ("Content-Length", "0")])
             elif self.path == "/slow":  # nothing for 2 s
                 time.sleep(2.0)
                 self._send(200, PNG, [("Content-Length", str(len(PNG)))])
@@ -217,6 +219,8 @@ def test_domains_and_private_networks(server):
         load_image(_url(server, "/img.png"), MediaPolicy.strict())
     with pytest.raises(MediaPolicyError, match=r"resolves to 127.0.0.1.*allow_private_networks"):
         load_image(_url(server, "/img.png"), MediaPolicy.strict(allowed_domains=["127.0.0.1"]))
+    with pytest.raises(MediaPolicyError, match=r"resolves to 127.0.0.1.*allow_private_networks"):
+        load_image("https://127.0.0.1:9/x.png", MediaPolicy.strict())  # (the HTTPS connection checks it too)
     assert len(server.hits) == n
     with pytest.raises(ImageError, match="unsupported image source .*'ftp'"):
         load_image("ftp://127.0.0.1/x.png", MediaPolicy())
@@ -231,7 +235,9 @@ def test_redirects(server):
         load_image(_url(server, "/redirect-other"), p)
     with pytest.raises(MediaPolicyError, match=r"redirected to 'ftp://.*scheme 'ftp' is not http or https"):
         load_image(_url(server, "/redirect-ftp"), MediaPolicy())
-    assert server.hits[n:] == ["/redirect-other", "/redirect-ftp"]  # neither target was requested
+    with pytest.raises(MediaPolicyError, match=r"redirected to 'file:///etc/passwd': scheme 'file'"):
+        load_image(_url(server, "/redirect-file"), MediaPolicy())
+    assert server.hits[n:] == ["/redirect-other", "/redirect-ftp", "/redirect-file"]  # no target was requested
     # the default policy follows redirects anywhere, as before
     assert np.array_equal(np.asarray(load_image(_url(server, "/redirect-other"), MediaPolicy())), PNG_ARRAY)
 

@@ -367,9 +367,9 @@ class Processor:
         after their count passed the media policy."""
         policy = self.media_policy
         try:
-            frames = load_video(source, num_frames, policy=policy,
-                                on_frames=lambda n: policy.check_video_frames(
-                                    frames_before + n, f"its {n} frames bring the request to"))
+            check = None if policy.max_video_frames is None else (
+                lambda n: policy.check_video_frames(frames_before + n, f"its {n} frames bring the request to"))
+            frames = load_video(source, num_frames, policy=policy, on_frames=check)  # (no check: no counting pass)
             u8 = video_frames_u8(frames, size=self.video_size)
         except (VideoError, MediaPolicyError) as e:
             raise type(e)(f"video {index}: {e}") from e

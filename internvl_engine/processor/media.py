@@ -241,19 +241,25 @@ class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Each redirect hop meets the policy again (scheme, host) and the fetch's deadline."""
+    """Each redirect hop meets the policy again (scheme, host) and the fetch's deadline, before urllib's own checks
+    (which would let ftp:// through and refuse file:// as an HTTP error rather than a policy refusal)."""
 
     def __init__(self, policy: MediaPolicy, name: str, deadline: float):
         self.policy, self.name, self.deadline = policy, name, deadline
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        try:
-            self.policy.check_url(newurl, f"{self.name} redirected to {newurl!r}")
-            _check_deadline(self.deadline, self.policy, self.name)
-        except MediaPolicyError:
-            fp.close()
-            raise
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            newurl = urllib.parse.urljoin(req.full_url, location)
+            try:
+                self.policy.check_url(newurl, f"{self.name} redirected to {newurl!r}")
+                _check_deadline(self.deadline, self.policy, self.name)
+            except MediaPolicyError:
+                fp.close()
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _check_deadline(deadline: float, policy: MediaPolicy, name: str) -> float:
