@@ -65,3 +65,8 @@ class MediaTooLargeError(MediaPolicyError):
 
 class MediaTimeoutError(MediaPolicyError):
     """Fetching a media URL took longer than the media policy's fetch_timeout_s."""
+
+
+class ShardingError(InternVLEngineError, ValueError):
+    """The model cannot be split over tensor_parallel_size ranks: the message names the dimension (attention heads,
+    key/value heads, intermediate size) and the size."""

@@ -45,6 +45,7 @@ class EngineConfig:
     vision_cache_bytes: int | None = None   # projector outputs kept (LRU); None: 256 MiB on CUDA, 64 MiB on the CPU
     enforce_eager: bool = False             # no CUDA graphs
     vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
+    tensor_parallel_size: int = 1           # ranks the language model is sharded over (distributed/); 1: one process
 
     def __post_init__(self):
         _int("max_model_len", self.max_model_len, 2, optional=True)
@@ -54,6 +55,7 @@ class EngineConfig:
         _int("max_num_batched_tokens", self.max_num_batched_tokens, self.block_size)
         _int("kv_cache_tokens", self.kv_cache_tokens, self.block_size, optional=True)
         _int("vision_cache_bytes", self.vision_cache_bytes, 0, optional=True)
+        _int("tensor_parallel_size", self.tensor_parallel_size)
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise EngineConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
