@@ -1,4 +1,4 @@
-"""Command line: `internvl-engine generate | demo | info | bench` (also `python -m internvl_engine`)."""
+"""Command line: `internvl-engine generate | demo | info | bench | serve` (also `python -m internvl_engine`)."""
 from __future__ import annotations
 
 import argparse
@@ -224,13 +224,87 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """`internvl-engine serve --model M`: the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+    try:
+        from .server import ServerSettings, serve
+    except ImportError as e:
+        _err(f"the server needs the serve extra (pip install 'internvl-engine[serve]'): {e}")
+        return 2
+    from .engine.async_llm import AsyncLLM
+
+    domains = None
+    if args.allowed_media_domains is not None:
+        domains = tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip())
+    settings = ServerSettings(
+        model_name=args.served_model_name or str(args.model), api_key=args.api_key or os.environ.get(
+            "INTERNVL_ENGINE_API_KEY") or None, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+        default_max_tokens=args.default_max_tokens, allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=domains, allow_private_media_networks=args.allow_private_media_networks,
+        max_media_bytes=args.max_media_bytes, media_fetch_timeout_s=args.media_fetch_timeout)
+    settings.media_policy()  # a bad flag fails here, before the model loads
+    engine_args = dict(dtype=args.dtype, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
+                       max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       enable_prefix_caching=not args.no_prefix_caching)
+    llm = AsyncLLM(args.model, **engine_args)
+    print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          flush=True)
+    return serve(llm, settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+                 log_level=args.log_level, access_log=args.access_log)
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, "
+                                     "health, metrics)")
+    s.add_argument("--model", required=True, help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: the --model value)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_ENGINE_API_KEY, else none)")
+    s.add_argument("--max-waiting", type=int, default=1024, metavar="N",
+                   help="answer 429 when admitting a request would make more than N wait for the scheduler")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may take to finish before they are aborted")
+    s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow local media files (paths, file:// URLs) under DIR (default: none)")
+    s.add_argument("--allowed-media-domains", default=None, metavar="A,B",
+                   help="media URLs only from these hosts and their subdomains (default: any public host)")
+    s.add_argument("--allow-private-media-networks", action="store_true",
+                   help="let media URLs reach loopback and private addresses (default: refused)")
+    s.add_argument("--max-media-bytes", type=int, default=None, metavar="N",
+                   help="bytes per media download and per data: URI (default: 20 MiB)")
+    s.add_argument("--media-fetch-timeout", type=float, default=None, metavar="S",
+                   help="seconds per media URL fetch (default: 10)")
+    s.add_argument("--max-request-bytes", type=int, default=64 << 20, metavar="N",
+                   help="413 for a larger request body (default: 64 MiB)")
+    s.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
+                   help="max_tokens of chat requests that give none (default: 1024)")
+    s.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
+    s.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
+    s.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
+    s.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    s.add_argument("--max-model-len", type=int, default=None, metavar="N")
+    s.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N", help="KV pool size (CPU default 16384)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
+    s.add_argument("--max-num-seqs", type=int, default=64, metavar="N")
+    s.add_argument("--max-num-batched-tokens", type=int, default=8192, metavar="N")
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    s.set_defaults(func=cmd_serve)
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="internvl-engine", description="InternVL3 inference engine.")
     parser.add_argument("--version", action="version", version=f"internvl-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info,bench,serve}")
     sub.required = True
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos, streaming the text")
@@ -271,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="end-to-end benchmark: TTFT/TPOT/throughput per batch size vs floors and transformers "
                             "(bench --help for its flags)")
     b.set_defaults(func=cmd_bench, bench_args=[])
+    _add_serve_parser(sub)
     return parser
 
 

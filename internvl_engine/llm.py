@@ -111,13 +111,13 @@ class LLM:
             for s in seqs:
                 self.engine.add_sequence(s)
                 added.append(s)
-            while not all(s.finished for s in seqs):
+            while not all(self.engine.request_finished(s) for s in seqs):
                 outs = [o for o in self.engine.step() if o.request_id in ids]
                 if outs:
                     yield outs
         finally:
             for s in added:
-                if not s.finished:
+                if not self.engine.request_finished(s):
                     self.engine.abort(s.request_id)
 
     # ------------------------------------------------------------------ public API
@@ -139,16 +139,18 @@ class LLM:
         seqs = self._sequences(conversation, params)
         if len(seqs) != 1:
             raise PromptError("stream() takes one conversation")
+        if seqs[0].params.n > 1:
+            raise PromptError("stream() streams one sample; for n > 1 use generate() or AsyncLLM.generate()")
         seq = seqs[0]
 
-        def steps():
+        def steps():  # seq.text[:seq.sent] is what may be shown (the rest could start a stop string)
             sent = 0
             for _ in self._run(seqs):
-                if len(seq.text) > sent:
-                    yield seq.text[sent:]
-                    sent = len(seq.text)
-            if len(seq.text) > sent:  # the step that finished it may have been another caller's
-                yield seq.text[sent:]
+                if seq.sent > sent:
+                    yield seq.text[sent:seq.sent]
+                    sent = seq.sent
+            if seq.sent > sent:  # the step that finished it may have been another caller's
+                yield seq.text[sent:seq.sent]
             stream.output = self.engine.output(seq)
             if seq.error is not None:  # it failed while running: RequestFailedError naming the stage
                 raise seq.error

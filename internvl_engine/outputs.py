@@ -30,17 +30,37 @@ class RequestMetrics:
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (SamplingParams.n of them)."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    delta: str = ""
+    logprobs: list | None = None         # per token {token_id: sampling.Logprob}, with SamplingParams.logprobs
+    cumulative_logprob: float = 0.0
+    stop_reason: str | None = None       # the stop string that ended it
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str | None            # "stop" (eos or a stop token), "length" (max_tokens or context),
+    finish_reason: str | None            # "stop" (eos, a stop token or string), "length" (max_tokens or context),
                                          # "abort" (LLMEngine.abort), "error" (see .error), None while running
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     logits: torch.Tensor | None = None   # [generated, vocab] fp32, when SamplingParams.return_logits
     delta: str = ""                      # text newly detokenized by the step that produced this output
     error: Exception | None = None       # with finish_reason "error": a RequestFailedError naming stage and cause
+    outputs: list[CompletionOutput] = field(default_factory=list)  # every sample; the flat fields mirror outputs[0]
+    prompt_logprobs: list | None = None  # [None, {token_id: Logprob}, ...] with SamplingParams.prompt_logprobs
 
     @property
     def finished(self) -> bool:

@@ -200,9 +200,10 @@ class BlockManager:
         return b
 
     def allocate(self, seq_id, token_ids: Sequence[int], media: Sequence[MediaSpan] = (),
-                 reserve: int = 0) -> Allocation:
+                 reserve: int = 0, use_cache: bool = True) -> Allocation:
         """Give seq_id a block table for its prompt plus `reserve` more tokens, reusing the longest cached run of
-        leading full blocks. Raises NoFreeBlocksError (state unchanged) when the pool cannot supply the rest."""
+        leading full blocks (none with use_cache=False: a prompt whose every position must be computed). Raises
+        NoFreeBlocksError (state unchanged) when the pool cannot supply the rest."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         if not token_ids:
@@ -210,7 +211,7 @@ class BlockManager:
         media = tuple(sorted(media, key=lambda s: s.start))
         if media and media[-1].end > len(token_ids):
             raise ValueError(f"media span {media[-1]} runs past the prompt ({len(token_ids)} tokens)")
-        hits = self._match(token_ids, media)
+        hits = self._match(token_ids, media) if use_cache else []
         needed = self._blocks_needed(hits, len(token_ids) + reserve)
         if needed > self.num_free_blocks:
             raise NoFreeBlocksError(needed, self.num_free_blocks)

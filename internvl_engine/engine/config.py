@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import BackendError, CheckpointError, InternVLEngineError
+from ..processor.media import MediaPolicy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -46,6 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False             # no CUDA graphs
     vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
     tensor_parallel_size: int = 1           # ranks the language model is sharded over (distributed/); 1: one process
+    media_policy: MediaPolicy | None = None  # None: trusted caller (processor.MediaPolicy()); the server: .strict()
 
     def __post_init__(self):
         _int("max_model_len", self.max_model_len, 2, optional=True)
@@ -59,6 +61,8 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise EngineConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if self.media_policy is not None and not isinstance(self.media_policy, MediaPolicy):
+            raise EngineConfigError(f"media_policy must be a MediaPolicy, got {type(self.media_policy).__name__}")
         if not isinstance(self.backend, str):
             raise EngineConfigError(f"backend must be a string, got {self.backend!r}")
         if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:

@@ -27,9 +27,10 @@ from ..ops import OpTable
 from ..outputs import RequestMetrics, RequestOutput
 from ..processor import Processor
 from ..processor.tokenizer import IncrementalDetokenizer
-from ..sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams, logprobs_of, seed_for
 from .block_manager import BlockManager, MediaSpan, media_key
 from .faults import FaultInjector, InjectedFatalFault
+from .output_processor import OutputProcessor
 from .config import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
 from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
@@ -70,6 +71,9 @@ class LLMEngine:
         self.block_size = cfg.block_size
         self.runner = ModelRunner(self.model, self.device, self.dtype, cfg.block_size)
         self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.processor.tokenizer)
+        if cfg.media_policy is not None:
+            self.processor.media_policy = cfg.media_policy
         self.cache = self.runner.allocate_pool(self._pool_blocks(cfg))
         self.block_manager = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         eos = set(self.config.eos_token_ids) | {self.processor.tokenizer.eos_token_id}
@@ -225,16 +229,27 @@ class LLMEngine:
             self._check_capacity(len(enc.input_ids), params, what)
         metrics = RequestMetrics(arrival_time=arrival, prompt_tokens=len(enc.input_ids),
                                  num_images=len(enc.num_patches), num_tiles=sum(enc.num_patches))
-        gen = None
-        if params.seed is not None and not params.greedy:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, list(enc.input_ids), params,
-                       IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
-                       pixel_values=enc.pixel_values, generator=gen, num_patches=list(enc.num_patches))
+        seq = self._sample(request_id, list(enc.input_ids), params, metrics, 0)
+        seq.pixel_values, seq.num_patches = enc.pixel_values, list(enc.num_patches)
         seq.media = self._media(enc, params)
         seq.media_keys, seq.image_feats = [sp.key for sp in seq.media], [None] * len(seq.media)
+        if params.n > 1:  # the other samples join the scheduler once the first has prefilled (they share its blocks)
+            seq.group = [seq] + [self._sample(f"{request_id}#{i}", seq.prompt_ids, params,
+                                              RequestMetrics(**metrics.as_dict()), i) for i in range(1, params.n)]
+            for child in seq.group[1:]:
+                child.pixel_values, child.num_patches, child.media = seq.pixel_values, seq.num_patches, seq.media
+                child.media_keys, child.image_feats = seq.media_keys, seq.image_feats
         metrics.preprocess_s = time.perf_counter() - t0
         return seq
+
+    def _sample(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, metrics: RequestMetrics,
+                index: int) -> Sequence:
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(seed_for(params.seed, index))
+        return Sequence(seq_id, prompt_ids, params,
+                        IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
+                        generator=gen, index=index)
 
     def add_sequence(self, seq: Sequence) -> None:
         with self._lock:
@@ -262,9 +277,12 @@ class LLMEngine:
             seq = self._requests.pop(request_id, None)
             if seq is None:
                 return False
-            self.scheduler.remove(seq)
-            seq.finish_reason, seq.delta = "abort", seq.detokenizer.flush()
-            seq.text += seq.delta
+            for s in seq.group or [seq]:
+                self.scheduler.remove(s)
+                if not s.finished:
+                    s.finish_reason = "abort"
+                    s.text += s.detokenizer.flush()
+                    self.output_processor.release(s)
             self._finish_metrics(seq)
             self._aborted.append(seq)
             return True
@@ -295,9 +313,19 @@ class LLMEngine:
             sched = self._schedule()
             if sched.empty:
                 return outputs
-            return outputs + self._run(sched)
+            touched = {id(h): h for h in (self._head(s) for s in self._run(sched))}
+            outputs += [self.output(h) for h in touched.values()]
+            for h in touched.values():  # a sample's delta belongs to the step that made it
+                for s in h.group or [h]:
+                    s.delta = ""
+            return outputs
 
-    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
+    @staticmethod
+    def _head(s: Sequence) -> Sequence:
+        """The request's first sample (the one that carries its id, prompt logprobs and metrics)."""
+        return s.group[0] if s.index and s.group else s
+
+    def _run(self, sched: SchedulerOutput) -> list[Sequence]:
         """Execute, postprocess and emit a scheduled step. When it raises, its requests run again in halves until a
         failure is down to one request, which alone finishes with an error; the others' tokens do not depend on
         what they are batched with, so they come out as they would have without it."""
@@ -309,9 +337,13 @@ class LLMEngine:
             if len(sched.sequences) == 1:
                 return [self._fail(sched.sequences[0], self._stage, e)]
             self.num_isolation_splits += 1
-            return [o for part in sched.halves() for o in self._run(part)]
+            return [s for part in sched.halves() for s in self._run(part)]
         self.scheduler.postprocess(sched, sampled, tokens)
-        return [self._emit_or_fail(s, logits, k) for k, s in enumerate(sampled)]
+        for k, s in enumerate(sampled):
+            self._emit_or_fail(s, logits, k)
+            if s.index == 0 and len(s.group) > 1 and len(s.output_ids) == 1:
+                self.scheduler.add_front(s.group[1:])  # their prompt blocks are cached now
+        return sampled
 
     def _raise_if_fatal(self, e: Exception) -> None:
         """A fault no rerun can survive (a sticky device error, an injected fatal one) kills the engine."""
@@ -324,14 +356,22 @@ class LLMEngine:
         if fatal is not None:
             raise self._die(f"{self._stage}: {type(fatal).__name__}: {fatal}") from fatal
 
-    def _fail(self, s: Sequence, stage: str, cause: Exception) -> RequestOutput:
-        s.finish_reason, s.error = "error", RequestFailedError(s.request_id, stage, cause)
-        self.scheduler.remove(s)  # frees its blocks
-        self._requests.pop(s.request_id, None)
+    def _fail(self, s: Sequence, stage: str, cause: Exception) -> Sequence:
+        error = RequestFailedError(self._head(s).request_id, stage, cause)
+        waiting = s.group[1:] if s.index == 0 and not s.output_ids else []  # samples that never started fail too
+        for x in [s, *waiting]:
+            x.finish_reason, x.error = "error", error
+            self.scheduler.remove(x)  # frees its blocks
         self.faults.clear(s.request_id)
         self.num_request_errors += 1
-        self._finish_metrics(s)
-        return self.output(s)
+        self._request_done(s)
+        return s
+
+    def _request_done(self, s: Sequence) -> None:
+        head = self._head(s)
+        if all(x.finished for x in head.group or [head]):
+            self._requests.pop(head.request_id, None)
+            self._finish_metrics(head)
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
@@ -361,11 +401,15 @@ class LLMEngine:
         t0 = time.perf_counter()  # prefill_s excludes the vision tower (vision_s)
         logits = self.runner.execute(step)
         tokens = []
+        if step.prompt_rows:
+            self._prompt_logprobs(sched.chunks, step.prompt_rows, logits)
         if sampled:  # a chunk that samples nothing does not sync: the last chunk's token copy waits for all of them
             self._stage = "sample"
             self.faults.check("sample", [s.request_id for s in sampled])
-            tokens = self.runner.to_host(self.sampler(logits, [s.params for s in sampled],
-                                                      [s.generator for s in sampled]))
+            if step.sample_index is not None and step.sample_index != list(range(logits.shape[0])):
+                logits = logits[step.sample_index]
+            tokens = self.runner.to_host(self.sampler(logits, sampled, self.scheduler.eos_token_ids))
+            self._logprobs(sampled, logits, tokens)
         dt = time.perf_counter() - t0
         if sched.is_prefill:
             for s, _, _ in sched.chunks:
@@ -375,27 +419,48 @@ class LLMEngine:
                 s.metrics.decode_s += dt
         return tokens, logits
 
-    def _emit_or_fail(self, s: Sequence, logits: torch.Tensor | None, row: int) -> RequestOutput:
+    def _logprobs(self, sampled: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        rows = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        if rows:
+            k = max(sampled[i].params.logprobs for i in rows)
+            for i, entry in zip(rows, logprobs_of(logits[rows], [tokens[i] for i in rows], k)):
+                keep = sampled[i].params.logprobs  # the chosen token, then its own top-k
+                sampled[i].pending_logprobs = {t: lp for t, lp in entry.items() if lp.rank <= keep or t == tokens[i]}
+
+    def _prompt_logprobs(self, chunks, prompt_rows, logits: torch.Tensor) -> None:
+        """Row j of a chunk [start, end) predicts prompt token start + j + 1; record each prompt position once."""
+        for ci, first, count in prompt_rows:
+            s, start, end = chunks[ci]
+            if s.prompt_logprobs is None:
+                s.prompt_logprobs = [None]
+            positions = range(max(start + 1, len(s.prompt_logprobs)), min(end + 1, len(s.prompt_ids)))
+            if not positions:
+                continue
+            rows = [first + p - start - 1 for p in positions]
+            k = s.params.prompt_logprobs
+            for p, entry in zip(positions, logprobs_of(logits[rows], [s.prompt_ids[p] for p in positions], k)):
+                for t, lp in entry.items():
+                    lp.decoded_token = self.processor.tokenizer.decode([t], skip_special_tokens=False)
+                s.prompt_logprobs.append({t: lp for t, lp in entry.items() if lp.rank <= k or t == s.prompt_ids[p]})
+
+    def _emit_or_fail(self, s: Sequence, logits: torch.Tensor | None, row: int) -> None:
         try:
             self.faults.check("detokenize", (s.request_id,))
-            return self._emit(s, logits, row)
+            self._emit(s, logits, row)
         except Exception as e:
-            return self._fail(s, "detokenize", e)
+            self._fail(s, "detokenize", e)
 
-    def _emit(self, s: Sequence, logits: torch.Tensor | None, row: int) -> RequestOutput:
-        """Detokenise the token a step appended to `s`, record its metrics, and snapshot its output."""
+    def _emit(self, s: Sequence, logits: torch.Tensor | None, row: int) -> None:
+        """Detokenise the token a step appended to `s` (stop strings may finish it here) and record its metrics."""
         if s.params.return_logits:
             s.step_logits.append(logits[row].cpu())
-        if len(s.output_ids) == 1:
+        if len(s.output_ids) == 1 and s.index == 0:
             s.metrics.ttft_s = time.perf_counter() - s.metrics.arrival_time
-        delta = s.detokenizer.add(s.output_ids[-1:])
+        self.output_processor.token_added(s, s.pending_logprobs)
+        s.pending_logprobs = None
         if s.finished:
-            delta += s.detokenizer.flush()
-            self._finish_metrics(s)
-            self._requests.pop(s.request_id, None)
-        s.text += delta
-        s.delta = delta
-        return self.output(s)
+            self.scheduler.remove(s)  # a stop string ends it here, after the scheduler's token rules
+            self._request_done(s)
 
     @staticmethod
     def _finish_metrics(s: Sequence) -> None:
@@ -404,11 +469,12 @@ class LLMEngine:
         m.e2e_s = time.perf_counter() - m.arrival_time
 
     def output(self, s: Sequence) -> RequestOutput:
-        m = s.metrics
-        m.generated_tokens = len(s.output_ids)
-        logits = torch.stack(s.step_logits) if s.step_logits and s.finished else None
-        return RequestOutput(s.request_id, s.text, list(s.output_ids), list(s.prompt_ids), s.finish_reason,
-                             RequestMetrics(**m.as_dict()), logits, s.delta, s.error)
+        """The snapshot of the request `s` belongs to."""
+        return self.output_processor.output(self._head(s))
+
+    def request_finished(self, s: Sequence) -> bool:
+        head = self._head(s)
+        return all(x.finished for x in head.group or [head])
 
     # ------------------------------------------------------------------ image features
     def _features(self, chunks) -> list[torch.Tensor | None]:

@@ -61,6 +61,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_front(self, seqs: list[Sequence]) -> None:
+        """Queue sequences ahead of every waiting one (the other samples of a request whose prompt just ran)."""
+        self.waiting.extendleft(reversed(seqs))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -109,7 +113,9 @@ class Scheduler:
             s = self.waiting[0]
             tokens = s.token_ids
             try:
-                alloc = self.bm.allocate(s.request_id, tokens, s.media)
+                # prompt logprobs need every prompt position computed: no prefix-cache hits for that request
+                alloc = self.bm.allocate(s.request_id, tokens, s.media,
+                                         use_cache=s.params.prompt_logprobs is None or s.index > 0)
             except NoFreeBlocksError:
                 break
             self.waiting.popleft()

@@ -35,6 +35,15 @@ class Sequence:
     delta: str = ""             # text produced by the current step
     cached_image_ids: set = field(default_factory=set)  # images that skipped the tower (vision or prefix cache)
     error: Exception | None = None  # why it finished with "error"
+    # ---- output: what callers have seen of text, stop strings, logprobs, samples of one request
+    sent: int = 0               # characters of text released to callers (the rest may start a stop string)
+    stop_reason: str | None = None
+    logprobs: list = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list | None = None
+    index: int = 0              # sample index in its request (SamplingParams.n)
+    group: list = field(default_factory=list)  # every sample of the request, the first first (n > 1 only)
+    pending_logprobs: dict | None = None  # logprobs of the token just sampled, until it is detokenised
 
     @property
     def token_ids(self) -> list[int]:

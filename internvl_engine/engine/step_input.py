@@ -27,6 +27,9 @@ class StepInput:
     image_features: torch.Tensor | None = None  # [R, D] projector rows of the placeholders in this step
     image_rows: list[int] | None = None       # their rows in input_ids
     write_cache: bool = True                  # False: a forward that reads and writes no cache (prompt logits)
+    # driver-side bookkeeping over the returned logits (a worker ignores it)
+    sample_index: list[int] | None = None     # logits row of each sampling sequence (None: row i for sequence i)
+    prompt_rows: list[tuple[int, int, int]] | None = None  # (chunk, first logits row, rows) for prompt logprobs
 
 
 def _slots(table: list[int], block_size: int, start: int, end: int) -> list[int]:
@@ -48,8 +51,9 @@ def prefill_input(chunks: list[tuple[Sequence, int, int]], bm: BlockManager,
     the placeholders inside chunk i (or None). Logits are wanted for the chunks that end their token list."""
     bs = bm.block_size
     prefix = any(start > 0 for _, start, _ in chunks)
-    step = StepInput(True, [], [], [], [], [], [], logits_rows=[], gather_slots=[] if prefix else None, image_rows=[])
-    for s, start, end in chunks:
+    step = StepInput(True, [], [], [], [], [], [], logits_rows=[], gather_slots=[] if prefix else None, image_rows=[],
+                     sample_index=[], prompt_rows=[])
+    for ci, (s, start, end) in enumerate(chunks):
         toks, table, base = s.token_ids, bm.block_table(s.request_id), len(step.input_ids)
         step.input_ids += toks[start:end]
         step.positions += range(start, end)
@@ -60,7 +64,13 @@ def prefill_input(chunks: list[tuple[Sequence, int, int]], bm: BlockManager,
         step.key_lens.append(end if prefix else end - start)
         step.seq_lens.append(len(toks))
         step.image_rows += image_rows(s, start, end, base)
-        if end == len(toks):
+        if s.params.prompt_logprobs is not None and s.index == 0 and start < len(s.prompt_ids):
+            step.prompt_rows.append((ci, len(step.logits_rows), end - start))  # every row predicts the next token
+            step.logits_rows += range(base, base + end - start)
+            if end == len(toks):
+                step.sample_index.append(len(step.logits_rows) - 1)
+        elif end == len(toks):
+            step.sample_index.append(len(step.logits_rows))
             step.logits_rows.append(len(step.input_ids) - 1)
     feats = [f for f in features if f is not None and f.numel()]
     step.image_features = torch.cat(feats) if feats else None

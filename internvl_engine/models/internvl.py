@@ -1,5 +1,7 @@
 """InternVL3 = InternViT -> pixel shuffle -> MLP projector -> Qwen2 (spec sections 0-4).
-Parameter names equal the checkpoint keys after the loader's prefix normalisation."""
+Parameter names equal the checkpoint keys after the loader's prefix normalisation. Under tensor parallelism the
+language model and lm_head are sharded (qwen2.py, layers/linear.py); the vision tower and projector are whole on
+every rank, which runs its share of a step's tiles (distributed/executor.py)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +10,9 @@ from torch import nn
 
 from .. import ops as ops_module
 from ..config import ModelConfig
+from ..distributed import TensorParallel
 from ..layers.attention import AttentionMetadata
+from ..layers.linear import lm_head
 from ..layers.norm import LayerNorm
 from .intern_vit import InternVisionModel
 from .qwen2 import Qwen2Model
@@ -27,15 +31,22 @@ class InternVLMultiModalProjector(nn.Module):
 
 
 class InternVLForConditionalGeneration(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ops_module.OpTable | None = None):
-        """ops: the engine's kernel table (default: the caller's current one, torch unless chosen otherwise)."""
+    def __init__(self, cfg: ModelConfig, ops: ops_module.OpTable | None = None, tp: TensorParallel | None = None):
+        """ops: the engine's kernel table (default: the caller's current one, torch unless chosen otherwise);
+        tp: this rank's tensor-parallel group (default: one rank, plain layers)."""
         super().__init__()
         self.config = cfg
         self.ops = ops = ops or ops_module.current_table()
+        self.tp = tp = tp or TensorParallel.single()
         self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer, ops)
         self.multi_modal_projector = InternVLMultiModalProjector(cfg, ops)
-        self.language_model = Qwen2Model(cfg.text, ops)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.language_model = Qwen2Model(cfg.text, ops, tp)
+        self.lm_head = lm_head(cfg.text.hidden_size, cfg.text.vocab_size, tp)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank keeps in its cache (all of them with one rank)."""
+        return self.tp.kv_heads(self.config.text.num_key_value_heads)[1]
 
     def tie_lm_head(self) -> None:
         self.lm_head.weight = self.language_model.embed_tokens.weight
@@ -59,5 +70,6 @@ class InternVLForConditionalGeneration(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, image_features=None, image_rows=None):
         return self.language_model(positions, self.embed(input_ids, image_features, image_rows), meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; None on a tensor-parallel rank other than the driver."""
         return self.lm_head(hidden)

@@ -1,5 +1,7 @@
 """Qwen2 decoder (spec section 4): pre-norm blocks, GQA attention with q/k/v bias and RoPE, SiLU-gated MLP.
-Tokens of all sequences in a step are packed along one axis; the step's AttentionMetadata says where each belongs."""
+Tokens of all sequences in a step are packed along one axis; the step's AttentionMetadata says where each belongs.
+Under tensor parallelism (`tp`, distributed/) each rank holds its query heads, their KV heads and its share of the
+MLP columns; o_proj and down_proj all-reduce (layers/linear.py). With tp.size 1 the layers are plain."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -7,20 +9,24 @@ from torch import nn
 
 from ..config import TextConfig
 from ..layers.attention import Attention, AttentionMetadata
-from ..layers.linear import PackedLinear
+from ..layers.linear import PackedLinear, row_parallel, vocab_embedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops):
+    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp):
         super().__init__()
         h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, hk, d
-        self.qkv_proj = PackedLinear(cfg.hidden_size, [h * d, hk * d, hk * d], ["q_proj", "k_proj", "v_proj"], bias=True)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        q0, hq = tp.part(h)        # this rank's query heads
+        k0, hkv = tp.kv_heads(hk)  # and the KV heads they read
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
+        local = None if tp.size == 1 else [(q0 * d, hq * d), (k0 * d, hkv * d), (k0 * d, hkv * d)]
+        self.qkv_proj = PackedLinear(cfg.hidden_size, [h * d, hk * d, hk * d], ["q_proj", "k_proj", "v_proj"], bias=True,
+                                     local=local)
+        self.o_proj = row_parallel(h * d, cfg.hidden_size, False, tp)
         self.rotary_emb = [rotary_emb]  # shared by all layers; a list keeps it out of this module's state dict
-        self.attn = Attention(h, hk, d, layer_idx, ops)
+        self.attn = Attention(hq, hkv, d, layer_idx, ops)
 
     def forward(self, positions, x, meta: AttentionMetadata):
         t = x.shape[0]
@@ -33,11 +39,12 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp):
         super().__init__()
         f = cfg.intermediate_size
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], bias=False)
-        self.down_proj = nn.Linear(f, cfg.hidden_size, bias=False)
+        local = None if tp.size == 1 else [tp.part(f)] * 2
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], bias=False, local=local)
+        self.down_proj = row_parallel(f, cfg.hidden_size, False, tp)
 
     def forward(self, x):
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -45,10 +52,10 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops):
+    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp):
         super().__init__()
-        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary_emb, ops)
-        self.mlp = Qwen2MLP(cfg)
+        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary_emb, ops, tp)
+        self.mlp = Qwen2MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -64,12 +71,12 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: TextConfig, ops):
+    def __init__(self, cfg: TextConfig, ops, tp):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_type,
                                           cfg.rope_factor, ops=ops)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, self.rotary_emb, ops)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, self.rotary_emb, ops, tp)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 

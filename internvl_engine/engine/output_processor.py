@@ -1,0 +1,86 @@
+"""From sampled tokens to what callers see: incremental detokenisation, stop strings (matched across token
+boundaries, and held back from streamed text while they could still be starting), logprobs with their decoded
+tokens, and the RequestOutput snapshot of a request and all its samples."""
+from __future__ import annotations
+
+import torch
+
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..sampling import Logprob
+from .sequence import Sequence
+
+
+def find_stop(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
+    """(index, stop) of the earliest stop string in `text` that ends at or after `new_from` (text before it was
+    searched already), or None."""
+    best = None
+    for stop in stops:
+        i = text.find(stop, max(0, new_from - len(stop) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that could be the start of a stop string: not streamed yet."""
+    for k in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def token_added(self, s: Sequence, logprobs: dict[int, Logprob] | None = None) -> None:
+        """Detokenise s's newest token and apply its stop strings (which may finish it with "stop")."""
+        p = s.params
+        if logprobs is not None:
+            for t, lp in logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
+            s.logprobs.append(logprobs)
+            s.cumulative_logprob += logprobs[s.output_ids[-1]].logprob
+        delta = s.detokenizer.add(s.output_ids[-1:])
+        if s.finished:
+            delta += s.detokenizer.flush()
+        before = len(s.text)
+        s.text += delta
+        if p.stop and len(s.output_ids) >= p.min_tokens:
+            hit = find_stop(s.text, before, p.stop)
+            if hit is not None:
+                i, stop = hit
+                s.text = s.text[:i + len(stop)] if p.include_stop_str_in_output else s.text[:i]
+                s.finish_reason, s.stop_reason = "stop", stop
+        self.release(s)
+
+    @staticmethod
+    def release(s: Sequence) -> None:
+        """Advance what callers may see: all of a finished text, else all but what could start a stop string."""
+        end = len(s.text)
+        if not s.finished and s.params.stop:
+            end -= held_back(s.text, s.params.stop)
+        s.delta = s.text[s.sent:end] if end > s.sent else ""
+        s.sent = max(s.sent, end)
+
+    @staticmethod
+    def completion(s: Sequence) -> CompletionOutput:
+        return CompletionOutput(s.index, s.text[:s.sent], list(s.output_ids), s.finish_reason, s.delta,
+                                list(s.logprobs) if s.params.logprobs is not None else None,
+                                s.cumulative_logprob, s.stop_reason, s.error)
+
+    def output(self, s: Sequence) -> RequestOutput:
+        """The snapshot of the request `s` belongs to (all its samples; flat fields mirror the first sample)."""
+        head = s.group[0] if s.group else s
+        samples = head.group or [head]
+        finished = all(x.finished for x in samples)
+        m = head.metrics
+        m.generated_tokens = sum(len(x.output_ids) for x in samples)
+        outs = [self.completion(x) for x in samples]
+        logits = torch.stack(head.step_logits) if head.step_logits and finished else None
+        first = outs[0]
+        error = next((x.error for x in samples if x.error is not None), None)
+        return RequestOutput(head.request_id, first.text, first.token_ids, list(head.prompt_ids),
+                             first.finish_reason if finished else None, RequestMetrics(**m.as_dict()), logits,
+                             first.delta, error, outs, head.prompt_logprobs)

@@ -1,0 +1,449 @@
+"""The OpenAI-compatible HTTP front end: a FastAPI app over one AsyncLLM (ARCHITECTURE.md, "Front ends, one
+engine"). It translates requests (protocol.py), streams RequestOutputs back as SSE, and maps the engine's typed
+errors to HTTP statuses; it holds no engine logic.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics, GET /version.
+
+Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400), the model name checked
+(404), the engine's health (503) and waiting queue (429) checked, then the request is submitted: AsyncLLM.generate
+preprocesses it at its first step, so a bad conversation, refused media or bad sampling values answer 4xx before any
+response starts. Then the outputs stream as SSE or are collected into one body. A client that goes away (seen by a
+task reading the connection, so also before the first token) cancels the consumer, which closes the generator, which
+aborts the request in the engine: its blocks are freed at the next step."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import EngineDeadError
+from ..processor import MediaPolicy
+from . import protocol as P
+from .metrics import STATUS_OUTCOME, ServerMetrics
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server adds to the engine's settings (the serve command's flags)."""
+    model_name: str                                  # the name /v1/models lists and requests must use (or omit)
+    api_key: str | None = None                       # required as "Authorization: Bearer <key>" on /v1/*
+    max_waiting: int | None = 1024                   # 429 when admitting would make more requests wait than this
+    max_request_bytes: int = 64 * MiB                # 413 for a larger request body
+    default_max_tokens: int = 1024                   # chat requests without max_tokens / max_completion_tokens
+    allowed_local_media_path: str | None = None      # local files (paths, file://) under this directory only
+    allowed_media_domains: tuple[str, ...] | None = None  # URL hosts allowed (and their subdomains); None: any
+    allow_private_media_networks: bool = False       # URLs may reach loopback / private addresses
+    max_media_bytes: int | None = None               # per download and per data: URI (None: the strict policy's)
+    media_fetch_timeout_s: float | None = None       # per URL fetch (None: the strict policy's)
+
+    def media_policy(self) -> MediaPolicy:
+        """The strict media policy (MediaPolicy.strict) opened only as far as the flags say."""
+        changes = {"local_media_root": self.allowed_local_media_path,
+                   "allow_private_networks": self.allow_private_media_networks}
+        if self.allowed_media_domains is not None:
+            changes["allowed_domains"] = tuple(self.allowed_media_domains)
+        if self.max_media_bytes is not None:
+            changes["max_download_bytes"] = changes["max_data_uri_bytes"] = self.max_media_bytes
+        if self.media_fetch_timeout_s is not None:
+            changes["fetch_timeout_s"] = self.media_fetch_timeout_s
+        return MediaPolicy.strict(**changes)
+
+
+# ------------------------------------------------------------------------------------------------ streams
+class _Submitted:
+    """One engine request: its AsyncLLM.generate generator and the task that ran the generator's first step (the
+    submission) and waits for its first output. Iterating yields its RequestOutputs; close() aborts it if unfinished."""
+
+    def __init__(self, request_id: str, gen, first: asyncio.Future):
+        self.request_id, self.gen, self.first = request_id, gen, first
+
+    async def outputs(self):
+        try:
+            yield await self.first
+            async for out in self.gen:
+                yield out
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if not self.first.done():
+            self.first.cancel()  # CancelledError inside the generator: it aborts the request
+            with contextlib.suppress(BaseException):
+                await self.first
+        await self.gen.aclose()  # an unfinished generator aborts the request as it closes
+
+
+async def _merged(subs: list[_Submitted]):
+    """(prompt index, RequestOutput) of several requests as they come; closing it closes (aborts) all of them."""
+    if len(subs) == 1:
+        it = subs[0].outputs()
+        try:
+            async for out in it:
+                yield 0, out
+        finally:
+            await it.aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, sub):
+        try:
+            async for out in sub.outputs():
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
+    try:
+        left = len(subs)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in subs:
+            await s.close()
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream from an async generator of str. A task reads the connection meanwhile: when the client
+    disconnects it cancels the response (so the generator, and with it the engine request, ends at once, even while
+    waiting for a token), and the response ends quietly."""
+    media_type = "text/event-stream"
+
+    def __init__(self, body):
+        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        task = asyncio.current_task()
+        state = {"closing": False, "gone": False}
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["closing"]:
+                state["gone"] = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            state["closing"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()
+        except OSError:  # the client went away while we wrote
+            pass
+        finally:
+            state["closing"] = True
+            watcher.cancel()
+            await self.body_iterator.aclose()
+
+
+async def _unless_disconnected(receive, coro):
+    """Runs coro; if the client disconnects first, cancels it and returns None."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the server
+class OpenAIServer:
+    def __init__(self, llm, settings: ServerSettings):
+        self.llm, self.settings = llm, settings
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+        self.submitting = 0  # requests between the admission check and the engine's waiting queue
+        self.active: set[str] = set()  # request ids in flight
+        tokenizer = llm.engine.processor.tokenizer
+        self.decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)
+        llm.engine.processor.media_policy = settings.media_policy()
+
+    # -- request plumbing
+    def error_response(self, e: BaseException, count: bool = True) -> JSONResponse:
+        err = P.error_of(e)
+        if count:
+            self.metrics.outcome(STATUS_OUTCOME.get(err.status, "error"))
+        return JSONResponse(P.error_body(err), status_code=err.status)
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.settings.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise P.APIError(413, f"request body of {length} bytes is over the {limit}-byte limit "
+                                  "(--max-request-bytes)", code="request_too_large")
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(413, f"request body is over the {limit}-byte limit (--max-request-bytes)",
+                                 code="request_too_large")
+            parts.append(chunk)
+        try:
+            body = json.loads(b"".join(parts))
+        except ValueError as e:
+            raise P.APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise P.APIError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    @staticmethod
+    def parse(model, body: dict):
+        from pydantic import ValidationError
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first.get("loc", ()))
+            raise P.APIError(400, f"invalid request: {param}: {first.get('msg')}" if param else
+                             f"invalid request: {first.get('msg')}", param=param or None) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.model_name:
+            raise P.APIError(404, f"the model {name!r} does not exist; this server serves "
+                                  f"{self.settings.model_name!r}", code="model_not_found", param="model")
+
+    def admit(self, count: int) -> None:
+        self.llm.check_health()  # EngineDeadError -> 503
+        cap = self.settings.max_waiting
+        if cap is not None:
+            waiting = len(self.llm.engine.scheduler.waiting) + self.submitting
+            if waiting + count > cap:
+                raise P.APIError(429, f"{waiting} requests are waiting, the limit is {cap} (--max-waiting); "
+                                      "retry later", "rate_limit_error", "queue_full")
+
+    async def submit(self, request_id: str, prompt, params) -> _Submitted:
+        """Submits one request; the engine's submission errors (bad input, refused media) raise here."""
+        gen = self.llm.generate(prompt, params, request_id)
+        first = asyncio.ensure_future(gen.__anext__())
+        self.submitting += 1
+        try:
+            await asyncio.sleep(0)  # the task's first step runs now (FIFO): AsyncLLM.generate adds the request
+        finally:
+            self.submitting -= 1
+        if first.done() and first.exception() is not None:
+            await gen.aclose()
+            raise first.exception()
+        return _Submitted(request_id, gen, first)
+
+    async def generate(self, request: Request, kind: str, req, prompts: list, params):
+        self.admit(len(prompts))
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        subs: list[_Submitted] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                p = params if len(prompts) == 1 else dataclasses.replace(params)
+                subs.append(await self.submit(rid if len(prompts) == 1 else f"{rid}-{i}", prompt, p))
+        except BaseException:
+            for s in subs:
+                await s.close()
+            raise
+        n = getattr(params, "n", 1) or 1
+        builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, n,
+                                    getattr(params, "logprobs", None), req.include_usage, self.decode)
+        if req.stream:
+            return SSEResponse(self.stream_body(builder, subs, kind == "chat"))
+        body = await _unless_disconnected(request.receive, self.collect(builder, subs))
+        if body is None:
+            return PlainTextResponse("", status_code=499)  # nobody is listening
+        return JSONResponse(body) if isinstance(body, dict) else body
+
+    def finish(self, finals: list) -> str:
+        """Records the finished requests; the HTTP outcome."""
+        outcome = "success"
+        for out in finals:
+            if out is None:
+                outcome = "abort"
+            elif any(c.finish_reason == "abort" for c in P.samples(out)):
+                outcome = "abort"
+            else:
+                self.metrics.finished_request(out)
+        return outcome
+
+    async def collect(self, builder: P.ResponseBuilder, subs: list[_Submitted]):
+        finals = [None] * len(subs)
+        outcome = "abort"
+        merged = _merged(subs)
+        self.active.update(s.request_id for s in subs)
+        try:
+            async for i, out in merged:
+                if out.finished:
+                    finals[i] = out
+            outcome = self.finish(finals)
+            return builder.response(finals) if outcome == "success" else self.error_response(
+                P.APIError(503, "the request was aborted (the server is shutting down)", "server_error", "aborted"),
+                count=False)
+        except Exception as e:  # failed while running (500) or the engine died (503)
+            err = P.error_of(e)
+            outcome = STATUS_OUTCOME.get(err.status, "error")
+            return JSONResponse(P.error_body(err), status_code=err.status)
+        finally:
+            await merged.aclose()
+            self.active.difference_update(s.request_id for s in subs)
+            self.metrics.outcome(outcome)
+
+    async def stream_body(self, builder: P.ResponseBuilder, subs: list[_Submitted], chat: bool):
+        finals = [None] * len(subs)
+        choices = [[P.ChoiceStream(p * builder.n + j) for j in range(builder.n)] for p in range(len(subs))]
+        outcome = "abort"
+        merged = _merged(subs)
+        self.active.update(s.request_id for s in subs)
+        try:
+            if chat:
+                yield builder.role_chunk(range(len(subs) * builder.n))
+            async for i, out in merged:
+                for chunk in builder.chunks(out, i, choices[i]):
+                    yield chunk
+                if out.finished:
+                    finals[i] = out
+            if builder.include_usage:
+                yield builder.usage_chunk(finals)
+            outcome = self.finish(finals)
+            yield P.SSE_DONE
+        except Exception as e:  # failed while running, or the engine died: an error event, then [DONE]
+            err = P.error_of(e)
+            outcome = STATUS_OUTCOME.get(err.status, "error")
+            yield P.sse(P.error_body(err))
+            yield P.SSE_DONE
+        finally:
+            await merged.aclose()
+            self.active.difference_update(s.request_id for s in subs)
+            self.metrics.outcome(outcome)
+
+    # -- routes
+    async def chat(self, request: Request):
+        try:
+            req = self.parse(P.ChatCompletionRequest, await self.read_json(request))
+            self.check_model(req.model)
+            conversation = P.to_conversation(req.messages)
+            params = P.chat_sampling_params(req, self.settings.default_max_tokens)
+            return await self.generate(request, "chat", req, [conversation], params)
+        except Exception as e:
+            return self.error_response(e)
+
+    async def completions(self, request: Request):
+        try:
+            req = self.parse(P.CompletionRequest, await self.read_json(request))
+            self.check_model(req.model)
+            prompts = P.completion_prompts(req)
+            params = P.completion_sampling_params(req)
+            return await self.generate(request, "completion", req, prompts, params)
+        except Exception as e:
+            return self.error_response(e)
+
+    async def models(self, request: Request):
+        engine = self.llm.engine
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.settings.model_name, "object": "model", "created": self.created,
+             "owned_by": "internvl-engine", "root": str(engine.engine_config.model),
+             "max_model_len": engine.max_model_len}]})
+
+    async def health(self, request: Request):
+        try:
+            self.llm.check_health()
+        except EngineDeadError as e:
+            return self.error_response(e, count=False)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, request: Request):
+        return PlainTextResponse(self.metrics.render(self.llm, self.settings.model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def version(self, request: Request):
+        return JSONResponse({"version": __version__, "name": "internvl-engine"})
+
+    async def shutdown(self) -> None:
+        """Lifespan end: whatever is still in flight (uvicorn has already waited out --shutdown-timeout and cancelled
+        the handlers, which aborts their requests) is aborted."""
+        for request_id in list(self.active):
+            self.llm.abort(request_id)
+
+
+class _APIKeyMiddleware:
+    """Pure ASGI (no response buffering): /v1/* needs "Authorization: Bearer <key>"; 401 in OpenAI's shape."""
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app, self.server = app, server
+        self.expected = ("Bearer " + server.settings.api_key).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                response = self.server.error_response(P.APIError(
+                    401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error",
+                    "invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(llm, settings: ServerSettings) -> FastAPI:
+    """The ASGI app over `llm` (an AsyncLLM the caller owns). It sets the engine processor's media policy to the
+    strict one the settings describe."""
+    server = OpenAIServer(llm, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await server.shutdown()
+
+    app = FastAPI(title="internvl-engine", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = server
+    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    app.add_api_route("/version", server.version, methods=["GET"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404 / 405 from routing, in OpenAI's shape
+        return JSONResponse(P.error_body(P.APIError(exc.status_code, str(exc.detail), "invalid_request_error")),
+                            status_code=exc.status_code)
+
+    if settings.api_key:
+        app.add_middleware(_APIKeyMiddleware, server=server)
+    return app

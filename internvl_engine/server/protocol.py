@@ -1,0 +1,391 @@
+"""The OpenAI wire format and the engine's vocabulary, both ways: a request body becomes a conversation (or a raw
+prompt) plus SamplingParams; RequestOutput snapshots become response bodies and SSE chunks; exceptions become
+OpenAI-shaped errors with a status. Only renaming and reshaping happen here: every value is checked by the engine
+(SamplingParams.validate, the processor, the media policy), whose typed errors become 400s."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
+                      SamplingParamsError)
+from ..sampling import SamplingParams
+
+# per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
+MM_PROCESSOR_KWARGS = {"max_dynamic_patch": "max_num_tiles", "num_frames": "num_frames"}
+# request fields passed to SamplingParams under the same name when given (OpenAI's, then vLLM's extras)
+SAMPLING_FIELDS = ("top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                   "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
+                   "include_stop_str_in_output", "stop_token_ids", "prompt_logprobs")
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM's convention)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    """An error the server itself raises, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+
+def error_of(e: BaseException) -> APIError:
+    """The HTTP status and OpenAI error of an exception: the engine's typed input errors are the client's fault
+    (400, or 413 over a media size cap), a dead engine is 503, a request that failed while running is 500."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), "service_unavailable_error", "engine_dead")
+    if isinstance(e, MediaTooLargeError):
+        return APIError(413, str(e), "invalid_request_error", type(e).__name__)
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e), "server_error", type(e).__name__)
+    if isinstance(e, InternVLEngineError):
+        return APIError(400, str(e), "invalid_request_error", type(e).__name__)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error", "internal_error")
+
+
+def error_body(err: APIError) -> dict:
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+# ------------------------------------------------------------------------------------------------ requests
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share: OpenAI's sampling fields, then vLLM's extras. Unknown fields are ignored, as
+    OpenAI clients send some this server has no use for (user, metadata, store, ...)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+    functions: list | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def _unsupported(what: str, param: str) -> APIError:
+    return APIError(400, f"{what} is not supported by this server", code="unsupported", param=param)
+
+
+def sampling_params(req: _Request, max_tokens: int | None, logprobs: int | None,
+                    default_max_tokens: int) -> SamplingParams:
+    """SamplingParams from the request's fields under vLLM's names; the engine validates the values.
+    temperature defaults to 1.0, as in OpenAI's API (SamplingParams' own default, 0, is greedy)."""
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
+    kw: dict[str, Any] = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens,
+                          "temperature": 1.0 if req.temperature is None else req.temperature}
+    for name in SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = value
+    if req.stop:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if logprobs is not None:
+        kw["logprobs"] = logprobs
+    mm = req.mm_processor_kwargs or {}
+    unknown = sorted(set(mm) - set(MM_PROCESSOR_KWARGS))
+    if unknown:
+        raise APIError(400, f"mm_processor_kwargs: unknown key(s) {unknown}; supported: {sorted(MM_PROCESSOR_KWARGS)}",
+                       code="SamplingParamsError", param="mm_processor_kwargs")
+    for key, name in MM_PROCESSOR_KWARGS.items():
+        if mm.get(key) is not None:
+            kw[name] = mm[key]
+    try:
+        return SamplingParams(**kw)
+    except TypeError as e:  # a field this engine's SamplingParams does not have
+        raise APIError(400, f"unsupported sampling field: {e}", code="unsupported") from None
+
+
+def chat_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
+    if req.tools or req.functions:
+        raise _unsupported("tool calling", "tools")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported(f"response_format {req.response_format.get('type')!r}", "response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return sampling_params(req, max_tokens, logprobs, default_max_tokens)
+
+
+def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
+    if req.echo:
+        raise _unsupported("echo", "echo")
+    if req.suffix:
+        raise _unsupported("suffix", "suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise _unsupported("best_of other than n", "best_of")
+    return sampling_params(req, req.max_tokens, req.logprobs, 16)  # OpenAI's completions default: 16 tokens
+
+
+# OpenAI content parts -> the engine's (processor/template.py normalize_messages): text, image (url), video (url)
+def _part(part: Any, mi: int, ci: int) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise PromptError(f"messages[{mi}].content[{ci}] must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": part.get("text", "")}
+    if kind in ("image_url", "video_url"):
+        ref = part.get(kind)
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url:
+            raise PromptError(f"messages[{mi}].content[{ci}].{kind}.url must be a non-empty string")
+        return {"type": "image" if kind == "image_url" else "video", "url": url}
+    raise PromptError(f"messages[{mi}].content[{ci}] has type {kind!r}; supported: text, image_url, video_url")
+
+
+def to_conversation(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> the conversation LLM.generate takes: roles kept ("developer" is the system role), string
+    content kept, content parts as {"type": "text" | "image" | "video", ...}."""
+    conv = []
+    for mi, m in enumerate(messages):
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise PromptError(f"messages[{mi}].role must be system, developer, user or assistant, got {role!r}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):
+            content = [_part(p, mi, ci) for ci, p in enumerate(content)]
+        elif not isinstance(content, str):
+            raise PromptError(f"messages[{mi}].content must be a string or a list of parts")
+        conv.append({"role": role, "content": content})
+    return conv
+
+
+def completion_prompts(req: CompletionRequest) -> list[dict]:
+    """Raw prompts ({"prompt": text}: the text as given, no chat template), one per prompt of the request."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts:
+        raise PromptError("prompt is empty")
+    if not all(isinstance(p, str) for p in prompts):
+        raise _unsupported("a prompt of token ids", "prompt")
+    return [{"prompt": p} for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------------ responses
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(obj) -> str:
+    return "data: " + dumps(obj) + "\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _lp(x: float) -> float:
+    return x if x > LOGPROB_FLOOR and not math.isnan(x) else LOGPROB_FLOOR
+
+
+def _token_text(token_id: int, lp, decode) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else decode(token_id)
+
+
+def _top(entry: dict, k: int) -> list:
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank <= k), key=lambda x: x[1].rank)[:k]
+
+
+def chat_logprobs(token_ids, logprobs, k: int, decode) -> dict:
+    """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and the top-k alternatives."""
+    content = []
+    for tid, entry in zip(token_ids, logprobs):
+        chosen = entry[tid]
+        text = _token_text(tid, chosen, decode)
+        content.append({"token": text, "logprob": _lp(chosen.logprob), "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": (s := _token_text(t, lp, decode)), "logprob": _lp(lp.logprob),
+                                          "bytes": list(s.encode())} for t, lp in _top(entry, k)]})
+    return {"content": content}
+
+
+def completion_logprobs(token_ids, logprobs, k: int, decode, offset: int = 0) -> dict:
+    """OpenAI (legacy) completions logprobs: tokens, token_logprobs, top_logprobs (text -> logprob), text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, logprobs):
+        chosen = entry[tid]
+        text = _token_text(tid, chosen, decode)
+        tokens.append(text)
+        token_lps.append(_lp(chosen.logprob))
+        tops.append({_token_text(t, lp, decode): _lp(lp.logprob) for t, lp in _top(entry, k)} if k else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(prompt_logprobs) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token_id: {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": _lp(lp.logprob), "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in e.items()}
+            for e in prompt_logprobs]
+
+
+def usage(outputs) -> dict:
+    """Token counts over the RequestOutputs of one HTTP request (a prompt counts once however many samples)."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in samples(o))
+    cached = sum(o.metrics.cached_prompt_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def samples(out) -> list:
+    """The samples of a RequestOutput (outputs, or the flat fields of an engine without them)."""
+    return out.outputs or [out]
+
+
+class ChoiceStream:
+    """What one sample has sent so far; turns each cumulative snapshot into the new text, tokens and logprobs."""
+    __slots__ = ("index", "text_sent", "tokens_sent", "finished")
+
+    def __init__(self, index: int):
+        self.index, self.text_sent, self.tokens_sent, self.finished = index, 0, 0, False
+
+    def advance(self, sample) -> tuple[str, int, str | None] | None:
+        """(new text, first new token index, finish reason if it just finished) or None when nothing changed."""
+        if self.finished:
+            return None
+        text = sample.text[self.text_sent:]
+        start = self.tokens_sent
+        finish = sample.finish_reason
+        if not text and len(sample.token_ids) == start and finish is None:
+            return None
+        self.text_sent = len(sample.text)
+        self.tokens_sent = len(sample.token_ids)
+        self.finished = finish is not None
+        return text, start, finish
+
+
+class ResponseBuilder:
+    """Response bodies and SSE chunks of one HTTP request (chat or completions)."""
+
+    def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str,
+                 n: int, logprobs: int | None, include_usage: bool, decode):
+        self.kind, self.id, self.created, self.model = kind, response_id, created, model
+        self.n, self.logprobs, self.include_usage, self.decode = n, logprobs, include_usage, decode
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def _logprobs(self, token_ids, lps, offset: int = 0):
+        if self.logprobs is None or lps is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(token_ids, lps, self.logprobs, self.decode)
+        return completion_logprobs(token_ids, lps, self.logprobs, self.decode, offset)
+
+    # -- whole responses
+    def response(self, outputs: list) -> dict:
+        """outputs: the final RequestOutput of each prompt (chat: one)."""
+        choices = []
+        for p, out in enumerate(outputs):
+            for c in samples(out):
+                index = p * self.n + getattr(c, "index", 0)
+                lps = self._logprobs(c.token_ids, getattr(c, "logprobs", None))
+                if self.kind == "chat":
+                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": lps, "finish_reason": c.finish_reason})
+                else:
+                    choices.append({"index": index, "text": c.text, "logprobs": lps,
+                                    "finish_reason": c.finish_reason})
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage(outputs)}
+        if any(getattr(o, "prompt_logprobs", None) is not None for o in outputs):
+            body["prompt_logprobs"] = [prompt_logprobs_json(o.prompt_logprobs) for o in outputs]
+        return body
+
+    # -- streams
+    def _chunk(self, choices: list) -> str:
+        body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": choices}
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def role_chunk(self, indices) -> str:
+        return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for i in indices])
+
+    def chunks(self, out, prompt_index: int, streams: list[ChoiceStream]) -> list[str]:
+        """SSE chunks for what a snapshot adds over the previous ones: one chunk per sample that changed."""
+        result = []
+        for c, st in zip(samples(out), streams):
+            offset = st.text_sent
+            change = st.advance(c)
+            if change is None:
+                continue
+            text, start, finish = change
+            lps = getattr(c, "logprobs", None)
+            lps = self._logprobs(c.token_ids[start:], lps[start:], offset) if lps is not None else None
+            if self.kind == "chat":
+                choice = {"index": st.index, "delta": {"content": text} if text else {}, "logprobs": lps,
+                          "finish_reason": finish}
+            else:
+                choice = {"index": st.index, "text": text, "logprobs": lps, "finish_reason": finish}
+            result.append(self._chunk([choice]))
+        return result
+
+    def usage_chunk(self, outputs: list) -> str:
+        return sse({"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                    "choices": [], "usage": usage(outputs)})
+
+
+__all__ = ["APIError", "error_of", "error_body", "ChatCompletionRequest", "CompletionRequest", "sampling_params",
+           "chat_sampling_params", "completion_sampling_params", "to_conversation", "completion_prompts",
+           "ResponseBuilder", "ChoiceStream", "sse", "SSE_DONE", "dumps", "usage", "samples",
+           "SamplingParamsError"]
