@@ -1,0 +1,151 @@
+"""SamplingParams options, each against an independent reference: transformers' logits processors (repetition
+penalty, min_p) or a plain loop (OpenAI's frequency / presence penalties) over the raw logits the engine returns, a
+plain log-softmax for logprobs and prompt logprobs, a naive string search for stop strings. Plus n with seeds,
+min_tokens, batch invariance with every option on, and typed validation errors. CPU, random:tiny, fp32."""
+import pytest
+import torch
+from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+from internvl_engine import LLM, SamplingParams
+from internvl_engine.errors import SamplingParamsError
+from internvl_engine.sampling import _filter
+
+PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
+OTHER = "List some rivers of the world, please."
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("random:tiny", device="cpu", kv_cache_tokens=8192)
+
+
+def _greedy_with(llm, **kw):
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True, return_logits=True, **kw))[0]
+    return out, out.logits
+
+
+@pytest.mark.parametrize("penalty", [1.7, 0.3])  # < 1 rewards repeats: random weights rarely repeat otherwise
+def test_repetition_penalty_matches_transformers(llm, penalty):
+    out, raw = _greedy_with(llm, repetition_penalty=penalty)
+    proc = RepetitionPenaltyLogitsProcessor(penalty)
+    ids = list(out.prompt_token_ids)
+    for t, tok in enumerate(out.token_ids):
+        ref = proc(torch.tensor([ids]), raw[t:t + 1].clone())
+        assert tok == int(ref.argmax()), t
+        ids.append(tok)
+    if penalty < 1:
+        assert out.token_ids != _greedy_with(llm)[0].token_ids  # the penalty changed something
+
+
+@pytest.mark.parametrize("freq,pres", [(1.5, 0.0), (0.0, 1.9), (-1.5, 0.0), (0.0, -1.9), (1.2, -2.0)])
+def test_frequency_and_presence_penalties_match_a_plain_loop(llm, freq, pres):
+    out, raw = _greedy_with(llm, frequency_penalty=freq, presence_penalty=pres)
+    for t, tok in enumerate(out.token_ids):
+        ref = raw[t].clone()
+        for prev in set(out.token_ids[:t]):  # OpenAI: generated tokens only
+            n = out.token_ids[:t].count(prev)
+            ref[prev] -= freq * n + pres
+        assert tok == int(ref.argmax()), t
+    if freq < 0 or pres < 0:  # rewarding repeats changes random-weight output (penalising alone may not)
+        assert out.token_ids != _greedy_with(llm)[0].token_ids
+
+
+def test_min_p_matches_transformers():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for min_p in (0.05, 0.3):
+        ours = _filter(logits, 0, 1.0, min_p)
+        ref = MinPLogitsWarper(min_p, min_tokens_to_keep=1)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+def test_logprobs_are_the_raw_log_softmax(llm):
+    out, raw = _greedy_with(llm, logprobs=3)
+    lp = torch.log_softmax(raw.double(), -1)
+    for t, (tok, entry) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
+        assert entry[tok].logprob == pytest.approx(float(lp[t, tok]), abs=1e-5)
+        assert entry[tok].rank == int((lp[t] > lp[t, tok]).sum()) + 1
+        top = lp[t].topk(3)
+        assert {k for k, v in entry.items() if v.rank <= 3} == set(top.indices.tolist())
+        assert entry[tok].decoded_token == llm.processor.tokenizer.decode([tok], skip_special_tokens=False)
+    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(float(lp[t, k]) for t, k in
+                                                                  enumerate(out.token_ids)), abs=1e-4)
+
+
+def test_prompt_logprobs_match_prompt_logits(llm):
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=2))[0]
+    lp = torch.log_softmax(llm.prompt_logits(PROMPT).double(), -1)
+    ids = out.prompt_token_ids
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        entry = out.prompt_logprobs[p]
+        assert entry[ids[p]].logprob == pytest.approx(float(lp[p - 1, ids[p]]), abs=1e-4), p
+        assert {k for k, v in entry.items() if v.rank <= 2} == set(lp[p - 1].topk(2).indices.tolist())
+    again = llm.generate(PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=2))[0]  # no prefix-cache shortcut
+    assert [sorted(e) for e in again.prompt_logprobs[1:]] == [sorted(e) for e in out.prompt_logprobs[1:]]
+
+
+def test_stop_strings_match_a_naive_search_and_are_held_back_while_streaming(llm):
+    params = dict(max_tokens=40, ignore_eos=True)
+    full = llm.generate(PROMPT, SamplingParams(**params))[0].text
+    assert len(full) > 12
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # text from the middle: usually spans a token boundary
+    expected = full[:full.find(stop)]
+    out = llm.generate(PROMPT, SamplingParams(stop=[stop, "\x00never"], **params))[0]
+    assert out.text == expected and out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    inc = llm.generate(PROMPT, SamplingParams(stop=stop, include_stop_str_in_output=True, **params))[0]
+    assert inc.text == expected + stop
+    deltas = list(llm.stream(PROMPT, SamplingParams(stop=[stop], **params)))
+    assert "".join(deltas) == expected
+    shown = ""
+    for d in deltas:  # nothing streamed is ever taken back: every prefix is a prefix of the final text
+        shown += d
+        assert expected.startswith(shown)
+
+
+def test_min_tokens_masks_the_stop_tokens(llm):
+    first = llm.generate(PROMPT, SamplingParams(max_tokens=1))[0].token_ids[0]
+    eos = llm.eos_token_ids
+    llm.eos_token_ids = eos | {first}
+    try:
+        assert llm.generate(PROMPT, SamplingParams(max_tokens=8))[0].token_ids == [first]
+        out = llm.generate(PROMPT, SamplingParams(max_tokens=8, min_tokens=5, stop_token_ids=[first]))[0]
+        assert len(out.token_ids) >= 5 and first not in out.token_ids[:5]
+    finally:
+        llm.eos_token_ids = eos
+
+
+def test_n_samples_are_seeded_each_and_share_the_prompt_blocks(llm):
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    bm = llm.engine.block_manager
+    hits0 = bm.prefix_hit_tokens
+    a = llm.generate(OTHER + " (n)", params)[0]
+    shared = bm.prefix_hit_tokens - hits0
+    b = llm.generate(OTHER + " (n)", params)[0]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
+    single = llm.generate(OTHER + " (n)", SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True))[0]
+    assert single.token_ids == a.outputs[0].token_ids  # sample 0 is the n=1 request
+    prompt_blocks = (len(a.prompt_token_ids) - 1) // bm.block_size
+    assert shared >= 2 * prompt_blocks * bm.block_size  # samples 1 and 2 reused the prompt's full blocks
+
+
+def test_every_option_is_batch_invariant(llm):
+    p = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, seed=3, logprobs=2,
+                       repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3, stop=["zz"], n=2)
+    alone = llm.generate(PROMPT, p)[0]
+    batch = llm.generate([OTHER, PROMPT, OTHER + "!"], [SamplingParams(max_tokens=7), p,
+                                                        SamplingParams(max_tokens=12, temperature=1.0, seed=1)])[1]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in batch.outputs]
+    assert [[sorted(e) for e in o.logprobs] for o in alone.outputs] == \
+           [[sorted(e) for e in o.logprobs] for o in batch.outputs]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 0}, "n must"), ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
+    ({"prompt_logprobs": "x"}, "prompt_logprobs"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+    ({"min_p": 1.5}, "min_p"), ({"seed": -1}, "seed")])
+def test_bad_values_raise_typed_errors(kwargs, match):
+    with pytest.raises(SamplingParamsError, match=match):
+        SamplingParams(**kwargs)
