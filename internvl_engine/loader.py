@@ -3,7 +3,9 @@
   model.-prefixed:  model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.weight
   original:         vision_model.* (fused attn.qkv), mlp1.{0,1,3}.*, language_model.model.*, language_model.lm_head.*
 Every key is renamed once to the module names of models/internvl.py; q/k/v and gate/up are written into their
-packed matmul's row range. Files are memory-mapped and each tensor is cast and copied straight to the device."""
+packed matmul's row range. Files are memory-mapped and each tensor is cast and copied straight to the device.
+Under tensor parallelism a sharded layer names the slice it holds (layers/linear.py, load_plan) and only that slice
+is read (safetensors get_slice), so a rank's host memory holds about 1/N of the language model."""
 from __future__ import annotations
 
 import json
@@ -83,10 +85,56 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+def load_model(config, checkpoint: str | Path | None, ops, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               tp=None) -> torch.nn.Module:
+    """The InternVL model on `device` in `dtype`, in eval mode: this rank's shard (tp; default one rank) of the
+    checkpoint's weights, or seeded random weights when checkpoint is None (random:<preset>)."""
+    from .models.internvl import InternVLForConditionalGeneration
+    with torch.device("meta"):
+        net = InternVLForConditionalGeneration(config, ops, tp)
+    net.to_empty(device=device)
+    net.to(dtype)
+    if checkpoint is None:
+        from .random_model import init_random_
+        init_random_(net, seed)
+    else:
+        load_weights(net, checkpoint, dtype, device)
+    return net.eval()
+
+
+def _plan(model: torch.nn.Module, name: str, shard: str | None, param: torch.Tensor):
+    """(part of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "load_plan"):
+        return module.load_plan(leaf, shard)
+    return param.data, None, tuple(param.shape)
+
+
+def _read(f, key: str, index, shape: tuple, file: Path) -> torch.Tensor:
+    """The checkpoint tensor `key`, or only its slice `index` (never the whole tensor), checked against `shape`."""
+    try:
+        if index is None:
+            tensor = f.get_tensor(key)
+            found = tuple(tensor.shape)
+        else:
+            part = f.get_slice(key)
+            found = tuple(part.get_shape())
+    except (SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
+    if found != tuple(shape):
+        raise CheckpointError(f"{file.name}: tensor {key!r} has shape {found}, the model expects {tuple(shape)}")
+    if index is None:
+        return tensor
+    try:
+        return part[index]
+    except (SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device) -> None:
     path = Path(path)
     params = dict(model.named_parameters())
-    filled: dict[str, int] = {}  # parameter -> rows written (packed parameters fill in pieces)
     seen: dict[tuple[str, str | None], str] = {}  # (parameter, shard) -> "file: key" that filled it
     for file in checkpoint_files(path):
         try:
@@ -105,37 +153,24 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
                     raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
                                           f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
                 seen[name, shard] = f"{file.name}: {key!r}"
-                target = param.data
-                if shard is not None:
-                    module = model.get_submodule(name.rpartition(".")[0])
-                    start, rows = module.shard_range(shard)
-                    target = target.narrow(0, start, rows)
-                try:
-                    tensor = f.get_tensor(key)
-                except (SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise CheckpointError(f"{file.name}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                          f"the model expects {tuple(target.shape)}")
-                target.copy_(tensor.to(dtype))
-                filled[name] = filled.get(name, 0) + _rows(target)
-    if "lm_head.weight" not in filled:
+                target, index, shape = _plan(model, name, shard, param)
+                target.copy_(_read(f, key, index, shape, file).to(dtype))
+    if not any(n == "lm_head.weight" for n, _ in seen):
         model.tie_lm_head()  # tied checkpoints store no lm_head (spec 5.4)
-        filled["lm_head.weight"] = _rows(params["lm_head.weight"])
+        seen["lm_head.weight", None] = "tied to the embeddings"
     missing = []
-    for n, p in params.items():
-        if filled.get(n, 0) == _rows(p):
+    for n in params:
+        if (n, None) in seen:
             continue
         module = model.get_submodule(n.rpartition(".")[0])
-        shards = [s for s in getattr(module, "shard_names", ()) if (n, s) not in seen]
-        missing.append(f"{n} ({', '.join(shards)})" if filled.get(n) and shards else n)
+        names = getattr(module, "shard_names", ())
+        shards = [s for s in names if (n, s) not in seen]
+        if names and not shards:
+            continue
+        missing.append(f"{n} ({', '.join(shards)})" if len(shards) < len(names) else n)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensors for {shown}")
-
-
-def _rows(t: torch.Tensor) -> int:
-    return t.shape[0] if t.dim() else 1
 
 
 def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,17 +1,24 @@
 """Seeded random-weight InternVL3 models with real shapes (`random:<preset>`), for benchmarks, the demo and tests.
 
 Initialisation follows the spec's advice (section 10) so that logits do not tie: linears N(0, 1/fan_in), norm
-weights near 1, layer scale near 0.5, non-zero biases, CLS and positions, embeddings N(0, 0.01)."""
+weights near 1, layer scale near 0.5, non-zero biases, CLS and positions, embeddings N(0, 0.01). A tensor-parallel
+rank draws each sharded parameter whole, in the same order, and keeps its slice: every N gives the same model.
+
+The internvl3-14b/38b/78b presets (spec 1.4: InternViT-300M + Qwen2.5-14B, InternViT-6B + Qwen2.5-32B and
+Qwen2.5-72B) are for floors and benchmarks, sharded with tensor_parallel_size; far too big to build in tests."""
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
 
 _VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                     attention_bias=True, use_qk_norm=False, norm_type="layer_norm")
+_VISION_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
+                  attention_bias=False, use_qk_norm=True, norm_type="rms_norm")
 
 
 def _text(hidden, layers, heads, kv, inter, tie=False):
@@ -29,6 +36,9 @@ PRESETS = {
     "internvl3-1b": dict(vision=_VISION_300M, text=_text(896, 24, 14, 2, 4864)),
     "internvl3-2b": dict(vision=_VISION_300M, text=_text(1536, 28, 12, 2, 8960)),
     "internvl3-8b": dict(vision=_VISION_300M, text=_text(3584, 28, 28, 4, 18944)),
+    "internvl3-14b": dict(vision=_VISION_300M, text=_text(5120, 48, 40, 8, 13824)),
+    "internvl3-38b": dict(vision=_VISION_6B, text=_text(5120, 64, 40, 8, 27648)),
+    "internvl3-78b": dict(vision=_VISION_6B, text=_text(8192, 80, 64, 8, 29568)),
 }
 
 
@@ -55,18 +65,22 @@ def init_random_(model: torch.nn.Module, seed: int = 0) -> None:
         return torch.randn(shape, generator=gen, device=device)
 
     for name, p in model.named_parameters():
-        leaf = name.rpartition(".")[2]
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        shape = module.full_shape(leaf) if hasattr(module, "full_shape") else tuple(p.shape)  # sharded: the whole
         if "norm" in name and leaf == "weight":
-            values = 1.0 + 0.1 * randn(p.shape)
+            values = 1.0 + 0.1 * randn(shape)
         elif leaf in ("lambda_1", "lambda_2"):
-            values = 0.5 + 0.1 * randn(p.shape)
+            values = 0.5 + 0.1 * randn(shape)
         elif leaf == "bias" or leaf in ("cls_token", "position_embeddings"):
-            values = 0.02 * randn(p.shape)
+            values = 0.02 * randn(shape)
         elif "embed_tokens" in name:
-            values = 0.01 * randn(p.shape)
+            values = 0.01 * randn(shape)
         else:  # linear and conv weights
-            fan_in = p[0].numel()
-            values = randn(p.shape) * fan_in ** -0.5
+            fan_in = math.prod(shape[1:])
+            values = randn(shape) * fan_in ** -0.5
+        if hasattr(module, "from_full"):
+            values = module.from_full(leaf, values)
         p.copy_(values.to(p.dtype))
 
 

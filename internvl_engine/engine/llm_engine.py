@@ -21,7 +21,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, EngineDeadError, InternVLEngineError, PromptError, RequestFailedError
-from ..loader import load_weights
+from ..distributed.executor import ParallelRunner, launch
+from ..loader import load_model
 from ..models.internvl import InternVLForConditionalGeneration
 from ..ops import OpTable
 from ..outputs import RequestMetrics, RequestOutput
@@ -69,7 +70,7 @@ class LLMEngine:
         self.model = self._load_model(checkpoint, ops, cfg.seed)
         self.max_model_len = min(cfg.max_model_len or self.config.max_model_len, self.config.max_model_len)
         self.block_size = cfg.block_size
-        self.runner = ModelRunner(self.model, self.device, self.dtype, cfg.block_size)
+        self.runner = self._make_runner(cfg)
         self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.processor.tokenizer)
         if cfg.media_policy is not None:
@@ -79,7 +80,7 @@ class LLMEngine:
         eos = set(self.config.eos_token_ids) | {self.processor.tokenizer.eos_token_id}
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, eos,
                                    self.max_model_len)
-        self.enforce_eager = cfg.enforce_eager or self.device.type != "cuda"
+        self.enforce_eager = cfg.enforce_eager or self.device.type != "cuda" or cfg.tensor_parallel_size > 1
         if not self.enforce_eager:  # decode graphs for the batch ladder, over this pool (cuda_graphs.py)
             self.runner.enable_graphs(self.cache, cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size),
                                       vision=cfg.vision_graphs)
@@ -110,16 +111,33 @@ class LLMEngine:
         return config, Processor.from_pretrained(checkpoint, model_config=config), checkpoint
 
     def _load_model(self, checkpoint, ops: OpTable, seed: int) -> InternVLForConditionalGeneration:
-        with torch.device("meta"):
-            net = InternVLForConditionalGeneration(self.config, ops)
-        net.to_empty(device=self.device)
-        net.to(self.dtype)
-        if checkpoint is None:
-            from ..random_model import init_random_
-            init_random_(net, seed)
-        else:
-            load_weights(net, checkpoint, self.dtype, self.device)
-        return net.eval()
+        """The driver's model; under tensor parallelism its shard, once the workers it starts have loaded theirs."""
+        self.executor = launch(self.engine_config, self.config, self.device, self.dtype)  # None with one rank
+        try:
+            net = load_model(self.config, checkpoint, ops, self.device, self.dtype, seed,
+                             None if self.executor is None else self.executor.tp)
+            if self.executor is not None:
+                self.executor.wait_ready()
+        except BaseException:
+            self.shutdown_workers()
+            raise
+        return net
+
+    def _make_runner(self, cfg: EngineConfig):
+        runner = ModelRunner(self.model, self.device, self.dtype, cfg.block_size)
+        return runner if self.executor is None else ParallelRunner(runner, self.executor)
+
+    def shutdown_workers(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine: tensor-parallel workers are told to leave and joined (none is left behind; this also
+        runs at interpreter exit). Every later call raises EngineDeadError."""
+        with self._lock:
+            self.shutdown_workers()
+            if self._dead is None:
+                self._die("the engine was shut down")
 
     def _pool_blocks(self, cfg: EngineConfig) -> int:
         tokens = cfg.kv_cache_tokens
@@ -147,6 +165,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ health
     def check_health(self) -> None:
         """Raises EngineDeadError, saying why, once the engine has hit a fault it cannot recover from."""
+        if self._dead is None and self.executor is not None and self.executor.dead_reason is not None:
+            with self._lock:  # a tensor-parallel worker died or raised
+                self._die(self.executor.dead_reason)
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
 
@@ -347,7 +368,7 @@ class LLMEngine:
 
     def _raise_if_fatal(self, e: Exception) -> None:
         """A fault no rerun can survive (a sticky device error, an injected fatal one) kills the engine."""
-        fatal = e if isinstance(e, InjectedFatalFault) else None
+        fatal = e if isinstance(e, (InjectedFatalFault, EngineDeadError)) else None  # e.g. a tensor-parallel worker died
         if fatal is None and self.device.type == "cuda":
             try:  # a sticky CUDA error poisons the context: every later call on the device fails too
                 torch.cuda.synchronize(self.device)

@@ -46,14 +46,15 @@ class ModelRunner:
         return dict(self.model.ops.binding)
 
     def allocate_pool(self, num_blocks: int) -> KVCache:
+        """The paged KV pool of this rank's KV heads (all of them with one rank)."""
         t = self.model.config.text
-        self.cache = KVCache(t.num_hidden_layers, num_blocks, self.block_size, t.num_key_value_heads, t.head_dim,
+        self.cache = KVCache(t.num_hidden_layers, num_blocks, self.block_size, self.model.num_kv_heads, t.head_dim,
                              self.dtype, self.device)
         return self.cache
 
     def kv_bytes_per_token(self) -> int:
         t = self.model.config.text
-        return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * t.num_hidden_layers * self.model.num_kv_heads * t.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def enable_graphs(self, cache: KVCache, max_batch: int, max_blocks: int, emulate: bool = False,
                       vision: bool = True) -> None:
@@ -126,15 +127,23 @@ class ModelRunner:
             if not step.logits_rows:
                 return None  # a chunk that samples nothing: no logits, no sync
             hidden = hidden[self._tensor(step.logits_rows, torch.int64)]
-        return self.model.compute_logits(hidden).float()
+        logits = self.model.compute_logits(hidden)  # None on a tensor-parallel worker: the driver samples
+        return None if logits is None else logits.float()
 
-    def _forward(self, step: StepInput) -> torch.Tensor:
-        rows = feats = None
+    @staticmethod
+    def check(step: StepInput) -> None:
+        """What a step must satisfy before it runs (the tensor-parallel driver checks before sending it)."""
         if step.image_rows:
             feats = step.image_features
             if feats is None or feats.shape[0] != len(step.image_rows):
                 raise RuntimeError(f"step has {len(step.image_rows)} image positions but "
                                    f"{0 if feats is None else feats.shape[0]} feature rows")
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        rows = feats = None
+        self.check(step)
+        if step.image_rows:
+            feats = step.image_features
             rows = self._tensor(step.image_rows, torch.int64)
         return self.model(self._tensor(step.input_ids, torch.int64), self._tensor(step.positions, torch.int64),
                           self._metadata(step), feats, rows)

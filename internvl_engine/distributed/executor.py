@@ -1,0 +1,308 @@
+"""The driver's side of tensor parallelism. The driver is rank 0, in the caller's process: it keeps the scheduler,
+block manager, processor and sampler, and its ParallelRunner sends every forward to the workers before running its
+own shard of it.
+
+Starting: `launch(cfg, device, dtype)` spawns one worker per rank beyond the driver (torch.multiprocessing, spawn)
+around a TCPStore the driver hosts; under torchrun (RANK / WORLD_SIZE set) every process is started already, ranks
+other than 0 become workers right here and never return, and the store is torchrun's (env://). The driver waits for
+every rank's hello, builds the groups, loads its own shard while the workers load theirs, then waits until each has
+said ready (or raised, or died: the error is raised here, no hang).
+
+Watching: a thread waits on the spawned workers' process sentinels; an exit the driver did not ask for marks the
+executor dead (the reason names the rank, its exit code or signal, and what it raised). Any failure inside a
+parallel call does too: the ranks are then out of step, so the workers are stopped and every later call raises
+EngineDeadError. `shutdown()` tells the workers to leave, joins them, and kills any that do not; it also runs when
+the executor is collected and at interpreter exit.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..errors import BackendError, EngineDeadError
+from .group import TensorParallel, check_shardable
+from .worker import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
+    worker_main
+
+JOIN_TIMEOUT_S = 10.0  # a worker told to shut down that is still alive after this is killed
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun (or any env:// launcher), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: torch.device, rank: int, local_rank: int | None = None) -> torch.device:
+    """The device of a rank: the driver's on the CPU; cuda:<driver's index + rank> when spawned, cuda:<LOCAL_RANK>
+    under torchrun."""
+    if device.type != "cuda":
+        return device
+    index = local_rank if local_rank is not None else (device.index or 0) + rank
+    if index >= torch.cuda.device_count():
+        raise BackendError(f"tensor parallel rank {rank} needs cuda:{index} but {torch.cuda.device_count()} "
+                           "CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor | None":
+    """The executor of an engine with cfg.tensor_parallel_size > 1 (None for 1), once its workers are up (each then
+    loads its shard while the driver loads its own). ShardingError before anything starts when the model (`config`)
+    cannot be split. On a torchrun rank other than 0 this runs the worker loop; the process exits when the driver
+    shuts down."""
+    n = cfg.tensor_parallel_size
+    if n == 1:
+        return None
+    check_shardable(config.text, n)
+    env = torchrun_env()
+    if env is not None:
+        rank, world, local = env
+        if world != n:
+            from ..engine.config import EngineConfigError
+            raise EngineConfigError(f"tensor_parallel_size {n} but torchrun started WORLD_SIZE={world} processes")
+        if rank != 0:
+            run_worker(WorkerSpec(cfg, rank, n, str(rank_device(device, rank, local)), dtype, None, "internvl-tp",
+                                  watch_parent=False))
+    return Executor(cfg, device, dtype, torchrun=env is not None)
+
+
+def _reap(procs: list) -> None:
+    """Terminate, then kill, whichever spawned workers are still alive, and join them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 2.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _watch(executor_ref, sentinels: dict) -> None:
+    """Wait for any spawned worker to exit; one the driver did not stop marks the executor dead."""
+    done = multiprocessing.connection.wait(list(sentinels))
+    executor = executor_ref()
+    if executor is not None and not executor._closing:
+        executor._mark_dead(executor._worker_reason(sentinels[done[0]]))
+
+
+class Executor:
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, torchrun: bool = False):
+        self.size, self.device = cfg.tensor_parallel_size, device
+        self.procs: dict[int, mp.Process] = {}
+        self.worker_info: dict[int, dict] = {}   # rank -> what it reported when ready (pid, peak RSS, load time)
+        self._dead: str | None = None
+        self._closing = False
+        self._lock = threading.Lock()           # the store client, from the caller's thread and the watcher
+        if torchrun:
+            self.prefix = "internvl-tp"
+            self.store, _, _ = next(dist.rendezvous("env://", 0, self.size, timeout=STORE_TIMEOUT))
+        else:
+            self.prefix = f"internvl-tp-{uuid.uuid4().hex[:12]}"
+            self.store = dist.TCPStore("127.0.0.1", 0, self.size, True, timeout=STORE_TIMEOUT,
+                                       wait_for_workers=False)
+            ctx = mp.get_context("spawn")
+            for r in range(1, self.size):
+                spec = WorkerSpec(cfg, r, self.size, str(rank_device(device, r)), dtype,
+                                  ("127.0.0.1", self.store.port), self.prefix)
+                p = ctx.Process(target=worker_main, args=(spec,), name=f"internvl-tp-rank{r}", daemon=True)
+                p.start()
+                self.procs[r] = p
+        self._finalizer = weakref.finalize(self, _reap, list(self.procs.values()))
+        try:
+            self._wait_all("hello", timeout_s=STORE_TIMEOUT.total_seconds())
+            self.tp = TensorParallel.create(self.store, 0, self.size, device, self.prefix)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.procs:  # the watcher holds only a weak reference: a dropped executor is still collected (and reaped)
+            sentinels = {p.sentinel: r for r, p in self.procs.items()}
+            threading.Thread(target=_watch, args=(weakref.ref(self), sentinels), name="internvl-tp-watch",
+                             daemon=True).start()
+
+    # ------------------------------------------------------------------ startup
+    def _key(self, kind: str, rank: int) -> str:
+        return f"{self.prefix}/{kind}/{rank}"
+
+    def _has(self, key: str) -> bool:
+        with self._lock:
+            return self.store.check([key])
+
+    def _get(self, key: str) -> str:
+        with self._lock:
+            return self.store.get(key).decode()
+
+    def _wait_all(self, kind: str, timeout_s: float | None = None) -> None:
+        """Until every worker has written `<kind>/<rank>`; raises EngineDeadError as soon as one raised or died."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiting = set(range(1, self.size))
+        while waiting:
+            for r in sorted(waiting):
+                if self._has(self._key(kind, r)):
+                    waiting.discard(r)
+                elif self._has(self._key("error", r)) or (r in self.procs and not self.procs[r].is_alive()):
+                    hint = "" if kind != "hello" or self._has(self._key("error", r)) else (
+                        " before it started (its stderr says why). Spawned workers import the main module: a script "
+                        "that builds a tensor-parallel engine must do so under `if __name__ == '__main__':`, and "
+                        "cannot be read from stdin")
+                    raise self.fail(RuntimeError(f"worker rank {r} did not start"), hint)
+            if waiting and deadline is not None and time.monotonic() > deadline:
+                raise self.fail(TimeoutError(f"worker rank(s) {sorted(waiting)} did not reach {kind!r} in "
+                                             f"{timeout_s:.0f} s"))
+            time.sleep(0.02)
+
+    def wait_ready(self) -> None:
+        """After the driver loaded its own shard: until every worker has loaded its shard."""
+        self._wait_all("ready")
+        for r in range(1, self.size):
+            self.worker_info[r] = json.loads(self._get(self._key("ready", r)))
+
+    # ------------------------------------------------------------------ health
+    def _worker_reason(self, rank: int) -> str:
+        what = f"tensor-parallel worker rank {rank}"
+        p = self.procs.get(rank)
+        if p is not None:
+            p.join(0.5)
+            what += f" (pid {p.pid})"
+            if p.exitcode is not None and p.exitcode < 0:
+                what += f" was killed by {signal.Signals(-p.exitcode).name}"
+            elif p.exitcode is not None:
+                what += f" exited with code {p.exitcode}"
+        try:
+            if self._has(self._key("error", rank)):
+                what += f"; it raised {self._get(self._key('error', rank)).splitlines()[0]}"
+        except Exception:  # the store itself is unreachable: say what is known
+            pass
+        return what
+
+    def _mark_dead(self, why: str) -> None:
+        if self._dead is None:
+            self._dead = why
+            if self.device.type == "cuda" and hasattr(self, "tp"):
+                self.tp.abort()  # NCCL collectives do not notice a dead peer by themselves
+            _reap(list(self.procs.values()))
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    def check(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self._dead}")
+
+    def fail(self, cause: BaseException, hint: str = "") -> EngineDeadError:
+        """A parallel call failed: the ranks are out of step. Find out which worker is to blame (give a dying one a
+        moment to exit and say why), stop them all, and return the error to raise."""
+        if self._dead is None:
+            why = None
+            deadline = time.monotonic() + 2.0
+            while why is None and time.monotonic() < deadline:
+                for r in range(1, self.size):
+                    gone = r in self.procs and not self.procs[r].is_alive()
+                    if gone or self._has(self._key("error", r)):
+                        why = self._worker_reason(r)
+                        break
+                else:
+                    time.sleep(0.05)
+            self._mark_dead((why or f"a tensor-parallel call failed on the driver: {type(cause).__name__}: {cause}")
+                            + hint)
+        return EngineDeadError(f"the engine is dead: {self._dead}")
+
+    # ------------------------------------------------------------------ messages
+    def send(self, op: str, payload=None, tensors: tuple[torch.Tensor, ...] = ()) -> None:
+        """One message to every worker: the plain data over the control group, then each tensor (device group)."""
+        metas = [(tuple(t.shape), t.dtype) for t in tensors]
+        self.tp.send_object((op, payload, metas))
+        for t in tensors:
+            self.tp.broadcast(t.to(self.device).contiguous())
+
+    def inject_fault(self) -> None:
+        """Test hook: every worker raises at the next forward (the engine must die, not hang)."""
+        self.send("fault")
+
+    def shutdown(self) -> None:
+        """Tell the workers to leave, join them (killing any that linger), no process left behind. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._dead is None and hasattr(self, "tp"):
+            try:
+                self.send("shutdown")
+            except Exception:  # a worker already gone: it is reaped below
+                pass
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        self._finalizer()  # _reap: terminate / kill what is left
+        if self._dead is None:
+            self._dead = "the engine was shut down"
+
+
+class ParallelRunner:
+    """ModelRunner's interface on the driver of a tensor-parallel engine: each call that runs the model is sent to
+    the workers first, then run on the driver's own shard (the collectives inside meet up). Everything else (the
+    pool, to_host, kernels, ...) is the driver's ModelRunner's."""
+
+    vision_mode = "spread"  # "spread": a batch's tiles split over the ranks; "driver": the driver runs every tile
+
+    def __init__(self, local, executor: Executor):
+        self.local, self.executor = local, executor
+        self.graphs = self.vision_graphs = None  # eager under tensor parallelism
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def _parallel(self, fn):
+        self.executor.check()
+        try:
+            return fn()
+        except Exception as e:
+            raise self.executor.fail(e) from e
+
+    def allocate_pool(self, num_blocks: int):
+        def run():
+            self.executor.send("pool", num_blocks)
+            return self.local.allocate_pool(num_blocks)
+        return self._parallel(run)
+
+    def enable_graphs(self, *args, **kwargs) -> None:
+        raise NotImplementedError("CUDA graphs are not used under tensor parallelism (enforce_eager)")
+
+    def execute(self, step):
+        self.local.check(step)  # a step the driver would refuse is never sent
+        feats = () if step.image_features is None else (step.image_features,)
+
+        def run():
+            self.executor.send("execute", replace(step, image_features=None), feats)
+            return self.local.execute(step)
+        return self._parallel(run)
+
+    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projector rows of a batch of tiles. A single tile cannot be split: the driver runs it alone."""
+        n = pixel_values.shape[0]
+        if n < 2 or self.vision_mode == "driver":
+            return self.local.vision(pixel_values)
+        counts = split_tiles(n, self.executor.size)
+        shape, dtype = tuple(pixel_values.shape[1:]), pixel_values.dtype
+
+        def run():
+            self.executor.send("vision", (counts, shape, dtype))
+            return vision_share(self.executor.tp, self.local, counts, shape, dtype, pixel_values)
+        return self._parallel(run)
+
+
+def driver_memory() -> dict:
+    return dict(pid=os.getpid(), rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes())
