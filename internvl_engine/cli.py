@@ -242,12 +242,11 @@ def cmd_serve(args) -> int:
         default_max_tokens=args.default_max_tokens, allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=domains, allow_private_media_networks=args.allow_private_media_networks,
         max_media_bytes=args.max_media_bytes, media_fetch_timeout_s=args.media_fetch_timeout)
-    settings.media_policy()  # a bad flag fails here, before the model loads
     engine_args = dict(dtype=args.dtype, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
                        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=not args.no_prefix_caching)
+                       enable_prefix_caching=not args.no_prefix_caching, media_policy=settings.media_policy())
     llm = AsyncLLM(args.model, **engine_args)
     print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)

@@ -270,18 +270,20 @@ class OpenAIServer:
     async def generate(self, request: Request, kind: str, req, prompts: list, params):
         self.admit(len(prompts))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        engine_id = request.headers.get("x-request-id") or rid  # the engine's request id (logs, faults, aborts)
         subs: list[_Submitted] = []
         try:
             for i, prompt in enumerate(prompts):
                 p = params if len(prompts) == 1 else dataclasses.replace(params)
-                subs.append(await self.submit(rid if len(prompts) == 1 else f"{rid}-{i}", prompt, p))
+                subs.append(await self.submit(engine_id if len(prompts) == 1 else f"{engine_id}-{i}", prompt, p))
         except BaseException:
             for s in subs:
                 await s.close()
             raise
         n = getattr(params, "n", 1) or 1
         builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, n,
-                                    getattr(params, "logprobs", None), req.include_usage, self.decode)
+                                    getattr(params, "logprobs", None), req.include_usage, self.decode,
+                                    req.return_token_ids)
         if req.stream:
             return SSEResponse(self.stream_body(builder, subs, kind == "chat"))
         body = await _unless_disconnected(request.receive, self.collect(builder, subs))

@@ -87,6 +87,7 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    return_token_ids: bool = False  # vLLM's: token_ids (and prompt_token_ids) in each choice
 
     @property
     def include_usage(self) -> bool:
@@ -316,9 +317,10 @@ class ResponseBuilder:
     """Response bodies and SSE chunks of one HTTP request (chat or completions)."""
 
     def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str,
-                 n: int, logprobs: int | None, include_usage: bool, decode):
+                 n: int, logprobs: int | None, include_usage: bool, decode, token_ids: bool = False):
         self.kind, self.id, self.created, self.model = kind, response_id, created, model
         self.n, self.logprobs, self.include_usage, self.decode = n, logprobs, include_usage, decode
+        self.token_ids = token_ids
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -343,6 +345,9 @@ class ResponseBuilder:
                 else:
                     choices.append({"index": index, "text": c.text, "logprobs": lps,
                                     "finish_reason": c.finish_reason})
+                if self.token_ids:
+                    choices[-1]["token_ids"] = list(c.token_ids)
+                    choices[-1]["prompt_token_ids"] = list(out.prompt_token_ids)
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(outputs)}
         if any(getattr(o, "prompt_logprobs", None) is not None for o in outputs):
@@ -377,6 +382,8 @@ class ResponseBuilder:
                           "finish_reason": finish}
             else:
                 choice = {"index": st.index, "text": text, "logprobs": lps, "finish_reason": finish}
+            if self.token_ids:
+                choice["token_ids"] = list(c.token_ids[start:])
             result.append(self._chunk([choice]))
         return result
 
