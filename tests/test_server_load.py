@@ -1,0 +1,115 @@
+"""Load over loopback HTTP (CPU, random:tiny): 200 chat requests, 32 at a time, text and image, greedy and seeded,
+streamed and not; every fifth client disconnects mid-stream. All others finish with the tokens the engine gives the
+same request offline, /metrics counts what happened, and no KV block leaks. Bounded: 200 requests of at most 64
+tokens, a 300 s ceiling, loopback only."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from internvl_engine import SamplingParams  # noqa: E402
+from internvl_engine.engine.async_llm import AsyncLLM  # noqa: E402
+from internvl_engine.server import ServerSettings  # noqa: E402
+from test_server import MODEL, ThreadServer, png_data_uri, wait_idle  # noqa: E402
+
+REQUESTS, CONCURRENCY, DISCONNECT_EVERY = 200, 32, 5
+MAX_TOKENS, DISCONNECT_MAX_TOKENS = 8, 64
+
+
+def _templates():
+    """(OpenAI messages, engine conversation, sampling fields) of the distinct requests the load cycles through."""
+    out = []
+    for i in range(12):
+        if i % 3 == 0:
+            url = png_data_uri(i, size=(64 + 8 * i, 48))
+            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                     {"type": "text", "text": f"Describe picture {i}."}]}]
+            conversation = [{"role": "user", "content": [{"type": "image", "url": url},
+                                                         {"type": "text", "text": f"Describe picture {i}."}]}]
+        else:
+            messages = conversation = [{"role": "user", "content": f"Question {i}: why is the sky blue?"}]
+        fields = {"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.9, "top_p": 0.9, "seed": 100 + i}
+        out.append((messages, conversation, fields))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=CONCURRENCY)
+    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, max_waiting=4 * CONCURRENCY))
+    yield srv
+    srv.stop()
+    llm.shutdown()
+
+
+def test_load_with_disconnects(loaded):
+    templates = _templates()
+    # offline references: the same engine in-process, one request at a time, before any HTTP
+    engine_params = {k: SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, max_num_tiles=1, **fields)
+                     for k, (_, _, fields) in enumerate(templates)}
+    reference = {k: loaded.llm.submit(conv, engine_params[k]).result(timeout=120).token_ids
+                 for k, (_, conv, _) in enumerate(templates)}
+    wait_idle(loaded)
+
+    client = openai.AsyncOpenAI(base_url=loaded.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    gate = asyncio.Semaphore(CONCURRENCY)
+    results: dict[int, list[int] | str] = {}
+
+    async def one(i: int):
+        k = i % len(templates)
+        messages, _, fields = templates[k]
+        leave = i % DISCONNECT_EVERY == DISCONNECT_EVERY - 1
+        body = dict(model=MODEL, messages=messages, max_tokens=DISCONNECT_MAX_TOKENS if leave else MAX_TOKENS,
+                    extra_body={"ignore_eos": True, "return_token_ids": True,
+                                "mm_processor_kwargs": {"max_dynamic_patch": 1}}, **fields)
+        async with gate:
+            if leave or i % 2 == 0:
+                stream = await client.chat.completions.create(**body, stream=True)
+                tokens, chunks = [], 0
+                async for chunk in stream:
+                    for c in chunk.choices:
+                        tokens += c.model_dump().get("token_ids") or []
+                        chunks += 1
+                    if leave and chunks >= 3:
+                        await stream.close()  # the client goes away mid-stream
+                        results[i] = "left"
+                        return
+                results[i] = tokens
+            else:
+                r = await client.chat.completions.create(**body)
+                results[i] = r.choices[0].model_dump()["token_ids"]
+
+    async def run_all():
+        await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+        await client.close()
+
+    t0 = time.time()
+    asyncio.run(asyncio.wait_for(run_all(), timeout=300))
+    elapsed = time.time() - t0
+    wait_idle(loaded, timeout=30)
+
+    left = [i for i in range(REQUESTS) if i % DISCONNECT_EVERY == DISCONNECT_EVERY - 1]
+    assert all(results[i] == "left" for i in left)
+    stayed = [i for i in range(REQUESTS) if i not in left]
+    wrong = [i for i in stayed if results[i] != reference[i % len(templates)]]
+    assert not wrong, f"{len(wrong)} requests differ from offline, e.g. {wrong[:5]}"
+
+    m = loaded.metrics()
+    assert m['internvl_requests_total{outcome="success"}'] == len(stayed)
+    assert m['internvl_requests_total{outcome="abort"}'] == len(left)
+    assert sum(v for k, v in m.items() if k.startswith("internvl_requests_total")) == REQUESTS
+    assert m['internvl_request_success_total{finished_reason="length"}'] == len(stayed)
+    assert m["internvl_generation_tokens_total"] == len(stayed) * MAX_TOKENS
+    assert m["internvl_e2e_request_latency_seconds_count"] == len(stayed)
+    assert m["internvl_num_requests_running"] == 0 and m["internvl_num_requests_waiting"] == 0
+    bm = loaded.llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks  # no leaked blocks
+    assert m["internvl_kv_cache_blocks_free"] == m["internvl_kv_cache_blocks_total"]
+    bm.check_invariants()
+    print(f"\n{REQUESTS} requests ({len(left)} disconnecting) in {elapsed:.1f} s")
