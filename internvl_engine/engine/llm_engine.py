@@ -37,6 +37,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .step_input import decode_input, prefill_input, prompt_input
+from .features import ImageFeatures
 from .vision_cache import VisionCache
 
 
@@ -88,6 +89,7 @@ class LLMEngine:
         if vision_bytes is None:
             vision_bytes = (256 if self.device.type == "cuda" else 64) << 20
         self.vision_cache = VisionCache(vision_bytes) if vision_bytes > 0 else None
+        self.features = ImageFeatures(self.runner, self.vision_cache, self.config.image_seq_length, self._on_vision)
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._lock = threading.RLock()  # re-entrant: an abandoned stream may be collected (and abort) inside step()
@@ -186,9 +188,10 @@ class LLMEngine:
         """Mark the engine dead and finish every request it holds with the error; the error to raise."""
         self._dead = why
         dead = EngineDeadError(f"the engine is dead: {why}")
-        for s in list(self._requests.values()):
-            s.finish_reason, s.error = "error", dead
-            self.scheduler.remove(s)
+        for head in list(self._requests.values()):
+            for s in head.group or [head]:
+                s.finish_reason, s.error = "error", dead
+                self.scheduler.remove(s)
         self._requests.clear()
         return dead
 
@@ -377,6 +380,10 @@ class LLMEngine:
         if fatal is not None:
             raise self._die(f"{self._stage}: {type(fatal).__name__}: {fatal}") from fatal
 
+    def _on_vision(self, seqs: list[Sequence]) -> None:
+        self._stage = "vision"
+        self.faults.check("vision", [s.request_id for s in seqs])
+
     def _fail(self, s: Sequence, stage: str, cause: Exception) -> Sequence:
         error = RequestFailedError(self._head(s).request_id, stage, cause)
         waiting = s.group[1:] if s.index == 0 and not s.output_ids else []  # samples that never started fail too
@@ -414,7 +421,7 @@ class LLMEngine:
         self._stage = "step"
         self.faults.check("step", ids)
         if sched.is_prefill:
-            step = prefill_input(sched.chunks, self.block_manager, self._features(sched.chunks))
+            step = prefill_input(sched.chunks, self.block_manager, self.features(sched.chunks))
         else:
             step = decode_input(sched.decode, self.block_manager)
         self._stage = "prefill" if sched.is_prefill else "decode"
@@ -496,48 +503,3 @@ class LLMEngine:
     def request_finished(self, s: Sequence) -> bool:
         head = self._head(s)
         return all(x.finished for x in head.group or [head])
-
-    # ------------------------------------------------------------------ image features
-    def _features(self, chunks) -> list[torch.Tensor | None]:
-        """Feature rows of the placeholders inside each chunk, in span order; runs the vision tower once for every
-        needed image that is neither on its sequence nor in the vision cache."""
-        need = [(s, i) for s, start, end in chunks for i, sp in enumerate(s.media)
-                if sp.start < end and sp.end > start and s.image_feats[i] is None]
-        todo = [(s, i) for s, i in need if not self._from_vision_cache(s, i)]
-        if todo:
-            self._run_vision(todo)
-        out = []
-        for s, start, end in chunks:
-            parts = [s.image_feats[i][max(start, sp.start) - sp.start:min(end, sp.end) - sp.start]
-                     for i, sp in enumerate(s.media) if sp.start < end and sp.end > start]
-            out.append(torch.cat(parts) if parts else None)
-        return out
-
-    def _from_vision_cache(self, s: Sequence, i: int) -> bool:
-        hit = self.vision_cache.get(s.media_keys[i]) if self.vision_cache is not None else None
-        if hit is None:
-            return False
-        s.image_feats[i] = hit
-        s.cached_image_ids.add(i)
-        s.metrics.cached_images = len(s.cached_image_ids)
-        return True
-
-    def _run_vision(self, todo: list[tuple[Sequence, int]]) -> None:
-        self._stage = "vision"
-        self.faults.check("vision", [s.request_id for s, _ in todo])
-        t0 = time.perf_counter()
-        pixels, rows = [], []
-        for s, i in todo:
-            off = sum(s.num_patches[:i])
-            pixels.append(s.pixel_values[off:off + s.num_patches[i]])
-            rows.append(s.num_patches[i] * self.config.image_seq_length)
-        feats = self.runner.vision(torch.cat(pixels))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        for (s, i), f in zip(todo, torch.split(feats, rows)):
-            s.image_feats[i] = f = f.clone()
-            if self.vision_cache is not None:
-                self.vision_cache.put(s.media_keys[i], f)
-        for s in {id(s): s for s, _ in todo}.values():
-            s.metrics.vision_s += dt
