@@ -83,3 +83,19 @@ def test_stream_loses_no_delta_when_another_thread_steps_the_engine():
         stop.set()
         t.join()
     assert text == expected == stream.output.text
+
+
+def test_prompt_logits_while_another_thread_generates():
+    """prompt_logits runs under the engine's lock with its own step metadata: from a second thread, during
+    generation, it returns the logits it returns alone, and the generation is unchanged."""
+    llm = LLM("random:tiny", device="cpu")
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    expected_text = llm.generate("Tell me about clouds.", params)[0].text
+    expected = llm.prompt_logits("What is a river?")
+    got, texts = [], []
+    t = threading.Thread(target=lambda: texts.append(llm.generate("Tell me about clouds.", params)[0].text))
+    t.start()
+    for _ in range(5):
+        got.append(llm.prompt_logits("What is a river?"))
+    t.join()
+    assert texts == [expected_text] and all(torch.equal(g, expected) for g in got)
