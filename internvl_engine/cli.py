@@ -115,7 +115,7 @@ def cmd_generate(args) -> int:
     content += [{"type": "video", "path": p} for p in args.video]
     content.append({"type": "text", "text": args.prompt})
     llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
     _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
     return 0
 
@@ -132,7 +132,8 @@ def cmd_demo(args) -> int:
     print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
     image = demo_image_path()
     t0 = time.perf_counter()
-    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend, enforce_eager=args.enforce_eager)
+    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
     print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
     conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
@@ -153,6 +154,8 @@ def _version(module: str, attr: str = "__version__"):
 
 
 BACKEND_HELP = "kernel backend: auto (default), torch, cpp (CPU), triton, cuda"
+TP_HELP = ("ranks the language model is sharded over (default 1); one process per rank, or torchrun's "
+           "processes (README: tensor parallelism)")
 
 
 def extension_info() -> dict:
@@ -246,7 +249,8 @@ def cmd_serve(args) -> int:
                        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=not args.no_prefix_caching, media_policy=settings.media_policy())
+                       enable_prefix_caching=not args.no_prefix_caching, media_policy=settings.media_policy(),
+                       tensor_parallel_size=args.tensor_parallel_size)
     llm = AsyncLLM(args.model, **engine_args)
     print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
@@ -286,6 +290,7 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     s.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
     s.add_argument("--max-model-len", type=int, default=None, metavar="N")
     s.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N", help="KV pool size (CPU default 16384)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
@@ -321,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
     g.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
     g.add_argument("prompt", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
 
@@ -332,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
     d.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     d.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    d.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")

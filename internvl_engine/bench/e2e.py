@@ -38,7 +38,8 @@ from . import common
 from .floors import floors as compute_floors
 
 SCHEMA = "internvl-engine/e2e/1"
-MODELS = ("random:tiny", "random:internvl3-1b", "random:internvl3-2b", "random:internvl3-8b")
+MODELS = ("random:tiny", "random:internvl3-1b", "random:internvl3-2b", "random:internvl3-8b", "random:internvl3-14b",
+          "random:internvl3-38b", "random:internvl3-78b")
 WORDS = ("red", "blue", "green", "house", "river", "mountain", "cat", "dog", "bird", "tree", "car", "road", "city",
          "light", "shadow", "window", "table", "chair", "book", "paper", "music", "sound", "water", "stone", "cloud",
          "storm", "morning", "evening", "winter", "summer", "garden", "flower", "market", "bridge", "train", "ship",
@@ -108,6 +109,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
     ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks the language model is sharded over (one process per rank; floors stay one device's)")
     ap.add_argument("--vision-graphs", action="store_true",
                     help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
     ap.add_argument("--images", type=int, default=1, help="images per request")
@@ -269,7 +272,8 @@ def main(argv=None, prog: str | None = None) -> dict:
 
     util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
     llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util,
-              enforce_eager=args.enforce_eager, vision_graphs=args.vision_graphs)
+              enforce_eager=args.enforce_eager, vision_graphs=args.vision_graphs,
+              tensor_parallel_size=args.tensor_parallel_size)
     device = llm.device
     peaks = common.measure_peaks(device)
     dtype_bytes = torch.empty((), dtype=llm.dtype).element_size()
@@ -321,6 +325,7 @@ def main(argv=None, prog: str | None = None) -> dict:
 
     record = {"schema": SCHEMA, **common.metadata(device), "model": args.model,
               "dtype": str(llm.dtype).replace("torch.", ""), "backend": args.backend,
+              "tensor_parallel_size": args.tensor_parallel_size,
               "kernels": llm.runner.kernels, "peaks": peaks,
               "cuda_graphs": None if llm.runner.graphs is None else
               {"decode_steps_replayed": llm.runner.graphs.replays, "captured": sorted(llm.runner.graphs.graphs)},
@@ -333,4 +338,6 @@ def main(argv=None, prog: str | None = None) -> dict:
         Path(args.json).write_text(json.dumps(record, indent=2))
     if args.plot:
         plot(record, args.plot)
+    if args.tensor_parallel_size > 1:
+        llm.engine.shutdown()  # join the workers now rather than at exit
     return record

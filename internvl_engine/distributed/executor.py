@@ -91,6 +91,27 @@ def _reap(procs: list) -> None:
             p.join()
 
 
+class _Closer:
+    """What stopping the workers needs, without the executor itself: it runs from shutdown(), when the executor is
+    collected, and at interpreter exit (weakref.finalize), so an engine nobody shut down leaves no process either
+    (and torchrun's ranks exit 0)."""
+
+    def __init__(self, procs: list):
+        self.procs, self.tp, self.live = procs, None, True
+
+    def __call__(self) -> None:
+        if self.live and self.tp is not None:
+            self.live = False
+            try:
+                self.tp.send_object(("shutdown", None, []))
+            except Exception:  # a worker already gone: reaped below
+                pass
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        _reap(self.procs)
+
+
 def _watch(executor_ref, sentinels: dict) -> None:
     """Wait for any spawned worker to exit; one the driver did not stop marks the executor dead."""
     done = multiprocessing.connection.wait(list(sentinels))
@@ -121,10 +142,11 @@ class Executor:
                 p = ctx.Process(target=worker_main, args=(spec,), name=f"internvl-tp-rank{r}", daemon=True)
                 p.start()
                 self.procs[r] = p
-        self._finalizer = weakref.finalize(self, _reap, list(self.procs.values()))
+        self._closer = _Closer(list(self.procs.values()))
+        self._finalizer = weakref.finalize(self, self._closer)
         try:
             self._wait_all("hello", timeout_s=STORE_TIMEOUT.total_seconds())
-            self.tp = TensorParallel.create(self.store, 0, self.size, device, self.prefix)
+            self.tp = self._closer.tp = TensorParallel.create(self.store, 0, self.size, device, self.prefix)
         except BaseException:
             self.shutdown()
             raise
@@ -191,6 +213,7 @@ class Executor:
     def _mark_dead(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
+            self._closer.live = False  # nothing more is sent: the ranks are out of step
             if self.device.type == "cuda" and hasattr(self, "tp"):
                 self.tp.abort()  # NCCL collectives do not notice a dead peer by themselves
             _reap(list(self.procs.values()))
@@ -238,15 +261,7 @@ class Executor:
         if self._closing:
             return
         self._closing = True
-        if self._dead is None and hasattr(self, "tp"):
-            try:
-                self.send("shutdown")
-            except Exception:  # a worker already gone: it is reaped below
-                pass
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for p in self.procs.values():
-            p.join(max(0.0, deadline - time.monotonic()))
-        self._finalizer()  # _reap: terminate / kill what is left
+        self._finalizer()  # _Closer: "shutdown" to every worker, join, kill what lingers
         if self._dead is None:
             self._dead = "the engine was shut down"
 
