@@ -1,6 +1,6 @@
 """Host cost of one engine step with the model stubbed out: what the engine itself spends per decode step
 (scheduling, block manager, step-input building, host-to-device copies, sampling a tiny vocabulary, detokenising,
-outputs), i.e. the overhead a GPU cannot hide. The model's forward returns zeros and its lm_head a [rows, 1024]
+outputs), i.e. the overhead a GPU cannot hide, in CPU seconds of the measuring process. The model's forward returns zeros and its lm_head a [rows, 1024]
 zero matrix, so the measurement holds no matmul and no vocabulary-sized sampling.
 
     python benchmarks/step_overhead.py --batch 1,64 --steps 200 --json out.json
@@ -28,7 +28,9 @@ STUB_VOCAB = 1024
 
 
 def measure(batch: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` decode steps at `batch` running sequences (random:tiny, CPU, forward stubbed)."""
+    """CPU seconds of this process for each of `steps` decode steps at `batch` running sequences (random:tiny, CPU,
+    forward stubbed). CPU time rather than wall time: other processes on a shared 2-core machine stretch wall time
+    by several times, but not the cycles this process spends."""
     import torch
     from internvl_engine import SamplingParams
     from internvl_engine.engine.llm_engine import LLMEngine
@@ -43,10 +45,11 @@ def measure(batch: int, steps: int) -> list[float]:
     while sum(len(o.token_ids) > 0 for o in engine.step()) < batch:  # prefill all, then first decode
         pass
     times = []
+    torch.set_num_threads(1)  # the stubbed step is host work: no intra-op threads whose time would be counted
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         outs = engine.step()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
         assert len(outs) == batch, "every running sequence decodes each step"
     return times
 
