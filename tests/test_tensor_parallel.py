@@ -219,17 +219,26 @@ def test_killed_worker_kills_the_engine_within_seconds():
     assert _workers_gone(engine)
 
 
-def test_raising_worker_kills_the_engine():
-    llm = LLM("random:tiny", dtype="float32", device="cpu", tensor_parallel_size=2)
-    assert len(llm.generate(_text(0), _params(3))[0].token_ids) == 3
-    llm.engine.executor.inject_fault()
-    t0 = time.monotonic()
-    with pytest.raises(EngineDeadError, match="injected worker fault on rank 1"):
-        llm.generate(_text(0), _params(3))
+def test_raising_worker_kills_the_engine_and_fails_pending_requests():
+    """AsyncLLM over an N=2 engine: a worker that raises mid-step fails every request in flight with
+    EngineDeadError naming what it raised, and stops the workers."""
+    from internvl_engine.engine.async_llm import AsyncLLM
+    llm = AsyncLLM("random:tiny", dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert len(llm.submit(_text(0), _params(3)).result(timeout=60).token_ids) == 3
+    with llm.engine._lock:  # between steps of the loop thread: both requests are in before the next step
+        llm.engine.executor.inject_fault()
+        t0 = time.monotonic()
+        futures = [llm.submit(_text(i), _params(50)) for i in range(2)]
+    for f in futures:
+        with pytest.raises(EngineDeadError, match="injected worker fault on rank 1"):
+            f.result(timeout=10)
     assert time.monotonic() - t0 < 5
     assert _workers_gone(llm.engine)  # a dead engine stops its workers at once
     with pytest.raises(EngineDeadError):
-        llm.engine.check_health()
+        llm.check_health()
+    with pytest.raises(EngineDeadError):
+        llm.submit(_text(0), _params(3))
+    llm.shutdown()
     llm.engine.shutdown()
 
 
