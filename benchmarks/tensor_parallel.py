@@ -9,8 +9,9 @@ vision: the two vision-tower choices for a tower no N divides (InternViT-6B has 
         tiles split over the ranks, features gathered on the driver) vs "driver" (the driver runs every tile; the
         latency a replicated tower would have), for 1, 2, 4 and 8 tiles of 448 px through a reduced tower (hidden
         256, 4 layers, 4 heads, MLP 1024), every rank on one thread (one core per rank: the stand-in for one GPU
-        per rank). --repeat calls per mode, the modes interleaved; min and median (this machine's cores are shared:
-        the min is the least disturbed).
+        per rank). --repeat calls per mode, the modes interleaved; wall time min and median, and each rank's CPU time
+        (median). This machine's cores are shared with other work, so wall times are noisy; the CPU time of the
+        busiest rank is the latency the call would have with a core per rank (gloo waits without spinning).
 
   python benchmarks/tensor_parallel.py rss vision --json out.json
 """
@@ -95,6 +96,13 @@ def run_rss(root: Path) -> dict:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_vision(root: Path, repeat: int) -> dict:
     from internvl_engine import LLM
     from internvl_engine.distributed.executor import ParallelRunner
@@ -105,20 +113,25 @@ def run_vision(root: Path, repeat: int) -> dict:
     runner = llm.runner
     side = llm.config.vision.image_size
     out = {"shape": VISION_SHAPE, "threads_per_rank": 1, "repeat": repeat, "results": []}
-    print(f"{'tiles':>5s} {'driver ms (min / median)':>25s} {'spread ms (min / median)':>25s} {'speedup (min)':>13s}")
+    worker = llm.engine.executor.procs[1].pid
+    print(f"{'tiles':>5s} {'driver: wall min/med ms':>24s} {'cpu ms':>7s} {'spread: wall min/med ms':>24s} "
+          f"{'cpu ms (rank 0 | 1)':>20s} {'speedup wall':>12s} {'critical-path cpu':>17s}")
     for tiles in (1, 2, 4, 8):
         pixels = torch.randn(tiles, 3, side, side)
         row, times = {"tiles": tiles}, {"driver": [], "spread": []}
+        cpu = {"driver": [], "spread": []}
         for rep in range(repeat + 1):  # the modes interleaved, so a burst of load from elsewhere hits both
             for mode in times:
                 ParallelRunner.vision_mode = mode
-                t0 = time.perf_counter()
+                c0, w0, t0 = time.process_time(), _cpu_seconds(worker), time.perf_counter()
                 runner.vision(pixels)
                 if rep:  # the first round warms up
                     times[mode].append(time.perf_counter() - t0)
+                    cpu[mode].append((time.process_time() - c0, _cpu_seconds(worker) - w0))
         for mode, ts in times.items():
             row[f"{mode}_ms"] = 1e3 * statistics.median(ts)
             row[f"{mode}_min_ms"] = 1e3 * min(ts)
+            row[f"{mode}_cpu_ms"] = [1e3 * statistics.median(c[r] for c in cpu[mode]) for r in (0, 1)]
         ParallelRunner.vision_mode = "spread"
         a, b = runner.vision(pixels), None
         ParallelRunner.vision_mode = "driver"
@@ -126,8 +139,11 @@ def run_vision(root: Path, repeat: int) -> dict:
         ParallelRunner.vision_mode = "spread"
         row["max_abs_diff"] = (a - b).abs().max().item()
         out["results"].append(row)
-        print(f"{tiles:5d} {row['driver_min_ms']:12.1f} / {row['driver_ms']:10.1f} {row['spread_min_ms']:12.1f} / "
-              f"{row['spread_ms']:10.1f} {row['driver_min_ms'] / row['spread_min_ms']:13.2f}"
+        d, sp = row["driver_cpu_ms"], row["spread_cpu_ms"]
+        row["critical_path_cpu_speedup"] = max(d) / max(sp)
+        print(f"{tiles:5d} {row['driver_min_ms']:11.0f} / {row['driver_ms']:10.0f} {d[0]:7.0f} "
+              f"{row['spread_min_ms']:11.0f} / {row['spread_ms']:10.0f} {sp[0]:9.0f} | {sp[1]:8.0f} "
+              f"{row['driver_min_ms'] / row['spread_min_ms']:12.2f} {row['critical_path_cpu_speedup']:17.2f}"
               f"   (features differ by {row['max_abs_diff']:.1e})")
     llm.engine.shutdown()
     return out
