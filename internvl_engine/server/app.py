@@ -329,12 +329,14 @@ class OpenAIServer:
         finals = [None] * len(subs)
         choices = [[P.ChoiceStream(p * builder.n + j) for j in range(builder.n)] for p in range(len(subs))]
         outcome = "abort"
-        merged = _merged(subs)
+        single = len(subs) == 1  # the usual case: one generator fewer on every token's way
+        merged = subs[0].outputs() if single else _merged(subs)
         self.active.update(s.request_id for s in subs)
         try:
             if chat:
                 yield builder.role_chunk(range(len(subs) * builder.n))
-            async for i, out in merged:
+            async for item in merged:
+                i, out = (0, item) if single else item
                 for chunk in builder.chunks(out, i, choices[i]):
                     yield chunk
                 if out.finished:

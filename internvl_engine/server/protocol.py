@@ -323,6 +323,10 @@ class ResponseBuilder:
         self.token_ids = token_ids
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        # a chunk is "data: " + head + its choices + tail: the constant parts are encoded once
+        self._head = "data: " + dumps({"id": self.id, "object": self.chunk_object, "created": self.created,
+                                       "model": self.model})[:-1] + ',"choices":'
+        self._tail = (',"usage":null' if include_usage else "") + "}\n\n"
 
     def _logprobs(self, token_ids, lps, offset: int = 0):
         if self.logprobs is None or lps is None:
@@ -356,11 +360,7 @@ class ResponseBuilder:
 
     # -- streams
     def _chunk(self, choices: list) -> str:
-        body = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": choices}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+        return self._head + dumps(choices) + self._tail
 
     def role_chunk(self, indices) -> str:
         return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
