@@ -2,7 +2,8 @@
 requests, Poisson arrivals at given rates or a fixed concurrency) against the OpenAI-compatible server and against
 the offline engine (AsyncLLM in this process, the same settings and requests), and reports TTFT, TPOT, inter-token
 latency (p50/p90/p99), end-to-end latency, request and token throughput, and the HTTP overhead over the offline
-engine. The two sides alternate round by round, each round with fresh prompts and images (no cross-round cache hits).
+engine, in wall time and in CPU time per output token of the thread running the event loop (the server's against
+this process's driving AsyncLLM). The two sides alternate round by round, each round with fresh prompts and images (no cross-round cache hits).
 
     python benchmarks/serve.py --model random:tiny --device cpu --max-concurrency 1,32 --rounds 3 \\
         --json benchmarks/results/<date>-cpu-<commit>-serve.json --plot serve.png
@@ -262,6 +263,15 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not come up in 300 s")
 
 
+def loop_cpu(url: str) -> float:
+    """CPU seconds of the server's event loop thread so far (its /metrics)."""
+    import httpx
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("internvl_server_loop_cpu_seconds_total "):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def engine_settings(args) -> dict:
     s = {"device": args.device, "max_num_seqs": args.max_num_seqs}
     if args.kv_cache_tokens:
@@ -328,8 +338,19 @@ async def run(args) -> dict:
                     order = list(sides) if rnd % 2 == 0 else list(sides)[::-1]
                     got = {}
                     for name in order:
+                        # CPU time of the thread running the event loop: the server's (HTTP, translation, SSE,
+                        # submission) against this process's loop driving AsyncLLM (consumers, submission). Thread
+                        # CPU time does not count the engine's threads, nor time waiting for a shared core.
+                        loop0 = loop_cpu(url) if name == "http" else time.thread_time()
+                        cpu0 = time.process_time()
                         results, duration = await replay(reqs, sides[name], value if kind == "concurrency" else None)
-                        per_side[name].append(summarize(results, duration))
+                        summary = summarize(results, duration)
+                        tokens = max(1, summary["output_tokens"])
+                        loop1 = loop_cpu(url) if name == "http" else time.thread_time()
+                        summary["loop_cpu_us_per_token"] = 1e6 * (loop1 - loop0) / tokens
+                        if name == "http":
+                            summary["client_cpu_us_per_token"] = 1e6 * (time.process_time() - cpu0) / tokens
+                        per_side[name].append(summary)
                         got[name] = results
                     if "offline" in got:
                         same += [h.token_ids == o.token_ids for h, o in zip(got["http"], got["offline"])]
@@ -339,6 +360,8 @@ async def run(args) -> dict:
                     entry["greedy_ids_equal"] = f"{sum(same)}/{len(same)}"
                     med = entry["median"]
                     entry["overhead"] = {
+                        "loop_cpu_us_per_token": med["http"]["loop_cpu_us_per_token"]
+                        - med["offline"]["loop_cpu_us_per_token"],
                         "ttft_p50_ms": med["http"]["p50_ttft_ms"] - med["offline"]["p50_ttft_ms"],
                         "itl_p50_ms": med["http"]["p50_itl_ms"] - med["offline"]["p50_itl_ms"],
                         "tpot_p50_ms": med["http"]["p50_tpot_ms"] - med["offline"]["p50_tpot_ms"],
@@ -367,8 +390,8 @@ def print_entry(e: dict) -> None:
     if "overhead" in e:
         o = e["overhead"]
         print(f"{label:16s} HTTP overhead: TTFT p50 {o['ttft_p50_ms']:+.3f} ms, ITL p50 {o['itl_p50_ms']:+.3f} ms, "
-              f"output throughput x{o['output_throughput_ratio']:.3f}; greedy ids equal {e['greedy_ids_equal']}",
-              flush=True)
+              f"output throughput x{o['output_throughput_ratio']:.3f}, event-loop CPU "
+              f"{o['loop_cpu_us_per_token']:+.0f} us/token; greedy ids equal {e['greedy_ids_equal']}", flush=True)
 
 
 def plot(record: dict, path: str) -> None:

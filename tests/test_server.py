@@ -469,7 +469,8 @@ def test_metrics(server):
     assert m["internvl_prefix_cache_hits_total"] > 0  # the same prompts came back
     assert m["internvl_vision_cache_hits_total"] > 0  # and the same images
     for name in ("internvl_num_requests_running", "internvl_num_requests_waiting", "internvl_num_preemptions_total",
-                 "internvl_prefix_cache_hit_rate", "internvl_vision_cache_hit_rate", "internvl_engine_healthy"):
+                 "internvl_prefix_cache_hit_rate", "internvl_vision_cache_hit_rate", "internvl_engine_healthy",
+                 "internvl_server_loop_cpu_seconds_total"):
         assert name in m
 
 

@@ -4,6 +4,7 @@ from the engine at scrape time (running and waiting requests, KV pool, caches, p
 server's event loop."""
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 
 PREFIX = "internvl_"
@@ -134,6 +135,10 @@ class ServerMetrics:
                          [(None, v_hits / (v_hits + v_misses) if v_hits + v_misses else 0.0)])
         lines += _metric("counter", "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
                          [(None, engine.num_preemptions)])
+        # render() runs on the event loop's thread: its CPU time is the whole HTTP layer's (and submissions')
+        lines += _metric("counter", "server_loop_cpu_seconds_total",
+                         "CPU time of the server's event loop thread (HTTP, translation, SSE, request submission).",
+                         [(None, time.thread_time())])
         for h in (self.ttft, self.tpot, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"
