@@ -456,6 +456,10 @@ def test_client_disconnect_aborts(server):
 
 
 def test_metrics(server):
+    client = server.client()
+    for _ in range(2):  # the same image and prompt twice: prefix and vision cache hits
+        client.chat.completions.create(model=MODEL, messages=image_message(png_data_uri(9)), max_tokens=2)
+    status_of(lambda: client.chat.completions.create(model=MODEL, messages=[], max_tokens=2))
     text = httpx.get(server.url + "/metrics").text
     m = parse_metrics(text)
     for name in ("internvl_time_to_first_token_seconds", "internvl_time_per_output_token_seconds",
