@@ -294,6 +294,13 @@ def commit() -> str:
                           text=True).stdout.strip()
 
 
+def modified_files() -> list[str]:
+    """Tracked files that differ from the commit (the run measured them as they were)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                         capture_output=True, text=True).stdout
+    return [line[3:] for line in out.splitlines()]
+
+
 def device_name(args) -> str:
     if args.device and args.device.startswith("cuda"):
         import torch
@@ -446,7 +453,7 @@ def main(argv=None) -> None:
     args.rate = float("inf")
     result = asyncio.run(run(args))
     record = {"schema": "internvl-engine/serve/1", "date": time.strftime("%Y-%m-%d"), "device": device_name(args),
-              "commit": commit(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "commit": commit(), "modified_files": modified_files(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "model": args.model, "engine": engine_settings(args),
               "workload": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_words": args.input_words,
                            "output_tokens": args.output_tokens, "image_ratio": args.image_ratio,
