@@ -152,7 +152,8 @@ class Sampler:
     ids (engine.sequence.Sequence), `stop_ids` the token ids that end generation (masked before min_tokens)."""
 
     def __call__(self, logits: torch.Tensor, seqs, stop_ids: set[int] = frozenset()) -> torch.Tensor:
-        special = [i for i, s in enumerate(seqs) if s.params.penalized or len(s.output_ids) < s.params.min_tokens]
+        special = [i for i, s in enumerate(seqs)
+                   if not getattr(s, "plain", False) and (s.params.penalized or len(s.output_ids) < s.params.min_tokens)]
         if special:
             logits = logits.clone()
             for i in special:

@@ -50,12 +50,12 @@ class FaultInjector:
         with self._lock:
             self._faults[(request_id, stage)] = _Fault(error, times)
 
-    def check(self, stage: str, request_ids) -> None:
-        """Raise the fault injected for `stage` and any of `request_ids`, if one is due."""
+    def check(self, stage: str, requests) -> None:
+        """Raise the fault injected for `stage` and any of `requests` (sequences or request ids), if one is due."""
         if not self._faults:
             return
         with self._lock:
-            for rid in request_ids:
+            for rid in (getattr(r, "request_id", r) for r in requests):
                 fault = self._faults.get((rid, stage))
                 if fault is not None:
                     if fault.times is not None:

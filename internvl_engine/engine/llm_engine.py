@@ -271,9 +271,10 @@ class LLMEngine:
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.device).manual_seed(seed_for(params.seed, index))
+        plain = not (params.penalized or params.min_tokens or params.logprobs is not None)
         return Sequence(seq_id, prompt_ids, params,
                         IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
-                        generator=gen, index=index)
+                        generator=gen, index=index, plain=plain)
 
     def add_sequence(self, seq: Sequence) -> None:
         with self._lock:
@@ -337,12 +338,17 @@ class LLMEngine:
             sched = self._schedule()
             if sched.empty:
                 return outputs
-            touched = {id(h): h for h in (self._head(s) for s in self._run(sched))}
-            outputs += [self.output(h) for h in touched.values()]
-            for h in touched.values():  # a sample's delta belongs to the step that made it
-                for s in h.group or [h]:
-                    s.delta = ""
-            return outputs
+            return outputs + self._outputs(self._run(sched))
+
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """One snapshot per request the step touched (a request's samples share one)."""
+        touched = {id(h): h for h in map(self._head, seqs)}
+        outputs = [self.output_processor.output(h) for h in touched.values()]
+        for h in touched.values():  # a sample's delta belongs to the step that made it
+            h.delta = ""
+            for s in h.group:
+                s.delta = ""
+        return outputs
 
     @staticmethod
     def _head(s: Sequence) -> Sequence:
@@ -382,7 +388,7 @@ class LLMEngine:
 
     def _on_vision(self, seqs: list[Sequence]) -> None:
         self._stage = "vision"
-        self.faults.check("vision", [s.request_id for s in seqs])
+        self.faults.check("vision", seqs)
 
     def _fail(self, s: Sequence, stage: str, cause: Exception) -> Sequence:
         error = RequestFailedError(self._head(s).request_id, stage, cause)
@@ -417,15 +423,14 @@ class LLMEngine:
 
     def _execute(self, sched: SchedulerOutput, sampled: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
         """The step's forward and sampling: (a token per sampled sequence, their fp32 logits)."""
-        ids = [s.request_id for s in sched.sequences]
         self._stage = "step"
-        self.faults.check("step", ids)
+        self.faults.check("step", sched.sequences)
         if sched.is_prefill:
             step = prefill_input(sched.chunks, self.block_manager, self.features(sched.chunks))
         else:
             step = decode_input(sched.decode, self.block_manager)
         self._stage = "prefill" if sched.is_prefill else "decode"
-        self.faults.check(self._stage, ids)
+        self.faults.check(self._stage, sched.sequences)
         t0 = time.perf_counter()  # prefill_s excludes the vision tower (vision_s)
         logits = self.runner.execute(step)
         tokens = []
@@ -433,9 +438,9 @@ class LLMEngine:
             self._prompt_logprobs(sched.chunks, step.prompt_rows, logits)
         if sampled:  # a chunk that samples nothing does not sync: the last chunk's token copy waits for all of them
             self._stage = "sample"
-            self.faults.check("sample", [s.request_id for s in sampled])
-            if step.sample_index is not None and step.sample_index != list(range(logits.shape[0])):
-                logits = logits[step.sample_index]
+            self.faults.check("sample", sampled)
+            if step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
+                logits = logits[step.sample_index]  # prompt-logprob rows come first
             tokens = self.runner.to_host(self.sampler(logits, sampled, self.scheduler.eos_token_ids))
             self._logprobs(sampled, logits, tokens)
         dt = time.perf_counter() - t0
@@ -448,7 +453,7 @@ class LLMEngine:
         return tokens, logits
 
     def _logprobs(self, sampled: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
-        rows = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+        rows = [i for i, s in enumerate(sampled) if not s.plain and s.params.logprobs is not None]
         if rows:
             k = max(sampled[i].params.logprobs for i in rows)
             for i, entry in zip(rows, logprobs_of(logits[rows], [tokens[i] for i in rows], k)):
@@ -473,7 +478,7 @@ class LLMEngine:
 
     def _emit_or_fail(self, s: Sequence, logits: torch.Tensor | None, row: int) -> None:
         try:
-            self.faults.check("detokenize", (s.request_id,))
+            self.faults.check("detokenize", (s,))
             self._emit(s, logits, row)
         except Exception as e:
             self._fail(s, "detokenize", e)

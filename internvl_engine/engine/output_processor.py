@@ -45,9 +45,13 @@ class OutputProcessor:
         delta = s.detokenizer.add(s.output_ids[-1:])
         if s.finished:
             delta += s.detokenizer.flush()
+        if not p.stop:  # the common case, on every token of every sequence: no search, nothing held back
+            s.text += delta
+            s.delta, s.sent = delta, len(s.text)
+            return
         before = len(s.text)
         s.text += delta
-        if p.stop and len(s.output_ids) >= p.min_tokens:
+        if len(s.output_ids) >= p.min_tokens:
             hit = find_stop(s.text, before, p.stop)
             if hit is not None:
                 i, stop = hit
@@ -70,12 +74,19 @@ class OutputProcessor:
                                 list(s.logprobs) if s.params.logprobs is not None else None,
                                 s.cumulative_logprob, s.stop_reason, s.error)
 
-    def output(self, s: Sequence) -> RequestOutput:
-        """The snapshot of the request `s` belongs to (all its samples; flat fields mirror the first sample)."""
-        head = s.group[0] if s.group else s
-        samples = head.group or [head]
-        finished = all(x.finished for x in samples)
+    def output(self, head: Sequence) -> RequestOutput:
+        """The snapshot of the request whose first sample is `head` (all its samples; flat fields mirror the
+        first sample)."""
         m = head.metrics
+        if not head.group:  # n = 1, the hot path
+            first = self.completion(head)
+            m.generated_tokens = len(head.output_ids)
+            logits = torch.stack(head.step_logits) if head.step_logits and head.finish_reason else None
+            return RequestOutput(head.request_id, first.text, first.token_ids, list(head.prompt_ids),
+                                 first.finish_reason, RequestMetrics(**m.as_dict()), logits, first.delta,
+                                 head.error, [first], head.prompt_logprobs)
+        samples = head.group
+        finished = all(x.finished for x in samples)
         m.generated_tokens = sum(len(x.output_ids) for x in samples)
         outs = [self.completion(x) for x in samples]
         logits = torch.stack(head.step_logits) if head.step_logits and finished else None

@@ -44,6 +44,7 @@ class Sequence:
     index: int = 0              # sample index in its request (SamplingParams.n)
     group: list = field(default_factory=list)  # every sample of the request, the first first (n > 1 only)
     pending_logprobs: dict | None = None  # logprobs of the token just sampled, until it is detokenised
+    plain: bool = True          # no penalties, min_tokens or logprobs: the sampler's and logprobs' fast path
 
     @property
     def token_ids(self) -> list[int]:
