@@ -246,7 +246,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "internvl_engine", "serve", "--model", args.model, "--port", str(port),
            "--max-waiting", "100000", "--log-level", "warning", *engine_flags(args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
     deadline = time.time() + 300
@@ -444,6 +445,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tiles", type=int, default=1)
     ap.add_argument("--max-concurrency", default="1,32", help="comma list of fixed concurrencies ('' for none)")
     ap.add_argument("--request-rate", default="", help="comma list of Poisson rates in requests/s")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads of both engines (OMP_NUM_THREADS for the server; default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -451,10 +454,13 @@ def main(argv=None) -> None:
     args.concurrencies = [int(c) for c in args.max_concurrency.split(",") if c.strip()]
     args.rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
     args.rate = float("inf")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     result = asyncio.run(run(args))
     record = {"schema": "internvl-engine/serve/1", "date": time.strftime("%Y-%m-%d"), "device": device_name(args),
               "commit": commit(), "modified_files": modified_files(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "model": args.model, "engine": engine_settings(args),
+              "model": args.model, "engine": engine_settings(args), "threads": args.threads,
               "workload": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_words": args.input_words,
                            "output_tokens": args.output_tokens, "image_ratio": args.image_ratio,
                            "max_tiles": args.max_tiles, "seed": args.seed, "temperature": 0.0, "ignore_eos": True},
