@@ -539,25 +539,39 @@ def test_size_limits_are_413(small_server):
 
 
 def test_queue_limit_is_429(small_server):
-    """max_num_seqs=1 and --max-waiting 1: one running, one waiting, the third is refused."""
+    """max_num_seqs=1 and --max-waiting 1: one running, one waiting, the third is refused; a queued client that
+    gives up leaves the queue."""
     client = small_server.client()
     long = dict(model=MODEL, messages=[{"role": "user", "content": "Long."}], max_tokens=3000, temperature=0,
                 extra_body={"ignore_eos": True})
-    streams = [client.chat.completions.create(**long, stream=True)]
-    next(iter(streams[0]))
-    streams.append(client.chat.completions.create(**long, stream=True))  # headers come once it is queued
-    deadline = time.time() + 10
-    while small_server.metrics()["internvl_num_requests_waiting"] < 1:
-        assert time.time() < deadline
-        time.sleep(0.01)
+
+    def waiting(n):
+        deadline = time.time() + 10
+        while small_server.metrics()["internvl_num_requests_waiting"] != n:
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+    running = client.chat.completions.create(**long, stream=True)
+    next(iter(running))
+    impatient = threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, httpx.post, small_server.url
+                                                              + "/v1/chat/completions", json=long, timeout=2))
+    impatient.start()
+    waiting(1)
     status, body = status_of(lambda: client.chat.completions.create(**long))
     assert status == 429 and body["error"]["code"] == "queue_full"
-    for s in streams:
-        s.close()
+    impatient.join(30)  # it gave up while queued
+    waiting(0)
+    answered = {}
+    queued = threading.Thread(target=lambda: answered.update(r=client.chat.completions.create(**{**long,
+                                                                                               "max_tokens": 2})))
+    queued.start()
+    waiting(1)
+    running.close()  # aborts the first: the queued one runs
+    queued.join(60)
+    assert answered["r"].usage.completion_tokens == 2
     wait_idle(small_server)
-    assert small_server.metrics()['internvl_requests_total{outcome="rejected"}'] == 1
-    ok = client.chat.completions.create(**{**long, "max_tokens": 2})
-    assert ok.usage.completion_tokens == 2
+    m = small_server.metrics()
+    assert m['internvl_requests_total{outcome="rejected"}'] == 1 and m['internvl_requests_total{outcome="abort"}'] == 2
 
 
 def test_dead_engine_is_503(small_server):

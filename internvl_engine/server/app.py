@@ -188,20 +188,28 @@ async def _unless_disconnected(receive, coro):
     return None
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 # ------------------------------------------------------------------------------------------------ the server
 class OpenAIServer:
     def __init__(self, llm, settings: ServerSettings):
         self.llm, self.settings = llm, settings
         self.metrics = ServerMetrics()
         self.created = int(time.time())
-        self.submitting = 0  # requests between the admission check and the engine's waiting queue
+        self.pending = 0  # requests submitted that have no first output yet (preprocessing, waiting, prefilling)
         self.active: set[str] = set()  # request ids in flight
         tokenizer = llm.engine.processor.tokenizer
         self.decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)
         llm.engine.processor.media_policy = settings.media_policy()
 
     # -- request plumbing
-    def error_response(self, e: BaseException, count: bool = True) -> JSONResponse:
+    def error_response(self, e: BaseException, count: bool = True):
+        if isinstance(e, _ClientGone):  # nobody is listening: whatever was started is aborted already
+            if count:
+                self.metrics.outcome("abort")
+            return PlainTextResponse("", status_code=499)
         err = P.error_of(e)
         if count:
             self.metrics.outcome(STATUS_OUTCOME.get(err.status, "error"))
@@ -248,34 +256,41 @@ class OpenAIServer:
         self.llm.check_health()  # EngineDeadError -> 503
         cap = self.settings.max_waiting
         if cap is not None:
-            waiting = len(self.llm.engine.scheduler.waiting) + self.submitting
+            waiting = max(len(self.llm.engine.scheduler.waiting), self.pending)
             if waiting + count > cap:
                 raise P.APIError(429, f"{waiting} requests are waiting, the limit is {cap} (--max-waiting); "
                                       "retry later", "rate_limit_error", "queue_full")
 
-    async def submit(self, request_id: str, prompt, params) -> _Submitted:
-        """Submits one request; the engine's submission errors (bad input, refused media) raise here."""
+    def submit(self, request_id: str, prompt, params) -> _Submitted:
+        """Starts one request: a task takes its generator's first step (AsyncLLM.generate submits it there) and
+        waits for its first output; until then it counts as waiting."""
         gen = self.llm.generate(prompt, params, request_id)
         first = asyncio.ensure_future(gen.__anext__())
-        self.submitting += 1
-        try:
-            await asyncio.sleep(0)  # the task's first step runs now (FIFO): AsyncLLM.generate adds the request
-        finally:
-            self.submitting -= 1
-        if first.done() and first.exception() is not None:
-            await gen.aclose()
-            raise first.exception()
+        self.pending += 1
+        first.add_done_callback(self._first_done)
         return _Submitted(request_id, gen, first)
 
+    def _first_done(self, _) -> None:
+        self.pending -= 1
+
     async def generate(self, request: Request, kind: str, req, prompts: list, params):
+        """Submits the request's prompts and waits for each one's first output before answering, so whatever the
+        engine refuses (bad input, refused media, a failure before the first token) gets its own status rather than
+        an error inside a 200 stream; a client that leaves meanwhile aborts them."""
         self.admit(len(prompts))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         engine_id = request.headers.get("x-request-id") or rid  # the engine's request id (logs, faults, aborts)
-        subs: list[_Submitted] = []
+        subs = [self.submit(engine_id if len(prompts) == 1 else f"{engine_id}-{i}", prompt,
+                            params if len(prompts) == 1 else dataclasses.replace(params))
+                for i, prompt in enumerate(prompts)]
         try:
-            for i, prompt in enumerate(prompts):
-                p = params if len(prompts) == 1 else dataclasses.replace(params)
-                subs.append(await self.submit(engine_id if len(prompts) == 1 else f"{engine_id}-{i}", prompt, p))
+            started = await _unless_disconnected(request.receive, asyncio.wait(
+                [s.first for s in subs], return_when=asyncio.FIRST_EXCEPTION))
+            if started is None:
+                raise _ClientGone()
+            for s in subs:
+                if s.first.done() and not s.first.cancelled() and s.first.exception() is not None:
+                    raise s.first.exception()
         except BaseException:
             for s in subs:
                 await s.close()
@@ -287,8 +302,8 @@ class OpenAIServer:
         if req.stream:
             return SSEResponse(self.stream_body(builder, subs, kind == "chat"))
         body = await _unless_disconnected(request.receive, self.collect(builder, subs))
-        if body is None:
-            return PlainTextResponse("", status_code=499)  # nobody is listening
+        if body is None:  # collect() counted the abort
+            return PlainTextResponse("", status_code=499)
         return JSONResponse(body) if isinstance(body, dict) else body
 
     def finish(self, finals: list) -> str:
