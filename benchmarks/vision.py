@@ -42,7 +42,7 @@ def run(args) -> dict:
         pixels = torch.randn(tiles, 3, side, side, generator=g).to(device, llm.dtype)
         base = None
         for backend, mode in ((b, m) for b in backends for m in modes):
-            runner.kernels = ops.resolve(backend, device)
+            llm.model.use_ops(ops.OpTable.resolve(backend, device))
             # a fresh graph set per backend: a captured graph keeps the kernels it was captured with
             runner.vision_graphs = VisionGraphs(runner, VISION_CHUNK_TILES) if mode == "graphs" else None
             t = time_fn(lambda: runner.vision(pixels), device, repeat=args.repeat, warmup=1)

@@ -54,6 +54,16 @@ class LLM:
     dtype = property(lambda self: self.engine.dtype)
     max_model_len = property(lambda self: self.engine.max_model_len, doc="longest sequence accepted, in tokens")
 
+    def shutdown(self) -> None:
+        """Release the engine's worker processes (tensor parallelism); the LLM is unusable afterwards."""
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
     @property
     def eos_token_ids(self) -> set[int]:
         """Token ids that end generation (checkpoint's eos ids and the tokenizer's); settable, validated."""

@@ -181,7 +181,9 @@ class AsyncLLM:
         return self._loop.abort(request_id)
 
     def shutdown(self) -> None:
+        """Stop the loop thread, then the engine (its tensor-parallel workers, if any)."""
         self._loop.stop()
+        self.engine.shutdown()
 
     def __enter__(self):
         return self

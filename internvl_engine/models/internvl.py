@@ -48,6 +48,13 @@ class InternVLForConditionalGeneration(nn.Module):
         """KV heads this rank keeps in its cache (all of them with one rank)."""
         return self.tp.kv_heads(self.config.text.num_key_value_heads)[1]
 
+    def use_ops(self, table: ops_module.OpTable) -> None:
+        """Rebind every layer to another kernel table: for benchmarks that time one model on each backend; an
+        engine binds its table once, at construction."""
+        for m in self.modules():
+            if "ops" in m.__dict__:
+                m.ops = table
+
     def tie_lm_head(self) -> None:
         self.lm_head.weight = self.language_model.embed_tokens.weight
 
