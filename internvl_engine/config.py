@@ -75,6 +75,8 @@ class ModelConfig:
     # say, and the processor files or the defaults decide.
     min_tiles: int | None = None
     max_tiles: int | None = None
+    # quantization_config (top level, llm_config or text_config): quant.QuantConfig, None for a dense checkpoint
+    quant: object = None
 
     @property
     def image_seq_length(self) -> int:
@@ -101,6 +103,7 @@ class ModelConfig:
                 f"{where}: model_type {model_type!r} (architectures {arch}) is not supported; "
                 "expected an InternVL checkpoint ('internvl' or 'internvl_chat')")
         _validate(cfg, where)
+        cfg.quant = _quant_config(raw, where)
         cfg.source = where
         return cfg
 
@@ -255,6 +258,19 @@ def _original_tiling(raw: dict, where: str) -> tuple[int | None, int | None]:
         raise UnsupportedModelError(f"{where}: use_thumbnail=false is not supported (InternVL3 tiles add a thumbnail)")
     lo, hi = raw.get("min_dynamic_patch"), raw.get("max_dynamic_patch")
     return (None if lo is None else int(lo)), (None if hi is None else int(hi))
+
+
+def _quant_config(raw: dict, where: str):
+    """The quantization block, wherever the producer put it (LMDeploy: llm_config; transformers: top level)."""
+    from .quant import parse_quant_config
+
+    blocks = [raw.get("quantization_config"), (raw.get("llm_config") or {}).get("quantization_config"),
+              (raw.get("text_config") or {}).get("quantization_config")]
+    blocks = [b for b in blocks if b]
+    if len(blocks) > 1 and any(b != blocks[0] for b in blocks[1:]):
+        raise UnsupportedModelError(f"{where}: different quantization_config blocks at the top level and in the "
+                                    "language model's config")
+    return parse_quant_config(blocks[0] if blocks else None, where)
 
 
 def _validate(cfg: ModelConfig, where: str) -> None:

@@ -41,6 +41,7 @@ PACKED = {"attention.q_proj": ("attention.qkv", "q_proj"), "attention.k_proj": (
           "self_attn.q_proj": ("self_attn.qkv_proj", "q_proj"), "self_attn.k_proj": ("self_attn.qkv_proj", "k_proj"),
           "self_attn.v_proj": ("self_attn.qkv_proj", "v_proj"),
           "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"), "mlp.up_proj": ("mlp.gate_up_proj", "up_proj")}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 
 
@@ -68,7 +69,77 @@ def normalize_key(key: str) -> tuple[str, str | None]:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors weight files, else the pickle `.bin` files (pytorch_model*.bin, read with
+    torch.load(weights_only=True): tensors only, never arbitrary objects)."""
     index = path / "model.safetensors.index.json"
+    if not index.exists() and not list(path.glob("*.safetensors")):
+        return _bin_files(path)
+    return _safetensors_files(path, index)
+
+
+def _bin_files(path: Path) -> list[Path]:
+    index = path / "pytorch_model.bin.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid pytorch_model.bin index ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(path.glob("*.bin"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors weights (model.safetensors or an index) and no "
+                              "pytorch_model*.bin found")
+    return files
+
+
+class _BinFile:
+    """A `.bin` state dict behind the part of safe_open's interface the loader uses."""
+
+    def __init__(self, file: Path):
+        try:
+            try:
+                sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                sd = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError for anything that is not plain tensors
+            raise CheckpointError(f"{file}: cannot read as a tensors-only PyTorch state dict ({type(e).__name__}: "
+                                  f"{e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{file}: not a state dict of tensors")
+        self.sd = sd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sd = None
+
+    def keys(self):
+        return list(self.sd)
+
+    def get_tensor(self, key):
+        return self.sd[key]
+
+    def get_slice(self, key):
+        return _BinSlice(self.sd[key])
+
+
+class _BinSlice:
+    def __init__(self, t):
+        self.t = t
+
+    def get_shape(self):
+        return list(self.t.shape)
+
+    def __getitem__(self, index):
+        return self.t[index]
+
+
+def _safetensors_files(path: Path, index: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -94,6 +165,12 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
         net = InternVLForConditionalGeneration(config, ops, tp)
     net.to_empty(device=device)
     net.to(dtype)
+    quant = getattr(config, "quant", None)
+    if quant is not None:
+        from .quant import quantize_model
+        if checkpoint is None:
+            raise NotImplementedError("random weights for a quantized config: write a quantized checkpoint")
+        quantize_model(net, quant, dtype, device, tp)
     if checkpoint is None:
         from .random_model import init_random_
         init_random_(net, seed)
@@ -137,10 +214,14 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
     params = dict(model.named_parameters())
     seen: dict[tuple[str, str | None], str] = {}  # (parameter, shard) -> "file: key" that filled it
     for file in checkpoint_files(path):
-        try:
-            handle = safe_open(str(file), framework="pt", device=str(device))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+        if file.suffix == ".bin":
+            handle = _BinFile(file)
+        else:
+            try:
+                handle = safe_open(str(file), framework="pt", device=str(device))
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") \
+                    from None
         with handle as f:
             for key in f.keys():
                 if _IGNORED.search(key):
@@ -154,7 +235,12 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
                                           f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
                 seen[name, shard] = f"{file.name}: {key!r}"
                 target, index, shape = _plan(model, name, shard, param)
-                target.copy_(_read(f, key, index, shape, file).to(dtype))
+                tensor = _read(f, key, index, shape, file)
+                if tensor.dtype.is_floating_point != target.dtype.is_floating_point or \
+                        (tensor.dtype in _FP8) != (target.dtype in _FP8):
+                    raise CheckpointError(f"{file.name}: tensor {key!r} is {tensor.dtype}, the model expects "
+                                          f"{target.dtype} (a quantized tensor in a dense model, or the reverse?)")
+                target.copy_(tensor.to(target.dtype))
     if not any(n == "lm_head.weight" for n, _ in seen):
         model.tie_lm_head()  # tied checkpoints store no lm_head (spec 5.4)
         seen["lm_head.weight", None] = "tied to the embeddings"

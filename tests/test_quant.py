@@ -1,0 +1,309 @@
+"""Quantized checkpoints (issue 18): AWQ W4A16 as OpenGVLab/LMDeploy ship it and FP8 W8A8 compressed-tensors.
+
+The checkpoints are written here by an independent writer from random fp16 weights (AWQ packed in int64 and
+reinterpreted as int32), and the engine's logits are compared with transformers running the dense dequantized
+twin (fp32 compute)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import checkpoints
+from internvl_engine import LLM, SamplingParams
+from internvl_engine.config import ModelConfig
+from internvl_engine.errors import CheckpointError, UnsupportedModelError
+from internvl_engine.quant import awq_dequantize, awq_pack, awq_unpack, fp8_matmul_ref
+from hf_processor import make_hf_processor
+from reference import hf_greedy, hf_inputs, hf_logits
+from test_loader import _copy_side_files, to_original
+
+# AWQ needs every quantized input size to be a multiple of 128 (hidden and intermediate)
+checkpoints.VARIANTS.setdefault("quant", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=256, tie_word_embeddings=False)))
+
+IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 260, 3), dtype=np.uint8))
+CONV = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is it?"}]}]
+DECODER = r"language_model.model.layers."
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+AWQ_BLOCK = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True}
+
+
+# ---------------------------------------------------------------------------------- the independent writer
+def pack_awq(q: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] 4-bit values -> int32 [rows, cols/8]: word |= q[:, 8c + ORDER[i]] << 4i, in int64."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    q = q.to(torch.int64)
+    words = torch.zeros(q.shape[0], q.shape[1] // 8, dtype=torch.int64)
+    for c in range(q.shape[1] // 8):
+        for i in range(8):
+            words[:, c] |= q[:, 8 * c + order[i]] << (4 * i)
+    return words.to(torch.int32)  # keeps the low 32 bits: nibble 7 may set the sign bit
+
+
+def quantize_awq(w: torch.Tensor):
+    """LMDeploy's pseudo_quantize_tensor per output row and group of 128 inputs. w [out, in] ->
+    (qweight, qzeros, scales fp16, the dense twin [out, in] fp32)."""
+    out, inp = w.shape
+    g = w.float().reshape(out, inp // 128, 128)
+    hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
+    s = ((hi - lo).clamp(min=1e-5) / 15).half().float()
+    z = torch.clamp(-torch.round(lo / s), 0, 15)
+    q = torch.clamp(torch.round(g / s) + z, 0, 15)
+    twin = ((q - z) * s).reshape(out, inp)
+    q, z, s = q.reshape(out, inp), z[..., 0], s[..., 0]  # z, s: [out, in/128]
+    return pack_awq(q.t().contiguous()), pack_awq(z.t().contiguous()), s.t().contiguous().half(), twin
+
+
+def quantize_fp8(w: torch.Tensor):
+    """Per-output-channel FP8: (weight e4m3 [out, in], weight_scale [out, 1] fp16, dense twin fp32)."""
+    scale = (w.float().abs().amax(1, keepdim=True) / 448).half()
+    q = (w.float() / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * scale.float()
+
+
+def _dense_files(path):
+    """The transformers-written -hf checkpoint, every float tensor rounded to fp16."""
+    return {k: v.half() for k, v in load_file(str(path / "model.safetensors")).items()}
+
+
+def _twin_model(tensors_fp32, dense_path, tmp_path):
+    """transformers' model on the dense twin weights (fp32)."""
+    from transformers import InternVLForConditionalGeneration
+
+    twin = tmp_path / "twin"
+    _copy_side_files(dense_path, twin)
+    shutil.copy(dense_path / "config.json", twin / "config.json")
+    save_file({k: v.float().contiguous() for k, v in tensors_fp32.items()}, str(twin / "model.safetensors"))
+    return InternVLForConditionalGeneration.from_pretrained(twin, dtype=torch.float32).eval(), twin
+
+
+def _is_decoder_linear(key):
+    return key.startswith(DECODER) and key.endswith(".weight") and any(f".{s}." in key for s in LINEARS)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant-dense")
+    checkpoints.build_hf_checkpoint(path, "quant", seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def awq(dense, tmp_path_factory):
+    """(AWQ tensors in the -hf key layout, the twin model, the twin's path)."""
+    files = _dense_files(dense)
+    quant, twin = {}, {}
+    for key, t in files.items():
+        if _is_decoder_linear(key):
+            base = key[: -len(".weight")]
+            qw, qz, s, w = quantize_awq(t)
+            quant.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": s})
+            twin[key] = w
+        else:
+            quant[key] = t
+            twin[key] = t.float()
+    model, twin_path = _twin_model(twin, dense, tmp_path_factory.mktemp("awq"))
+    return quant, model, twin_path
+
+
+def _compare(path, hf_model, twin_path, atol, flip_atol=None):
+    """Logits within atol of the twin's, greedy tokens equal. flip_atol (FP8): per-token activation quantization
+    may round an element the other way where the two fp32 computations differ in the last bit (measured: ~14% of
+    the positions move, by < 0.1); most positions stay within atol, none moves more than flip_atol."""
+    llm = LLM(path, dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=8, return_logits=True, ignore_eos=True, max_num_tiles=2)
+    inputs = hf_inputs(make_hf_processor(twin_path), CONV, 2)
+    ours, ref = llm.prompt_logits(CONV, params=params), hf_logits(hf_model, inputs)
+    assert ours.shape == ref.shape
+    diff = (ours - ref).abs()
+    if flip_atol is None:
+        assert diff.max().item() <= atol
+    else:
+        rows = diff.amax(-1)  # per position
+        assert diff.max().item() <= flip_atol and rows.median().item() <= atol
+        assert (rows > atol).float().mean().item() <= 0.25
+    out = llm.generate(CONV, params)[0]
+    ref_ids, _ = hf_greedy(hf_model, inputs, 8)
+    assert out.token_ids == ref_ids
+    return llm
+
+
+# ------------------------------------------------------------------------------------------------ unit tests
+def test_awq_pack_order_and_unpack_bit_exact():
+    row = torch.arange(8).reshape(1, 8)
+    assert pack_awq(row).item() == 0x75316420
+    assert awq_pack(row).item() == 0x75316420
+    q = torch.randint(0, 16, (256, 96))
+    packed = pack_awq(q)
+    assert torch.equal(awq_pack(q), packed)
+    assert (packed < 0).any()  # nibble 7 >= 8 sets the sign bit
+    assert torch.equal(awq_unpack(packed).long(), q)
+
+
+def test_awq_dequantize_matches_the_writer():
+    w = torch.randn(64, 256).half()
+    qw, qz, s, twin = quantize_awq(w)
+    assert qw.shape == (256, 8) and qz.shape == (2, 8) and s.shape == (2, 64)
+    assert torch.equal(awq_dequantize(qw, qz, s).t(), twin)
+    assert (twin - w.float()).abs().max() < 0.5
+
+
+def test_fp8_matmul_ref_emulates_per_token_quantization():
+    x, w = torch.randn(5, 64), torch.randn(32, 64)
+    q, scale, twin = quantize_fp8(w)
+    sx = x.abs().amax(-1, keepdim=True) / 448
+    xq = (x / sx).to(torch.float8_e4m3fn).float() * sx
+    assert torch.allclose(fp8_matmul_ref(x, q, scale), xq @ twin.t(), atol=1e-5, rtol=1e-5)
+
+
+def _original_config(block_at, block):
+    llm_config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
+                  "num_attention_heads": 4}
+    raw = {"model_type": "internvl_chat", "vision_config": {}, "llm_config": llm_config}
+    if block_at == "top":
+        raw["quantization_config"] = block
+    else:
+        llm_config["quantization_config"] = block
+    return raw
+
+
+@pytest.mark.parametrize("where", ["top", "llm_config"])
+def test_config_block_found_at_top_level_and_under_llm_config(where):
+    cfg = ModelConfig.from_dict(_original_config(where, AWQ_BLOCK))
+    assert cfg.quant.method == "awq" and cfg.quant.group_size == 128
+
+
+def test_config_block_under_text_config():
+    raw = {"model_type": "internvl", "text_config": {"model_type": "qwen2", "quantization_config": AWQ_BLOCK}}
+    assert ModelConfig.from_dict(raw).quant.method == "awq"
+    assert ModelConfig.from_dict({"model_type": "internvl"}).quant is None
+
+
+@pytest.mark.parametrize("change,word", [({"bits": 8}, "bits"), ({"group_size": 64}, "group_size"),
+                                         ({"version": "gemv"}, "version"), ({"zero_point": False}, "zero_point"),
+                                         ({"quant_method": "gptq"}, "gptq")])
+def test_unsupported_awq_configs_are_typed_errors(change, word):
+    with pytest.raises(UnsupportedModelError, match=word):
+        ModelConfig.from_dict(_original_config("llm_config", AWQ_BLOCK | change))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
+    """OpenGVLab's shipping form: original layout, pickle .bin shards + index, block under llm_config."""
+    quant, hf_model, twin_path = awq
+    config = json.loads((dense / "config.json").read_text())
+    tensors, orig = to_original(quant, config)
+    orig["llm_config"]["quantization_config"] = AWQ_BLOCK
+    path = tmp_path / "awq-bin"
+    _copy_side_files(dense, path)
+    (path / "config.json").write_text(json.dumps(orig))
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: tensors[k].contiguous() for k in part}, path / name)
+        weight_map.update({k: name for k in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    llm = _compare(path, hf_model, twin_path, atol=1e-3)
+    layer = llm.model.language_model.layers[0]
+    assert layer.self_attn.qkv_proj.qweight.dtype == torch.int32
+    assert layer.mlp.down_proj.qweight.shape == (256, 16)
+
+
+def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path):
+    quant, hf_model, twin_path = awq
+    path = tmp_path / "awq-st"
+    _copy_side_files(dense, path)
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = AWQ_BLOCK
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in quant.items()}, str(path / "model.safetensors"))
+    _compare(path, hf_model, twin_path, atol=1e-3)
+
+
+def test_awq_missing_scales_is_a_checkpoint_error(dense, awq, tmp_path):
+    quant, _, _ = awq
+    path = tmp_path / "awq-missing"
+    _copy_side_files(dense, path)
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = AWQ_BLOCK
+    (path / "config.json").write_text(json.dumps(config))
+    dropped = "language_model.model.layers.1.self_attn.k_proj.scales"
+    save_file({k: v.contiguous() for k, v in quant.items() if k != dropped}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="scales"):
+        LLM(path, dtype="float32", device="cpu")
+
+
+def test_bin_with_pickled_objects_is_refused(dense, tmp_path):
+    path = tmp_path / "evil"
+    _copy_side_files(dense, path)
+    shutil.copy(dense / "config.json", path / "config.json")
+    torch.save({"x": torch.zeros(1), "obj": Image.new("RGB", (1, 1))}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="tensors-only"):
+        LLM(path, dtype="float32", device="cpu")
+
+
+FP8_IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*layers\\.1\\.mlp\\.down_proj$"]
+FP8_BLOCK = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": FP8_IGNORE,
+             "config_groups": {"group_0": {
+                 "targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                             "dynamic": False},
+                 "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                       "dynamic": True}}}}
+
+
+def _fake_quant_inputs(module, args):
+    """The reference's per-token dynamic FP8 activations (quantize, dequantize)."""
+    x = args[0]
+    s = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)
+    return ((x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s,)
+
+
+def test_fp8_compressed_tensors_matches_dense_twin(dense, tmp_path):
+    import re
+
+    files = _dense_files(dense)
+    quant, twin, fp8_modules = {}, {}, []
+    for key, t in files.items():
+        base = key[: -len(".weight")]
+        if _is_decoder_linear(key) and not re.fullmatch(FP8_IGNORE[-1][3:], base):
+            q, s, w = quantize_fp8(t)
+            quant.update({key: q, f"{base}.weight_scale": s})
+            twin[key] = w
+            fp8_modules.append(base)
+        else:
+            quant[key] = t
+            twin[key] = t.float()
+    hf_model, twin_path = _twin_model(twin, dense, tmp_path)
+    hooked = 0
+    for name, module in hf_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "language_model.layers." in name and \
+                not re.search(r"layers\.1\.mlp\.down_proj$", name):
+            module.register_forward_pre_hook(_fake_quant_inputs)
+            hooked += 1
+    assert hooked == len(fp8_modules) == 13
+    path = tmp_path / "fp8"
+    _copy_side_files(dense, path)
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = FP8_BLOCK
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in quant.items()}, str(path / "model.safetensors"))
+    llm = _compare(path, hf_model, twin_path, atol=1e-4, flip_atol=0.25)
+    layers = llm.model.language_model.layers
+    assert layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert layers[1].mlp.down_proj.weight.dtype == torch.float32  # ignored: dense
+
+
+def test_fp8_unsupported_scheme_is_a_typed_error():
+    block = json.loads(json.dumps(FP8_BLOCK))
+    block["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    with pytest.raises(UnsupportedModelError, match="dynamic per-token"):
+        ModelConfig.from_dict({"model_type": "internvl", "quantization_config": block})
