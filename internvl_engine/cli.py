@@ -255,7 +255,7 @@ def cmd_serve(args) -> int:
     print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     return serve(llm, settings, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-                 log_level=args.log_level, access_log=args.access_log)
+                 log_level=args.log_level, access_log=args.access_log, loop=args.loop)
 
 
 def _add_serve_parser(sub) -> None:
@@ -299,6 +299,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--no-prefix-caching", action="store_true")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    s.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="event loop (auto: uvloop when installed)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="internvl-engine", description="InternVL3 inference engine.")
     parser.add_argument("--version", action="version", version=f"internvl-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info,bench,serve}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,info,bench,serve,convert}")
     sub.required = True
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos, streaming the text")
@@ -352,7 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "(bench --help for its flags)")
     b.set_defaults(func=cmd_bench, bench_args=[])
     _add_serve_parser(sub)
+
+    c = sub.add_parser("convert", help="rewrite a pickle .bin checkpoint (pytorch_model*.bin) as safetensors, once")
+    c.add_argument("src", metavar="SRC", help="checkpoint directory with pytorch_model*.bin")
+    c.add_argument("dst", metavar="DST", help="new directory for the safetensors checkpoint")
+    c.set_defaults(func=cmd_convert)
     return parser
+
+
+def cmd_convert(args) -> int:
+    from .quant.convert import convert_bin_to_safetensors
+
+    written = convert_bin_to_safetensors(args.src, args.dst)
+    print(f"wrote {len(written)} safetensors file(s) to {args.dst}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -195,13 +195,11 @@ def test_unsupported_awq_configs_are_typed_errors(change, word):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
+def _write_awq_bin(dense, quant, path):
     """OpenGVLab's shipping form: original layout, pickle .bin shards + index, block under llm_config."""
-    quant, hf_model, twin_path = awq
     config = json.loads((dense / "config.json").read_text())
     tensors, orig = to_original(quant, config)
     orig["llm_config"]["quantization_config"] = AWQ_BLOCK
-    path = tmp_path / "awq-bin"
     _copy_side_files(dense, path)
     (path / "config.json").write_text(json.dumps(orig))
     keys = sorted(tensors)
@@ -211,6 +209,12 @@ def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
         torch.save({k: tensors[k].contiguous() for k in part}, path / name)
         weight_map.update({k: name for k in part})
     (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
+    quant, hf_model, twin_path = awq
+    path = _write_awq_bin(dense, quant, tmp_path / "awq-bin")
     llm = _compare(path, hf_model, twin_path, atol=1e-3)
     layer = llm.model.language_model.layers[0]
     assert layer.self_attn.qkv_proj.qweight.dtype == torch.int32
@@ -307,3 +311,18 @@ def test_fp8_unsupported_scheme_is_a_typed_error():
     block["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
     with pytest.raises(UnsupportedModelError, match="dynamic per-token"):
         ModelConfig.from_dict({"model_type": "internvl", "quantization_config": block})
+
+
+def test_convert_bin_to_safetensors(dense, awq, tmp_path):
+    from internvl_engine.cli import main
+
+    src = _write_awq_bin(dense, awq[0], tmp_path / "src")
+    dst = tmp_path / "dst"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert not list(dst.glob("*.bin")) and (dst / "model.safetensors.index.json").exists()
+    assert len(list(dst.glob("*.safetensors"))) == 2
+    params = SamplingParams(max_num_tiles=2)
+    a = LLM(src, dtype="float32", device="cpu").prompt_logits(CONV, params=params)
+    b = LLM(dst, dtype="float32", device="cpu").prompt_logits(CONV, params=params)
+    assert torch.equal(a, b)
+    assert main(["convert", str(src), str(dst)]) == 2  # DST already holds weights: a typed error, exit 2
