@@ -245,7 +245,7 @@ def free_port() -> int:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "internvl_engine", "serve", "--model", args.model, "--port", str(port),
-           "--max-waiting", "100000", "--log-level", "warning", *engine_flags(args)]
+           "--max-waiting", "100000", "--log-level", "warning", "--loop", args.server_loop, *engine_flags(args)]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -447,6 +447,8 @@ def main(argv=None) -> None:
     ap.add_argument("--request-rate", default="", help="comma list of Poisson rates in requests/s")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads of both engines (OMP_NUM_THREADS for the server; default: torch's)")
+    ap.add_argument("--server-loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                    help="the started server's event loop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)

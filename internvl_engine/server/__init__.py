@@ -8,14 +8,15 @@ from .app import OpenAIServer, ServerSettings, build_app
 
 
 def serve(llm, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-          log_level: str = "info", access_log: bool = False) -> int:
+          log_level: str = "info", access_log: bool = False, loop: str = "auto") -> int:
     """Serves `llm` (an AsyncLLM, shut down on return) until SIGTERM or SIGINT. On SIGTERM uvicorn stops accepting,
     lets requests in flight finish for `shutdown_timeout` seconds, cancels the rest (which aborts them in the engine),
     and this returns 0."""
     import uvicorn
 
     config = uvicorn.Config(build_app(llm, settings), host=host, port=port, log_level=log_level,
-                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+                            access_log=access_log, timeout_graceful_shutdown=shutdown_timeout, lifespan="on",
+                            loop=loop)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it, under the handler it found: a no-op one makes SIGTERM a clean
     # exit (status 0) once the shutdown above is done
