@@ -459,9 +459,10 @@ def main(argv=None) -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    measured, modified = commit(), modified_files()  # the code as it is when both engines start
     result = asyncio.run(run(args))
     record = {"schema": "internvl-engine/serve/1", "date": time.strftime("%Y-%m-%d"), "device": device_name(args),
-              "commit": commit(), "modified_files": modified_files(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "commit": measured, "modified_files": modified, "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "model": args.model, "engine": engine_settings(args), "threads": args.threads,
               "workload": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_words": args.input_words,
                            "output_tokens": args.output_tokens, "image_ratio": args.image_ratio,
