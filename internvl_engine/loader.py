@@ -170,7 +170,7 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
         from .quant import quantize_model
         if checkpoint is None:
             raise NotImplementedError("random weights for a quantized config: write a quantized checkpoint")
-        quantize_model(net, quant, dtype, device, tp)
+        quantize_model(net, quant, dtype, device, tp, getattr(net, "ops", None) or ops)
     if checkpoint is None:
         from .random_model import init_random_
         init_random_(net, seed)

@@ -113,11 +113,11 @@ def awq(dense, tmp_path_factory):
     return quant, model, twin_path
 
 
-def _compare(path, hf_model, twin_path, atol, flip_atol=None):
+def _compare(path, hf_model, twin_path, atol, flip_atol=None, backend="auto"):
     """Logits within atol of the twin's, greedy tokens equal. flip_atol (FP8): per-token activation quantization
     may round an element the other way where the two fp32 computations differ in the last bit (measured: ~14% of
     the positions move, by < 0.1); most positions stay within atol, none moves more than flip_atol."""
-    llm = LLM(path, dtype="float32", device="cpu")
+    llm = LLM(path, dtype="float32", device="cpu", backend=backend)
     params = SamplingParams(max_tokens=8, return_logits=True, ignore_eos=True, max_num_tiles=2)
     inputs = hf_inputs(make_hf_processor(twin_path), CONV, 2)
     ours, ref = llm.prompt_logits(CONV, params=params), hf_logits(hf_model, inputs)
@@ -221,7 +221,8 @@ def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
     assert layer.mlp.down_proj.qweight.shape == (256, 16)
 
 
-def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path, backend):
     quant, hf_model, twin_path = awq
     path = tmp_path / "awq-st"
     _copy_side_files(dense, path)
@@ -229,7 +230,8 @@ def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path):
     config["quantization_config"] = AWQ_BLOCK
     (path / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in quant.items()}, str(path / "model.safetensors"))
-    _compare(path, hf_model, twin_path, atol=1e-3)
+    llm = _compare(path, hf_model, twin_path, atol=1e-3, backend=backend)
+    assert llm.model.language_model.layers[0].mlp.gate_up_proj.ops[0].binding["awq_gemm"] == backend
 
 
 def test_awq_missing_scales_is_a_checkpoint_error(dense, awq, tmp_path):
@@ -326,3 +328,21 @@ def test_convert_bin_to_safetensors(dense, awq, tmp_path):
     b = LLM(dst, dtype="float32", device="cpu").prompt_logits(CONV, params=params)
     assert torch.equal(a, b)
     assert main(["convert", str(src), str(dst)]) == 2  # DST already holds weights: a typed error, exit 2
+
+
+def test_quantized_under_tensor_parallelism_is_refused():
+    from types import SimpleNamespace
+
+    from internvl_engine.quant import QuantConfig, quantize_model
+
+    with pytest.raises(NotImplementedError, match="tensor parallelism"):
+        quantize_model(torch.nn.Module(), QuantConfig("awq"), torch.float32, "cpu", SimpleNamespace(size=2))
+
+
+def test_awq_tensors_without_the_config_block_are_refused(dense, awq, tmp_path):
+    path = tmp_path / "no-block"
+    _copy_side_files(dense, path)
+    shutil.copy(dense / "config.json", path / "config.json")
+    save_file({k: v.contiguous() for k, v in awq[0].items()}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="qweight"):
+        LLM(path, dtype="float32", device="cpu")

@@ -24,10 +24,11 @@ import torch
 from ..errors import BackendError
 from . import checks
 from .checks import fail
-from .ref import (flash_attention_ref, layer_norm_ref, paged_attention_ref, pixel_shuffle_ref, rms_norm_ref,
-                  rotary_ref, write_kv_cache_ref)
+from .ref import (awq_gemm_ref, flash_attention_ref, fp8_gemm_ref, layer_norm_ref, paged_attention_ref,
+                  pixel_shuffle_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
 
-OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention")
+OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention",
+       "awq_gemm", "fp8_gemm")
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 # the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
@@ -39,7 +40,9 @@ AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attent
         # (1.2-5.5x over torch); Triton's tensor-core attention is within 0.89-1.04x of torch's SDPA on prefill
         # without its per-layer host sync. Paged decode per call: CUDA leads at the 1B shape, Triton at the 2B
         # shape's batch 64; both mostly launch cost, which decode's CUDA graphs remove: Triton's tensor-core kernel
-        "cuda": dict.fromkeys(OPS, "cuda") | {"flash_attention": "triton", "paged_attention": "triton"}}
+        "cuda": dict.fromkeys(OPS, "cuda") | {"flash_attention": "triton", "paged_attention": "triton",
+                                              # W4A16: only Triton dequantizes in registers (not benchmarked yet)
+                                              "awq_gemm": "triton"}}
 
 
 def _module(name: str):
@@ -111,6 +114,8 @@ class OpTable:
         self.write_kv_cache = _bind("write_kv_cache", self.binding["write_kv_cache"])
         self.flash_attention = _bind("flash_attention", self.binding["flash_attention"])
         self.paged_attention = _bind("paged_attention", self.binding["paged_attention"])
+        self.awq_gemm = _bind("awq_gemm", self.binding["awq_gemm"])
+        self.fp8_gemm = _bind("fp8_gemm", self.binding["fp8_gemm"])
 
     @classmethod
     def resolve(cls, name: str, device="cpu") -> "OpTable":
@@ -152,6 +157,8 @@ rotary = _Dispatch("rotary")
 write_kv_cache = _Dispatch("write_kv_cache")
 flash_attention = _Dispatch("flash_attention")
 paged_attention = _Dispatch("paged_attention")
+awq_gemm = _Dispatch("awq_gemm")
+fp8_gemm = _Dispatch("fp8_gemm")
 
 
 def use(name: str, device="cpu") -> None:

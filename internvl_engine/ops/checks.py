@@ -162,3 +162,40 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     if block_tables.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
         fail(op, f"block_tables {tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)} must have one row "
                  f"per query ({q.shape[0]})")
+
+
+def awq_gemm(x, qweight, qzeros, scales, bias=None, group_size=128):
+    op = "awq_gemm"
+    tensor(op, "x", x, ndim=2, dtype=FLOAT_DTYPES)
+    k = x.shape[1]
+    tensor(op, "qweight", qweight, ndim=2, dtype=torch.int32, device=x.device)
+    tensor(op, "qzeros", qzeros, ndim=2, dtype=torch.int32, device=x.device)
+    tensor(op, "scales", scales, ndim=2, dtype=FLOAT_DTYPES, device=x.device)
+    if group_size != 128:
+        fail(op, f"group_size must be 128, got {group_size}")
+    n = scales.shape[1]
+    if k % group_size or n % 8:
+        fail(op, f"K ({k}) must be a multiple of {group_size} and N ({n}) of 8")
+    if tuple(qweight.shape) != (k, n // 8) or tuple(qzeros.shape) != (k // group_size, n // 8) \
+            or scales.shape[0] != k // group_size:
+        fail(op, f"for x {_desc(x)} and N {n}: qweight must be {(k, n // 8)}, qzeros {(k // group_size, n // 8)}, "
+                 f"scales {(k // group_size, n)}; got {tuple(qweight.shape)}, {tuple(qzeros.shape)}, "
+                 f"{tuple(scales.shape)}")
+    if bias is not None:
+        tensor(op, "bias", bias, ndim=1, dtype=FLOAT_DTYPES, device=x.device)
+        if bias.shape[0] != n:
+            fail(op, f"bias must have {n} elements, got {_desc(bias)}")
+
+
+def fp8_gemm(x, weight, weight_scale, bias=None):
+    op = "fp8_gemm"
+    tensor(op, "x", x, ndim=2, dtype=FLOAT_DTYPES)
+    tensor(op, "weight", weight, ndim=2, dtype=torch.float8_e4m3fn, device=x.device)
+    tensor(op, "weight_scale", weight_scale, ndim=2, dtype=FLOAT_DTYPES, device=x.device)
+    if weight.shape[1] != x.shape[1] or tuple(weight_scale.shape) != (weight.shape[0], 1):
+        fail(op, f"weight must be [N, {x.shape[1]}] and weight_scale [N, 1]; got {_desc(weight)}, "
+                 f"{_desc(weight_scale)}")
+    if bias is not None:
+        tensor(op, "bias", bias, ndim=1, dtype=FLOAT_DTYPES, device=x.device)
+        if bias.shape[0] != weight.shape[0]:
+            fail(op, f"bias must have {weight.shape[0]} elements, got {_desc(bias)}")

@@ -14,3 +14,5 @@ if _C is not None:
     _ops = ExtensionOps(_C.cpu, "cpu", "cpp")
     rms_norm, layer_norm, pixel_shuffle, rotary = _ops.rms_norm, _ops.layer_norm, _ops.pixel_shuffle, _ops.rotary
     write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention
+
+from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  no C++ kernel: dequantize, then matmul

@@ -98,3 +98,35 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
         v = v_cache[blocks, idx % bs]
         out[b] = _attend(q[b:b + 1], k, v, scale, causal=False)[0].to(q.dtype)
     return out
+
+
+# ------------------------------------------------------------------------------ quantized matmuls (issue 18)
+_AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ GEMM order [0, 2, 4, 6, 1, 3, 5, 7]: column j of a pack sits in this nibble
+
+
+def _awq_unpack_ref(packed):
+    cols = [(packed >> (4 * _AWQ_NIBBLE[j])) & 0xF for j in range(8)]
+    return torch.stack(cols, -1).reshape(packed.shape[0], -1)
+
+
+def awq_gemm_ref(x, qweight, qzeros, scales, bias=None, group_size=128):
+    """x [M, K] @ w [K, N] (+ bias), w[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]; fp32, cast to x's dtype."""
+    q = _awq_unpack_ref(qweight).float()
+    z = _awq_unpack_ref(qzeros).float().repeat_interleave(group_size, 0)
+    s = scales.float().repeat_interleave(group_size, 0)
+    y = x.float() @ ((q - z) * s)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fp8_gemm_ref(x, weight, weight_scale, bias=None):
+    """x [M, K] quantized per token to float8_e4m3fn (scale = amax / 448), times weight [N, K] float8_e4m3fn with
+    per-output-channel weight_scale [N, 1]; emulated in fp32, cast to x's dtype."""
+    xf = x.float()
+    sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * sx
+    y = xq @ (weight.float() * weight_scale.float().reshape(-1, 1)).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -79,3 +79,5 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     k = k.masked_fill(~valid[:, :, None, None], 0)
     v = v.masked_fill(~valid[:, :, None, None], 0)
     return _sdpa(q[:, None], k, v, scale, causal=False, mask=valid[:, None, None, :])[:, 0]
+
+from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  dequantize, then matmul

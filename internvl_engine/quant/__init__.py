@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # column 8c + AWQ_ORDER[i] sits in nibble i
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)     # nibble of column j within its pack
@@ -119,12 +119,7 @@ def awq_dequantize(qweight, qzeros, scales, group_size: int = 128) -> torch.Tens
     return (q - z) * s
 
 
-def awq_matmul_ref(x, qweight, qzeros, scales, bias=None, group_size: int = 128):
-    """y = x @ dequant(w) + b, computed in float32, returned in x's dtype."""
-    y = x.float() @ awq_dequantize(qweight, qzeros, scales, group_size)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+awq_matmul_ref = awq_gemm_ref  # the ops contract's oracle (ops/ref.py)
 
 
 class AWQLinear(nn.Module):
@@ -132,8 +127,9 @@ class AWQLinear(nn.Module):
     are multiples of 8, so each shard's packed columns are a contiguous range)."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
-                 dtype: torch.dtype, device, group_size: int = 128):
+                 dtype: torch.dtype, device, group_size: int = 128, ops=None):
         super().__init__()
+        self.ops = [ops]  # a list keeps the table out of the module tree
         out = sum(shard_sizes)
         if in_features % group_size or any(n % 8 for n in shard_sizes):
             raise UnsupportedModelError(f"AWQ layer [{in_features} -> {shard_sizes}]: the input size must be a "
@@ -172,9 +168,13 @@ class AWQLinear(nn.Module):
         return awq_dequantize(self.qweight, self.qzeros, self.scales, self.group_size).t().to(dtype)
 
     def forward(self, x):
-        if x.dtype == torch.float32:
-            return awq_matmul_ref(x, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+        ops = self.ops[0]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if ops is None:
+            y = awq_gemm_ref(x2, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
+        else:
+            y = ops.awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 # ------------------------------------------------------------------------------------------------------ FP8
@@ -185,21 +185,14 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def fp8_matmul_ref(x, weight, weight_scale, bias=None):
-    """Per-token dynamic FP8 activations times an FP8 per-channel weight, emulated in float32: y = (xq * sx) @
-    (w * sw)^T + b, returned in x's dtype."""
-    xq, sx = fp8_quantize_per_token(x)
-    w = weight.float() * weight_scale.float().reshape(-1, 1)
-    y = (xq.float() * sx) @ w.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+fp8_matmul_ref = fp8_gemm_ref
 
 
 class Fp8Linear(nn.Module):
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, ops=None):
         super().__init__()
+        self.ops = [ops]
         out = sum(shard_sizes)
         self.in_features, self.out_features = in_features, out
         self.shard_sizes, self.shard_names = list(shard_sizes), list(shard_names or [])
@@ -218,7 +211,10 @@ class Fp8Linear(nn.Module):
         return param.narrow(0, start, n), None, (n,) + tuple(param.shape[1:])
 
     def forward(self, x):
-        return fp8_matmul_ref(x, self.weight, self.weight_scale, self.bias)
+        ops = self.ops[0]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        fn = fp8_gemm_ref if ops is None else ops.fp8_gemm
+        return fn(x2, self.weight, self.weight_scale, self.bias).reshape(*x.shape[:-1], self.out_features)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -228,7 +224,7 @@ def _checkpoint_names(layer: int, sub: str) -> list[str]:
             f"model.layers.{layer}.{sub}", f"language_model.layers.{layer}.{sub}"]
 
 
-def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, device, tp=None) -> None:
+def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, device, tp=None, ops=None) -> None:
     """Swap the Qwen2 decoder linears of `model` (built dense) for quantized layers, in place."""
     if tp is not None and getattr(tp, "size", 1) > 1:
         raise NotImplementedError("quantized checkpoints under tensor parallelism are not implemented yet")
@@ -250,7 +246,8 @@ def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, dev
             sizes = list(getattr(dense, "shard_sizes", [dense.out_features]))
             names = getattr(dense, "shard_names", None)
             cls = AWQLinear if quant.method == "awq" else Fp8Linear
-            setattr(parent, attr, cls(dense.in_features, sizes, names, dense.bias is not None, dtype, device))
+            setattr(parent, attr, cls(dense.in_features, sizes, names, dense.bias is not None, dtype, device,
+                                      ops=ops))
 
 
 def quantized_weight_bytes(model: nn.Module) -> int:

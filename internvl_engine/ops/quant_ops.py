@@ -1,0 +1,32 @@
+"""The quantized matmuls on backends without a kernel of their own (torch, cpp, cuda): dequantize, then one
+matmul. AWQ: the dense weight in x's dtype (fp32 for fp32 activations, exactly the oracle). FP8: per-token dynamic
+activation quantization, then torch._scaled_mm on CUDA GPUs that have it (sm89+), else the fp32 emulation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ref import _awq_unpack_ref, fp8_gemm_ref
+
+
+def awq_gemm(x, qweight, qzeros, scales, bias=None, group_size=128):
+    q = _awq_unpack_ref(qweight)
+    z = _awq_unpack_ref(qzeros).repeat_interleave(group_size, 0)
+    dt = torch.float32 if x.dtype == torch.float32 else x.dtype
+    w = (q - z).to(torch.float32).mul_(scales.float().repeat_interleave(group_size, 0)).to(dt)
+    return F.linear(x, w.t(), None if bias is None else bias.to(dt))
+
+
+def _scaled_mm_ok(x) -> bool:
+    return x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def fp8_gemm(x, weight, weight_scale, bias=None):
+    if not _scaled_mm_ok(x) or x.dtype == torch.float32:
+        return fp8_gemm_ref(x, weight, weight_scale, bias)
+    xf = x.float()
+    sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=weight_scale.float().reshape(1, -1),
+                         out_dtype=x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
