@@ -53,7 +53,7 @@ def main(argv=None):
     for name, (k, n) in SHAPES.items():
         qw, qz, s = awq_weights(k, n, device)
         dense = dequant_then_matmul(torch.eye(k, device=device, dtype=dtype), qw, qz, s)  # [K, N]
-        w8 = (dense.t().float() / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+        w8 = (dense.t().float() / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn).contiguous()
         ws = torch.full((n, 1), 0.01, device=device)
         for m in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(m, k, device=device, dtype=dtype)
