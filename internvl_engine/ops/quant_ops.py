@@ -22,7 +22,7 @@ def _scaled_mm_ok(x) -> bool:
 
 
 def fp8_gemm(x, weight, weight_scale, bias=None):
-    if not _scaled_mm_ok(x) or x.dtype == torch.float32:
+    if not _scaled_mm_ok(x) or x.dtype == torch.float32 or x.shape[1] % 16 or weight.shape[0] % 16:
         return fp8_gemm_ref(x, weight, weight_scale, bias)
     xf = x.float()
     sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
