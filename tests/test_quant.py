@@ -346,3 +346,18 @@ def test_awq_tensors_without_the_config_block_are_refused(dense, awq, tmp_path):
     save_file({k: v.contiguous() for k, v in awq[0].items()}, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="qweight"):
         LLM(path, dtype="float32", device="cpu")
+
+
+def test_awq_runs_in_bf16(dense, awq, tmp_path):
+    path = tmp_path / "awq-bf16"
+    _copy_side_files(dense, path)
+    config = json.loads((dense / "config.json").read_text())
+    config["quantization_config"] = AWQ_BLOCK
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in awq[0].items()}, str(path / "model.safetensors"))
+    llm = LLM(path, dtype="bfloat16", device="cpu")
+    layer = llm.model.language_model.layers[0].self_attn.qkv_proj
+    assert layer.qweight.dtype == torch.int32 and layer.scales.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    out = llm.generate(CONV, SamplingParams(max_tokens=4, ignore_eos=True, max_num_tiles=2))[0]
+    assert len(out.token_ids) == 4
