@@ -41,8 +41,10 @@ AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attent
         # without its per-layer host sync. Paged decode per call: CUDA leads at the 1B shape, Triton at the 2B
         # shape's batch 64; both mostly launch cost, which decode's CUDA graphs remove: Triton's tensor-core kernel
         "cuda": dict.fromkeys(OPS, "cuda") | {"flash_attention": "triton", "paged_attention": "triton",
-                                              # W4A16: only Triton dequantizes in registers (not benchmarked yet)
-                                              "awq_gemm": "triton"}}
+                                              # W4A16 and FP8: no device run has exercised the Triton W4A16
+                                              # kernel yet, so CUDA dequantizes then multiplies (backend="triton"
+                                              # opts in)
+                                              "awq_gemm": "torch", "fp8_gemm": "torch"}}
 
 
 def _module(name: str):

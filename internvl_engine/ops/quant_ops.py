@@ -1,7 +1,10 @@
 """The quantized matmuls on backends without a kernel of their own (torch, cpp, cuda): dequantize, then one
 matmul. AWQ: the dense weight in x's dtype (fp32 for fp32 activations, exactly the oracle). FP8: per-token dynamic
-activation quantization, then torch._scaled_mm on CUDA GPUs that have it (sm89+), else the fp32 emulation."""
+activation quantization, then the fp32 emulation (torch._scaled_mm on sm89+ GPUs is opt-in until a device run has
+exercised it)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,9 @@ def awq_gemm(x, qweight, qzeros, scales, bias=None, group_size=128):
 
 
 def _scaled_mm_ok(x) -> bool:
-    return x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    # opt-in (INTERNVL_ENGINE_FP8_SCALED_MM=1) until a device run has exercised it: no GPU has run this path yet
+    return (os.environ.get("INTERNVL_ENGINE_FP8_SCALED_MM") == "1" and x.is_cuda and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
 def fp8_gemm(x, weight, weight_scale, bias=None):
