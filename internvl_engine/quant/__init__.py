@@ -1,4 +1,4 @@
-"""Quantized checkpoints (docs: /work/shared/design/quantization.md, issue 18).
+"""Quantized checkpoints (formats: shared/design/quantization.md).
 
 - AWQ W4A16 as OpenGVLab/LMDeploy ship it (`quant_method: awq, version: gemm, bits: 4, group_size: 128,
   zero_point: true`): only the Qwen2 decoder linears are quantized; per layer `qweight` int32 [in, out/8],
