@@ -310,6 +310,17 @@ def test_logprobs(server):
     status, body = status_of(lambda: client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2))
     assert status == 400 and body["error"]["param"] == "top_logprobs"
+    # vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob, rank, decoded token}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count."}], max_tokens=1,
+                                       extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+    body = r.model_dump()
+    prompt_ids = body["choices"][0]["prompt_token_ids"]
+    plp = body["prompt_logprobs"]
+    assert len(plp) == len(prompt_ids) and plp[0] is None
+    for tid, entry in zip(prompt_ids[1:], plp[1:]):
+        assert str(tid) in entry and min(e["rank"] for e in entry.values()) == 1
+    c = client.completions.create(model=MODEL, prompt="Count to three.", max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert c.choices[0].model_dump()["prompt_logprobs"][0] is None
 
 
 def test_stop_strings(server):

@@ -352,10 +352,12 @@ class ResponseBuilder:
                 if self.token_ids:
                     choices[-1]["token_ids"] = list(c.token_ids)
                     choices[-1]["prompt_token_ids"] = list(out.prompt_token_ids)
+                if self.kind == "completion" and getattr(out, "prompt_logprobs", None) is not None:
+                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)  # vLLM: per choice
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(outputs)}
-        if any(getattr(o, "prompt_logprobs", None) is not None for o in outputs):
-            body["prompt_logprobs"] = [prompt_logprobs_json(o.prompt_logprobs) for o in outputs]
+        if self.kind == "chat" and getattr(outputs[0], "prompt_logprobs", None) is not None:
+            body["prompt_logprobs"] = prompt_logprobs_json(outputs[0].prompt_logprobs)  # vLLM: beside the choices
         return body
 
     # -- streams
