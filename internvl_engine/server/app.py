@@ -5,11 +5,12 @@ errors to HTTP statuses; it holds no engine logic.
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics, GET /version.
 
 Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400), the model name checked
-(404), the engine's health (503) and waiting queue (429) checked, then the request is submitted: AsyncLLM.generate
-preprocesses it at its first step, so a bad conversation, refused media or bad sampling values answer 4xx before any
-response starts. Then the outputs stream as SSE or are collected into one body. A client that goes away (seen by a
-task reading the connection, so also before the first token) cancels the consumer, which closes the generator, which
-aborts the request in the engine: its blocks are freed at the next step."""
+(404), the engine's health (503) and waiting queue (429) checked, then the request is submitted (AsyncLLM.generate)
+and the server waits for its first output before answering, so whatever the engine refuses (a bad conversation,
+refused media, bad sampling values: 400 or 413) or fails before the first token (500, 503) gets its own status.
+Then the outputs stream as SSE or are collected into one body. A client that goes away (seen by a task reading the
+connection, so also before the first token) cancels the consumer, which closes the generator, which aborts the
+request in the engine: its blocks are freed at the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -295,10 +296,8 @@ class OpenAIServer:
             for s in subs:
                 await s.close()
             raise
-        n = getattr(params, "n", 1) or 1
-        builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, n,
-                                    getattr(params, "logprobs", None), req.include_usage, self.decode,
-                                    req.return_token_ids)
+        builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, params.n,
+                                    params.logprobs, req.include_usage, self.decode, req.return_token_ids)
         if req.stream:
             return SSEResponse(self.stream_body(builder, subs, kind == "chat"))
         body = await _unless_disconnected(request.receive, self.collect(builder, subs))

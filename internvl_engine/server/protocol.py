@@ -143,8 +143,8 @@ def sampling_params(req: _Request, max_tokens: int | None, logprobs: int | None,
             kw[name] = mm[key]
     try:
         return SamplingParams(**kw)
-    except TypeError as e:  # a field this engine's SamplingParams does not have
-        raise APIError(400, f"unsupported sampling field: {e}", code="unsupported") from None
+    except TypeError as e:  # a value of the wrong type that SamplingParams' own checks did not name
+        raise SamplingParamsError(f"invalid SamplingParams: {e}") from None
 
 
 def chat_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
@@ -287,8 +287,8 @@ def usage(outputs) -> dict:
 
 
 def samples(out) -> list:
-    """The samples of a RequestOutput (outputs, or the flat fields of an engine without them)."""
-    return out.outputs or [out]
+    """The samples (CompletionOutputs) of a RequestOutput."""
+    return out.outputs
 
 
 class ChoiceStream:
@@ -341,8 +341,8 @@ class ResponseBuilder:
         choices = []
         for p, out in enumerate(outputs):
             for c in samples(out):
-                index = p * self.n + getattr(c, "index", 0)
-                lps = self._logprobs(c.token_ids, getattr(c, "logprobs", None))
+                index = p * self.n + c.index
+                lps = self._logprobs(c.token_ids, c.logprobs)
                 if self.kind == "chat":
                     choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
                                     "logprobs": lps, "finish_reason": c.finish_reason})
@@ -352,11 +352,11 @@ class ResponseBuilder:
                 if self.token_ids:
                     choices[-1]["token_ids"] = list(c.token_ids)
                     choices[-1]["prompt_token_ids"] = list(out.prompt_token_ids)
-                if self.kind == "completion" and getattr(out, "prompt_logprobs", None) is not None:
+                if self.kind == "completion" and out.prompt_logprobs is not None:
                     choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)  # vLLM: per choice
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(outputs)}
-        if self.kind == "chat" and getattr(outputs[0], "prompt_logprobs", None) is not None:
+        if self.kind == "chat" and outputs[0].prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(outputs[0].prompt_logprobs)  # vLLM: beside the choices
         return body
 
@@ -377,8 +377,7 @@ class ResponseBuilder:
             if change is None:
                 continue
             text, start, finish = change
-            lps = getattr(c, "logprobs", None)
-            lps = self._logprobs(c.token_ids[start:], lps[start:], offset) if lps is not None else None
+            lps = self._logprobs(c.token_ids[start:], c.logprobs[start:], offset) if c.logprobs is not None else None
             if self.kind == "chat":
                 choice = {"index": st.index, "delta": {"content": text} if text else {}, "logprobs": lps,
                           "finish_reason": finish}
