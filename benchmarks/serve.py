@@ -3,7 +3,8 @@ requests, Poisson arrivals at given rates or a fixed concurrency) against the Op
 the offline engine (AsyncLLM in this process, the same settings and requests), and reports TTFT, TPOT, inter-token
 latency (p50/p90/p99), end-to-end latency, request and token throughput, and the HTTP overhead over the offline
 engine, in wall time and in CPU time per output token of the thread running the event loop (the server's against
-this process's driving AsyncLLM). The two sides alternate round by round, each round with fresh prompts and images (no cross-round cache hits).
+this process's driving AsyncLLM). The two sides alternate round by round, each round with fresh prompts and images
+(no cross-round cache hits).
 
     python benchmarks/serve.py --model random:tiny --device cpu --max-concurrency 1,32 --rounds 3 \\
         --json benchmarks/results/<date>-cpu-<commit>-serve.json --plot serve.png
@@ -462,7 +463,8 @@ def main(argv=None) -> None:
     measured, modified = commit(), modified_files()  # the code as it is when both engines start
     result = asyncio.run(run(args))
     record = {"schema": "internvl-engine/serve/1", "date": time.strftime("%Y-%m-%d"), "device": device_name(args),
-              "commit": measured, "modified_files": modified, "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "commit": measured, "modified_files": modified,
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "model": args.model, "engine": engine_settings(args), "threads": args.threads,
               "workload": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_words": args.input_words,
                            "output_tokens": args.output_tokens, "image_ratio": args.image_ratio,

@@ -261,7 +261,8 @@ def cmd_serve(args) -> int:
 def _add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, "
                                      "health, metrics)")
-    s.add_argument("--model", required=True, help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
+    s.add_argument("--model", required=True,
+                   help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -286,7 +287,8 @@ def _add_serve_parser(sub) -> None:
                    help="413 for a larger request body (default: 64 MiB)")
     s.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
                    help="max_tokens of chat requests that give none (default: 1024)")
-    s.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
+    s.add_argument("--dtype", default="auto",
+                   help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
     s.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
     s.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")

@@ -319,7 +319,8 @@ def test_logprobs(server):
     assert len(plp) == len(prompt_ids) and plp[0] is None
     for tid, entry in zip(prompt_ids[1:], plp[1:]):
         assert str(tid) in entry and min(e["rank"] for e in entry.values()) == 1
-    c = client.completions.create(model=MODEL, prompt="Count to three.", max_tokens=1, extra_body={"prompt_logprobs": 0})
+    c = client.completions.create(model=MODEL, prompt="Count to three.", max_tokens=1,
+                                  extra_body={"prompt_logprobs": 0})
     assert c.choices[0].model_dump()["prompt_logprobs"][0] is None
 
 
@@ -436,7 +437,8 @@ def test_request_failing_while_running(server):
     engine = server.llm.engine
     engine.inject_fault("doomed", "decode", times=1)
     status, body = status_of(lambda: client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, extra_headers={"X-Request-Id": "doomed"}))
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+        extra_headers={"X-Request-Id": "doomed"}))
     assert status == 500 and body["error"]["code"] == "RequestFailedError"
     engine.inject_fault("doomed-2", "decode", times=1)
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": "doomed-2"},
