@@ -343,9 +343,6 @@ def test_stop_strings(server):
     assert kept.choices[0].message.content == cut + stop
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug at be02c71: LLMEngine.make_sequence never sets child.group for "
-                   "n > 1, so the request never finishes under its own id and AsyncLLM waits forever (one-line fix: "
-                   "child.group = seq.group); remove this marker with the fix")
 def test_n_with_seeds(server):
     client = server.client()
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Pick words."}], max_tokens=8, temperature=1.0,

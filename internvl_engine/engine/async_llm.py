@@ -12,6 +12,7 @@ The engine's own lock serialises add_request / abort / step, so callers never to
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import uuid
 from concurrent.futures import Future
@@ -34,6 +35,7 @@ class _EngineLoop:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._poke = False  # an abort's final output is handed out by the next step, even with nothing else to run
+        self._aborts: collections.deque[str] = collections.deque()  # request ids to abort, from any thread
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="internvl-engine-loop", daemon=True)
         self._thread.start()
@@ -58,10 +60,14 @@ class _EngineLoop:
         self._wake.set()
 
     def abort(self, request_id: str) -> bool:
-        aborted = self.engine.abort(request_id)
+        """Queue an abort for the loop thread (the engine lock is held through a whole step: a caller's event loop
+        must not wait for it). True when the request is in flight here."""
+        with self._lock:
+            known = request_id in self._sinks
+        self._aborts.append(request_id)
         self._poke = True
         self._wake.set()
-        return aborted
+        return known
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
@@ -98,6 +104,8 @@ class _EngineLoop:
                 self._wake.clear()
                 continue
             self._poke = False
+            while self._aborts:
+                self.engine.abort(self._aborts.popleft())
             try:
                 outputs = self.engine.step()
             except EngineDeadError as e:
@@ -137,7 +145,13 @@ class AsyncLLM:
         def sink(item):
             loop.call_soon_threadsafe(queue.put_nowait, item)  # raises once the loop is closed: the request ends
 
-        self._loop.add(request_id, conversation, params, sink)
+        # preprocessing (image decoding, URL fetches) and the engine lock stay off the caller's event loop
+        add = loop.run_in_executor(None, self._loop.add, request_id, conversation, params, sink)
+        try:
+            await asyncio.shield(add)
+        except asyncio.CancelledError:  # the caller left while the request was being added: abort it once it is
+            add.add_done_callback(lambda f: f.exception() is None and self._loop.abort(request_id))
+            raise
         finished = False
         try:
             while not finished:

@@ -261,6 +261,7 @@ class LLMEngine:
             seq.group = [seq] + [self._sample(f"{request_id}#{i}", seq.prompt_ids, params,
                                               RequestMetrics(**metrics.as_dict()), i) for i in range(1, params.n)]
             for child in seq.group[1:]:
+                child.group = seq.group  # every sample finds its request (outputs go out under the first's id)
                 child.pixel_values, child.num_patches, child.media = seq.pixel_values, seq.num_patches, seq.media
                 child.media_keys, child.image_feats = seq.media_keys, seq.image_feats
         metrics.preprocess_s = time.perf_counter() - t0
