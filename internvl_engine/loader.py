@@ -77,18 +77,23 @@ def checkpoint_files(path: Path) -> list[Path]:
     return _safetensors_files(path, index)
 
 
+def _indexed_shards(index: Path, kind: str) -> list[Path]:
+    """The shard files a weight-map index names, each of which must exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid {kind} index ({e})") from None
+    files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+    return files
+
+
 def _bin_files(path: Path) -> list[Path]:
     index = path / "pytorch_model.bin.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid pytorch_model.bin index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-        return files
+        return _indexed_shards(index, "pytorch_model.bin")
     files = sorted(path.glob("*.bin"))
     if not files:
         raise CheckpointError(f"{path}: no safetensors weights (model.safetensors or an index) and no "
@@ -141,15 +146,7 @@ class _BinSlice:
 
 def _safetensors_files(path: Path, index: Path) -> list[Path]:
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-        return files
+        return _indexed_shards(index, "safetensors")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no safetensors weights (model.safetensors or an index) found")

@@ -5,13 +5,12 @@ transformers' prompt logits and greedy tokens. CPU only."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from checkpoints import build_hf_checkpoint_with_hf_processor
 from hf_processor import make_hf_processor
 from reference import hf_greedy, hf_inputs, hf_logits, strip_media
+from test_model_parity import CONVERSATIONS as PARITY_CONVERSATIONS
 
 from internvl_engine import LLM, Processor, SamplingParams
 
@@ -19,18 +18,8 @@ ATOL = 1e-4
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.2, 0.3)
 
 
-def _image(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-CONVERSATIONS = {
-    "one_image": [{"role": "user", "content": [{"type": "image", "image": _image(700, 300, 1)},
-                                               {"type": "text", "text": "Describe this image in detail."}]}],
-    "two_images": [{"role": "user", "content": [{"type": "image", "image": _image(64, 64, 2)},
-                                                {"type": "text", "text": "Compare"},
-                                                {"type": "image", "image": _image(200, 420, 3)},
-                                                {"type": "text", "text": "these two."}]}],
-}
+# the parity suite's image conversations, on a checkpoint with other tiles
+CONVERSATIONS = {k: PARITY_CONVERSATIONS[k] for k in ("one_image", "two_images")}
 
 
 @pytest.fixture(scope="module")

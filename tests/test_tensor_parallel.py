@@ -26,6 +26,7 @@ from internvl_engine.engine.config import EngineConfigError
 from internvl_engine.engine.llm_engine import LLMEngine
 from internvl_engine.errors import EngineDeadError, ShardingError
 from reference import hf_greedy, hf_inputs, hf_logits
+from test_engine import _drain
 
 ATOL = 1e-4
 TOKENS = 8
@@ -122,18 +123,6 @@ def _text(i):
 def _picture(i):
     return [{"role": "user", "content": [{"type": "image", "image": parity._image(90 + i, 80, 100 + i)},
                                          {"type": "text", "text": f"Describe picture {i}."}]}]
-
-
-def _drain(engine, limit=10_000):
-    final = {}
-    for _ in range(limit):
-        if not engine.has_unfinished_requests():
-            break
-        for o in engine.step():
-            if o.finished:
-                final[o.request_id] = o
-    assert not engine.has_unfinished_requests()
-    return final
 
 
 @pytest.fixture(scope="module")
