@@ -221,28 +221,29 @@ def test_awq_bin_original_layout_matches_dense_twin(dense, awq, tmp_path):
     assert layer.mlp.down_proj.qweight.shape == (256, 16)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path, backend):
-    quant, hf_model, twin_path = awq
-    path = tmp_path / "awq-st"
+def _awq_safetensors(dense, quant, path):
+    """The dense checkpoint's side files, its config with the AWQ block at the top level, and `quant` as one
+    safetensors file."""
     _copy_side_files(dense, path)
     config = json.loads((dense / "config.json").read_text())
     config["quantization_config"] = AWQ_BLOCK
     (path / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in quant.items()}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path, backend):
+    quant, hf_model, twin_path = awq
+    path = _awq_safetensors(dense, quant, tmp_path / "awq-st")
     llm = _compare(path, hf_model, twin_path, atol=1e-3, backend=backend)
     assert llm.model.language_model.layers[0].mlp.gate_up_proj.ops[0].binding["awq_gemm"] == backend
 
 
 def test_awq_missing_scales_is_a_checkpoint_error(dense, awq, tmp_path):
     quant, _, _ = awq
-    path = tmp_path / "awq-missing"
-    _copy_side_files(dense, path)
-    config = json.loads((dense / "config.json").read_text())
-    config["quantization_config"] = AWQ_BLOCK
-    (path / "config.json").write_text(json.dumps(config))
     dropped = "language_model.model.layers.1.self_attn.k_proj.scales"
-    save_file({k: v.contiguous() for k, v in quant.items() if k != dropped}, str(path / "model.safetensors"))
+    path = _awq_safetensors(dense, {k: v for k, v in quant.items() if k != dropped}, tmp_path / "awq-missing")
     with pytest.raises(CheckpointError, match="scales"):
         LLM(path, dtype="float32", device="cpu")
 
