@@ -159,15 +159,12 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
     checkpoint's weights, or seeded random weights when checkpoint is None (random:<preset>)."""
     from .models.internvl import InternVLForConditionalGeneration
     with torch.device("meta"):
-        net = InternVLForConditionalGeneration(config, ops, tp)
-    net.to_empty(device=device)
-    net.to(dtype)
+        net = InternVLForConditionalGeneration(config, ops, tp).to(dtype)
     quant = getattr(config, "quant", None)
-    if quant is not None:
+    if quant is not None:  # on the meta device still: the dense decoder linears are never allocated
         from .quant import quantize_model
-        if checkpoint is None:
-            raise NotImplementedError("random weights for a quantized config: write a quantized checkpoint")
-        quantize_model(net, quant, dtype, device, tp, getattr(net, "ops", None) or ops)
+        quantize_model(net, quant, dtype, torch.device("meta"), tp, getattr(net, "ops", None) or ops)
+    net.to_empty(device=device)
     if checkpoint is None:
         from .random_model import init_random_
         init_random_(net, seed)
@@ -273,8 +270,7 @@ def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 pieces = []
                 for suffix, (p, shard) in PACKED.items():
                     if p == packed:
-                        start, rows = packed_module.shard_range(shard)
-                        pieces.append((f"{prefix}{suffix}.{leaf}", param.data.narrow(0, start, rows)))
+                        pieces.append((f"{prefix}{suffix}.{leaf}", packed_module.load_plan(leaf, shard)[0]))
         for key, tensor in pieces:
             if key.startswith("language_model."):
                 key = "language_model.model." + key[len("language_model."):]

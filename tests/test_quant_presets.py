@@ -1,0 +1,100 @@
+"""The quantized random presets (`random:<preset>-awq` / `-fp8`, issue 18) against the tests' own writer.
+
+`random:X-awq` must be exactly the AWQ quantization of `random:X`: the tests quantize the dense preset's checkpoint
+with their independent writer (test_quant.quantize_awq: int64 packing, the other tensor layout) and compare every
+tensor bit for bit with the preset's checkpoint; then the engine on the preset is compared with transformers on
+the dense dequantized twin (AWQ; FP8 activations are rounded per token, and a last-bit difference between two
+fp32 computations flips a rounding, so the FP8 twin comparison lives in test_quant with its own budget: here the
+bit-exact files and the preset-equals-its-checkpoint test carry FP8 over to it)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from internvl_engine import LLM, SamplingParams
+from internvl_engine.errors import UnsupportedModelError
+from internvl_engine.random_model import preset_config, preset_names, write_checkpoint
+from test_quant import CONV, _compare, _is_decoder_linear, _twin_model, quantize_awq
+
+PROMPT_PARAMS = SamplingParams(max_tokens=4, return_logits=True, ignore_eos=True, max_num_tiles=2)
+
+
+def quantize_fp8_bf16(w: torch.Tensor):
+    """Per-channel FP8 with the scale stored in bf16, as llm-compressor stores it in a bf16 model:
+    (weight e4m3 [out, in], weight_scale bf16 [out, 1], dense twin fp32)."""
+    scale = (w.float().abs().amax(dim=1, keepdim=True) / 448).bfloat16()
+    q = torch.clamp(w.float() / scale.float(), min=-448, max=448).to(torch.float8_e4m3fn)
+    return q, scale, q.float() * scale.float()
+
+
+@pytest.fixture(scope="module")
+def dense_small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small-dense")
+    write_checkpoint(path, "small", seed=0)
+    return path, load_file(str(path / "model.safetensors"))
+
+
+def _expected(method, dense_tensors):
+    """(the quantized files the tests' writer makes of the dense preset, the dense twin in fp32)."""
+    quant, twin = {}, {}
+    for key, t in dense_tensors.items():
+        if not _is_decoder_linear(key):
+            quant[key], twin[key] = t, t.float()
+            continue
+        base = key[: -len(".weight")]
+        if method == "awq":
+            qw, qz, s, w = quantize_awq(t)
+            quant.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": s})
+        else:
+            q, s, w = quantize_fp8_bf16(t)
+            quant.update({key: q, f"{base}.weight_scale": s})
+        twin[key] = w
+    return quant, twin
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_preset_is_the_quantized_dense_preset_bit_for_bit(dense_small, tmp_path, method):
+    dense_path, dense_tensors = dense_small
+    path = write_checkpoint(tmp_path / method, f"small-{method}", seed=0)
+    ours = load_file(str(path / "model.safetensors"))
+    expected, _ = _expected(method, dense_tensors)
+    assert sorted(ours) == sorted(expected)
+    for key, t in expected.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape, key
+        assert torch.equal(ours[key].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else ours[key],
+                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t), key
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization_config"] == preset_config(f"small-{method}")["quantization_config"]
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == \
+        json.loads((dense_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_random_preset_equals_its_written_checkpoint(tmp_path, method):
+    """The in-memory preset (weights quantized as they are drawn) and the checkpoint it writes run identically."""
+    path = write_checkpoint(tmp_path / method, f"small-{method}", seed=0)
+    a = LLM(f"random:small-{method}", dtype="float32", device="cpu")
+    b = LLM(path, dtype="float32", device="cpu")
+    assert torch.equal(a.prompt_logits(CONV, params=PROMPT_PARAMS), b.prompt_logits(CONV, params=PROMPT_PARAMS))
+
+
+def test_awq_preset_matches_transformers_on_the_dense_twin(dense_small, tmp_path):
+    dense_path, dense_tensors = dense_small
+    _, twin = _expected("awq", dense_tensors)
+    hf_model, twin_path = _twin_model(twin, dense_path, tmp_path)
+    _compare("random:small-awq", hf_model, twin_path, atol=1e-3)
+
+
+def test_every_preset_has_quantized_variants():
+    names = preset_names()
+    for base in ("tiny", "small", "internvl3-1b", "internvl3-78b"):
+        assert {base, f"{base}-awq", f"{base}-fp8"} <= set(names)
+    assert preset_config("internvl3-8b-awq")["quantization_config"]["quant_method"] == "awq"
+    with pytest.raises(UnsupportedModelError, match="-awq"):
+        preset_config("internvl3-8b-int3")
+
+
+def test_awq_preset_of_a_shape_awq_cannot_hold_is_a_typed_error():
+    with pytest.raises(UnsupportedModelError, match="multiple of the group size 128"):
+        LLM("random:tiny-awq", dtype="float32", device="cpu")
