@@ -199,8 +199,33 @@ def collect_info() -> dict:
                                 if d == "cpu" or device["cuda_available"]}}
 
 
+def model_info(model: str, dtype: str) -> dict:
+    """The --model part of `info`: format, quantization block and byte counts (bench/floors.weight_summary)."""
+    import torch
+
+    from .bench.floors import weight_summary
+    from .config import ModelConfig
+    from .engine.config import DTYPES, EngineConfigError, resolve_checkpoint
+
+    if model.startswith("random:"):
+        from .random_model import preset_config
+        config = ModelConfig.from_dict(preset_config(model.split(":", 1)[1]), model)
+    else:
+        config = ModelConfig.from_pretrained(resolve_checkpoint(model))
+    if dtype not in DTYPES:
+        raise EngineConfigError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    quant = config.quant
+    return {"model": model,
+            "quantization": None if quant is None else {"method": quant.method, "bits": quant.bits,
+                                                        "group_size": quant.group_size or None,
+                                                        "ignore": list(quant.ignore)},
+            "weights": weight_summary(config, torch.empty((), dtype=DTYPES[dtype]).element_size())}
+
+
 def cmd_info(args) -> int:
     info = collect_info()
+    if args.model is not None:
+        info["model"] = model_info(args.model, args.dtype)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -216,6 +241,12 @@ def cmd_info(args) -> int:
     e = info["extension"]
     print(f"extension (_C):    built={e['built']} cuda_kernels={e['cuda_kernels']} archs={e['archs']}")
     print(f"kernel backends:   {', '.join(info['kernel_backends'])}")
+    if "model" in info:
+        m, w = info["model"], info["model"]["weights"]
+        print(f"model:             {m['model']} ({(m['quantization'] or {}).get('method', 'dense')})")
+        print(f"  LM bytes a decode step reads: {w['lm_decode_bytes'] / 1e9:.3f} GB "
+              f"(dense at {w['activation_dtype_bytes']} bytes: {w['lm_decode_bytes_dense'] / 1e9:.3f} GB)")
+        print(f"  vision bytes per forward:     {w['vision_bytes'] / 1e9:.3f} GB")
     return 0
 
 
@@ -347,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--model", default=None, metavar="M",
+                   help="also describe a model (checkpoint dir or random:<preset>): its format (dense, AWQ, FP8) "
+                        "and the weight bytes each stage reads; reads config.json only, no weights")
+    i.add_argument("--dtype", default="bfloat16", metavar="T", help="activation dtype for --model (default bfloat16)")
     i.set_defaults(func=cmd_info)
 
     # The harness owns its flags (internvl_engine.bench.e2e.build_parser): everything after `bench` is forwarded,

@@ -36,6 +36,27 @@ def test_info_json(capsys):
     assert "torch" in info["kernel_backends"]
 
 
+def test_info_model_knows_quantized_bytes(capsys, tmp_path):
+    """info --model reads config.json only: a written AWQ checkpoint and its random: preset report the same bytes,
+    and AWQ's decode bytes are the dense ones' share the formats predict (linears at 0.5 + 2.5/128 of 2 bytes)."""
+    from internvl_engine.random_model import write_checkpoint
+
+    write_checkpoint(tmp_path / "awq", "small-awq")
+    reports = []
+    for model in (str(tmp_path / "awq"), "random:small-awq", "random:small"):
+        assert main(["info", "--json", "--model", model]) == 0
+        reports.append(json.loads(capsys.readouterr().out)["model"])
+    awq, preset, dense = reports
+    assert awq["quantization"]["method"] == "awq" and awq["quantization"]["group_size"] == 128
+    assert awq["weights"] == preset["weights"] and dense["quantization"] is None
+    w, d = awq["weights"], dense["weights"]
+    assert d["lm_decode_bytes"] == d["lm_decode_bytes_dense"] == w["lm_decode_bytes_dense"]
+    linear = 2 * (128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 256)  # layers x (q, o + k, v + gate, up, down)
+    assert w["lm_decode_bytes"] == d["lm_decode_bytes"] - linear * 2 + linear * (0.5 + 2.5 / 128)
+    assert main(["info", "--model", "random:small-fp8"]) == 0
+    assert "(fp8)" in capsys.readouterr().out
+
+
 def test_info_text(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from . import common
-from .floors import floors as compute_floors
+from .floors import floors as compute_floors, weight_summary
 
 SCHEMA = "internvl-engine/e2e/1"
 MODELS = ("random:tiny", "random:internvl3-1b", "random:internvl3-2b", "random:internvl3-8b", "random:internvl3-14b",
@@ -326,7 +326,7 @@ def main(argv=None, prog: str | None = None) -> dict:
     record = {"schema": SCHEMA, **common.metadata(device), "model": args.model,
               "dtype": str(llm.dtype).replace("torch.", ""), "backend": args.backend,
               "tensor_parallel_size": args.tensor_parallel_size,
-              "kernels": llm.runner.kernels, "peaks": peaks,
+              "kernels": llm.runner.kernels, "peaks": peaks, "weights": weight_summary(llm.config, dtype_bytes),
               "cuda_graphs": None if llm.runner.graphs is None else
               {"decode_steps_replayed": llm.runner.graphs.replays, "captured": sorted(llm.runner.graphs.graphs)},
               "workload": {"images_per_request": images, "tiles_per_image": tiles,

@@ -14,6 +14,13 @@ A stage's floor is max(FLOPs / matmul peak, bytes / copy bandwidth), with both p
   FLOPs = 2 * params * B + attention 4 * T * C_attn per layer per request.
 
 TTFT floor = vision + prefill floors; TPOT floor = the decode step floor.
+
+Quantized checkpoints (cfg.quant) count their decoder linears at the format's size, as the producers store them:
+AWQ 4 bits a weight + per group of 128 inputs and output an fp16 scale and a 4-bit zero (0.5 + 2.5 / 128 bytes a
+weight); FP8 one byte a weight + a bf16 scale per output channel; layers an FP8 `ignore` list keeps dense at the
+activation dtype. Everything else (embeddings, lm_head, norms, biases, the vision side) stays at dtype_bytes.
+FLOPs are unchanged and still divided by the measured bf16/fp16 matmul peak: Hopper's FP8 tensor cores run twice
+that, so an FP8 prefill floor can be up to 2x too high (decode is bandwidth-bound either way).
 """
 from __future__ import annotations
 
@@ -59,12 +66,25 @@ def vision_params(cfg: ModelConfig) -> int:
     return vision_linear_params(cfg) + patch_embed_params(cfg) + projector_params(cfg)
 
 
+def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each decoder linear, by its checkpoint name."""
+    t = cfg.text
+    h, q, kv, i = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim, \
+        t.intermediate_size
+    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+
+
+def lm_linear_params(cfg: ModelConfig) -> int:
+    """Weights of the decoder linears (q/k/v/o, gate/up/down), all layers: what AWQ and FP8 quantize."""
+    return cfg.text.num_hidden_layers * sum(i * o for i, o in _linear_shapes(cfg).values())
+
+
 def lm_layer_params(cfg: ModelConfig) -> int:
     """Decoder-layer weights of the language model (attention + MLP + q/k/v biases), all layers."""
     t = cfg.text
-    h, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * t.intermediate_size + (q + 2 * kv) + 2 * h
-    return t.num_hidden_layers * per_layer
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    return lm_linear_params(cfg) + t.num_hidden_layers * ((q + 2 * kv) + 2 * t.hidden_size)
 
 
 def lm_head_params(cfg: ModelConfig) -> int:
@@ -74,6 +94,36 @@ def lm_head_params(cfg: ModelConfig) -> int:
 def lm_weight_params(cfg: ModelConfig) -> int:
     """LM weights a decode step reads: the layers + the lm_head (tied or not), without the embedding table."""
     return lm_layer_params(cfg) + lm_head_params(cfg)
+
+
+def lm_linear_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
+    """Bytes of the decoder linears as stored: dense, AWQ or FP8 (module docstring)."""
+    quant = getattr(cfg, "quant", None)
+    if quant is None:
+        return lm_linear_params(cfg) * dtype_bytes
+    if quant.method == "awq":
+        return lm_linear_params(cfg) * (0.5 + 2.5 / quant.group_size)
+    from ..quant import _checkpoint_names
+    total = 0
+    for layer in range(cfg.text.num_hidden_layers):
+        for name, (i, o) in _linear_shapes(cfg).items():
+            total += i * o * dtype_bytes if quant.ignored(_checkpoint_names(layer, name)) else i * o + 2 * o
+    return total
+
+
+def lm_weight_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
+    """Bytes of the LM weights a decode step reads (lm_weight_params, quantized linears at their stored size)."""
+    return (lm_weight_params(cfg) - lm_linear_params(cfg)) * dtype_bytes + lm_linear_bytes(cfg, dtype_bytes)
+
+
+def weight_summary(cfg: ModelConfig, dtype_bytes: int) -> dict:
+    """What the harness records and `info --model` prints: the format and the bytes each stage reads."""
+    quant = getattr(cfg, "quant", None)
+    return {"quantization": None if quant is None else quant.method, "activation_dtype_bytes": dtype_bytes,
+            "lm_weight_params": lm_weight_params(cfg), "lm_decode_bytes": lm_weight_bytes(cfg, dtype_bytes),
+            "lm_decode_bytes_dense": lm_weight_params(cfg) * dtype_bytes,
+            "vision_bytes": vision_params(cfg) * dtype_bytes,
+            "embedding_bytes": cfg.text.vocab_size * cfg.text.hidden_size * dtype_bytes}
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
@@ -101,14 +151,14 @@ def prefill_cost(cfg: ModelConfig, prompt_tokens: list[int], dtype_bytes: int) -
     c_attn = t.num_attention_heads * t.head_dim
     flops = sum(2 * lm_layer_params(cfg) * p + t.num_hidden_layers * 2 * p * p * c_attn + 2 * lm_head_params(cfg)
                 for p in prompt_tokens)
-    return StageCost(flops, lm_weight_params(cfg) * dtype_bytes)
+    return StageCost(flops, lm_weight_bytes(cfg, dtype_bytes))
 
 
 def decode_cost(cfg: ModelConfig, batch: int, context: int, dtype_bytes: int) -> StageCost:
     t = cfg.text
     c_attn = t.num_attention_heads * t.head_dim
     flops = batch * (2 * lm_weight_params(cfg) + t.num_hidden_layers * 4 * context * c_attn)
-    nbytes = lm_weight_params(cfg) * dtype_bytes + batch * context * kv_bytes_per_token(cfg, dtype_bytes)
+    nbytes = lm_weight_bytes(cfg, dtype_bytes) + batch * context * kv_bytes_per_token(cfg, dtype_bytes)
     return StageCost(flops, nbytes)
 
 

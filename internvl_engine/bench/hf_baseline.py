@@ -34,11 +34,16 @@ def hf_model_like(llm, raw: dict):
 
     from ..loader import export_hf_state_dict
 
-    cfg = InternVLConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    from ..quant.writer import dense_twin
+
+    # a quantized model's baseline is transformers on its dense twin (the dequantized weights): transformers'
+    # InternVL has no AWQ / compressed-tensors path of its own that runs these files faithfully
+    skip = ("architectures", "model_type", "quantization_config")
+    cfg = InternVLConfig(**{k: v for k, v in raw.items() if k not in skip})
     with torch.device(llm.device):
         model = InternVLForConditionalGeneration(cfg).to(llm.dtype)
     state = {}
-    for key, t in export_hf_state_dict(llm.model).items():
+    for key, t in dense_twin(export_hf_state_dict(llm.model), llm.dtype).items():
         if key.startswith("language_model.lm_head."):
             key = key[len("language_model."):]
         elif key.startswith("language_model.model."):
