@@ -98,3 +98,23 @@ def test_every_preset_has_quantized_variants():
 def test_awq_preset_of_a_shape_awq_cannot_hold_is_a_typed_error():
     with pytest.raises(UnsupportedModelError, match="multiple of the group size 128"):
         LLM("random:tiny-awq", dtype="float32", device="cpu")
+
+
+def test_quant_backend_opts_in_the_quantized_kernels_alone():
+    """quant_backend="triton" binds awq_gemm / fp8_gemm to Triton (its interpreter here) and leaves every other op
+    on `backend`'s choice; the logits agree with the dequantize-then-matmul path to fp32 summation order."""
+    params = SamplingParams(max_tokens=2, return_logits=True, ignore_eos=True)
+    ref = LLM("random:small-awq", dtype="float32", device="cpu")
+    llm = LLM("random:small-awq", dtype="float32", device="cpu", quant_backend="triton")
+    table = llm.model.language_model.layers[0].mlp.gate_up_proj.ops[0].binding
+    assert table["awq_gemm"] == table["fp8_gemm"] == "triton"
+    assert {op: b for op, b in table.items() if "gemm" not in op} == \
+        {op: b for op, b in ref.runner.kernels.items() if "gemm" not in op}
+    a, b = ref.prompt_logits("Hello there", params=params), llm.prompt_logits("Hello there", params=params)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_quant_backend_is_validated():
+    from internvl_engine.engine.config import EngineConfigError
+    with pytest.raises(EngineConfigError, match="quant_backend"):
+        LLM("random:small-awq", dtype="float32", device="cpu", quant_backend="fast")

@@ -105,6 +105,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--backend", default="auto", help="kernel backend: auto, torch, cpp, triton, cuda")
+    ap.add_argument("--quant-backend", default=None,
+                    help="backend of the quantized matmuls alone (awq_gemm, fp8_gemm), e.g. triton for the W4A16 / "
+                         "FP8 Triton kernels (default: --backend's choice)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
@@ -271,7 +274,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     tiles = args.tiles if images else 0
 
     util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
-    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, gpu_memory_utilization=util,
+    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, quant_backend=args.quant_backend,
+              gpu_memory_utilization=util,
               enforce_eager=args.enforce_eager, vision_graphs=args.vision_graphs,
               tensor_parallel_size=args.tensor_parallel_size)
     device = llm.device
@@ -325,6 +329,7 @@ def main(argv=None, prog: str | None = None) -> dict:
 
     record = {"schema": SCHEMA, **common.metadata(device), "model": args.model,
               "dtype": str(llm.dtype).replace("torch.", ""), "backend": args.backend,
+              "quant_backend": args.quant_backend,
               "tensor_parallel_size": args.tensor_parallel_size,
               "kernels": llm.runner.kernels, "peaks": peaks, "weights": weight_summary(llm.config, dtype_bytes),
               "cuda_graphs": None if llm.runner.graphs is None else

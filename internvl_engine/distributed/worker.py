@@ -107,12 +107,11 @@ def build(spec: WorkerSpec, tp: TensorParallel):
     from ..engine.config import resolve_checkpoint
     from ..engine.runner import ModelRunner
     from ..loader import load_model
-    from ..ops import OpTable
 
     cfg, device = spec.config, torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ops = OpTable.resolve(cfg.backend, device)
+    ops = cfg.op_table(device)
     if cfg.is_random:
         from ..random_model import preset_config
         config, checkpoint = ModelConfig.from_dict(preset_config(cfg.model.split(":", 1)[1]), cfg.model), None

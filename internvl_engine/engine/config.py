@@ -38,6 +38,8 @@ class EngineConfig:
     seed: int = 0                           # random:<preset> weights
     block_size: int = 16                    # tokens per KV block
     backend: str = "auto"                   # kernel backend: auto | torch | cpp | triton | cuda
+    quant_backend: str | None = None        # backend of the quantized matmuls (awq_gemm, fp8_gemm) alone; None:
+                                            # `backend`'s choice. "triton" opts in the W4A16 / FP8 Triton kernels
     kv_cache_tokens: int | None = None      # KV pool size; None: 16384 on the CPU, gpu_memory_utilization on CUDA
     gpu_memory_utilization: float = 0.9     # share of free device memory the KV pool takes (CUDA)
     max_num_seqs: int = 64                  # sequences running at once
@@ -65,8 +67,21 @@ class EngineConfig:
             raise EngineConfigError(f"media_policy must be a MediaPolicy, got {type(self.media_policy).__name__}")
         if not isinstance(self.backend, str):
             raise EngineConfigError(f"backend must be a string, got {self.backend!r}")
+        if self.quant_backend is not None and self.quant_backend not in ("torch", "cpp", "triton", "cuda"):
+            raise EngineConfigError(f"quant_backend must be None or one of torch, cpp, triton, cuda; got "
+                                    f"{self.quant_backend!r}")
         if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype {self.dtype!r} is not supported; use one of auto, {sorted(DTYPES)}")
+
+    def op_table(self, device: torch.device):
+        """The kernel table an engine (and each tensor-parallel worker) builds its model with; an unavailable
+        backend fails here, before any weight is read."""
+        from ..ops import OpTable, resolve
+        binding = resolve(self.backend, device)
+        if self.quant_backend is None:
+            return OpTable(binding, self.backend)
+        quant = resolve(self.quant_backend, device)
+        return OpTable(binding | {op: quant[op] for op in ("awq_gemm", "fp8_gemm")})
 
     @property
     def is_random(self) -> bool:

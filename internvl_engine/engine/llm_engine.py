@@ -65,7 +65,7 @@ class LLMEngine:
         """`model` is an EngineConfig, or its `model` field with the other fields as keywords."""
         cfg = self.engine_config = engine_config(model, dtype, device, **settings)
         self.device = resolve_device(cfg.device)
-        ops = OpTable.resolve(cfg.backend, self.device)  # an unavailable backend fails here, before any weight is read
+        ops = cfg.op_table(self.device)
         self.config, self.processor, checkpoint = self._load_config(cfg)
         self.dtype = resolve_dtype(cfg.dtype, self.config, self.device)
         self.model = self._load_model(checkpoint, ops, cfg.seed)
