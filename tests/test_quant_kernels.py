@@ -1,5 +1,9 @@
 """The quantized matmul ops of the kernel contract (awq_gemm, fp8_gemm) on every backend against their
-plain-torch oracles (ops/ref.py), on odd shapes; Triton through its interpreter on the CPU."""
+plain-torch oracles (ops/ref.py), on odd shapes; Triton through its interpreter on the CPU. The Triton kernels' own
+paths (AWQ split-K GEMV vs tiled) are pinned down below."""
+import importlib
+import os
+
 import pytest
 import torch
 
@@ -7,8 +11,11 @@ from internvl_engine import ops
 from internvl_engine.errors import KernelInputError
 from kernel_cases import BACKENDS, backend
 
-# (M, K, N): decode (1 token), odd token counts, N not a multiple of the tile, K of several groups
-SHAPES = [(1, 128, 8), (3, 256, 40), (17, 384, 72), (33, 128, 136)]
+# (M, K, N), N never a multiple of the GEMV's 128-column tile. Triton's split-K GEMV path (M <= 16): decode (1
+# token) with K of 1 and 8 groups, 2, 5, 8 and 16 tokens; its split heuristic gives K <= 384 one split and K 1024
+# four (kernels/awq_gemm.split_k). Tiled path: 17 and 33 tokens.
+SHAPES = [(1, 128, 8), (1, 1024, 200), (2, 384, 136), (3, 256, 40), (5, 1024, 264), (8, 384, 72), (16, 256, 40),
+          (17, 384, 72), (33, 128, 136)]
 
 
 def _awq_inputs(m, k, n, dtype, seed=0):
@@ -53,6 +60,45 @@ def test_fp8_gemm_matches_oracle(name, device, dtype, n):
     assert out.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ops.fp8_gemm_ref(x, wq, ws.to(device)).float(), atol=tol, rtol=tol)
+
+
+# ---- the Triton kernels' own paths (kernels/awq_gemm.py), called directly
+TRITON_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _kernels(family, device="cpu"):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest when no GPU is visible)")
+    pytest.importorskip("triton")
+    return importlib.import_module(f"internvl_engine.kernels.{family}")
+
+
+def test_awq_path_and_split_heuristic():
+    pytest.importorskip("triton")
+    awq = importlib.import_module("internvl_engine.kernels.awq_gemm")
+    dev = torch.device("cpu")  # the heuristic's H100 / H200 SM count (132)
+    assert [awq.path(m, 896, 1152, dev) for m in (1, 8, 16, 17)] == ["gemv split_k=3"] * 3 + ["tiled"]
+    # InternVL3-1B (kernels/awq_gemm.split_k): q/k/v, gate/up, down; 1 group and 3 groups cannot split
+    assert [awq.split_k(k, n, dev) for k, n in ((896, 1152), (896, 9728), (4864, 896), (128, 8), (384, 72))] \
+        == [(3, 3), (3, 3), (19, 2), (1, 1), (1, 3)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_awq_gemv_split_count_changes_only_summation_order(device, dtype):
+    """1, 3 (groups 3 + 3 + 2) and 8 splits of 8 groups: each group's sum is the same; only the fp32 adds of group
+    results into partials and of partials into y are reordered."""
+    awq = _kernels("awq_gemm", device)
+    x, qw, qz, s, b = (t.to(device) for t in _awq_inputs(5, 1024, 136, dtype))
+    outs = [awq.awq_gemv(x, qw, qz, s, b, splits=n).float() for n in (1, 3, 8)]
+    scale = outs[0].abs().max().item()
+    for out in outs[1:]:
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, outs[0], atol=1e-6 * scale, rtol=0)
+        else:  # a reordering can move an fp32 sum across a bf16 rounding boundary: one bf16 step (2^-7 |y|) at most
+            assert ((out - outs[0]).abs() <= outs[0].abs() * 2 ** -7 + 1e-6 * scale).all()
 
 
 def test_checks_name_the_bad_tensor():

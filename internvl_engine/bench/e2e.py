@@ -202,7 +202,11 @@ def format_table(record: dict) -> str:
     head = (f"{'batch':>5} {'who':<8} {'TTFT ms':>9} {'(pre / vision / prefill)':>26} {'TPOT ms':>9} "
             f"{'e2e p50':>9} {'p90':>9} {'p99':>9} {'tok/s':>9} {'img/s':>8}")
     graphs = "CUDA-graph decode" if record.get("cuda_graphs") else "eager decode"
-    lines = [f"{record['model']} on {record['device']}, {record['dtype']}, backend {record['backend']}, {graphs}; "
+    w = record.get("weights") or {}
+    quant = (f" ({w['quantization']}: LM weights {w['lm_decode_bytes'] / 1e9:.2f} GB a step, dense "
+             f"{w['lm_decode_bytes_dense'] / 1e9:.2f} GB; quantized matmuls on {record.get('quant_backend') or 'auto'}"
+             ")") if w.get("quantization") else ""
+    lines = [f"{record['model']}{quant} on {record['device']}, {record['dtype']}, backend {record['backend']}, {graphs}; "
              f"{record['workload']['images_per_request']} image(s) x {record['workload']['tiles_per_image']} tile(s), "
              f"{record['workload']['output_tokens']} output tokens", head, "-" * len(head)]
     for run in record["runs"]:
