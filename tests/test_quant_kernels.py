@@ -1,6 +1,6 @@
 """The quantized matmul ops of the kernel contract (awq_gemm, fp8_gemm) on every backend against their
 plain-torch oracles (ops/ref.py), on odd shapes; Triton through its interpreter on the CPU. The Triton kernels' own
-paths (AWQ split-K GEMV vs tiled) are pinned down below."""
+paths (AWQ split-K GEMV vs tiled, FP8 dot on e4m3 vs on decoded fp16, the e4m3 rounding) are pinned down below."""
 import importlib
 import os
 
@@ -46,23 +46,46 @@ def test_awq_gemm_matches_oracle(name, device, dtype, m, k, n):
     torch.testing.assert_close(no_bias.float(), ops.awq_gemm_ref(x, qw, qz, s).float(), atol=tol * scale, rtol=tol)
 
 
+def _fp8_inputs(m, k, n, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g)
+    ws = (w.abs().amax(1, keepdim=True) / 448).to(dtype)  # checkpoints store weight_scale in the model dtype
+    return x, (w / ws.float()).to(torch.float8_e4m3fn), ws, torch.randn(n, generator=g).to(dtype)
+
+
+# (M, K, N): decode, K not a multiple of the 64-deep step, M over one 16-row tile (tiled under the interpreter's
+# 32-row tiles too); bf16 with N, K multiples of 16 reaches torch._scaled_mm on sm89+ GPUs (opt-in there)
+FP8_SHAPES = [(1, 96, 40), (5, 96, 48), (5, 200, 72), (33, 128, 136)]
+
+
 @pytest.mark.parametrize("name,device", BACKENDS)
-@pytest.mark.parametrize("dtype,n", [(torch.float32, 40), (torch.bfloat16, 48)])
-def test_fp8_gemm_matches_oracle(name, device, dtype, n):
-    """bf16 with N, K multiples of 16: torch._scaled_mm on sm89+ GPUs (rounding to bf16 only), the oracle elsewhere."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 96, generator=g).to(dtype).to(device)
-    w = torch.randn(n, 96, generator=g)
-    ws = (w.abs().amax(1, keepdim=True) / 448)
-    wq = (w / ws).to(torch.float8_e4m3fn).to(device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", FP8_SHAPES)
+def test_fp8_gemm_matches_oracle(name, device, dtype, m, k, n):
+    """_scaled_mm's only extra rounding is the output's bf16; the Triton kernel quantizes x bit-exactly, so both
+    differ from the oracle by summation order and that rounding."""
+    x, wq, ws, b = (t.to(device) for t in _fp8_inputs(m, k, n, dtype))
     with backend(name, device):
-        out = ops.fp8_gemm(x, wq, ws.to(device))
-    assert out.dtype == dtype
+        out = ops.fp8_gemm(x, wq, ws, b)
+        no_bias = ops.fp8_gemm(x, wq, ws)
+    assert out.dtype == dtype and out.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), ops.fp8_gemm_ref(x, wq, ws.to(device)).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ops.fp8_gemm_ref(x, wq, ws, b).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(no_bias.float(), ops.fp8_gemm_ref(x, wq, ws).float(), atol=tol, rtol=tol)
 
 
-# ---- the Triton kernels' own paths (kernels/awq_gemm.py), called directly
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_no_tokens(name, device):
+    x, qw, qz, s, b = (t.to(device) for t in _awq_inputs(0, 256, 40, torch.bfloat16))
+    xf, wq, ws, bf = (t.to(device) for t in _fp8_inputs(0, 96, 40, torch.float32))
+    with backend(name, device):
+        awq, fp8 = ops.awq_gemm(x, qw, qz, s, b), ops.fp8_gemm(xf, wq, ws, bf)
+    assert awq.shape == (0, 40) and awq.dtype == torch.bfloat16
+    assert fp8.shape == (0, 40) and fp8.dtype == torch.float32
+
+
+# ---- the Triton kernels' own paths (kernels/awq_gemm.py, kernels/fp8_gemm.py), called directly
 TRITON_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
@@ -99,6 +122,44 @@ def test_awq_gemv_split_count_changes_only_summation_order(device, dtype):
             torch.testing.assert_close(out, outs[0], atol=1e-6 * scale, rtol=0)
         else:  # a reordering can move an fp32 sum across a bf16 rounding boundary: one bf16 step (2^-7 |y|) at most
             assert ((out - outs[0]).abs() <= outs[0].abs() * 2 ** -7 + 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_e4m3_rounding_is_bit_exact(device):
+    """Every finite e4m3 value, every midpoint between neighbours (ties to even) and the fp32 values either side
+    of each midpoint, in a row whose amax is 448 (so sx is 1 and x / sx is x); then random bf16 rows of many
+    magnitudes, and a zero row (sx clamps to 1e-12)."""
+    fp8 = _kernels("fp8_gemm", device)
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[~finite.isnan()].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    row = torch.cat([torch.tensor([448.0]), finite, mids, torch.nextafter(mids, finite[1:]),
+                     torch.nextafter(mids, finite[:-1])])
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(3, row.numel(), generator=g) * torch.logspace(-6, 3, row.numel())
+    x = torch.cat([row[None], rows, torch.zeros(1, row.numel())])
+    for xt in (x, x.bfloat16()):
+        xt = xt.to(device)
+        codes, sx = fp8.quantize_rows(xt)
+        xf = xt.float()
+        ref_sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        ref_codes = (xf / ref_sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        assert torch.equal(sx, ref_sx[:, 0]) and torch.equal(codes, ref_codes)
+    assert sx[0].item() == 1.0
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_fp8_dot_on_e4m3_and_on_decoded_fp16_agree(device):
+    """Both dots see exact products; under the interpreter both run as fp16 x fp16 -> fp32, so they agree bit for
+    bit (the float8 loads and dot are otherwise only compiled on sm89+)."""
+    fp8 = _kernels("fp8_gemm", device)
+    if device == "cuda" and not fp8.fp8_dot_supported(torch.device(device)):
+        pytest.skip("tl.dot on float8e4nv needs CUDA capability 8.9+")
+    x, wq, ws, b = (t.to(device) for t in _fp8_inputs(33, 200, 72, torch.bfloat16))
+    on_e4m3, on_f16 = fp8.fp8_gemm(x, wq, ws, b, fp8_dot=True), fp8.fp8_gemm(x, wq, ws, b, fp8_dot=False)
+    if device == "cpu":
+        assert torch.equal(on_e4m3, on_f16)
+    torch.testing.assert_close(on_e4m3.float(), ops.fp8_gemm_ref(x, wq, ws, b).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_checks_name_the_bad_tensor():

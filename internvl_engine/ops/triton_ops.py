@@ -23,10 +23,7 @@ def __getattr__(name):
     # the kernels are imported on first use: importing triton costs a second, and most processes never need it
     family = {"rms_norm": "norm", "layer_norm": "norm", "pixel_shuffle": "pixel_shuffle", "rotary": "rotary",
               "write_kv_cache": "kv_cache", "flash_attention": "flash_attention",
-              "paged_attention": "paged_attention", "awq_gemm": "awq_gemm"}.get(name)
-    if name == "fp8_gemm":  # no Triton FP8 kernel yet: the dequantize / _scaled_mm path
-        from .quant_ops import fp8_gemm
-        return fp8_gemm
+              "paged_attention": "paged_attention", "awq_gemm": "awq_gemm", "fp8_gemm": "fp8_gemm"}.get(name)
     if family is None:
         raise AttributeError(name)
     return getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)
