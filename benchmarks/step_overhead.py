@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUB_VOCAB = 1024
 
 
-def measure(batch: int, steps: int) -> list[float]:
+def measure(batch: int, steps: int, prompt_words: int = 0) -> list[float]:
     """CPU seconds of this process for each of `steps` decode steps at `batch` running sequences (random:tiny, CPU,
     forward stubbed). CPU time rather than wall time: other processes on a shared 2-core machine stretch wall time
     by several times, but not the cycles this process spends."""
@@ -35,13 +35,15 @@ def measure(batch: int, steps: int) -> list[float]:
     from internvl_engine import SamplingParams
     from internvl_engine.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine("random:tiny", device="cpu", kv_cache_tokens=batch * (steps + 64) * 2, max_num_seqs=batch)
+    prompt = "Describe a quiet morning by the river." + " river" * prompt_words  # ~1 token a word
+    engine = LLMEngine("random:tiny", device="cpu", kv_cache_tokens=batch * (steps + prompt_words + 64) * 2,
+                       max_num_seqs=batch, max_num_batched_tokens=max(8192, prompt_words + 64))
     hidden_size = engine.config.text.hidden_size
     engine.model.forward = lambda ids, *rest, **kw: torch.zeros(ids.shape[0], hidden_size)
     engine.model.compute_logits = lambda h: torch.zeros(h.shape[0], STUB_VOCAB)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"r{i}", "Describe a quiet morning by the river.", params)
+        engine.add_request(f"r{i}", prompt, params)
     while sum(len(o.token_ids) > 0 for o in engine.step()) < batch:  # prefill all, then first decode
         pass
     times = []
@@ -55,13 +57,13 @@ def measure(batch: int, steps: int) -> list[float]:
 
 
 def child(args) -> None:
-    print(json.dumps({b: measure(b, args.steps) for b in args.batches}))
+    print(json.dumps({b: measure(b, args.steps, args.prompt_words) for b in args.batches}))
 
 
 def run_side(src: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--batch", ",".join(map(str, args.batches)),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps), "--prompt-words", str(args.prompt_words)]
     out = subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True, check=True).stdout
     return {int(b): v for b, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -84,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", default="1,64")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="lengthen each prompt by this many one-token words (a 13-tile image prompt is ~3,400 tokens)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compare", help="a git revision measured against this checkout in the same run")
     ap.add_argument("--json")

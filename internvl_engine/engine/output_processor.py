@@ -76,13 +76,17 @@ class OutputProcessor:
 
     def output(self, head: Sequence) -> RequestOutput:
         """The snapshot of the request whose first sample is `head` (all its samples; flat fields mirror the
-        first sample)."""
+        first sample). Its snapshots share one copy of the prompt ids, made once: copying a multi-tile prompt (3k+
+        ids) for every request on every step cost more than the rest of the snapshot; a caller that edits it
+        changes only what it was handed, never the engine's own list."""
         m = head.metrics
+        if head.prompt_copy is None:
+            head.prompt_copy = list(head.prompt_ids)
         if not head.group:  # n = 1, the hot path
             first = self.completion(head)
             m.generated_tokens = len(head.output_ids)
             logits = torch.stack(head.step_logits) if head.step_logits and head.finish_reason else None
-            return RequestOutput(head.request_id, first.text, first.token_ids, list(head.prompt_ids),
+            return RequestOutput(head.request_id, first.text, first.token_ids, head.prompt_copy,
                                  first.finish_reason, RequestMetrics(**m.as_dict()), logits, first.delta,
                                  head.error, [first], head.prompt_logprobs)
         samples = head.group
@@ -92,6 +96,6 @@ class OutputProcessor:
         logits = torch.stack(head.step_logits) if head.step_logits and finished else None
         first = outs[0]
         error = next((x.error for x in samples if x.error is not None), None)
-        return RequestOutput(head.request_id, first.text, first.token_ids, list(head.prompt_ids),
+        return RequestOutput(head.request_id, first.text, first.token_ids, head.prompt_copy,
                              first.finish_reason if finished else None, RequestMetrics(**m.as_dict()), logits,
                              first.delta, error, outs, head.prompt_logprobs)

@@ -45,6 +45,7 @@ class Sequence:
     group: list = field(default_factory=list)  # every sample of the request, the first first (n > 1 only)
     pending_logprobs: dict | None = None  # logprobs of the token just sampled, until it is detokenised
     plain: bool = True          # no penalties, min_tokens or logprobs: the sampler's and logprobs' fast path
+    prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares (output_processor)
 
     @property
     def token_ids(self) -> list[int]:
