@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
+import numpy as np
 import torch
 
 _DIGEST = 32  # bytes; blake2b-256 makes an accidental collision practically impossible, and hits are verified anyway
@@ -98,6 +99,12 @@ class _Seq:
     table: list[int]
     media: tuple[MediaSpan, ...]
     hashes: list[bytes]  # hashes of the leading full blocks known to hold valid KV (hit or registered)
+    mirror: np.ndarray | None = None  # `table` as int32, rebuilt when the table grows (once a block of decode)
+
+    def array(self) -> np.ndarray:
+        if self.mirror is None or len(self.mirror) != len(self.table):
+            self.mirror = np.array(self.table, dtype=np.int32)
+        return self.mirror
 
 
 def _block_content(parent: bytes, tokens: Sequence[int], media: Sequence[MediaSpan], start: int):
@@ -148,6 +155,12 @@ class BlockManager:
 
     def block_table(self, seq_id) -> list[int]:
         return list(self._seqs[seq_id].table)
+
+    def block_table_array(self, seq_id) -> np.ndarray:
+        """seq_id's block table as int32, shared and read-only: decode copies rows of it every step, and converting
+        a multi-tile prompt's 200+ entries from a list for each sequence on each step was most of a step's host
+        time at batch 64."""
+        return self._seqs[seq_id].array()
 
     def slot(self, seq_id, position: int) -> int:
         if position < 0:

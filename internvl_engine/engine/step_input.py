@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .block_manager import BlockManager
@@ -22,7 +23,7 @@ class StepInput:
     key_lens: list[int]                       # keys each sequence attends to (decode: its length)
     seq_lens: list[int]                       # each sequence's whole length (dynamic-NTK RoPE)
     logits_rows: list[int] | None = None      # rows whose logits are wanted (None: every row)
-    block_tables: list[list[int]] | None = None  # decode: one row per sequence, padded with block 0
+    block_tables: np.ndarray | None = None  # decode: int32 [B, max blocks], one row per sequence, padded with block 0
     gather_slots: list[int] | None = None     # prefill after a cached prefix / earlier chunk: slots of keys [0, end)
     image_features: torch.Tensor | None = None  # [R, D] projector rows of the placeholders in this step
     image_rows: list[int] | None = None       # their rows in input_ids
@@ -82,10 +83,14 @@ def decode_input(seqs: list[Sequence], bm: BlockManager) -> StepInput:
     bs = bm.block_size
     lens = [s.num_tokens for s in seqs]
     width = -(-max(lens) // bs)
-    tables = [bm.block_table(s.request_id) for s in seqs]
+    tables = [bm.block_table_array(s.request_id) for s in seqs]
+    padded = np.zeros((len(seqs), width), dtype=np.int32)  # unused entries: block 0, never read past seq_lens
+    for row, t in zip(padded, tables):
+        k = min(len(t), width)  # a table may reserve blocks past the longest sequence
+        row[:k] = t[:k]
     return StepInput(False, [s.output_ids[-1] for s in seqs], [n - 1 for n in lens],
-                     [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)], [1] * len(seqs), lens, lens,
-                     block_tables=[t[:width] + [0] * (width - len(t)) for t in tables])
+                     [int(t[(n - 1) // bs]) * bs + (n - 1) % bs for t, n in zip(tables, lens)], [1] * len(seqs), lens,
+                     lens, block_tables=padded)
 
 
 def prompt_input(prompt_ids: list[int], spans, features: torch.Tensor | None) -> StepInput:
