@@ -181,17 +181,15 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     return y
 
 
-def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             bias: torch.Tensor | None = None, group_size: int = 128) -> torch.Tensor:
-    """x [M, K] (contiguous) -> y [M, N] in x's dtype (the op contract; checks ran before)."""
+def awq_tiled(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None, group_size: int = 128) -> torch.Tensor:
+    """The tiled path for any M (benchmarks time it against the GEMV path below GEMV_MAX_M)."""
     m, k = x.shape
-    if 0 < m <= GEMV_MAX_M:
-        return awq_gemv(x, qweight, qzeros, scales, bias, group_size)
     n = scales.shape[1]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y
-    block_m = 32 if INTERPRET else 64
+    block_m = 16 if m <= 16 else (32 if INTERPRET else 64)
     block_n = 32 if INTERPRET else 64
     block_k = 32
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -199,3 +197,10 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
                            GROUP=group_size, HAS_BIAS=bias is not None,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None = None, group_size: int = 128) -> torch.Tensor:
+    """x [M, K] (contiguous) -> y [M, N] in x's dtype (the op contract; checks ran before)."""
+    run = awq_gemv if 0 < x.shape[0] <= GEMV_MAX_M else awq_tiled
+    return run(x, qweight, qzeros, scales, bias, group_size)

@@ -125,6 +125,16 @@ def test_awq_gemv_split_count_changes_only_summation_order(device, dtype):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_awq_tiled_path_at_decode_sizes(device):
+    """The tiled kernel still serves any M (benchmarks/quant.py times it against the GEMV below GEMV_MAX_M)."""
+    awq = _kernels("awq_gemm", device)
+    x, qw, qz, s, b = (t.to(device) for t in _awq_inputs(5, 384, 136, torch.float32))
+    ref = ops.awq_gemm_ref(x, qw, qz, s, b)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(awq.awq_tiled(x, qw, qz, s, b), ref, atol=1e-4 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_e4m3_rounding_is_bit_exact(device):
     """Every finite e4m3 value, every midpoint between neighbours (ties to even) and the fp32 values either side
     of each midpoint, in a row whose amax is 448 (so sx is 1 and x / sx is x); then random bf16 rows of many
