@@ -331,13 +331,27 @@ def test_convert_bin_to_safetensors(dense, awq, tmp_path):
     assert main(["convert", str(src), str(dst)]) == 2  # DST already holds weights: a typed error, exit 2
 
 
-def test_quantized_under_tensor_parallelism_is_refused():
-    from types import SimpleNamespace
+def test_awq_that_cannot_split_over_the_ranks_is_refused_before_anything_starts(dense, awq, tmp_path):
+    """Hidden 128 at tensor_parallel_size 2: o_proj keeps 64 input rows per rank, half a group of 128 (its qzeros
+    and scales rows would straddle the ranks): a typed error naming the layer, the sizes and the sizes that fit,
+    before any worker starts; a rank's model built directly (load_model with tp) refuses the same way.
+    AWQ and FP8 under tensor parallelism run in test_tensor_parallel."""
+    import multiprocessing
 
-    from internvl_engine.quant import QuantConfig, quantize_model
+    from internvl_engine.distributed import TensorParallel
+    from internvl_engine.loader import load_model
+    from internvl_engine.ops import OpTable
 
-    with pytest.raises(NotImplementedError, match="tensor parallelism"):
-        quantize_model(torch.nn.Module(), QuantConfig("awq"), torch.float32, "cpu", SimpleNamespace(size=2))
+    path = _awq_safetensors(dense, awq[0], tmp_path / "awq-tp")
+    message = (r"tensor_parallel_size 2: AWQ self_attn\.o_proj \(every decoder layer\) has input size 128, 64 per "
+               r"rank, not a multiple of the group size 128 .*fit this checkpoint: 1$")
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UnsupportedModelError, match=message):
+        LLM(path, dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert set(multiprocessing.active_children()) == before
+    with pytest.raises(UnsupportedModelError, match=message):
+        load_model(ModelConfig.from_pretrained(path), path, OpTable.resolve("torch", "cpu"), torch.device("cpu"),
+                   torch.float32, tp=TensorParallel(1, 2))
 
 
 def test_awq_tensors_without_the_config_block_are_refused(dense, awq, tmp_path):

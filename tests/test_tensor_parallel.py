@@ -3,7 +3,10 @@ checkpoints transformers wrote. fp32 prompt logits within 1e-4 of N=1 and of tra
 tokens, for text, images, several images and video, on both tower styles and on a model with a single KV head;
 continuous batching, chunked prefill, prefix caching, preemption and aborts give N=1's tokens; each rank loads only
 its slices of every layout; a worker that dies or raises kills the engine at once and leaves no process; sizes that
-cannot shard the model raise ShardingError before anything starts; torchrun starts the same engine.
+cannot shard the model raise ShardingError before anything starts; torchrun starts the same engine. Quantized
+checkpoints (AWQ .bin in OpenGVLab's layout, FP8 compressed-tensors): logits within 1e-4 of N=1 (FP8: of N=1
+quantizing row-parallel activations per rank slice, as the ranks do) and the same greedy tokens, each rank reads
+only its slices, row-parallel layers add the bias once, and AWQ sizes that cannot split are typed errors.
 Engines are shared per module (a spawn costs seconds)."""
 import json
 import os
@@ -351,3 +354,251 @@ def test_torchrun_ranks_serve_the_same_engine(tmp_path):
     one = LLM("random:tiny", dtype="float32", device="cpu")
     ref = one.generate("Tell me story number 0 about a dragon and a knight.", _params(8))[0].token_ids
     assert json.loads(lines[0].split(" ", 1)[1]) == ref
+
+
+# ---------------------------------------------------------------------------------------------- quantized
+# AWQ at N=2 splits o_proj's and down_proj's inputs into whole groups of 128 rows per rank: hidden 256 and
+# intermediate 512 (test_quant's "quant" variant, hidden 128, cannot: 64 rows per rank; see test_quant).
+QUANT_TEXT = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, tie_word_embeddings=False)
+
+
+def _quantized_files(dense_path, method):
+    """The dense -hf checkpoint's tensors with every decoder linear quantized by test_quant's independent writer
+    (FP8: but those its ignore list names), and the config block."""
+    import re
+
+    import test_quant as tq
+    quant = {}
+    for key, t in tq._dense_files(dense_path).items():
+        base = key[: -len(".weight")]
+        if method == "awq" and tq._is_decoder_linear(key):
+            qw, qz, s, _ = tq.quantize_awq(t)
+            quant.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": s})
+        elif method == "fp8" and tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
+            q, s, _ = tq.quantize_fp8(t)
+            quant.update({key: q, f"{base}.weight_scale": s})
+        else:
+            quant[key] = t
+    return quant, (tq.AWQ_BLOCK if method == "awq" else tq.FP8_BLOCK)
+
+
+def _write_quantized(dense_path, method, path, layout="hf"):
+    """layout "hf": safetensors, block at the top level; "bin": OpenGVLab's AWQ shipping form (original layout,
+    pickle .bin shards, block under llm_config; test_quant's writer)."""
+    from safetensors.torch import save_file
+
+    import test_loader
+    import test_quant as tq
+    tensors, block = _quantized_files(dense_path, method)
+    if layout == "bin":
+        return tq._write_awq_bin(dense_path, tensors, path)
+    test_loader._copy_side_files(dense_path, path)
+    config = json.loads((dense_path / "config.json").read_text())
+    config["quantization_config"] = block
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quant_dense(tmp_path_factory):
+    import checkpoints
+    checkpoints.VARIANTS.setdefault("quant-tp", dict(vision=checkpoints.VARIANTS["300m"]["vision"], text=QUANT_TEXT))
+    path = tmp_path_factory.mktemp("quant-tp-dense")
+    checkpoints.build_hf_checkpoint(path, "quant-tp", seed=1)
+    return path
+
+
+def _fp8_per_rank_reference(llm, n=2):
+    """Make an N=1 engine compute what FP8 at N ranks computes: each row-parallel layer (o_proj, down_proj) splits
+    its input features into n slices, quantizes each slice's activations per token with its own scale (as each
+    rank does, quant/layers.py Fp8RowParallelLinear) and sums the n products. The column-parallel layers see the
+    whole input on every rank, so they already quantize as N=1 does."""
+    import types
+
+    from internvl_engine.quant import Fp8Linear
+
+    def forward(m, x):
+        k, x2 = m.in_local // n, x.reshape(-1, m.in_local)
+        y = sum(m.ops[0].fp8_gemm(x2[:, r * k:(r + 1) * k].contiguous(), m.weight[:, r * k:(r + 1) * k].contiguous(),
+                                  m.weight_scale) for r in range(n))
+        y = y.reshape(*x.shape[:-1], m.out_features)
+        return y if m.bias is None else y + m.bias
+
+    patched = 0
+    for layer in llm.model.language_model.layers:
+        for m in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if isinstance(m, Fp8Linear):
+                m.forward = types.MethodType(forward, m)
+                patched += 1
+    return patched
+
+
+@pytest.fixture(scope="module", params=["awq", "fp8"])
+def quant_engines(request, quant_dense, tmp_path_factory):
+    """(method, N=1 engine, N=2 engine) on the quantized checkpoint: AWQ in OpenGVLab's shipping form (original
+    layout, .bin shards), FP8 as compressed-tensors safetensors (its ignore list leaves layer 1's down_proj
+    dense). FP8's N=1 engine quantizes the row-parallel layers' activations per rank slice (see above)."""
+    method = request.param
+    path = _write_quantized(quant_dense, method, tmp_path_factory.mktemp(f"quant-tp-{method}"),
+                            "bin" if method == "awq" else "hf")
+    one = LLM(path, dtype="float32", device="cpu")
+    if method == "fp8":
+        assert _fp8_per_rank_reference(one) == 3  # o_proj x2, down_proj of layer 0 (layer 1's is dense)
+    two = LLM(path, dtype="float32", device="cpu", tensor_parallel_size=2)
+    yield method, one, two
+    two.engine.shutdown()
+    assert _workers_gone(two.engine)
+
+
+@pytest.mark.parametrize("kind", ["text", "one_image"])
+def test_quantized_logits_and_greedy_match_one_rank(quant_engines, kind):
+    method, one, two = quant_engines
+    params = SamplingParams(max_tokens=TOKENS, ignore_eos=True, return_logits=True, max_num_tiles=2)
+    conv = parity.CONVERSATIONS[kind]
+    l1, l2 = one.prompt_logits(conv, params=params), two.prompt_logits(conv, params=params)
+    assert l2.shape == l1.shape
+    assert (l2 - l1).abs().max().item() <= ATOL
+    o1, o2 = one.generate(conv, params)[0], two.generate(conv, params)[0]
+    assert o2.token_ids == o1.token_ids
+    assert (o2.logits - o1.logits).abs().max().item() <= ATOL
+
+
+def test_quantized_layers_hold_their_slices(quant_engines):
+    from internvl_engine.layers.linear import RowParallelLinear
+    from internvl_engine.quant import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear
+
+    method, one, two = quant_engines
+    layers = two.model.language_model.layers
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    # hidden 256 = 4 heads x 64, 2 KV heads, intermediate 512: per rank q 128, k/v 64, gate/up 256 columns and
+    # o_proj 128, down_proj 256 input rows
+    assert attn.qkv_proj.shard_sizes == [128, 64, 64] and mlp.gate_up_proj.shard_sizes == [256, 256]
+    if method == "awq":
+        assert type(attn.qkv_proj) is AWQLinear and type(attn.o_proj) is AWQRowParallelLinear
+        assert attn.qkv_proj.qweight.shape == (256, 32) and attn.qkv_proj.scales.shape == (2, 256)
+        assert attn.o_proj.qweight.shape == (128, 32) and attn.o_proj.qzeros.shape == (1, 32)
+        assert mlp.down_proj.qweight.shape == (256, 32) and mlp.down_proj.scales.shape == (2, 256)
+    else:
+        assert type(attn.qkv_proj) is Fp8Linear and type(attn.o_proj) is Fp8RowParallelLinear
+        assert attn.qkv_proj.weight.shape == (256, 256) and attn.qkv_proj.weight_scale.shape == (256, 1)
+        assert attn.o_proj.weight.shape == (256, 128) and attn.o_proj.weight_scale.shape == (256, 1)
+        assert type(layers[1].mlp.down_proj) is RowParallelLinear  # in the ignore list: dense
+        assert layers[1].mlp.down_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method,layout", [("awq", "hf"), ("awq", "bin"), ("fp8", "hf")])
+def test_each_rank_reads_only_its_quantized_slices(quant_dense, tmp_path, monkeypatch, method, layout):
+    """As for dense checkpoints: rank r of 2's parameters equal from_full(leaf, the N=1 parameter) (at N=1 a
+    quantized layer holds the whole checkpoint tensors, packed), and sharded tensors are read through get_slice.
+    Only FP8's weight_scale of o_proj / down_proj is read whole (one scale per output row: every rank needs all)."""
+    from internvl_engine import loader
+    from internvl_engine.ops import OpTable
+
+    path = _write_quantized(quant_dense, method, tmp_path / f"{method}-{layout}", layout)
+    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
+    config = ModelConfig.from_pretrained(path)
+    full = dict(loader.load_model(config, path, ops, cpu, torch.float32).named_parameters())
+    reads = []
+    real_read = loader._read
+    monkeypatch.setattr(loader, "_read", lambda f, key, index, shape, file: (reads.append((key, index)),
+                                                                              real_read(f, key, index, shape, file))[1])
+    sharded = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for rank in (0, 1):
+        reads.clear()
+        model = loader.load_model(config, path, ops, cpu, torch.float32, tp=TensorParallel(rank, 2))
+        checked = 0
+        for name, p in model.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            want = module.from_full(leaf, full[name]) if hasattr(module, "from_full") else full[name]
+            assert p.dtype == want.dtype and torch.equal(p, want), (rank, name)
+            checked += leaf in ("qweight", "qzeros", "scales", "weight_scale")
+        assert checked == (2 * 4 * 3 if method == "awq" else 2 * 4 - 1)  # 2 layers x 4 matmuls; FP8 ignores one
+        whole = [k for k, index in reads if index is None and "language_model" in k
+                 and any(f".{s}." in k for s in sharded)
+                 and not (k.endswith(".weight_scale") and ("o_proj" in k or "down_proj" in k))]
+        assert not whole, (rank, whole[:3])
+
+
+def test_quantized_sizes_that_cannot_split_are_typed_errors():
+    """AWQ: a rank keeps whole groups of 128 input rows of o_proj / down_proj and whole packs of 8 output columns;
+    the error names the layer, its size, the size per rank and the tensor_parallel_size values that fit."""
+    from internvl_engine.errors import UnsupportedModelError
+    from internvl_engine.quant import AWQLinear, QuantConfig, check_tensor_parallel, tensor_parallel_sizes
+    from internvl_engine.random_model import preset_config
+
+    awq, fp8 = QuantConfig("awq"), QuantConfig("fp8", 8, 0)
+    text = {name: ModelConfig.from_dict(preset_config(name)).text
+            for name in ("internvl3-1b", "internvl3-2b", "internvl3-8b", "internvl3-14b", "internvl3-38b",
+                         "internvl3-78b")}
+    with pytest.raises(UnsupportedModelError, match=r"tensor_parallel_size 2: AWQ self_attn\.o_proj .* input size "
+                                                    r"896, 448 per rank, not a multiple of the group size 128.*fit "
+                                                    r"this checkpoint: 1$"):
+        check_tensor_parallel(text["internvl3-1b"], awq, 2)
+    with pytest.raises(UnsupportedModelError, match=r"mlp\.down_proj .* input size 29568, 14784 per rank"):
+        check_tensor_parallel(text["internvl3-78b"], awq, 2)
+    check_tensor_parallel(text["internvl3-1b"], fp8, 2)  # FP8 splits wherever the dense model does
+    sizes = {name: tensor_parallel_sizes(t, awq) for name, t in text.items()}
+    assert sizes == {"internvl3-1b": [1], "internvl3-2b": [1, 2], "internvl3-8b": [1, 2, 4],
+                     "internvl3-14b": [1, 2, 4], "internvl3-38b": [1, 2, 4, 8], "internvl3-78b": [1]}
+    assert tensor_parallel_sizes(text["internvl3-78b"], fp8) == [1, 2, 4, 8, 16, 32, 64]
+    # the layers' own guard: a rank's columns of a packed AWQ layer must be whole packs of 8
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 mlp: gate_proj keeps output columns \[0, 132\) of "
+                                                    r"256 on this rank: 132 is not a multiple of 8"):
+        AWQLinear(256, [256, 256], ["gate_proj", "up_proj"], False, torch.float32, "meta",
+                  local=[(0, 132), (0, 132)], where="layer 0 mlp")
+
+
+class _RankOfTwo(TensorParallel):
+    """Rank r of 2's split, without a process group: all_reduce leaves each rank's partial product alone, and the
+    test sums the ranks' outputs itself."""
+
+    def __init__(self, rank):
+        super().__init__(rank, 2)
+
+    def all_reduce(self, x):
+        return x
+
+
+def test_row_parallel_layers_sum_partials_and_add_the_bias_once():
+    """Dense, AWQ and FP8 row-parallel layers share RowParallel's forward: all_reduce(partial) + bias. With an
+    identity all_reduce, rank r returns partial_r + bias, so the N=1 product is out_0 + out_1 - bias (a bias inside
+    the partial products would count twice). Each rank's parameters come from the full tensors via from_full."""
+    import test_quant as tq
+    from internvl_engine.layers.linear import RowParallelLinear
+    from internvl_engine.quant import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear
+
+    torch.manual_seed(0)
+    x, bias = torch.randn(3, 256), 0.1 * torch.randn(64)
+    w = (torch.randn(64, 256) / 16).half()
+    qw, qz, s, w_awq = tq.quantize_awq(w)
+    q8, s8, _ = tq.quantize_fp8(w)
+    cases = [
+        (torch.nn.Linear(256, 64), lambda tp: RowParallelLinear(256, 64, True, tp),
+         {"weight": w.float(), "bias": bias}),
+        (AWQLinear(256, [64], None, True, torch.float32, "cpu"),
+         lambda tp: AWQRowParallelLinear(256, 64, True, torch.float32, "cpu", tp),
+         {"qweight": qw, "qzeros": qz, "scales": s.float(), "bias": bias}),
+        (Fp8Linear(256, [64], None, True, torch.float32, "cpu"),
+         lambda tp: Fp8RowParallelLinear(256, 64, True, torch.float32, "cpu", tp),
+         {"weight": q8, "weight_scale": s8.float(), "bias": bias}),
+    ]
+    with torch.no_grad():
+        for whole, make, tensors in cases:
+            for leaf, t in tensors.items():
+                getattr(whole, leaf).copy_(t)
+            outs = []
+            for r in (0, 1):
+                layer = make(_RankOfTwo(r))
+                for leaf, t in tensors.items():
+                    getattr(layer, leaf).copy_(layer.from_full(leaf, t))
+                outs.append(layer(x[:, 128 * r:128 * (r + 1)]))
+            if isinstance(whole, Fp8Linear):  # each rank quantizes its half of x with its own per-token scale
+                want = sum(tq.fp8_matmul_ref(x[:, 128 * r:128 * (r + 1)], q8[:, 128 * r:128 * (r + 1)], s8)
+                           for r in (0, 1)) + bias
+            else:
+                want = whole(x)
+            assert torch.allclose(outs[0] + outs[1] - bias, want, atol=1e-5, rtol=0), type(whole).__name__
+    assert torch.allclose(x @ w_awq.t() + bias, cases[1][0](x), atol=1e-5)  # the AWQ layer is the dense twin's

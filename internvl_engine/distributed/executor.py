@@ -60,12 +60,12 @@ def rank_device(device: torch.device, rank: int, local_rank: int | None = None) 
 def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor | None":
     """The executor of an engine with cfg.tensor_parallel_size > 1 (None for 1), once its workers are up (each then
     loads its shard while the driver loads its own). ShardingError before anything starts when the model (`config`)
-    cannot be split. On a torchrun rank other than 0 this runs the worker loop; the process exits when the driver
-    shuts down."""
+    cannot be split (UnsupportedModelError when its quantized layers cannot). On a torchrun rank other than 0 this
+    runs the worker loop; the process exits when the driver shuts down."""
     n = cfg.tensor_parallel_size
     if n == 1:
         return None
-    check_shardable(config.text, n)
+    check_shardable(config.text, n, getattr(config, "quant", None))  # quantized packs / groups too
     env = torchrun_env()
     if env is not None:
         rank, world, local = env

@@ -10,8 +10,9 @@ With N=1 the model builds plain nn.Linear / nn.Embedding through the factories a
 
 Every sharded layer says where its parameters come from in the unsharded tensor: `load_plan(leaf, shard)` gives
 (the part of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape), which the
-loader reads with safetensors' get_slice, and `from_full(leaf, full)` cuts this rank's part out of a full tensor
-(random weights)."""
+loader reads with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape and
+`from_full(leaf, full)` cuts this rank's part out of it (random weights). The quantized layers (quant/layers.py)
+keep the same three hooks and reuse RowParallel's forward and packed_ranges."""
 from __future__ import annotations
 
 import torch
@@ -69,14 +70,32 @@ class PackedLinear(nn.Linear):
 
     def from_full(self, leaf: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the packed parameter, out of the unsharded packed tensor."""
-        parts, offset = [], 0
-        for (start, rows), n in zip(self.local, self.full_sizes):
-            parts.append(full[offset + start: offset + start + rows])
-            offset += n
-        return torch.cat(parts)
+        return torch.cat([full[start:start + rows] for start, rows in packed_ranges(self.full_sizes, self.local)])
 
 
-class RowParallelLinear(nn.Module):
+def packed_ranges(full_sizes: list[int], local: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, length) of each shard's local part inside the unsharded packed output: shard i's local (start, n)
+    shifted by the full sizes of the shards packed before it."""
+    out, offset = [], 0
+    for (start, n), full in zip(local, full_sizes):
+        out.append((offset + start, n))
+        offset += full
+    return out
+
+
+class RowParallel(nn.Module):
+    """The forward every row-parallel layer shares, dense (RowParallelLinear) or quantized (quant/layers.py).
+    x @ W = sum_r x[:, K_r] @ W[K_r, :] over the ranks' input slices K_r: each rank computes its partial product
+    (`partial`, without the bias), one all-reduce sums them, and the bias, held whole on every rank, is added once
+    after the sum (inside `partial` it would count N times). Subclasses set tp, in_start / in_local (tp.part of the
+    input size), bias, and define partial(x): this rank's product without the bias."""
+
+    def forward(self, x):
+        y = self.tp.all_reduce(self.partial(x))
+        return y if self.bias is None else y + self.bias
+
+
+class RowParallelLinear(RowParallel):
     """y = x_local @ W[:, cols]^T summed over ranks (one all-reduce), then the bias."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp):
@@ -87,9 +106,8 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x):
-        y = self.tp.all_reduce(F.linear(x, self.weight))
-        return y if self.bias is None else y + self.bias
+    def partial(self, x):
+        return F.linear(x, self.weight)
 
     def load_plan(self, leaf: str, shard=None):
         if leaf == "bias":

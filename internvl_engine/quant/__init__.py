@@ -9,8 +9,14 @@
 
 The config block is read at the top level of config.json, under `llm_config` and under `text_config`
 (config.py). The model is built dense on the meta device and its decoder linears are then swapped for the
-quantized layers below (`quantize_model`), whose parameters the loader fills from the checkpoint like any other.
-On the CPU (torch / cpp backends) the quantized layers dequantize and run the matmul."""
+quantized layers of quant/layers.py (`quantize_model`), whose parameters the loader fills from the checkpoint like
+any other. On the CPU (torch / cpp backends) the quantized layers dequantize and run the matmul.
+
+Under tensor parallelism the quantized layers split as the dense ones do (column-parallel q/k/v and gate/up,
+row-parallel o_proj and down_proj; quant/layers.py). AWQ adds two alignments: a rank's output columns fill whole
+int32 packs of 8, and a rank's input rows of o_proj / down_proj are whole groups of 128 (their qzeros and scales
+hold one row per group). `check_tensor_parallel` refuses other sizes before any worker starts, and names the sizes
+that fit."""
 from __future__ import annotations
 
 import re
@@ -21,6 +27,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
+from .layers import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear, QuantLinear  # noqa: F401
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # column 8c + AWQ_ORDER[i] sits in nibble i
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)     # nibble of column j within its pack
@@ -122,61 +129,6 @@ def awq_dequantize(qweight, qzeros, scales, group_size: int = 128) -> torch.Tens
 awq_matmul_ref = awq_gemm_ref  # the ops contract's oracle (ops/ref.py)
 
 
-class AWQLinear(nn.Module):
-    """W4A16 linear; packed projections (q/k/v, gate/up) concatenate their shards along the output (shard sizes
-    are multiples of 8, so each shard's packed columns are a contiguous range)."""
-
-    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
-                 dtype: torch.dtype, device, group_size: int = 128, ops=None):
-        super().__init__()
-        self.ops = [ops]  # a list keeps the table out of the module tree
-        out = sum(shard_sizes)
-        if in_features % group_size or any(n % 8 for n in shard_sizes):
-            raise UnsupportedModelError(f"AWQ layer [{in_features} -> {shard_sizes}]: the input size must be a "
-                                        f"multiple of the group size {group_size} and each output a multiple of 8")
-        self.in_features, self.out_features, self.group_size = in_features, out, group_size
-        self.shard_sizes, self.shard_names = list(shard_sizes), list(shard_names or [])
-        g = in_features // group_size
-
-        def p(*shape, dt):
-            return nn.Parameter(torch.empty(*shape, dtype=dt, device=device), requires_grad=False)
-        self.qweight = p(in_features, out // 8, dt=torch.int32)
-        self.qzeros = p(g, out // 8, dt=torch.int32)
-        self.scales = p(g, out, dt=torch.float32)  # fp16 / bf16 in the files: kept exactly
-        self.bias = p(out, dt=dtype) if bias else None
-
-    def shard_range(self, name: str) -> tuple[int, int]:
-        i = self.shard_names.index(name)
-        return sum(self.shard_sizes[:i]), self.shard_sizes[i]
-
-    def split(self, y):
-        return y.split(self.shard_sizes, dim=-1)
-
-    def load_plan(self, leaf: str, shard: str | None):
-        param = getattr(self, leaf).data
-        if shard is None:
-            return param, None, tuple(param.shape)
-        start, n = self.shard_range(shard)
-        if leaf == "bias":
-            return param.narrow(0, start, n), None, (n,)
-        if leaf == "scales":
-            return param.narrow(1, start, n), None, (param.shape[0], n)
-        return param.narrow(1, start // 8, n // 8), None, (param.shape[0], n // 8)
-
-    def dequantized(self, dtype) -> torch.Tensor:
-        """The dense weight [out, in] (nn.Linear layout)."""
-        return awq_dequantize(self.qweight, self.qzeros, self.scales, self.group_size).t().to(dtype)
-
-    def forward(self, x):
-        ops = self.ops[0]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        if ops is None:
-            y = awq_gemm_ref(x2, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
-        else:
-            y = ops.awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.bias, self.group_size)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
 # ------------------------------------------------------------------------------------------------------ FP8
 def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (float8_e4m3fn values, float32 scales [..., 1]) with scale = amax / 448 per row."""
@@ -188,35 +140,6 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 fp8_matmul_ref = fp8_gemm_ref
 
 
-class Fp8Linear(nn.Module):
-    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
-                 dtype: torch.dtype, device, ops=None):
-        super().__init__()
-        self.ops = [ops]
-        out = sum(shard_sizes)
-        self.in_features, self.out_features = in_features, out
-        self.shard_sizes, self.shard_names = list(shard_sizes), list(shard_names or [])
-        self.weight = nn.Parameter(torch.empty(out, in_features, dtype=torch.float8_e4m3fn, device=device),
-                                   requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out, 1, dtype=torch.float32, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out, dtype=dtype, device=device), requires_grad=False) if bias else None
-
-    shard_range, split = AWQLinear.shard_range, AWQLinear.split
-
-    def load_plan(self, leaf: str, shard: str | None):
-        param = getattr(self, leaf).data
-        if shard is None:
-            return param, None, tuple(param.shape)
-        start, n = self.shard_range(shard)
-        return param.narrow(0, start, n), None, (n,) + tuple(param.shape[1:])
-
-    def forward(self, x):
-        ops = self.ops[0]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        fn = fp8_gemm_ref if ops is None else ops.fp8_gemm
-        return fn(x2, self.weight, self.weight_scale, self.bias).reshape(*x.shape[:-1], self.out_features)
-
-
 # ------------------------------------------------------------------------------------------------ the model
 def _checkpoint_names(layer: int, sub: str) -> list[str]:
     """The names a decoder linear has in the checkpoint layouts the loader reads (for `ignore` lists)."""
@@ -224,10 +147,90 @@ def _checkpoint_names(layer: int, sub: str) -> list[str]:
             f"model.layers.{layer}.{sub}", f"language_model.layers.{layer}.{sub}"]
 
 
+def tensor_parallel_problem(text, quant: QuantConfig, n: int) -> str | None:
+    """Why the quantized decoder linears of a model (`text`, a TextConfig that check_shardable accepts for n) cannot
+    be split over n ranks; None when they can. Only AWQ constrains the split: FP8 keeps whole rows (column-parallel)
+    or whole columns (row-parallel) of e4m3 values with their per-row scales, which every split of the dense model
+    allows. The per-rank sizes are TensorParallel's (distributed/group.py), as the model builds them."""
+    if quant is None or quant.method != "awq":
+        return None
+    from ..distributed.group import TensorParallel
+
+    split = TensorParallel(0, n)
+    h, d, f, g = text.num_attention_heads, text.head_dim, text.intermediate_size, quant.group_size
+    kv = text.num_key_value_heads * d
+    columns = [("self_attn.q_proj", h * d, split.part(h)[1] * d),
+               ("self_attn.k_proj", kv, split.kv_heads(text.num_key_value_heads)[1] * d),
+               ("self_attn.v_proj", kv, split.kv_heads(text.num_key_value_heads)[1] * d),
+               ("mlp.gate_proj", f, split.part(f)[1]), ("mlp.up_proj", f, split.part(f)[1])]
+    for sub, full, per in columns:
+        if per % 8:
+            return (f"AWQ {sub} (every decoder layer) has {full} output columns, {per} per rank, not a multiple of 8 "
+                    "(each rank must keep whole int32 packs of 8 columns)")
+    for sub, full in (("self_attn.o_proj", h * d), ("mlp.down_proj", f)):
+        per = split.part(full)[1]
+        if per % g:
+            return (f"AWQ {sub} (every decoder layer) has input size {full}, {per} per rank, not a multiple of the "
+                    f"group size {g} (each rank must keep whole groups: qzeros and scales hold one row per {g} "
+                    "inputs)")
+    return None
+
+
+def tensor_parallel_sizes(text, quant: QuantConfig | None) -> list[int]:
+    """Every tensor_parallel_size the model can use: the dense split works (check_shardable: N divides the
+    attention heads, so no larger N is possible) and so does the quantized one."""
+    from ..distributed.group import check_shardable
+    from ..errors import ShardingError
+
+    sizes = []
+    for n in range(1, text.num_attention_heads + 1):
+        try:
+            check_shardable(text, n)
+        except ShardingError:
+            continue
+        if tensor_parallel_problem(text, quant, n) is None:
+            sizes.append(n)
+    return sizes
+
+
+def check_tensor_parallel(text, quant: QuantConfig | None, n: int) -> None:
+    """UnsupportedModelError naming the layer, its size and n when the quantized layers cannot be split over n
+    ranks (check_shardable calls this before any worker starts; quantize_model again on every rank)."""
+    problem = None if n == 1 else tensor_parallel_problem(text, quant, n)
+    if problem is not None:
+        fit = ", ".join(map(str, tensor_parallel_sizes(text, quant))) or "none"
+        raise UnsupportedModelError(f"tensor_parallel_size {n}: {problem}; tensor_parallel_size that fit this "
+                                    f"checkpoint: {fit}")
+
+
+def _quantized_layer(dense: nn.Module, quant: QuantConfig, dtype, device, ops, where: str) -> QuantLinear:
+    """The quantized twin of a dense decoder linear, split over the ranks as it is (layers/linear.py):
+    RowParallelLinear -> the row-parallel quantized layer on the same tp; PackedLinear -> its shards and the
+    output ranges (`local`) this rank keeps; nn.Linear -> the whole layer."""
+    from ..layers.linear import RowParallel
+
+    bias, awq = dense.bias is not None, quant.method == "awq"
+    if isinstance(dense, RowParallel):
+        if awq:
+            return AWQRowParallelLinear(dense.in_features, dense.out_features, bias, dtype, device, dense.tp,
+                                        quant.group_size, ops=ops, where=where)
+        return Fp8RowParallelLinear(dense.in_features, dense.out_features, bias, dtype, device, dense.tp, ops=ops,
+                                    where=where)
+    sizes = list(getattr(dense, "full_sizes", [dense.out_features]))
+    names, local = getattr(dense, "shard_names", None), getattr(dense, "local", None)
+    if awq:
+        return AWQLinear(dense.in_features, sizes, names, bias, dtype, device, quant.group_size, ops=ops, local=local,
+                         where=where)
+    return Fp8Linear(dense.in_features, sizes, names, bias, dtype, device, ops=ops, local=local, where=where)
+
+
 def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, device, tp=None, ops=None) -> None:
-    """Swap the Qwen2 decoder linears of `model` (built dense) for quantized layers, in place."""
-    if tp is not None and getattr(tp, "size", 1) > 1:
-        raise NotImplementedError("quantized checkpoints under tensor parallelism are not implemented yet")
+    """Swap the Qwen2 decoder linears of `model` (built dense, this rank's shard when tp.size > 1) for quantized
+    layers split the same way, in place."""
+    n = getattr(tp, "size", 1)
+    text = getattr(getattr(model, "config", None), "text", None)
+    if text is not None:
+        check_tensor_parallel(text, quant, n)
     layers = model.language_model.layers
     for i, layer in enumerate(layers):
         groups = [(layer.self_attn, "qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
@@ -243,11 +246,8 @@ def quantize_model(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, dev
                 if any(flags):
                     raise UnsupportedModelError(f"layer {i}: the ignore list leaves only some of {subs} dense; "
                                                 "they share one matmul here")
-            sizes = list(getattr(dense, "shard_sizes", [dense.out_features]))
-            names = getattr(dense, "shard_names", None)
-            cls = AWQLinear if quant.method == "awq" else Fp8Linear
-            setattr(parent, attr, cls(dense.in_features, sizes, names, dense.bias is not None, dtype, device,
-                                      ops=ops))
+            where = f"layer {i} {'/'.join(subs)}" + (f" at tensor_parallel_size {n}" if n > 1 else "")
+            setattr(parent, attr, _quantized_layer(dense, quant, dtype, device, ops, where))
 
 
 def quantized_weight_bytes(model: nn.Module) -> int:
