@@ -121,7 +121,7 @@ def main() -> None:
               "device": f"{platform.machine()} CPU x{os.cpu_count()}", "commit": commit(),
               "before_commit": commit(args.compare) if args.compare else None,
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "steps": args.steps, "rounds": args.rounds, "stub_vocab": STUB_VOCAB, "results": result}
+              "steps": args.steps, "prompt_words": args.prompt_words, "rounds": args.rounds, "stub_vocab": STUB_VOCAB, "results": result}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 

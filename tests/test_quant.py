@@ -237,7 +237,7 @@ def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path, back
     quant, hf_model, twin_path = awq
     path = _awq_safetensors(dense, quant, tmp_path / "awq-st")
     llm = _compare(path, hf_model, twin_path, atol=1e-3, backend=backend)
-    assert llm.model.language_model.layers[0].mlp.gate_up_proj.ops[0].binding["awq_gemm"] == backend
+    assert llm.model.language_model.layers[0].mlp.gate_up_proj.ops.binding["awq_gemm"] == backend
 
 
 def test_awq_missing_scales_is_a_checkpoint_error(dense, awq, tmp_path):

@@ -106,7 +106,7 @@ def test_quant_backend_opts_in_the_quantized_kernels_alone():
     params = SamplingParams(max_tokens=2, return_logits=True, ignore_eos=True)
     ref = LLM("random:small-awq", dtype="float32", device="cpu")
     llm = LLM("random:small-awq", dtype="float32", device="cpu", quant_backend="triton")
-    table = llm.model.language_model.layers[0].mlp.gate_up_proj.ops[0].binding
+    table = llm.model.language_model.layers[0].mlp.gate_up_proj.ops.binding
     assert table["awq_gemm"] == table["fp8_gemm"] == "triton"
     assert {op: b for op, b in table.items() if "gemm" not in op} == \
         {op: b for op, b in ref.runner.kernels.items() if "gemm" not in op}
@@ -118,3 +118,12 @@ def test_quant_backend_is_validated():
     from internvl_engine.engine.config import EngineConfigError
     with pytest.raises(EngineConfigError, match="quant_backend"):
         LLM("random:small-awq", dtype="float32", device="cpu", quant_backend="fast")
+
+
+def test_use_ops_rebinds_the_quantized_layers():
+    """model.use_ops (benchmarks time one model on each backend) reaches the quantized linears too."""
+    from internvl_engine.ops import OpTable
+    llm = LLM("random:small-fp8", dtype="float32", device="cpu")
+    table = OpTable.resolve("torch", "cpu")
+    llm.model.use_ops(table)
+    assert llm.model.language_model.layers[1].self_attn.o_proj.ops is table

@@ -251,6 +251,22 @@ def test_sizes_that_cannot_shard_raise_before_anything_starts(hf_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def _full_model_and_reads(path, monkeypatch):
+    """(torch ops, cpu, the checkpoint's config, the N=1 model's parameters, the list of (key, index) that every
+    checkpoint read from here on appends to)."""
+    from internvl_engine import loader
+    from internvl_engine.ops import OpTable
+
+    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
+    config = ModelConfig.from_pretrained(path)
+    full = dict(loader.load_model(config, path, ops, cpu, torch.float32).named_parameters())
+    reads = []
+    real_read = loader._read
+    monkeypatch.setattr(loader, "_read", lambda f, key, index, shape, file: (reads.append((key, index)),
+                                                                              real_read(f, key, index, shape, file))[1])
+    return ops, cpu, config, full, reads
+
+
 def _layouts(path, tmp_path):
     """The checkpoint in the -hf, model.-prefixed, original and sharded layouts (test_loader's conversions)."""
     import shutil
@@ -298,16 +314,9 @@ def test_each_rank_reads_only_its_slices_in_every_layout(hf_checkpoint, tmp_path
     """No process group needed: a rank's model is built and loaded as rank r of 2, and every parameter equals its
     slice of the N=1 model's; sharded parameters are read through get_slice, never whole."""
     from internvl_engine import loader
-    from internvl_engine.ops import OpTable
 
     path = hf_checkpoint(variant)[0]
-    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
-    config = ModelConfig.from_pretrained(path)
-    full = dict(loader.load_model(config, path, ops, cpu, torch.float32).named_parameters())
-    reads = []
-    real_read = loader._read
-    monkeypatch.setattr(loader, "_read", lambda f, key, index, shape, file: (reads.append((key, index)),
-                                                                              real_read(f, key, index, shape, file))[1])
+    ops, cpu, config, full, reads = _full_model_and_reads(path, monkeypatch)
     sharded_keys = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
                     "lm_head")
     for layout, where in _layouts(path, tmp_path).items():
@@ -421,7 +430,7 @@ def _fp8_per_rank_reference(llm, n=2):
 
     def forward(m, x):
         k, x2 = m.in_local // n, x.reshape(-1, m.in_local)
-        y = sum(m.ops[0].fp8_gemm(x2[:, r * k:(r + 1) * k].contiguous(), m.weight[:, r * k:(r + 1) * k].contiguous(),
+        y = sum(m.ops.fp8_gemm(x2[:, r * k:(r + 1) * k].contiguous(), m.weight[:, r * k:(r + 1) * k].contiguous(),
                                   m.weight_scale) for r in range(n))
         y = y.reshape(*x.shape[:-1], m.out_features)
         return y if m.bias is None else y + m.bias
@@ -494,16 +503,9 @@ def test_each_rank_reads_only_its_quantized_slices(quant_dense, tmp_path, monkey
     quantized layer holds the whole checkpoint tensors, packed), and sharded tensors are read through get_slice.
     Only FP8's weight_scale of o_proj / down_proj is read whole (one scale per output row: every rank needs all)."""
     from internvl_engine import loader
-    from internvl_engine.ops import OpTable
 
     path = _write_quantized(quant_dense, method, tmp_path / f"{method}-{layout}", layout)
-    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
-    config = ModelConfig.from_pretrained(path)
-    full = dict(loader.load_model(config, path, ops, cpu, torch.float32).named_parameters())
-    reads = []
-    real_read = loader._read
-    monkeypatch.setattr(loader, "_read", lambda f, key, index, shape, file: (reads.append((key, index)),
-                                                                              real_read(f, key, index, shape, file))[1])
+    ops, cpu, config, full, reads = _full_model_and_reads(path, monkeypatch)
     sharded = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for rank in (0, 1):
         reads.clear()

@@ -38,7 +38,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, ops=None,
                  local: list[tuple[int, int]] | None = None, in_part: tuple[int, int] | None = None):
         super().__init__()
-        self.ops = [ops]  # a list keeps the table out of the module tree
+        self.ops = ops  # an OpTable (not a module): model.use_ops rebinds it like every other layer's
         self.in_features = in_features
         self.in_start, self.in_local = in_part if in_part is not None else (0, in_features)
         self.full_sizes = list(shard_sizes)
@@ -171,7 +171,7 @@ class AWQLinear(QuantLinear):
         return awq_dequantize(self.qweight, self.qzeros, self.scales, self.group_size).t().to(dtype)
 
     def _gemm(self, x, bias):
-        ops = self.ops[0]
+        ops = self.ops
         x2 = x.reshape(-1, self.in_local).contiguous()
         fn = awq_gemm_ref if ops is None else ops.awq_gemm
         y = fn(x2, self.qweight, self.qzeros, self.scales, bias, self.group_size)
@@ -207,7 +207,7 @@ class Fp8Linear(QuantLinear):
         return {"weight": (0, 1, 1, 1), "weight_scale": (0, 1, None, 1), "bias": (0, 1, None, 1)}[leaf]
 
     def _gemm(self, x, bias):
-        ops = self.ops[0]
+        ops = self.ops
         x2 = x.reshape(-1, self.in_local).contiguous()
         fn = fp8_gemm_ref if ops is None else ops.fp8_gemm
         return fn(x2, self.weight, self.weight_scale, bias).reshape(*x.shape[:-1], self.out_features)
