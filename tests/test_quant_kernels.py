@@ -71,8 +71,23 @@ def test_fp8_gemm_matches_oracle(name, device, dtype, m, k, n):
         no_bias = ops.fp8_gemm(x, wq, ws)
     assert out.dtype == dtype and out.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), ops.fp8_gemm_ref(x, wq, ws, b).float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(no_bias.float(), ops.fp8_gemm_ref(x, wq, ws).float(), atol=tol, rtol=tol)
+    for got, bias in ((out, b), (no_bias, None)):
+        ref = ops.fp8_gemm_ref(x, wq, ws, bias).float()
+        err = (got.float() - ref).abs()
+        assert (err <= tol + tol * ref.abs() + _fp8_dot_slack(name, device, x, wq, ws)).all(), err.max()
+
+
+def _fp8_dot_slack(name, device, x, wq, ws):
+    """0, except where the Triton kernel runs tl.dot on e4m3 operands (sm89+): Hopper's FP8 tensor cores keep about
+    14 bits while they accumulate inside one instruction (DeepSeek-V3 report, 3.3.2), and the kernel moves the sum
+    to fp32 every 32 products (max_num_imprecise_acc=32), so each product may carry an error up to 2^-14 of the
+    magnitudes accumulated with it: bounded by 2^-13 * sum_k |xq_k * w_k| per output (a factor 2 to spare)."""
+    if name != "triton" or device != "cuda" or not _kernels("fp8_gemm", device).fp8_dot_supported(x.device):
+        return 0.0
+    xf = x.float()
+    sx = (xf.abs().amax(-1, keepdim=True) / xf.new_tensor(448.0)).clamp(min=1e-12)
+    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * sx
+    return 2.0 ** -13 * (xq.abs() @ (wq.float() * ws.float()).abs().t())
 
 
 @pytest.mark.parametrize("name,device", BACKENDS)
@@ -152,7 +167,7 @@ def test_e4m3_rounding_is_bit_exact(device):
         xt = xt.to(device)
         codes, sx = fp8.quantize_rows(xt)
         xf = xt.float()
-        ref_sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        ref_sx = (xf.abs().amax(-1, keepdim=True) / xf.new_tensor(448.0)).clamp(min=1e-12)  # exact on CUDA too
         ref_codes = (xf / ref_sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
         assert torch.equal(sx, ref_sx[:, 0]) and torch.equal(codes, ref_codes)
     assert sx[0].item() == 1.0

@@ -174,8 +174,8 @@ def awq_gemm(x, qweight, qzeros, scales, bias=None, group_size=128):
     if group_size != 128:
         fail(op, f"group_size must be 128, got {group_size}")
     n = scales.shape[1]
-    if k % group_size or n % 8:
-        fail(op, f"K ({k}) must be a multiple of {group_size} and N ({n}) of 8")
+    if k == 0 or k % group_size or n % 8:
+        fail(op, f"K ({k}) must be a positive multiple of {group_size} and N ({n}) a multiple of 8")
     if tuple(qweight.shape) != (k, n // 8) or tuple(qzeros.shape) != (k // group_size, n // 8) \
             or scales.shape[0] != k // group_size:
         fail(op, f"for x {_desc(x)} and N {n}: qweight must be {(k, n // 8)}, qzeros {(k // group_size, n // 8)}, "
@@ -192,6 +192,8 @@ def fp8_gemm(x, weight, weight_scale, bias=None):
     tensor(op, "x", x, ndim=2, dtype=FLOAT_DTYPES)
     tensor(op, "weight", weight, ndim=2, dtype=torch.float8_e4m3fn, device=x.device)
     tensor(op, "weight_scale", weight_scale, ndim=2, dtype=FLOAT_DTYPES, device=x.device)
+    if x.shape[1] == 0:
+        fail(op, f"x {_desc(x)} has no input features")
     if weight.shape[1] != x.shape[1] or tuple(weight_scale.shape) != (weight.shape[0], 1):
         fail(op, f"weight must be [N, {x.shape[1]}] and weight_scale [N, 1]; got {_desc(weight)}, "
                  f"{_desc(weight_scale)}")

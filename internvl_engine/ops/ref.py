@@ -120,11 +120,19 @@ def awq_gemm_ref(x, qweight, qzeros, scales, bias=None, group_size=128):
     return y.to(x.dtype)
 
 
+def fp8_token_scale(xf: torch.Tensor) -> torch.Tensor:
+    """Per-token FP8 activation scale of fp32 rows: amax / 448, at least 1e-12, correctly rounded. The divisor is a
+    tensor on x's device on purpose: CUDA torch divides by a Python scalar through its reciprocal (a * fl(1/448),
+    which differs from a / 448 in the last bit for about half of all amax values), and the Triton kernel and the
+    CPU divide exactly."""
+    return (xf.abs().amax(-1, keepdim=True) / xf.new_tensor(448.0)).clamp(min=1e-12)
+
+
 def fp8_gemm_ref(x, weight, weight_scale, bias=None):
     """x [M, K] quantized per token to float8_e4m3fn (scale = amax / 448), times weight [N, K] float8_e4m3fn with
     per-output-channel weight_scale [N, 1]; emulated in fp32, cast to x's dtype."""
     xf = x.float()
-    sx = (xf.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    sx = fp8_token_scale(xf)
     xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * sx
     y = xq @ (weight.float() * weight_scale.float().reshape(-1, 1)).t()
     if bias is not None:

@@ -27,7 +27,7 @@ def awq_quantize(w: torch.Tensor, group_size: int = AWQ_GROUP) -> dict[str, torc
         raise ValueError(f"AWQ: weight [{out}, {inp}] needs in % {group_size} == 0 and out % 8 == 0")
     groups = w.float().t().reshape(inp // group_size, group_size, out)   # [groups, rows of a group, out]
     lo, hi = groups.amin(1), groups.amax(1)                              # [groups, out]
-    scales = ((hi - lo).clamp(min=1e-5) / 15).half()
+    scales = ((hi - lo).clamp(min=1e-5) / lo.new_tensor(15.0)).half()  # a tensor divisor: exact on CUDA too
     s = scales.float()
     zeros = (-(lo / s).round()).clamp(0, 15)
     q = ((groups / s.unsqueeze(1)).round() + zeros.unsqueeze(1)).clamp(0, 15)
@@ -36,7 +36,8 @@ def awq_quantize(w: torch.Tensor, group_size: int = AWQ_GROUP) -> dict[str, torc
 
 def fp8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """w [out, in] -> {weight float8_e4m3fn [out, in], weight_scale bf16 [out, 1]}."""
-    scale = (w.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12).bfloat16()
+    amax = w.float().abs().amax(1, keepdim=True)
+    scale = (amax / amax.new_tensor(FP8_MAX)).clamp(min=1e-12).bfloat16()  # a tensor divisor: exact on CUDA too
     q = (w.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return {"weight": q, "weight_scale": scale}
 
