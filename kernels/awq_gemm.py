@@ -5,8 +5,9 @@ Packing: column n of the weight sits in int32 word n // 8 of its row, in the nib
 and write y in x's dtype (rounded to nearest even, also under the interpreter: _tuning.to_dtype).
 
 Two paths, chosen by M (GEMV_MAX_M):
-- tiled (prefill): one program per BLOCK_M x BLOCK_N tile of y walks all of K in BLOCK_K steps (BLOCK_K divides the
-  group, so a step reads one row of zeros / scales) and multiplies the dequantized fp32 tile.
+- tiled (prefill): one program per BLOCK_M x BLOCK_N tile of y walks all of K, group by group in BLOCK_K steps
+  (BLOCK_K divides the group), with the zero point and scale factored out per group as below, so its dot runs on
+  x's own dtype (tensor cores for bf16 / fp16; fp32 "ieee" for fp32 x and under the interpreter).
 - split-K GEMV (decode, M <= 16): a program owns BLOCK_N outputs and a range of whole groups, so the grid is
   (N tiles, splits) instead of N tiles alone: at InternVL3-1B's q/k/v shape (N 1152) the tiled grid is 18 programs
   for 132 SMs. Each program reads its packed words once, as rows of BLOCK_N / 8 consecutive int32 (coalesced along
@@ -38,30 +39,33 @@ _H100_SMS = 132               # H100 / H200 SXM; the split count under the inter
 
 @triton.jit
 def _awq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
-                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    n_mask = rn < N
+    m_mask, n_mask = rm < M, rn < N
     n8 = N // 8
     shift = ((rn % 2) * 4 + (rn % 8) // 2) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_mask = k < K
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :],
-                    mask=(rm[:, None] < M) & k_mask[None, :], other=0.0).to(tl.float32)
-        wmask = k_mask[:, None] & n_mask[None, :]
-        words = tl.load(qw_ptr + k[:, None].to(tl.int64) * n8 + (rn // 8)[None, :], mask=wmask, other=0)
-        q = (words >> shift[None, :]) & 0xF
-        g = k0 // GROUP
+    for g in range(0, K // GROUP):  # K % GROUP == 0 (ops/checks.py)
+        xq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)     # sum_k x q over the group, as the GEMV path
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kk in range(0, GROUP, BLOCK_K):
+            k = g * GROUP + kk + rk
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=m_mask[:, None], other=0.0)
+            if DOT_F32:
+                x = x.to(tl.float32)
+            words = tl.load(qw_ptr + k[:, None].to(tl.int64) * n8 + (rn // 8)[None, :], mask=n_mask[None, :],
+                            other=0)
+            q = (words >> shift[None, :]) & 0xF
+            xq = tl.dot(x, q.to(x.dtype), xq, input_precision=DOT_PREC)
+            xsum += row_sum(x.to(tl.float32), 1)
         zw = tl.load(qz_ptr + g * n8 + rn // 8, mask=n_mask, other=0)
-        z = (zw >> shift) & 0xF
+        z = ((zw >> shift) & 0xF).to(tl.float32)
         s = tl.load(s_ptr + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-        w = (q - z[None, :]).to(tl.float32) * s[None, :]
-        acc += tl.dot(x, w, input_precision="ieee")
+        acc += s[None, :] * (xq - xsum[:, None] * z[None, :])
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_mask = (rm[:, None] < M) & n_mask[None, :]
@@ -191,10 +195,12 @@ def awq_tiled(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         return y
     block_m = 16 if m <= 16 else (32 if INTERPRET else 64)
     block_n = 32 if INTERPRET else 64
-    block_k = 32
+    block_k = 32 if INTERPRET else 64
+    dot_f32 = INTERPRET or x.dtype == torch.float32  # as the GEMV path: tensor cores on bf16 / fp16 x
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _awq_gemm_kernel[grid](x, qweight, qzeros, scales, bias if bias is not None else scales, y, m, n, k,
-                           GROUP=group_size, HAS_BIAS=bias is not None,
+                           GROUP=group_size, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
+                           DOT_PREC="ieee" if dot_f32 else None,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y
 
