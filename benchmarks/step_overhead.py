@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUB_VOCAB = 1024
 
 
-def measure(batch: int, steps: int, prompt_words: int = 0) -> list[float]:
+def measure(batch: int, steps: int, prompt_words: int = 0, output_kind: str | None = None) -> list[float]:
     """CPU seconds of this process for each of `steps` decode steps at `batch` running sequences (random:tiny, CPU,
     forward stubbed). CPU time rather than wall time: other processes on a shared 2-core machine stretch wall time
     by several times, but not the cycles this process spends."""
@@ -41,29 +41,35 @@ def measure(batch: int, steps: int, prompt_words: int = 0) -> list[float]:
     hidden_size = engine.config.text.hidden_size
     engine.model.forward = lambda ids, *rest, **kw: torch.zeros(ids.shape[0], hidden_size)
     engine.model.compute_logits = lambda h: torch.zeros(h.shape[0], STUB_VOCAB)
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    # output_kind (SamplingParams, newer revisions only): None keeps the default, so older revisions run unchanged
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True,
+                            **({"output_kind": output_kind} if output_kind else {}))
     for i in range(batch):
         engine.add_request(f"r{i}", prompt, params)
-    while sum(len(o.token_ids) > 0 for o in engine.step()) < batch:  # prefill all, then first decode
-        pass
+    if output_kind is None:  # the public API only, as on older revisions: prefill all, then the first decode
+        while sum(len(o.token_ids) > 0 for o in engine.step()) < batch:
+            pass
+    else:  # final_only hands out nothing before the end: read the sequences
+        while engine.scheduler.waiting or not all(s.output_ids for s in engine.scheduler.running):
+            engine.step()
     times = []
     torch.set_num_threads(1)  # the stubbed step is host work: no intra-op threads whose time would be counted
     for _ in range(steps):
         t0 = time.process_time()
         outs = engine.step()
         times.append(time.process_time() - t0)
-        assert len(outs) == batch, "every running sequence decodes each step"
+        assert len(outs) == (0 if output_kind == "final_only" else batch), "every running sequence decodes each step"
     return times
 
 
 def child(args) -> None:
-    print(json.dumps({b: measure(b, args.steps, args.prompt_words) for b in args.batches}))
+    print(json.dumps({b: measure(b, args.steps, args.prompt_words, args.output_kind) for b in args.batches}))
 
 
 def run_side(src: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--batch", ",".join(map(str, args.batches)),
-           "--steps", str(args.steps), "--prompt-words", str(args.prompt_words)]
+           "--steps", str(args.steps), "--prompt-words", str(args.prompt_words)] + (["--output-kind", args.output_kind] if args.output_kind else [])
     out = subprocess.run(cmd, env=env, cwd=src, capture_output=True, text=True, check=True).stdout
     return {int(b): v for b, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -88,6 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompt-words", type=int, default=0,
                     help="lengthen each prompt by this many one-token words (a 13-tile image prompt is ~3,400 tokens)")
+    ap.add_argument("--output-kind", default=None, help="SamplingParams.output_kind (default: the default, cumulative)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compare", help="a git revision measured against this checkout in the same run")
     ap.add_argument("--json")
@@ -121,7 +128,7 @@ def main() -> None:
               "device": f"{platform.machine()} CPU x{os.cpu_count()}", "commit": commit(),
               "before_commit": commit(args.compare) if args.compare else None,
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "steps": args.steps, "prompt_words": args.prompt_words, "rounds": args.rounds, "stub_vocab": STUB_VOCAB, "results": result}
+              "steps": args.steps, "prompt_words": args.prompt_words, "output_kind": args.output_kind, "rounds": args.rounds, "stub_vocab": STUB_VOCAB, "results": result}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 

@@ -113,18 +113,19 @@ class LLM:
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:
-        """Adds the sequences to the engine and steps it until they finish, yielding their outputs of each step.
-        Closing the iterator early aborts whatever is unfinished."""
+        """Adds the sequences to the engine and steps it until they finish, yielding after each step. Their outputs
+        are read off the sequences (`engine.output`), so they are "final_only": the engine builds no snapshot of
+        them on the steps in between. Closing the iterator early aborts whatever is unfinished."""
         ids = {s.request_id for s in seqs}
         added = []
         try:
             for s in seqs:
+                for x in s.group or [s]:
+                    x.output_kind = "final_only"
                 self.engine.add_sequence(s)
                 added.append(s)
             while not all(self.engine.request_finished(s) for s in seqs):
-                outs = [o for o in self.engine.step() if o.request_id in ids]
-                if outs:
-                    yield outs
+                yield [o for o in self.engine.step() if o.request_id in ids]
         finally:
             for s in added:
                 if not self.engine.request_finished(s):

@@ -15,6 +15,9 @@ import torch
 from .errors import SamplingParamsError
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -38,6 +41,9 @@ class SamplingParams:
     return_logits: bool = False       # keep every step's raw fp32 logits in RequestOutput.logits
     max_num_tiles: int | None = None  # per-request override of the image processor's max_patches
     num_frames: int | None = None     # frames sampled from each video (None: all frames)
+    output_kind: str = "cumulative"   # what each step's RequestOutput holds (vLLM's RequestOutputKind): "cumulative"
+                                      # (everything so far), "delta" (the new tokens, text and logprobs since the
+                                      # previous output) or "final_only" (one output, when the request ends)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -75,6 +81,8 @@ class SamplingParams:
             bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)) or any(not is_int(t, 0) for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            bad(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
         if not is_int(self.min_tokens, 0) or self.min_tokens > self.max_tokens:
             bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -149,3 +149,52 @@ def test_every_option_is_batch_invariant(llm):
 def test_bad_values_raise_typed_errors(kwargs, match):
     with pytest.raises(SamplingParamsError, match=match):
         SamplingParams(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- output_kind
+def _step_all(engine):
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    return outs
+
+
+@pytest.fixture(scope="module")
+def kind_engine():
+    from internvl_engine.engine.llm_engine import LLMEngine
+    return LLMEngine("random:tiny", device="cpu", dtype="float32")
+
+
+def test_output_kinds_agree_and_final_only_emits_once(kind_engine):
+    """The same three requests (n=2, logprobs, a stop string) as cumulative, delta and final_only: the deltas add up
+    to the cumulative result, and final_only yields exactly one output per request, the finished one."""
+    results = {}
+    for kind in ("cumulative", "delta", "final_only"):
+        params = SamplingParams(max_tokens=9, temperature=0.8, seed=3, n=2, logprobs=2, stop=["e"],
+                                output_kind=kind)
+        for i in range(3):
+            kind_engine.add_request(f"{kind}-{i}", f"Tell me story number {i}", params)
+        results[kind] = _step_all(kind_engine)
+    final = {o.request_id.split("-", 1)[1]: o for o in results["cumulative"] if o.finished}
+    once = results["final_only"]
+    assert len(once) == 3 and all(o.finished for o in once)
+    for o in once:
+        ref = final[o.request_id.split("-", 1)[1]]
+        assert [(c.text, c.token_ids, c.finish_reason) for c in o.outputs] == \
+            [(c.text, c.token_ids, c.finish_reason) for c in ref.outputs]
+    for i in range(3):
+        deltas = [o for o in results["delta"] if o.request_id == f"delta-{i}"]
+        ref = final[str(i)]
+        assert len(deltas) > 1 and deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+        for j, c in enumerate(ref.outputs):
+            parts = [o.outputs[j] for o in deltas]
+            assert "".join(p.text for p in parts) == c.text
+            assert [t for p in parts for t in p.token_ids] == c.token_ids
+            assert [lp for p in parts for lp in p.logprobs] == c.logprobs
+            assert parts[-1].cumulative_logprob == c.cumulative_logprob
+
+
+def test_output_kind_is_validated():
+    from internvl_engine.errors import InternVLEngineError
+    with pytest.raises(InternVLEngineError, match="output_kind"):
+        SamplingParams(output_kind="streaming").validate()

@@ -275,7 +275,7 @@ class LLMEngine:
         plain = not (params.penalized or params.min_tokens or params.logprobs is not None)
         return Sequence(seq_id, prompt_ids, params,
                         IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
-                        generator=gen, index=index, plain=plain)
+                        generator=gen, index=index, plain=plain, output_kind=params.output_kind)
 
     def add_sequence(self, seq: Sequence) -> None:
         with self._lock:
@@ -342,9 +342,11 @@ class LLMEngine:
             return outputs + self._outputs(self._run(sched))
 
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """One snapshot per request the step touched (a request's samples share one)."""
+        """One snapshot per request the step touched (a request's samples share one); "final_only" requests only
+        when they end."""
         touched = {id(h): h for h in map(self._head, seqs)}
-        outputs = [self.output_processor.output(h) for h in touched.values()]
+        outputs = [self.output_processor.output(h) for h in touched.values()
+                   if h.output_kind != "final_only" or self.request_finished(h)]
         for h in touched.values():  # a sample's delta belongs to the step that made it
             h.delta = ""
             for s in h.group:

@@ -70,6 +70,12 @@ class OutputProcessor:
 
     @staticmethod
     def completion(s: Sequence) -> CompletionOutput:
+        if s.output_kind == "delta":  # what is new since this sample's previous output: O(1) a step, not O(length)
+            start, s.ids_sent = s.ids_sent, len(s.output_ids)
+            text, s.text_sent = s.text[s.text_sent:s.sent], s.sent
+            return CompletionOutput(s.index, text, s.output_ids[start:], s.finish_reason, s.delta,
+                                    s.logprobs[start:] if s.params.logprobs is not None else None,
+                                    s.cumulative_logprob, s.stop_reason, s.error)
         return CompletionOutput(s.index, s.text[:s.sent], list(s.output_ids), s.finish_reason, s.delta,
                                 list(s.logprobs) if s.params.logprobs is not None else None,
                                 s.cumulative_logprob, s.stop_reason, s.error)

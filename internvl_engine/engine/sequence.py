@@ -46,6 +46,9 @@ class Sequence:
     pending_logprobs: dict | None = None  # logprobs of the token just sampled, until it is detokenised
     plain: bool = True          # no penalties, min_tokens or logprobs: the sampler's and logprobs' fast path
     prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares (output_processor)
+    output_kind: str = "cumulative"  # params.output_kind, or "final_only" where the caller reads the sequence (LLM)
+    ids_sent: int = 0                # "delta": output ids (and logprobs) already handed out
+    text_sent: int = 0               # "delta": characters of text already handed out
 
     @property
     def token_ids(self) -> list[int]:
