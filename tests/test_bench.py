@@ -133,7 +133,10 @@ def test_e2e_harness_cpu_tiny_vs_hf(tmp_path):
     fl = run["floors"]
     assert set(fl) == {"vision_s", "prefill_s", "ttft_s", "tpot_s"} and all(v > 0 for v in fl.values())
     assert fl["ttft_s"] == pytest.approx(fl["vision_s"] + fl["prefill_s"])
-    assert run["vs_floor"]["ttft"] >= 1 and run["vs_floor"]["tpot"] >= 1
+    # the ratio's arithmetic, not its size: the floor divides by peaks measured on this (shared, noisy) CPU, so a
+    # run can land just under a floor measured at a slower moment; timings are never asserted in tests
+    assert run["vs_floor"]["ttft"] == pytest.approx(ours["ttft_s"] / fl["ttft_s"])
+    assert run["vs_floor"]["tpot"] == pytest.approx(ours["tpot_s"] / fl["tpot_s"])
 
 
 def test_e2e_harness_quantized_preset_vs_hf_dense_twin(tmp_path):
@@ -217,7 +220,8 @@ def test_vision_benchmark_cpu(tmp_path):
     rows = r["results"]
     assert {(x["tiles"], x["backend"]) for x in rows} == {(t, b) for t in (1, 2) for b in ("torch", "cpp", "auto")}
     for x in rows:
-        assert x["time_s"] > 0 and x["floor_s"] > 0 and x["vs_floor"] >= 1
+        # the ratio's arithmetic, not its size (a CI run measured 0.99x: the peaks are measured on a shared CPU)
+        assert x["time_s"] > 0 and x["floor_s"] > 0 and x["vs_floor"] == pytest.approx(x["time_s"] / x["floor_s"])
         assert x["speedup_vs_torch"] == pytest.approx(1.0) if x["backend"] == "torch" else x["speedup_vs_torch"] > 0
 
 
