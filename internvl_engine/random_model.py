@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .constants import DOWNSAMPLE_RATIO, IMAGE_SEQ_LENGTH, IMAGE_TOKEN_ID, PATCH_SIZE, TILE_SIZE
+
 _VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                     attention_bias=True, use_qk_norm=False, norm_type="layer_norm")
 _VISION_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
@@ -82,10 +84,11 @@ def preset_config(name: str) -> dict:
         raise UnsupportedModelError(f"unknown random preset {name!r}; choose one of {sorted(PRESETS)}, each also "
                                     f"as <preset>-awq or <preset>-fp8")
     p = copy.deepcopy(PRESETS[base])
-    vision = dict(model_type="internvl_vision", hidden_act="gelu", layer_norm_eps=1e-6, image_size=[448, 448],
-                  patch_size=[14, 14], use_mean_pooling=True, **p["vision"])
+    vision = dict(model_type="internvl_vision", hidden_act="gelu", layer_norm_eps=1e-6, image_size=[TILE_SIZE] * 2,
+                  patch_size=[PATCH_SIZE] * 2, use_mean_pooling=True, **p["vision"])
     return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"], vision_config=vision,
-                text_config=p["text"], image_token_id=151667, image_seq_length=256, downsample_ratio=0.5,
+                text_config=p["text"], image_token_id=IMAGE_TOKEN_ID, image_seq_length=IMAGE_SEQ_LENGTH,
+                downsample_ratio=DOWNSAMPLE_RATIO,
                 projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
                 tie_word_embeddings=p["text"]["tie_word_embeddings"], dtype="bfloat16",
                 **({"quantization_config": copy.deepcopy(QUANT_BLOCKS[quant])} if quant else {}))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..constants import TILE_SIZE
 from . import common
 from .floors import floors as compute_floors, weight_summary
 
@@ -49,10 +50,10 @@ WORDS = ("red", "blue", "green", "house", "river", "mountain", "cat", "dog", "bi
 
 # ---------------------------------------------------------------------------------------------- workload
 def image_for_tiles(rng: np.random.Generator, tiles: int) -> Image.Image:
-    """A random image whose aspect ratio selects `tiles` tiles: 448x448 for 1, else a (tiles-1) x 1 grid plus the
-    thumbnail (with max_num_tiles = tiles)."""
+    """A random image whose aspect ratio selects `tiles` tiles: one tile's square for 1, else a (tiles-1) x 1 grid
+    plus the thumbnail (with max_num_tiles = tiles)."""
     cols = 1 if tiles <= 1 else tiles - 1
-    return Image.fromarray(rng.integers(0, 256, (448, 448 * cols, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (TILE_SIZE, TILE_SIZE * cols, 3), dtype=np.uint8))
 
 
 def make_conversations(n: int, images: int, tiles: int, prompt_words: int, seed: int) -> list:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..constants import IMAGE_SEQ_LENGTH
 from .common import sync
 
 
@@ -75,7 +76,8 @@ def make_processor(max_patches: int):
         tpl = d / "chat_template.jinja"
         chat_template = tpl.read_text(encoding="utf-8") if tpl.is_file() else None
         pc = d / "processor_config.json"
-        image_seq_length = json.loads(pc.read_text()).get("image_seq_length", 256) if pc.is_file() else 256
+        image_seq_length = json.loads(pc.read_text()).get("image_seq_length", IMAGE_SEQ_LENGTH) if pc.is_file() \
+            else IMAGE_SEQ_LENGTH
     proc = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                              image_seq_length=image_seq_length, chat_template=chat_template)
     proc.image_processor.max_patches = max(1, max_patches)
