@@ -264,6 +264,9 @@ class Executor:
         self._finalizer()  # _Closer: "shutdown" to every worker, join, kill what lingers
         if self._dead is None:
             self._dead = "the engine was shut down"
+        if hasattr(self, "tp"):  # every rank has left: the groups and the store go now, not at interpreter exit
+            self.tp.release()
+        self.store = None
 
 
 class ParallelRunner:

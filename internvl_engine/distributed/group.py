@@ -143,6 +143,12 @@ class TensorParallel:
             data += rest.numpy().tobytes()
         return pickle.loads(data)
 
+    def release(self) -> None:
+        """Drop both process groups now (the engine is shutting down) rather than whenever the interpreter gets to
+        them: c10d objects still alive during exit()'s C++ teardown can abort the process ("terminate called
+        without an active exception", seen once on a torchrun driver in CI). Collectives after this fail."""
+        self.device_group = self.control_group = None
+
     def abort(self) -> None:
         """Unblock collectives stuck on a dead peer (NCCL does not notice one by itself; gloo does)."""
         fn = getattr(self.device_group, "abort", None)
