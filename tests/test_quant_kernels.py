@@ -84,9 +84,9 @@ def _fp8_dot_slack(name, device, x, wq, ws):
     magnitudes accumulated with it: bounded by 2^-13 * sum_k |xq_k * w_k| per output (a factor 2 to spare)."""
     if name != "triton" or device != "cuda" or not _kernels("fp8_gemm", device).fp8_dot_supported(x.device):
         return 0.0
-    xf = x.float()
-    sx = (xf.abs().amax(-1, keepdim=True) / xf.new_tensor(448.0)).clamp(min=1e-12)
-    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * sx
+    from internvl_engine.ops.ref import fp8_quantize_tokens
+    xq, sx = fp8_quantize_tokens(x.float())
+    xq = xq.float() * sx
     return 2.0 ** -13 * (xq.abs() @ (wq.float() * ws.float()).abs().t())
 
 

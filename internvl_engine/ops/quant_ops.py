@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .ref import _awq_unpack_ref, fp8_gemm_ref, fp8_token_scale
+from .ref import _awq_unpack_ref, fp8_gemm_ref, fp8_quantize_tokens
 
 
 def awq_gemm(x, qweight, qzeros, scales, bias=None, group_size=128):
@@ -30,9 +30,7 @@ def fp8_gemm(x, weight, weight_scale, bias=None):
     # bf16 only: row-wise scaling through CUTLASS (sm89, sm100+, sm90 with cuBLAS < 12.9) outputs bf16 alone
     if not _scaled_mm_ok(x) or x.dtype != torch.bfloat16 or x.shape[1] % 16 or weight.shape[0] % 16:
         return fp8_gemm_ref(x, weight, weight_scale, bias)
-    xf = x.float()
-    sx = fp8_token_scale(xf)
-    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    xq, sx = fp8_quantize_tokens(x.float())
     y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=weight_scale.float().reshape(1, -1),
                          out_dtype=x.dtype)
     return y if bias is None else y + bias.to(x.dtype)

@@ -128,12 +128,18 @@ def fp8_token_scale(xf: torch.Tensor) -> torch.Tensor:
     return (xf.abs().amax(-1, keepdim=True) / xf.new_tensor(448.0)).clamp(min=1e-12)
 
 
+def fp8_quantize_tokens(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows -> (float8_e4m3fn values, their per-token scales [..., 1]): clamp(x / scale, +-448) rounded."""
+    sx = fp8_token_scale(xf)
+    return (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), sx
+
+
 def fp8_gemm_ref(x, weight, weight_scale, bias=None):
     """x [M, K] quantized per token to float8_e4m3fn (scale = amax / 448), times weight [N, K] float8_e4m3fn with
     per-output-channel weight_scale [N, 1]; emulated in fp32, cast to x's dtype."""
     xf = x.float()
-    sx = fp8_token_scale(xf)
-    xq = (xf / sx).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * sx
+    xq, sx = fp8_quantize_tokens(xf)
+    xq = xq.float() * sx
     y = xq @ (weight.float() * weight_scale.float().reshape(-1, 1)).t()
     if bias is not None:
         y = y + bias.float()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..ops.ref import awq_gemm_ref, fp8_gemm_ref, fp8_token_scale
+from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
 from .layers import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear, QuantLinear  # noqa: F401
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # column 8c + AWQ_ORDER[i] sits in nibble i
@@ -130,13 +130,6 @@ awq_matmul_ref = awq_gemm_ref  # the ops contract's oracle (ops/ref.py)
 
 
 # ------------------------------------------------------------------------------------------------------ FP8
-def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (float8_e4m3fn values, float32 scales [..., 1]) with scale = amax / 448 per row."""
-    xf = x.float()
-    scale = fp8_token_scale(xf)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
 fp8_matmul_ref = fp8_gemm_ref
 
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from . import FP8_MAX, awq_pack
+
 AWQ_GROUP = 128
 AWQ_LEAVES = ("qweight", "qzeros", "scales")
 FP8_LEAVES = ("weight", "weight_scale")
-FP8_MAX = 448.0
 
 
 def awq_quantize(w: torch.Tensor, group_size: int = AWQ_GROUP) -> dict[str, torch.Tensor]:
     """w [out, in] -> {qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales fp16 [in/G, out]}."""
-    from . import awq_pack
-
     out, inp = w.shape
     if inp % group_size or out % 8:
         raise ValueError(f"AWQ: weight [{out}, {inp}] needs in % {group_size} == 0 and out % 8 == 0")
