@@ -70,3 +70,9 @@ class MediaTimeoutError(MediaPolicyError):
 class ShardingError(InternVLEngineError, ValueError):
     """The model cannot be split over tensor_parallel_size ranks: the message names the dimension (attention heads,
     key/value heads, intermediate size) and the size."""
+
+
+class SlowConsumerError(InternVLEngineError, RuntimeError):
+    """An AsyncLLM.generate consumer took no output for consumer_timeout_s while outputs were waiting for it: its
+    request was aborted (blocks freed). It reaches the consumer as the cause of a RequestFailedError (stage
+    "deliver")."""

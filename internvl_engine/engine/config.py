@@ -50,6 +50,8 @@ class EngineConfig:
     vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
     tensor_parallel_size: int = 1           # ranks the language model is sharded over (distributed/); 1: one process
     media_policy: MediaPolicy | None = None  # None: trusted caller (processor.MediaPolicy()); the server: .strict()
+    consumer_timeout_s: float | None = 60.0  # AsyncLLM: a generate() consumer that takes no output for this long
+                                            # while outputs wait for it is aborted (SlowConsumerError); None: never
 
     def __post_init__(self):
         _int("max_model_len", self.max_model_len, 2, optional=True)
@@ -63,6 +65,9 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise EngineConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        t = self.consumer_timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise EngineConfigError(f"consumer_timeout_s must be None or a number > 0, got {t!r}")
         if self.media_policy is not None and not isinstance(self.media_policy, MediaPolicy):
             raise EngineConfigError(f"media_policy must be a MediaPolicy, got {type(self.media_policy).__name__}")
         if not isinstance(self.backend, str):
