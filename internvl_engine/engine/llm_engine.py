@@ -258,7 +258,8 @@ class LLMEngine:
         seq.media = self._media(enc, params)
         seq.media_keys, seq.image_feats = [sp.key for sp in seq.media], [None] * len(seq.media)
         if params.n > 1:  # the other samples join the scheduler once the first has prefilled (they share its blocks)
-            seq.group = [seq] + [self._sample(f"{request_id}#{i}", seq.prompt_ids, params,
+            # every sample carries the caller's id as its label; the engine keys them by Sequence.seq_id
+            seq.group = [seq] + [self._sample(request_id, seq.prompt_ids, params,
                                               RequestMetrics(**metrics.as_dict()), i) for i in range(1, params.n)]
             for child in seq.group[1:]:
                 child.group = seq.group  # every sample finds its request (outputs go out under the first's id)
@@ -267,13 +268,13 @@ class LLMEngine:
         metrics.preprocess_s = time.perf_counter() - t0
         return seq
 
-    def _sample(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, metrics: RequestMetrics,
+    def _sample(self, request_id: str, prompt_ids: list[int], params: SamplingParams, metrics: RequestMetrics,
                 index: int) -> Sequence:
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.device).manual_seed(seed_for(params.seed, index))
         plain = not (params.penalized or params.min_tokens or params.logprobs is not None)
-        return Sequence(seq_id, prompt_ids, params,
+        return Sequence(request_id, prompt_ids, params,
                         IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens), metrics,
                         generator=gen, index=index, plain=plain, output_kind=params.output_kind)
 
@@ -337,9 +338,10 @@ class LLMEngine:
             outputs = [self.output(s) for s in self._aborted]
             self._aborted.clear()
             sched = self._schedule()
-            if sched.empty:
-                return outputs
-            return outputs + self._outputs(self._run(sched))
+            done = [self._fail(s, "schedule", e) for s, e in sched.failed]
+            if not sched.empty:
+                done += self._run(sched)
+            return outputs + self._outputs(done)
 
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """One snapshot per request the step touched (a request's samples share one); "final_only" requests only
@@ -399,21 +401,26 @@ class LLMEngine:
         for x in [s, *waiting]:
             x.finish_reason, x.error = "error", error
             self.scheduler.remove(x)  # frees its blocks
-        self.faults.clear(s.request_id)
         self.num_request_errors += 1
         self._request_done(s)
+        if self.request_finished(s):  # an injected fault lasts until its request ends (all its samples)
+            self.faults.clear(s.request_id)
         return s
 
     def _request_done(self, s: Sequence) -> None:
         head = self._head(s)
         if all(x.finished for x in head.group or [head]):
-            self._requests.pop(head.request_id, None)
+            if self._requests.get(head.request_id) is head:  # the id is a label: only this request's entry
+                del self._requests[head.request_id]
             self._finish_metrics(head)
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
-        if sched.empty and self.scheduler.waiting and not self.scheduler.running:  # checked at add time already
-            raise CapacityError(f"request {self.scheduler.waiting[0].request_id} does not fit in the KV pool")
+        if sched.empty and not sched.failed and self.scheduler.waiting and not self.scheduler.running:
+            # checked at add time already; should it happen, the request fails, not the engine
+            s = self.scheduler.waiting[0]
+            self.scheduler.remove(s)
+            sched.failed.append((s, CapacityError(f"request {s.request_id} does not fit in the KV pool")))
         now = time.perf_counter()
         for s in sched.admitted:
             if s.first_scheduled is None:  # first admission; a preempted sequence is re-admitted later

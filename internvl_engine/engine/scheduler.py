@@ -24,6 +24,7 @@ class SchedulerOutput:
     chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # prefill: (seq, start, end)
     decode: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)                 # newly (re)admitted this step
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # dropped: scheduling them raised
 
     @property
     def empty(self) -> bool:
@@ -74,12 +75,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.request_id in self.bm:
-            self.bm.free(seq.request_id)
+        if seq.seq_id in self.bm:
+            self.bm.free(seq.seq_id)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free(seq.request_id)
+        self.bm.free(seq.seq_id)
         seq.num_computed, seq.prefilled = 0, False
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -114,10 +115,13 @@ class Scheduler:
             tokens = s.token_ids
             try:
                 # prompt logprobs need every prompt position computed: no prefix-cache hits for that request
-                alloc = self.bm.allocate(s.request_id, tokens, s.media,
+                alloc = self.bm.allocate(s.seq_id, tokens, s.media,
                                          use_cache=s.params.prompt_logprobs is None or s.index > 0)
             except NoFreeBlocksError:
                 break
+            except Exception as e:  # this sequence's own fault: it alone leaves, the others are scheduled
+                self._drop(s, e, out)
+                continue
             self.waiting.popleft()
             self.running.append(s)
             s.num_computed, s.prefill_target, s.prefilled = alloc.num_cached_tokens, len(tokens), False
@@ -132,15 +136,27 @@ class Scheduler:
         for s in [s for s in self.running if s.prefilled]:
             if s not in self.running:  # preempted below by an older sequence's growth
                 continue
-            while not self.bm.append_slot(s.request_id, s.num_tokens):
+            try:
+                grown = self.bm.append_slot(s.seq_id, s.num_tokens)
+            except Exception as e:  # this sequence's own fault: it alone leaves, the others decode
+                self._drop(s, e, out)
+                continue
+            while not grown:
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is s:
                     break
+                grown = self.bm.append_slot(s.seq_id, s.num_tokens)
             else:
                 out.decode.append(s)
         out.decode = [s for s in out.decode if s in self.running]
         return out
+
+    def _drop(self, s: Sequence, error: Exception, out: SchedulerOutput) -> None:
+        """Take a sequence whose scheduling raised out of the queues (its blocks freed); the engine fails its
+        request alone (a request is the unit of failure, never the engine)."""
+        self.remove(s)
+        out.failed.append((s, error))
 
     # ------------------------------------------------------------------ after the forward
     def sampling(self, out: SchedulerOutput) -> list[Sequence]:
@@ -158,11 +174,11 @@ class Scheduler:
         for s, token in zip(sampled, tokens, strict=True):
             if out.is_prefill:
                 s.prefilled = True
-                self.bm.register_computed(s.request_id, s.token_ids, s.num_computed)
+                self.bm.register_computed(s.seq_id, s.token_ids, s.num_computed)
             else:
                 s.num_computed = s.num_tokens
                 if s.num_computed % bs == 0:  # a block filled by decode: a follow-up turn reuses it
-                    self.bm.register_computed(s.request_id, s.token_ids, s.num_computed)
+                    self.bm.register_computed(s.seq_id, s.token_ids, s.num_computed)
             s.output_ids.append(token)
             s.finish_reason = self.finish_reason(s, token)
             if s.finished:

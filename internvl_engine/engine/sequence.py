@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -8,6 +9,11 @@ from ..outputs import RequestMetrics
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import SamplingParams
 from .block_manager import MediaSpan
+
+# Engine-internal sequence ids: the block manager and the scheduler key sequences by these, never by the caller's
+# request id, which is only a label (a caller's "v#1" once met another request's second sample there and killed the
+# engine). next() on a count is atomic under the GIL, so sequences made on any thread get distinct ids.
+_seq_ids = itertools.count()
 
 
 @dataclass(eq=False)  # identity: `seq in running` must not compare token lists field by field
@@ -47,6 +53,7 @@ class Sequence:
     plain: bool = True          # no penalties, min_tokens or logprobs: the sampler's and logprobs' fast path
     prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares (output_processor)
     output_kind: str = "cumulative"  # params.output_kind, or "final_only" where the caller reads the sequence (LLM)
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))  # the engine's key for this sequence (see _seq_ids)
     ids_sent: int = 0                # "delta": output ids (and logprobs) already handed out
     text_sent: int = 0               # "delta": characters of text already handed out
 

@@ -55,7 +55,7 @@ def prefill_input(chunks: list[tuple[Sequence, int, int]], bm: BlockManager,
     step = StepInput(True, [], [], [], [], [], [], logits_rows=[], gather_slots=[] if prefix else None, image_rows=[],
                      sample_index=[], prompt_rows=[])
     for ci, (s, start, end) in enumerate(chunks):
-        toks, table, base = s.token_ids, bm.block_table(s.request_id), len(step.input_ids)
+        toks, table, base = s.token_ids, bm.block_table(s.seq_id), len(step.input_ids)
         step.input_ids += toks[start:end]
         step.positions += range(start, end)
         step.slots += _slots(table, bs, start, end)
@@ -83,7 +83,7 @@ def decode_input(seqs: list[Sequence], bm: BlockManager) -> StepInput:
     bs = bm.block_size
     lens = [s.num_tokens for s in seqs]
     width = -(-max(lens) // bs)
-    tables = [bm.block_table_array(s.request_id) for s in seqs]
+    tables = [bm.block_table_array(s.seq_id) for s in seqs]
     padded = np.zeros((len(seqs), width), dtype=np.int32)  # unused entries: block 0, never read past seq_lens
     for row, t in zip(padded, tables):
         k = min(len(t), width)  # a table may reserve blocks past the longest sequence
