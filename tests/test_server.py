@@ -5,6 +5,7 @@ tokens equal to LLM.generate's for the same conversation."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -38,16 +39,21 @@ ENGINE = dict(device="cpu", kv_cache_tokens=8192, max_num_seqs=32)
 class ThreadServer:
     """uvicorn serving build_app(llm, settings) on a thread, on a socket bound to a free loopback port."""
 
-    def __init__(self, llm, settings: ServerSettings):
+    def __init__(self, llm, settings: ServerSettings, grace: float = 5, sndbuf: int | None = None):
+        """grace: uvicorn's timeout_graceful_shutdown (serve's --shutdown-timeout); sndbuf: the send buffer of the
+        accepted sockets (they inherit the listening socket's), small to make a client that does not read stall
+        the server's writes soon."""
         import uvicorn
 
         self.llm = llm
         self.sock = socket.socket()
+        if sndbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(llm, settings), log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=5)
+        self.app = build_app(llm, settings)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=grace)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -66,6 +72,18 @@ class ThreadServer:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
+
+
+@contextlib.contextmanager
+def engine_request_id(server: ThreadServer, request_id: str):
+    """Requests meanwhile get `request_id` as their engine request id (the server makes a fresh one for each, never
+    the caller's X-Request-Id), so a test can inject a fault for them."""
+    api = server.app.state.server
+    api.new_request_id = lambda kind: request_id
+    try:
+        yield
+    finally:
+        del api.new_request_id
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -433,14 +451,14 @@ def test_request_failing_while_running(server):
     client = server.client()
     engine = server.llm.engine
     engine.inject_fault("doomed", "decode", times=1)
-    status, body = status_of(lambda: client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
-        extra_headers={"X-Request-Id": "doomed"}))
+    with engine_request_id(server, "doomed"):
+        status, body = status_of(lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5))
     assert status == 500 and body["error"]["code"] == "RequestFailedError"
     engine.inject_fault("doomed-2", "decode", times=1)
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": "doomed-2"},
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
-                            "stream": True}) as r:
+    with engine_request_id(server, "doomed-2"), httpx.stream(
+            "POST", server.url + "/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True}) as r:
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line]
     assert "error" in json.loads(events[-2][6:]) and events[-1] == "data: [DONE]"
@@ -591,9 +609,9 @@ def test_dead_engine_is_503(small_server):
     """Last on this server: a fatal fault kills its engine; then /health and every request answer 503."""
     client = small_server.client()
     small_server.llm.engine.inject_fault("fatal", "decode", fatal=True)
-    status, _ = status_of(lambda: client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
-        extra_headers={"X-Request-Id": "fatal"}))
+    with engine_request_id(small_server, "fatal"):
+        status, _ = status_of(lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4))
     assert status == 503
     r = httpx.get(small_server.url + "/health")
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
@@ -659,7 +677,9 @@ def test_serve_command_sigterm(tmp_path):
         assert results["short"][-1] == "data: [DONE]" and ended["short"] > t0  # in flight, finished in the grace
         finals = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in results["short"][:-1]]
         assert finals[-1] == "length"
-        assert results["long"][-1] != "data: [DONE]"  # cut at the timeout
+        # cut at the timeout: an error event (OpenAI's shape, 503's type), then [DONE]
+        assert results["long"][-1] == "data: [DONE]"
+        assert json.loads(results["long"][-2][6:])["error"]["code"] == "shutting_down"
         assert grace - 1 < elapsed < grace + 30
     finally:
         if proc.poll() is None:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import EngineDeadError
@@ -48,6 +48,10 @@ class ServerSettings:
     allow_private_media_networks: bool = False       # URLs may reach loopback / private addresses
     max_media_bytes: int | None = None               # per download and per data: URI (None: the strict policy's)
     media_fetch_timeout_s: float | None = None       # per URL fetch (None: the strict policy's)
+    max_json_depth: int = 64                         # 400 for a body nesting arrays/objects deeper (usual: 5)
+    max_prompts: int = 256                           # 400 for a completions request with more prompts
+    max_prompt_chars: int | None = 1_000_000         # 400 for more text characters in one request, before tokenising
+    stream_stall_timeout_s: float | None = 60.0      # a stream client that takes no data this long is cut off
 
     def media_policy(self) -> MediaPolicy:
         """The strict media policy (MediaPolicy.strict) opened only as far as the flags say."""
@@ -87,7 +91,9 @@ class _Submitted:
 
 
 async def _merged(subs: list[_Submitted]):
-    """(prompt index, RequestOutput) of several requests as they come; closing it closes (aborts) all of them."""
+    """(prompt index, RequestOutput) of several requests as they come; closing it closes (aborts) all of them. The
+    queue holds at most one output per request: a consumer that stops taking them stops the pumps, so its
+    requests' own queues (AsyncLLM's, coalescing) see a stalled consumer instead of one that drains everything."""
     if len(subs) == 1:
         it = subs[0].outputs()
         try:
@@ -96,16 +102,17 @@ async def _merged(subs: list[_Submitted]):
         finally:
             await it.aclose()
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(subs))
     done = object()
 
     async def pump(i, sub):
         try:
             async for out in sub.outputs():
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
+                await queue.put((i, out))
+            item = done
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            item = e
+        await queue.put((i, item))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
     try:
@@ -129,40 +136,74 @@ async def _merged(subs: list[_Submitted]):
 class SSEResponse(StreamingResponse):
     """text/event-stream from an async generator of str. A task reads the connection meanwhile: when the client
     disconnects it cancels the response (so the generator, and with it the engine request, ends at once, even while
-    waiting for a token), and the response ends quietly."""
+    waiting for a token). A client that takes no data for stall_timeout seconds while a write waits is cut off the
+    same way, and its connection closed. A cancellation from outside (uvicorn cutting requests at
+    --shutdown-timeout) ends the stream with an error event and [DONE]. `record(cut)` is called once at the end:
+    cut is None when the body ran to its end, else "gone" (client left or stalled) or "shutdown"."""
     media_type = "text/event-stream"
 
-    def __init__(self, body):
-        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, body, headers: dict, stall_timeout: float | None, record):
+        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        self.stall_timeout, self.record = stall_timeout, record
 
     async def __call__(self, scope, receive, send) -> None:
         task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         state = {"closing": False, "gone": False}
+
+        def gone():
+            if not state["closing"] and not state["gone"]:
+                state["gone"] = True
+                task.cancel()
 
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if not state["closing"]:
-                state["gone"] = True
-                task.cancel()
+            gone()
+
+        async def write(body: bytes, more: bool = True):
+            # uvicorn's send waits while the transport is paused, i.e. while the client does not read
+            timer = loop.call_later(self.stall_timeout, gone) if self.stall_timeout else None
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         watcher = asyncio.ensure_future(watch())
+        cut = None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-            state["closing"] = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await write(chunk.encode())
+            await write(b"", more=False)
+            state["closing"] = True  # at once: the watcher hears a disconnect once the response is complete
         except asyncio.CancelledError:
-            if not state["gone"]:
+            if state["gone"]:
+                task.uncancel()
+                cut = "gone"  # returning with the response unfinished: uvicorn closes the connection
+            elif task.uncancel():
                 raise
-            task.uncancel()
+            else:
+                cut = "shutdown"
+                state["closing"] = True
+                watcher.cancel()
+                await self.body_iterator.aclose()  # aborts the engine requests before the client hears
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": (P.sse(P.error_body(SHUTTING_DOWN())) + P.SSE_DONE).encode()})
         except OSError:  # the client went away while we wrote
-            pass
+            cut = "gone"
         finally:
             state["closing"] = True
             watcher.cancel()
             await self.body_iterator.aclose()
+            self.record(cut)
+
+
+def SHUTTING_DOWN() -> P.APIError:
+    return P.APIError(503, "the request was cut: the server is shutting down (--shutdown-timeout)",
+                      "service_unavailable_error", "shutting_down")
 
 
 async def _unless_disconnected(receive, coro):
@@ -200,13 +241,13 @@ class OpenAIServer:
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         self.pending = 0  # requests submitted that have no first output yet (preprocessing, waiting, prefilling)
-        self.active: set[str] = set()  # request ids in flight
+        self.active: set[str] = set()  # engine request ids in flight
         tokenizer = llm.engine.processor.tokenizer
         self.decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)
         llm.engine.processor.media_policy = settings.media_policy()
 
     # -- request plumbing
-    def error_response(self, e: BaseException, count: bool = True):
+    def error_response(self, e: BaseException, count: bool = True, headers: dict | None = None):
         if isinstance(e, _ClientGone):  # nobody is listening: whatever was started is aborted already
             if count:
                 self.metrics.outcome("abort")
@@ -214,7 +255,7 @@ class OpenAIServer:
         err = P.error_of(e)
         if count:
             self.metrics.outcome(STATUS_OUTCOME.get(err.status, "error"))
-        return JSONResponse(P.error_body(err), status_code=err.status)
+        return JSONResponse(P.error_body(err), status_code=err.status, headers=headers)
 
     async def read_json(self, request: Request) -> dict:
         limit = self.settings.max_request_bytes
@@ -223,19 +264,16 @@ class OpenAIServer:
             raise P.APIError(413, f"request body of {length} bytes is over the {limit}-byte limit "
                                   "(--max-request-bytes)", code="request_too_large")
         parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise P.APIError(413, f"request body is over the {limit}-byte limit (--max-request-bytes)",
-                                 code="request_too_large")
-            parts.append(chunk)
         try:
-            body = json.loads(b"".join(parts))
-        except ValueError as e:
-            raise P.APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise P.APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise P.APIError(413, f"request body is over the {limit}-byte limit (--max-request-bytes)",
+                                     code="request_too_large")
+                parts.append(chunk)
+        except ClientDisconnect:  # the client left while sending: not the server's error
+            raise _ClientGone() from None
+        return P.parse_body(b"".join(parts), self.settings.max_json_depth)
 
     @staticmethod
     def parse(model, body: dict):
@@ -253,6 +291,22 @@ class OpenAIServer:
             raise P.APIError(404, f"the model {name!r} does not exist; this server serves "
                                   f"{self.settings.model_name!r}", code="model_not_found", param="model")
 
+    def check_size(self, prompts: list, param: str) -> None:
+        """Refuses, before any work, a request that can never be served: more prompts than a request may carry or
+        than the waiting queue could ever take (a 429 would tell the client to retry what cannot succeed), or more
+        text than the limit (tokenising it would hold the engine's intake for seconds per megabyte)."""
+        count, cap, most = len(prompts), self.settings.max_waiting, self.settings.max_prompts
+        if count > most:
+            raise P.APIError(400, f"the request has {count} prompts, over the {most} limit (--max-prompts)",
+                             code="too_many_prompts", param=param)
+        if cap is not None and count > cap:
+            raise P.APIError(400, f"the request has {count} prompts but at most {cap} requests may wait "
+                                  "(--max-waiting): it can never be admitted", code="too_many_prompts", param=param)
+        chars = self.settings.max_prompt_chars
+        if chars is not None and (n := P.text_chars(prompts)) > chars:
+            raise P.APIError(400, f"the request has {n} characters of text, over the {chars} limit "
+                                  "(--max-prompt-chars)", code="prompt_too_long", param=param)
+
     def admit(self, count: int) -> None:
         self.llm.check_health()  # EngineDeadError -> 503
         cap = self.settings.max_waiting
@@ -261,6 +315,12 @@ class OpenAIServer:
             if waiting + count > cap:
                 raise P.APIError(429, f"{waiting} requests are waiting, the limit is {cap} (--max-waiting); "
                                       "retry later", "rate_limit_error", "queue_full")
+
+    @staticmethod
+    def new_request_id(kind: str) -> str:
+        """The response's id, and the engine's request id: always fresh, so nothing a client sends (X-Request-Id
+        is a label, echoed back) can name, collide with or abort another request in the engine."""
+        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
     def submit(self, request_id: str, prompt, params) -> _Submitted:
         """Starts one request: a task takes its generator's first step (AsyncLLM.generate submits it there) and
@@ -274,14 +334,13 @@ class OpenAIServer:
     def _first_done(self, _) -> None:
         self.pending -= 1
 
-    async def generate(self, request: Request, kind: str, req, prompts: list, params):
+    async def generate(self, request: Request, kind: str, req, prompts: list, params, headers: dict):
         """Submits the request's prompts and waits for each one's first output before answering, so whatever the
         engine refuses (bad input, refused media, a failure before the first token) gets its own status rather than
         an error inside a 200 stream; a client that leaves meanwhile aborts them."""
         self.admit(len(prompts))
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        engine_id = request.headers.get("x-request-id") or rid  # the engine's request id (logs, faults, aborts)
-        subs = [self.submit(engine_id if len(prompts) == 1 else f"{engine_id}-{i}", prompt,
+        rid = self.new_request_id(kind)
+        subs = [self.submit(rid if len(prompts) == 1 else f"{rid}-{i}", prompt,
                             params if len(prompts) == 1 else dataclasses.replace(params))
                 for i, prompt in enumerate(prompts)]
         try:
@@ -299,11 +358,18 @@ class OpenAIServer:
         builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, params.n,
                                     params.logprobs, req.include_usage, self.decode, req.return_token_ids)
         if req.stream:
-            return SSEResponse(self.stream_body(builder, subs, kind == "chat"))
+            result: dict = {}
+
+            def record(cut):
+                self.metrics.outcome(result.get("outcome") or ("unavailable" if cut == "shutdown" else "abort"))
+
+            return SSEResponse(self.stream_body(builder, subs, kind == "chat", result), headers,
+                               self.settings.stream_stall_timeout_s, record)
         body = await _unless_disconnected(request.receive, self.collect(builder, subs))
-        if body is None:  # collect() counted the abort
-            return PlainTextResponse("", status_code=499)
-        return JSONResponse(body) if isinstance(body, dict) else body
+        if body is None:
+            raise _ClientGone()
+        self.metrics.outcome("success")
+        return JSONResponse(body, headers=headers)
 
     def finish(self, finals: list) -> str:
         """Records the finished requests; the HTTP outcome."""
@@ -317,32 +383,29 @@ class OpenAIServer:
                 self.metrics.finished_request(out)
         return outcome
 
-    async def collect(self, builder: P.ResponseBuilder, subs: list[_Submitted]):
+    async def collect(self, builder: P.ResponseBuilder, subs: list[_Submitted]) -> dict:
+        """The whole response body; raises what failed the request (500 while running, 503 engine dead or the
+        request aborted under it)."""
         finals = [None] * len(subs)
-        outcome = "abort"
         merged = _merged(subs)
         self.active.update(s.request_id for s in subs)
         try:
             async for i, out in merged:
                 if out.finished:
                     finals[i] = out
-            outcome = self.finish(finals)
-            return builder.response(finals) if outcome == "success" else self.error_response(
-                P.APIError(503, "the request was aborted (the server is shutting down)", "server_error", "aborted"),
-                count=False)
-        except Exception as e:  # failed while running (500) or the engine died (503)
-            err = P.error_of(e)
-            outcome = STATUS_OUTCOME.get(err.status, "error")
-            return JSONResponse(P.error_body(err), status_code=err.status)
         finally:
             await merged.aclose()
             self.active.difference_update(s.request_id for s in subs)
-            self.metrics.outcome(outcome)
+        if self.finish(finals) != "success":
+            raise P.APIError(503, "the request was aborted (the server is shutting down)", "service_unavailable_error",
+                             "aborted")
+        return builder.response(finals)
 
-    async def stream_body(self, builder: P.ResponseBuilder, subs: list[_Submitted], chat: bool):
+    async def stream_body(self, builder: P.ResponseBuilder, subs: list[_Submitted], chat: bool, result: dict):
+        """The SSE events; result["outcome"] is set once the stream reaches its end (finished, aborted by the engine,
+        or an error), not when it is cut (SSEResponse tells then)."""
         finals = [None] * len(subs)
         choices = [[P.ChoiceStream(p * builder.n + j) for j in range(builder.n)] for p in range(len(subs))]
-        outcome = "abort"
         single = len(subs) == 1  # the usual case: one generator fewer on every token's way
         merged = subs[0].outputs() if single else _merged(subs)
         self.active.update(s.request_id for s in subs)
@@ -357,45 +420,60 @@ class OpenAIServer:
                     finals[i] = out
             if builder.include_usage:
                 yield builder.usage_chunk(finals)
-            outcome = self.finish(finals)
+            result["outcome"] = self.finish(finals)
             yield P.SSE_DONE
         except Exception as e:  # failed while running, or the engine died: an error event, then [DONE]
             err = P.error_of(e)
-            outcome = STATUS_OUTCOME.get(err.status, "error")
+            result["outcome"] = STATUS_OUTCOME.get(err.status, "error")
             yield P.sse(P.error_body(err))
             yield P.SSE_DONE
         finally:
             await merged.aclose()
             self.active.difference_update(s.request_id for s in subs)
-            self.metrics.outcome(outcome)
 
     # -- routes
-    async def chat(self, request: Request):
+    async def _generation(self, request: Request, kind: str):
+        """One generation request, start to answer; every way it can end is counted once in /metrics."""
+        label = request.headers.get("x-request-id")
+        headers = {"X-Request-Id": label} if label else {}
         try:
-            req = self.parse(P.ChatCompletionRequest, await self.read_json(request))
-            self.check_model(req.model)
-            conversation = P.to_conversation(req.messages)
-            params = P.chat_sampling_params(req, self.settings.default_max_tokens)
-            return await self.generate(request, "chat", req, [conversation], params)
+            if kind == "chat":
+                req = self.parse(P.ChatCompletionRequest, await self.read_json(request))
+                self.check_model(req.model)
+                prompts = [P.to_conversation(req.messages)]
+                self.check_size(prompts, "messages")
+                params = P.chat_sampling_params(req, self.settings.default_max_tokens)
+            else:
+                req = self.parse(P.CompletionRequest, await self.read_json(request))
+                self.check_model(req.model)
+                prompts = P.completion_prompts(req)
+                self.check_size(prompts, "prompt")
+                params = P.completion_sampling_params(req)
+            return await self.generate(request, kind, req, prompts, params, headers)
+        except asyncio.CancelledError:
+            # uvicorn cancels the handlers still running at --shutdown-timeout (client disconnects never cancel
+            # this task): the engine requests are aborted already; the client gets a 503 rather than uvicorn's
+            # plain-text 500
+            if asyncio.current_task().uncancel():
+                raise
+            return self.error_response(SHUTTING_DOWN(), headers=headers)
         except Exception as e:
-            return self.error_response(e)
+            return self.error_response(e, headers=headers)
+
+    async def chat(self, request: Request):
+        return await self._generation(request, "chat")
 
     async def completions(self, request: Request):
-        try:
-            req = self.parse(P.CompletionRequest, await self.read_json(request))
-            self.check_model(req.model)
-            prompts = P.completion_prompts(req)
-            params = P.completion_sampling_params(req)
-            return await self.generate(request, "completion", req, prompts, params)
-        except Exception as e:
-            return self.error_response(e)
+        return await self._generation(request, "completion")
 
     async def models(self, request: Request):
         engine = self.llm.engine
+        # the longest sequence one request can have: the model's context, or less when the KV pool holds less
+        pool = engine.block_manager.num_blocks * engine.block_size
         return JSONResponse({"object": "list", "data": [
             {"id": self.settings.model_name, "object": "model", "created": self.created,
              "owned_by": "internvl-engine", "root": str(engine.engine_config.model),
-             "max_model_len": engine.max_model_len}]})
+             "max_model_len": min(engine.max_model_len, pool)}]})
 
     async def health(self, request: Request):
         try:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
@@ -21,6 +23,7 @@ SAMPLING_FIELDS = ("top_p", "n", "seed", "presence_penalty", "frequency_penalty"
                    "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
                    "include_stop_str_in_output", "stop_token_ids", "prompt_logprobs")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM's convention)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -53,6 +56,51 @@ def error_body(err: APIError) -> dict:
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
+# ------------------------------------------------------------------------------------------------ request bodies
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[list(b"[{")], _BRACKET_STEP[list(b"]}")] = 1, -1
+
+
+def json_depth_over(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` in the JSON text `raw`, found without parsing it (json's
+    parser recurses once per level: a body of nested brackets is a RecursionError, or a deep stack, before any
+    check could run). Brackets inside strings do not count; C-speed passes only (a hostile body is 64 MiB)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # every usual body
+        return False
+    steps = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET), np.uint8)
+    depth = 0
+    for start in range(0, len(steps), 1 << 20):
+        levels = np.cumsum(_BRACKET_STEP[steps[start:start + (1 << 20)]], dtype=np.int64) + depth
+        if levels.max() > limit:
+            return True
+        depth = int(levels[-1])
+    return False
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(raw: bytes, max_depth: int) -> dict:
+    """A request body as a dict, or APIError 400 naming what is wrong: not JSON (NaN and Infinity included, which
+    Python's parser would take), nested deeper than max_depth, not an object."""
+    too_deep = APIError(400, f"the request body nests arrays and objects deeper than {max_depth} levels "
+                             "(--max-json-depth)", code="invalid_json")
+    if json_depth_over(raw, max_depth):
+        raise too_deep
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # unbalanced brackets the scan cannot pair
+        raise too_deep from None
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
 # ------------------------------------------------------------------------------------------------ requests
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -69,7 +117,7 @@ class _Request(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # OpenAI's API says int64
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -177,7 +225,10 @@ def _part(part: Any, mi: int, ci: int) -> dict:
         raise PromptError(f"messages[{mi}].content[{ci}] must be an object, got {type(part).__name__}")
     kind = part.get("type")
     if kind == "text":
-        return {"type": "text", "text": part.get("text", "")}
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise PromptError(f"messages[{mi}].content[{ci}].text must be a string, got {type(text).__name__}")
+        return {"type": "text", "text": text}
     if kind in ("image_url", "video_url"):
         ref = part.get(kind)
         url = ref.get("url") if isinstance(ref, dict) else ref
@@ -206,6 +257,21 @@ def to_conversation(messages: list[dict]) -> list[dict]:
             raise PromptError(f"messages[{mi}].content must be a string or a list of parts")
         conv.append({"role": role, "content": content})
     return conv
+
+
+def text_chars(prompts: list) -> int:
+    """Characters of text in conversations ({"role", "content"} lists) or raw prompts ({"prompt": text}): what
+    tokenising would cost, measured before anything is tokenised."""
+    total = 0
+    for p in prompts:
+        if isinstance(p, dict):
+            total += len(p["prompt"])
+            continue
+        for m in p:
+            content = m["content"]
+            total += len(content) if isinstance(content, str) else sum(
+                len(part["text"]) for part in content if part["type"] == "text")
+    return total
 
 
 def completion_prompts(req: CompletionRequest) -> list[dict]:
