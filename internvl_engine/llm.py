@@ -11,15 +11,19 @@ from typing import Iterator
 
 import torch
 
+from .engine.async_llm import carries_media
 from .engine.sequence import Sequence
 from .errors import PromptError
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
 
-@functools.lru_cache(maxsize=1)
-def _preprocess_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="internvl-preprocess")
+@functools.lru_cache(maxsize=2)
+def _preprocess_pool(media: bool) -> ThreadPoolExecutor:
+    """Threads that preprocess batches; media requests (which may wait on URL fetches) have their own, so that
+    text-only requests never queue behind slow URLs."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                              thread_name_prefix=f"internvl-preprocess-{'media' if media else 'text'}")
 
 
 class TextStream:
@@ -108,8 +112,14 @@ class LLM:
         if len(batch) == 1:
             return [make(0)]
         # preprocessing is host work on each request's critical path (image decode, resize, normalise, hash), and
-        # most of it releases the GIL: spread a batch over threads; map keeps the order and raises the first error
-        return list(_preprocess_pool().map(make, range(len(batch))))
+        # most of it releases the GIL: spread a batch over threads, keep the order, raise the first error
+        futures = [_preprocess_pool(carries_media(c)).submit(make, i) for i, c in enumerate(batch)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:

@@ -147,10 +147,10 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_text_request_does_not_queue_behind_stalled_image_urls(llm, monkeypatch):
-    """40 requests whose image URL stalls (a loopback server that answers nothing for 60 s; the fetch timeout is
-    120 s) occupy every thread that adds media; a text-only request still completes at once (it used to wait in the
-    same executor as them: 8 slow URLs delayed one by 223 s)."""
+@pytest.fixture
+def stalling_url(llm, monkeypatch):
+    """(url, hits, release): a loopback server whose answers wait for `release` (60 s at most), under a media
+    policy with a 120 s fetch timeout on the shared engine's processor."""
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     release, hits = threading.Event(), []
@@ -158,23 +158,39 @@ def test_text_request_does_not_queue_behind_stalled_image_urls(llm, monkeypatch)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/stall.png"
-    processor = llm.engine.processor
-    old_policy = processor.media_policy
-    processor.media_policy = MediaPolicy(fetch_timeout_s=120)
+    monkeypatch.setattr(llm.engine.processor, "media_policy", MediaPolicy(fetch_timeout_s=120))
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/stall.png", hits, release
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def _image(url):
+    return [{"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": "What?"}]}]
+
+
+def _wait_for_hits(hits, n):
+    deadline = time.monotonic() + 30
+    while len(hits) < n and time.monotonic() < deadline:  # the threads that add media are busy fetching
+        time.sleep(0.02)
+    assert len(hits) >= n
+
+
+def test_text_request_does_not_queue_behind_stalled_image_urls(llm, stalling_url):
+    """40 requests whose image URL stalls occupy every thread that adds media; a text-only request still completes
+    at once (it used to wait in the same executor as them: 8 slow URLs delayed one by 223 s)."""
+    url, hits, release = stalling_url
 
     async def first_output(conversation, rid):
         async for out in llm.generate(conversation, SamplingParams(max_tokens=4, ignore_eos=True), rid):
             return out
 
     async def main():
-        image = [{"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": "What?"}]}]
-        stalled = [asyncio.ensure_future(first_output(image, f"img-{i}")) for i in range(40)]
+        stalled = [asyncio.ensure_future(first_output(_image(url), f"img-{i}")) for i in range(40)]
         try:
-            deadline = time.monotonic() + 30
-            while len(hits) < 6 and time.monotonic() < deadline:  # the executors' threads are busy fetching
-                await asyncio.sleep(0.02)
-            assert len(hits) >= 6
+            await asyncio.to_thread(_wait_for_hits, hits, 6)
             out = await asyncio.wait_for(first_output("Hello there", "text"), timeout=30)
             assert out.request_id == "text" and not any(t.done() for t in stalled)
         finally:
@@ -183,13 +199,39 @@ def test_text_request_does_not_queue_behind_stalled_image_urls(llm, monkeypatch)
             release.set()
             await asyncio.gather(*stalled, return_exceptions=True)
 
+    asyncio.run(main())
+    _wait_idle(llm)
+
+
+def test_llm_text_batch_does_not_queue_behind_another_callers_stalled_image_urls(llm, stalling_url):
+    """LLM batches are preprocessed on shared threads: one caller's batch of stalled image URLs must not hold up
+    another caller's text-only batch."""
+    from internvl_engine import LLM
+    url, hits, release = stalling_url
+    sync = LLM.__new__(LLM)  # an LLM over the shared engine (an LLM holds nothing but its engine)
+    sync.engine = llm.engine
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    stalled_errors = []
+
+    def stalled_batch():
+        try:
+            sync.generate([_image(url)] * 16, params)
+        except Exception as e:  # noqa: BLE001 - an ImageError (404) once released
+            stalled_errors.append(e)
+
+    worker = threading.Thread(target=stalled_batch)
+    worker.start()
     try:
-        asyncio.run(main())
+        _wait_for_hits(hits, 2)
+        done = []
+        text = threading.Thread(target=lambda: done.append(sync.generate(["Hi", "Hello"], params)))
+        text.start()
+        text.join(timeout=30)
+        assert done and [o.finish_reason for o in done[0]] == ["length", "length"]
     finally:
         release.set()
-        processor.media_policy = old_policy
-        server.shutdown()
-        server.server_close()
+        worker.join(timeout=120)
+    assert stalled_errors
     _wait_idle(llm)
 
 
