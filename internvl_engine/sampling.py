@@ -17,6 +17,18 @@ from .errors import SamplingParamsError
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing fp32 logits by 1e-300 gives inf / nan,
+# which failed the step for every request batched with it (and made them rerun) on every step.
+GREEDY_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed takes a 64-bit unsigned seed; a larger one raised deep inside the engine.
+MAX_SEED = 2**64 - 1
+# Stop strings are matched on the engine thread for every generated token, so a request's list is bounded. OpenAI's
+# API takes 4 stop strings; these leave room for long templated stops (role headers, closing tags) while keeping a
+# token's matching cost small (stop_matcher: O(number of stops x characters of the token)).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024  # checked against every sampled token (and masked before min_tokens)
+
 
 @dataclass
 class SamplingParams:
@@ -72,15 +84,28 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not is_num(self.min_p, 0, 1):
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not is_int(self.seed, 0, optional=True):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not is_int(self.seed, 0, MAX_SEED, optional=True):
+            bad(f"seed must be None or an integer in [0, 2**64 - 1] (sampling.MAX_SEED), got {self.seed!r}")
         if not is_int(self.n, 1, 128):
             bad(f"n must be an integer in [1, 128], got {self.n!r}")
-        if self.stop is not None and (not isinstance(self.stop, (list, tuple))
-                                      or any(not isinstance(s, str) or not s for s in self.stop)):
-            bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not is_int(t, 0) for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.stop is not None:  # counted before anything looks at each string
+            if not isinstance(self.stop, (list, tuple)):
+                bad(f"stop must be a non-empty string or a list of them, got {_short(self.stop)}")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                bad(f"stop has {len(self.stop)} strings, over the {MAX_STOP_STRINGS} limit (sampling.MAX_STOP_STRINGS)")
+            if any(not isinstance(s, str) or not s for s in self.stop):
+                bad(f"stop must be a non-empty string or a list of them, got {_short(self.stop)}")
+            longest = max(map(len, self.stop), default=0)
+            if longest > MAX_STOP_CHARS:
+                bad(f"a stop string has {longest} characters, over the {MAX_STOP_CHARS} limit "
+                    "(sampling.MAX_STOP_CHARS)")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            bad(f"stop_token_ids must be a list of non-negative integers, got {_short(self.stop_token_ids)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids has {len(self.stop_token_ids)} ids, over the {MAX_STOP_TOKEN_IDS} limit "
+                "(sampling.MAX_STOP_TOKEN_IDS)")
+        if any(not is_int(t, 0) for t in self.stop_token_ids):
+            bad(f"stop_token_ids must be non-negative integers, got {_short(self.stop_token_ids)}")
         if self.output_kind not in OUTPUT_KINDS:
             bad(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
         if not is_int(self.min_tokens, 0) or self.min_tokens > self.max_tokens:
@@ -100,11 +125,17 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _short(value, limit: int = 200) -> str:
+    """repr() cut to `limit` characters: an error message must not echo a caller's megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def seed_for(seed: int, index: int) -> int:

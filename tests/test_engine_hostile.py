@@ -114,3 +114,77 @@ def test_a_decode_slot_failure_fails_its_request_alone(engine, monkeypatch):
     assert out["bad"].finish_reason == "error" and "planted append_slot failure" in str(out["bad"].error)
     assert out["good"].token_ids == ref.token_ids
     _clean(engine)
+
+
+# ---------------------------------------------------------------- 11. reruns keep seeded tokens; tiny temperatures; seeds
+SEEDED = SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, seed=1234)
+
+
+def test_a_rerun_after_a_sampling_fault_keeps_a_seeded_requests_tokens(engine):
+    """An injected "sample" fault fires after the draw, so the failed attempt advanced the seeded generator; the
+    rerun must draw from where that attempt started."""
+    ref = _alone(engine, "a seeded prompt", SEEDED)
+    engine.add_request("seeded", "a seeded prompt", SEEDED)
+    engine.add_request("failing", "a failing prompt", GREEDY)
+    engine.inject_fault("failing", "sample")
+    out = _drain(engine)
+    assert out["failing"].finish_reason == "error"
+    assert out["seeded"].token_ids == ref.token_ids and out["seeded"].finish_reason == "length"
+    _clean(engine)
+
+
+def test_a_failure_inside_the_sampler_keeps_a_seeded_requests_tokens(engine, monkeypatch):
+    """A sampler that raises after drawing the rows before the failing one (as a nan row does in multinomial)."""
+    ref = _alone(engine, "a seeded prompt", SEEDED)
+    real = engine.sampler
+
+    def sampler(logits, seqs, stop_ids):
+        tokens = real(logits, seqs, stop_ids)
+        if any(s.request_id == "failing" for s in seqs):
+            raise RuntimeError("planted sampler failure")
+        return tokens
+
+    monkeypatch.setattr(engine, "sampler", sampler)
+    out = _run(engine, [("seeded", "a seeded prompt", SEEDED), ("failing", "a failing prompt", GREEDY)])
+    assert out["failing"].finish_reason == "error" and "planted sampler failure" in str(out["failing"].error)
+    assert out["seeded"].token_ids == ref.token_ids
+    _clean(engine)
+
+
+def test_a_rerun_keeps_seeded_tokens_of_every_sample(engine):
+    two = SamplingParams(n=2, max_tokens=6, ignore_eos=True, temperature=1.0, seed=99)
+    ref = _alone(engine, "two seeded samples", two)
+    engine.add_request("seeded", "two seeded samples", two)
+    engine.add_request("failing", "a failing prompt", GREEDY)
+    engine.inject_fault("failing", "sample")
+    out = _drain(engine)
+    assert out["failing"].finish_reason == "error"
+    assert [c.token_ids for c in out["seeded"].outputs] == [c.token_ids for c in ref.outputs]
+    _clean(engine)
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_nobody(engine):
+    """temperature=1e-300 is valid but dividing logits by it gives inf / nan: every step failed and reran the others
+    (and drew their seeded generators again)."""
+    greedy = _alone(engine, "a tiny temperature", GREEDY)
+    ref = _alone(engine, "a seeded prompt", SEEDED)
+    tiny = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1e-300, seed=3)
+    splits = engine.num_isolation_splits
+    out = _run(engine, [("seeded", "a seeded prompt", SEEDED), ("tiny", "a tiny temperature", tiny)])
+    assert out["tiny"].finish_reason == "length" and out["tiny"].token_ids == greedy.token_ids
+    assert out["seeded"].token_ids == ref.token_ids
+    assert engine.num_isolation_splits == splits
+    _clean(engine)
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**100])
+def test_seeds_a_generator_cannot_take_are_refused(seed):
+    with pytest.raises(SamplingParamsError, match="seed"):
+        SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_the_largest_seed_runs(engine):
+    params = SamplingParams(n=2, max_tokens=2, ignore_eos=True, temperature=1.0, seed=2**64 - 1)
+    out = _run(engine, [("big-seed", "hello", params)])["big-seed"]
+    assert all(c.finish_reason == "length" for c in out.outputs)
+    _clean(engine)

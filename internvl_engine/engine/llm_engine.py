@@ -365,10 +365,15 @@ class LLMEngine:
         failure is down to one request, which alone finishes with an error; the others' tokens do not depend on
         what they are batched with, so they come out as they would have without it."""
         sampled = self.scheduler.sampling(sched)
+        # A failed attempt may have drawn from seeded generators already (rows before the failing one, or a half
+        # that failed): reruns start from these states, so a seeded request's tokens never depend on a failure.
+        seeded = [(s.generator, s.generator.get_state()) for s in sampled if s.generator is not None]
         try:
             tokens, logits = self._execute(sched, sampled)
         except Exception as e:
             self._raise_if_fatal(e)
+            for generator, state in seeded:
+                generator.set_state(state)
             if len(sched.sequences) == 1:
                 return [self._fail(sched.sequences[0], self._stage, e)]
             self.num_isolation_splits += 1
@@ -451,10 +456,12 @@ class LLMEngine:
             self._prompt_logprobs(sched.chunks, step.prompt_rows, logits)
         if sampled:  # a chunk that samples nothing does not sync: the last chunk's token copy waits for all of them
             self._stage = "sample"
-            self.faults.check("sample", sampled)
             if step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
                 logits = logits[step.sample_index]  # prompt-logprob rows come first
-            tokens = self.runner.to_host(self.sampler(logits, sampled, self.scheduler.eos_token_ids))
+            drawn = self.sampler(logits, sampled, self.scheduler.eos_token_ids)
+            if faults:  # after the draw: an injected sampling fault finds the generators advanced, as a real one may
+                faults.check("sample", sampled)
+            tokens = self.runner.to_host(drawn)
             self._logprobs(sampled, logits, tokens)
         dt = time.perf_counter() - t0
         if sched.is_prefill:
