@@ -11,8 +11,12 @@ said ready (or raised, or died: the error is raised here, no hang).
 Watching: a thread waits on the spawned workers' process sentinels; an exit the driver did not ask for marks the
 executor dead (the reason names the rank, its exit code or signal, and what it raised). Any failure inside a
 parallel call does too: the ranks are then out of step, so the workers are stopped and every later call raises
-EngineDeadError. `shutdown()` tells the workers to leave, joins them, and kills any that do not; it also runs when
-the executor is collected and at interpreter exit.
+EngineDeadError. A worker that hangs (alive, its sockets open) is seen by no sentinel: every wait on another rank
+is bounded by tensor_parallel_timeout_s (the driver's control sends, the device collectives), and a watchdog thread
+marks the executor dead once a parallel call has run longer than that, stopping the workers, which ends the call;
+`dead_reason` says so at once, without the engine lock the call holds. `shutdown()` tells the workers to leave,
+joins them, and kills any that do not (with a call in flight on another thread it kills them at once: the ranks
+cannot take "shutdown" in step); it also runs when the executor is collected and at interpreter exit.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import time
 import uuid
 import weakref
 from dataclasses import replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,6 +41,7 @@ from .worker import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_wo
     worker_main
 
 JOIN_TIMEOUT_S = 10.0  # a worker told to shut down that is still alive after this is killed
+REAP_GRACE_S = 2.0     # a terminated worker still alive after this is killed
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -78,16 +84,17 @@ def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor |
     return Executor(cfg, device, dtype, torchrun=env is not None)
 
 
-def _reap(procs: list) -> None:
-    """Terminate, then kill, whichever spawned workers are still alive, and join them all."""
+def _reap(procs: list, grace_s: float | None = None) -> None:
+    """Terminate, then kill after grace_s (None: REAP_GRACE_S), whichever spawned workers are still alive, and join
+    them all."""
     for p in procs:
         if p.is_alive():
             p.terminate()
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + (REAP_GRACE_S if grace_s is None else grace_s)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
-            p.kill()
+            p.kill()  # SIGKILL also ends a stopped process, which SIGTERM does not
             p.join()
 
 
@@ -98,18 +105,19 @@ class _Closer:
 
     def __init__(self, procs: list):
         self.procs, self.tp, self.live = procs, None, True
+        self.grace_s: float | None = None  # 0: kill at once (the workers are mid-call, perhaps hung)
 
     def __call__(self) -> None:
         if self.live and self.tp is not None:
             self.live = False
-            try:
-                self.tp.send_object(("shutdown", None, []))
-            except Exception:  # a worker already gone: reaped below
-                pass
             deadline = time.monotonic() + JOIN_TIMEOUT_S
+            try:  # bounded: a hung worker never posts the receive a send may wait for
+                self.tp.send_object(("shutdown", None, []), timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+            except Exception:  # a worker gone or hung: reaped below
+                pass
             for p in self.procs:
                 p.join(max(0.0, deadline - time.monotonic()))
-        _reap(self.procs)
+        _reap(self.procs, self.grace_s)
 
 
 def _watch(executor_ref, sentinels: dict) -> None:
@@ -120,14 +128,32 @@ def _watch(executor_ref, sentinels: dict) -> None:
         executor._mark_dead(executor._worker_reason(sentinels[done[0]]))
 
 
+def _watchdog(executor_ref, limit_s: float) -> None:
+    """Mark the executor dead once a parallel call has run longer than limit_s: its workers are then stopped, which
+    ends the call. Reads a timestamp now and then; holds the executor only while it looks."""
+    while True:
+        time.sleep(min(1.0, limit_s / 4))
+        executor = executor_ref()
+        if executor is None or executor._closing or executor._dead is not None:
+            return
+        call = executor._call
+        if call is not None and time.monotonic() - call[1] > limit_s:
+            executor._mark_dead(executor._hung_reason(call))
+            return
+        del executor
+
+
 class Executor:
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, torchrun: bool = False):
         self.size, self.device = cfg.tensor_parallel_size, device
+        self.timeout_s = cfg.tensor_parallel_timeout_s
         self.procs: dict[int, mp.Process] = {}
         self.worker_info: dict[int, dict] = {}   # rank -> what it reported when ready (pid, peak RSS, load time)
         self._dead: str | None = None
         self._closing = False
+        self._call: tuple[str, float] | None = None  # (what, monotonic start) of the parallel call in flight
         self._lock = threading.Lock()           # the store client, from the caller's thread and the watcher
+        self._dead_lock = threading.Lock()      # _mark_dead from the caller's thread, the watcher and the watchdog
         if torchrun:
             self.prefix = "internvl-tp"
             self.store, _, _ = next(dist.rendezvous("env://", 0, self.size, timeout=STORE_TIMEOUT))
@@ -146,14 +172,18 @@ class Executor:
         self._finalizer = weakref.finalize(self, self._closer)
         try:
             self._wait_all("hello", timeout_s=STORE_TIMEOUT.total_seconds())
-            self.tp = self._closer.tp = TensorParallel.create(self.store, 0, self.size, device, self.prefix)
+            self.tp = self._closer.tp = TensorParallel.create(self.store, 0, self.size, device, self.prefix,
+                                                              timedelta(seconds=self.timeout_s))
         except BaseException:
             self.shutdown()
             raise
-        if self.procs:  # the watcher holds only a weak reference: a dropped executor is still collected (and reaped)
+        # the threads hold only a weak reference: a dropped executor is still collected (and reaped)
+        if self.procs:
             sentinels = {p.sentinel: r for r, p in self.procs.items()}
             threading.Thread(target=_watch, args=(weakref.ref(self), sentinels), name="internvl-tp-watch",
                              daemon=True).start()
+        threading.Thread(target=_watchdog, args=(weakref.ref(self), self.timeout_s), name="internvl-tp-watchdog",
+                         daemon=True).start()
 
     # ------------------------------------------------------------------ startup
     def _key(self, kind: str, rank: int) -> str:
@@ -210,13 +240,22 @@ class Executor:
             pass
         return what
 
+    def _hung_reason(self, call: tuple[str, float]) -> str:
+        what, started = call
+        return (f"a tensor-parallel {what} call waited {time.monotonic() - started:.1f} s for the workers, over the "
+                f"{self.timeout_s:g} s limit (tensor_parallel_timeout_s): a worker is hung (alive but not answering; "
+                f"pids {[p.pid for p in self.procs.values()] or 'under torchrun'})")
+
     def _mark_dead(self, why: str) -> None:
-        if self._dead is None:
-            self._dead = why
+        """Record why (the first reason wins) and stop the workers; whoever calls this returns once they are gone,
+        even when another thread got here first."""
+        with self._dead_lock:
+            if self._dead is None:
+                self._dead = why
             self._closer.live = False  # nothing more is sent: the ranks are out of step
-            if self.device.type == "cuda" and hasattr(self, "tp"):
-                self.tp.abort()  # NCCL collectives do not notice a dead peer by themselves
-            _reap(list(self.procs.values()))
+        if self.device.type == "cuda" and hasattr(self, "tp"):
+            self.tp.abort()  # NCCL collectives do not notice a dead peer by themselves
+        _reap(list(self.procs.values()))  # a hung worker too: its sockets close, so the driver's call ends
 
     @property
     def dead_reason(self) -> str | None:
@@ -229,7 +268,9 @@ class Executor:
     def fail(self, cause: BaseException, hint: str = "") -> EngineDeadError:
         """A parallel call failed: the ranks are out of step. Find out which worker is to blame (give a dying one a
         moment to exit and say why), stop them all, and return the error to raise."""
-        if self._dead is None:
+        if self._dead is not None:
+            self._mark_dead(self._dead)  # the workers may still be being stopped by the thread that saw it first
+        else:
             why = None
             deadline = time.monotonic() + 2.0
             while why is None and time.monotonic() < deadline:
@@ -240,6 +281,9 @@ class Executor:
                         break
                 else:
                     time.sleep(0.05)
+            call = self._call
+            if why is None and call is not None and time.monotonic() - call[1] >= self.timeout_s:
+                why = f"{self._hung_reason(call)}; {type(cause).__name__}: {cause}"  # a wait bounded by the limit
             self._mark_dead((why or f"a tensor-parallel call failed on the driver: {type(cause).__name__}: {cause}")
                             + hint)
         return EngineDeadError(f"the engine is dead: {self._dead}")
@@ -257,13 +301,20 @@ class Executor:
         self.send("fault")
 
     def shutdown(self) -> None:
-        """Tell the workers to leave, join them (killing any that linger), no process left behind. Idempotent."""
+        """Tell the workers to leave, join them (killing any that linger), no process left behind. Idempotent, and
+        callable from any thread: with a parallel call in flight on another thread (perhaps hung), the workers are
+        killed at once, which ends that call with EngineDeadError."""
         if self._closing:
             return
         self._closing = True
+        with self._dead_lock:
+            if self._dead is None:
+                self._dead = "the engine was shut down"
+        # _dead is set before _call is read, and ParallelRunner sets _call before check(): a call either is seen
+        # here or refuses to start
+        if self._call is not None:
+            self._closer.live, self._closer.grace_s = False, 0.0
         self._finalizer()  # _Closer: "shutdown" to every worker, join, kill what lingers
-        if self._dead is None:
-            self._dead = "the engine was shut down"
         if hasattr(self, "tp"):  # every rank has left: the groups and the store go now, not at interpreter exit
             self.tp.release()
         self.store = None
@@ -283,18 +334,24 @@ class ParallelRunner:
     def __getattr__(self, name):
         return getattr(self.local, name)
 
-    def _parallel(self, fn):
-        self.executor.check()
+    def _parallel(self, what: str, fn):
+        executor = self.executor
+        executor._call = (what, time.monotonic())  # the watchdog's clock; set before check() (see shutdown)
         try:
+            executor.check()
             return fn()
+        except EngineDeadError:
+            raise
         except Exception as e:
-            raise self.executor.fail(e) from e
+            raise executor.fail(e) from e
+        finally:
+            executor._call = None
 
     def allocate_pool(self, num_blocks: int):
         def run():
             self.executor.send("pool", num_blocks)
             return self.local.allocate_pool(num_blocks)
-        return self._parallel(run)
+        return self._parallel("pool", run)
 
     def enable_graphs(self, *args, **kwargs) -> None:
         raise NotImplementedError("CUDA graphs are not used under tensor parallelism (enforce_eager)")
@@ -306,7 +363,7 @@ class ParallelRunner:
         def run():
             self.executor.send("execute", replace(step, image_features=None), feats)
             return self.local.execute(step)
-        return self._parallel(run)
+        return self._parallel("execute", run)
 
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projector rows of a batch of tiles. A single tile cannot be split: the driver runs it alone."""
@@ -319,7 +376,7 @@ class ParallelRunner:
         def run():
             self.executor.send("vision", (counts, shape, dtype))
             return vision_share(self.executor.tp, self.local, counts, shape, dtype, pixel_values)
-        return self._parallel(run)
+        return self._parallel("vision", run)
 
 
 def driver_memory() -> dict:

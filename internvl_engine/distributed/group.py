@@ -6,7 +6,6 @@ process may hold an N=1 and an N=2 engine side by side. With size 1 nothing is b
 identity."""
 from __future__ import annotations
 
-import os
 import pickle
 from datetime import timedelta
 
@@ -15,9 +14,10 @@ import torch.distributed as dist
 
 from ..errors import ShardingError
 
-# A collective that waits longer than this on a live peer raises (a dead peer is seen at once: its sockets close).
-COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("INTERNVL_TP_TIMEOUT_S", "120")))
-# Workers wait for the driver's next step for as long as the engine lives: no deadline on the control group.
+# Workers wait for the driver's next step for as long as the engine lives: no deadline on their control group. Every
+# other wait (the driver's control sends, every rank's device collectives) is bounded by the engine's
+# tensor_parallel_timeout_s: one that waits longer on a live peer raises (a dead peer is seen at once: its sockets
+# close).
 IDLE_TIMEOUT = timedelta(days=365)
 _HEADER = 4096  # bytes of the first control broadcast: an 8-byte length, then the message's first bytes
 
@@ -52,11 +52,15 @@ class TensorParallel:
         return cls()
 
     @classmethod
-    def create(cls, store, rank: int, size: int, device: torch.device, prefix: str) -> "TensorParallel":
-        """Both groups over `store` (every rank calls this with the same prefix; it returns once all have)."""
-        control = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/control", store), rank, size, IDLE_TIMEOUT)
+    def create(cls, store, rank: int, size: int, device: torch.device, prefix: str,
+               timeout: timedelta) -> "TensorParallel":
+        """Both groups over `store` (every rank calls this with the same prefix; it returns once all have). A gloo
+        timeout is each process's own: the driver's sends to a hung worker give up after `timeout` (a message beyond
+        the header waits for the worker to post its receive), while the workers wait for the next step forever."""
+        control = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}/control", store), rank, size,
+                                        timeout if rank == 0 else IDLE_TIMEOUT)
         pg = dist.ProcessGroupNCCL if device.type == "cuda" else dist.ProcessGroupGloo
-        group = pg(dist.PrefixStore(f"{prefix}/device", store), rank, size, COLLECTIVE_TIMEOUT)
+        group = pg(dist.PrefixStore(f"{prefix}/device", store), rank, size, timeout)
         return cls(rank, size, group, control)
 
     def __repr__(self) -> str:
@@ -118,18 +122,23 @@ class TensorParallel:
         return t
 
     # ------------------------------------------------------------------ control messages (gloo, CPU)
-    def send_object(self, obj) -> None:
-        """Driver: pickle `obj` to every worker (one broadcast when it fits in the header, else two)."""
+    def send_object(self, obj, timeout: timedelta | None = None) -> None:
+        """Driver: pickle `obj` to every worker (one broadcast when it fits in the header, else two). `timeout`
+        bounds each broadcast more tightly than the group does (RuntimeError past it)."""
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         head = torch.zeros(_HEADER, dtype=torch.uint8)
         head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
         first = data[:_HEADER - 8]
         if first:
             head[8:8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
-        dist.broadcast(head, group=self.control_group, group_src=0)
+        parts = [head]
         if len(data) > len(first):
-            dist.broadcast(torch.frombuffer(bytearray(data[len(first):]), dtype=torch.uint8),
-                           group=self.control_group, group_src=0)
+            parts.append(torch.frombuffer(bytearray(data[len(first):]), dtype=torch.uint8))
+        for part in parts:
+            if timeout is None:
+                dist.broadcast(part, group=self.control_group, group_src=0)
+            else:
+                dist.broadcast(part, group=self.control_group, group_src=0, async_op=True).wait(timeout)
 
     def recv_object(self):
         """Worker: the driver's next send_object (waits as long as it takes)."""

@@ -168,7 +168,8 @@ def run_worker(spec: WorkerSpec) -> None:
     try:
         store = connect_store(spec)
         store.set(f"{spec.prefix}/hello/{spec.rank}", "1")
-        tp = TensorParallel.create(store, spec.rank, spec.world_size, torch.device(spec.device), spec.prefix)
+        tp = TensorParallel.create(store, spec.rank, spec.world_size, torch.device(spec.device), spec.prefix,
+                                   timedelta(seconds=spec.config.tensor_parallel_timeout_s))
         before, t0 = rss_bytes(), time.perf_counter()
         runner = build(spec, tp)
         info = dict(rank=spec.rank, pid=os.getpid(), rss_before_load_bytes=before, peak_rss_bytes=peak_rss_bytes(),

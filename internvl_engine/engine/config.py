@@ -49,6 +49,8 @@ class EngineConfig:
     enforce_eager: bool = False             # no CUDA graphs
     vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
     tensor_parallel_size: int = 1           # ranks the language model is sharded over (distributed/); 1: one process
+    tensor_parallel_timeout_s: float = 300.0  # longest wait on another rank (a collective, a whole step) before
+                                            # the engine is declared dead: a hung worker, not a slow step
     media_policy: MediaPolicy | None = None  # None: trusted caller (processor.MediaPolicy()); the server: .strict()
     consumer_timeout_s: float | None = 60.0  # AsyncLLM: a generate() consumer that takes no output for this long
                                             # while outputs wait for it is aborted (SlowConsumerError); None: never
@@ -62,6 +64,9 @@ class EngineConfig:
         _int("kv_cache_tokens", self.kv_cache_tokens, self.block_size, optional=True)
         _int("vision_cache_bytes", self.vision_cache_bytes, 0, optional=True)
         _int("tensor_parallel_size", self.tensor_parallel_size)
+        t = self.tensor_parallel_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise EngineConfigError(f"tensor_parallel_timeout_s must be a number of seconds > 0, got {t!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise EngineConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
