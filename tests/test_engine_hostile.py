@@ -2,13 +2,15 @@
 labels, not keys; a sequence that fails to schedule fails its request alone; fault-isolation reruns keep seeded
 tokens; tiny temperatures and huge seeds are handled; stop lists and prompt texts are bounded before the work they
 would cause. CPU, the random:tiny preset."""
+import random
 import time
 
 import pytest
-import torch
 
 from internvl_engine import SamplingParams
 from internvl_engine.engine.llm_engine import LLMEngine
+from internvl_engine.engine.output_processor import StopMatcher
+from internvl_engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from internvl_engine.errors import PromptError, RequestFailedError, SamplingParamsError
 
 
@@ -187,4 +189,68 @@ def test_the_largest_seed_runs(engine):
     params = SamplingParams(n=2, max_tokens=2, ignore_eos=True, temperature=1.0, seed=2**64 - 1)
     out = _run(engine, [("big-seed", "hello", params)])["big-seed"]
     assert all(c.finish_reason == "length" for c in out.outputs)
+    _clean(engine)
+
+
+# ---------------------------------------------------------------- 8. stop lists bounded, matched per token
+@pytest.mark.parametrize("params, limit", [
+    (dict(stop=["x"] * (MAX_STOP_STRINGS + 1)), "sampling.MAX_STOP_STRINGS"),
+    (dict(stop=["a", "y" * (MAX_STOP_CHARS + 1)]), "sampling.MAX_STOP_CHARS"),
+    (dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))), "sampling.MAX_STOP_TOKEN_IDS"),
+])
+def test_stop_lists_over_their_limits_are_refused(params, limit):
+    with pytest.raises(SamplingParamsError, match=limit) as e:
+        SamplingParams(**params)
+    assert len(str(e.value)) < 300  # names the count, never echoes the list back
+
+
+def test_stop_lists_at_their_limits_are_taken():
+    SamplingParams(stop=["s" * MAX_STOP_CHARS] * MAX_STOP_STRINGS, stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)))
+
+
+def _naive(text, new_from, stops):
+    """The earliest-starting stop string that ends at or after new_from, by searching the whole text."""
+    hits = [(text.find(stop, max(0, new_from - len(stop) + 1)), stop) for stop in stops]
+    hits = [(i, stop) for i, stop in hits if i >= 0]
+    return min(hits, key=lambda h: h[0]) if hits else None
+
+
+def _naive_held(text, stops):
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+def test_stop_matcher_agrees_with_a_whole_text_search():
+    """Fed a token's characters at a time, the matcher finds what searching the whole text finds (stops spanning
+    tokens, overlapping and self-overlapping stops, stops that are prefixes of others) and holds back exactly the
+    tail that could start a stop string."""
+    rng = random.Random(0)
+    for trial in range(400):
+        alphabet = "ab" if trial % 2 else "abc"
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text, matcher, eligible_from = "", StopMatcher(stops), rng.randint(0, 3)
+        for step in range(30):
+            delta = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+            before, text = len(text), text + delta
+            hit = matcher.feed(delta, match=step >= eligible_from)
+            expected = _naive(text, before, stops) if step >= eligible_from else None
+            assert (None if hit is None else (before + hit[0], hit[1])) == expected, (stops, text)
+            if hit is not None:
+                break
+            assert matcher.held() == _naive_held(text, stops), (stops, text)
+
+
+def test_stop_strings_end_generation_and_are_held_back(engine):
+    """Through the engine: the stop string found in the generated text ends it, and no streamed delta is taken
+    back."""
+    free = _alone(engine, "stop strings", SamplingParams(max_tokens=24, ignore_eos=True))
+    text = free.text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, stop=["\x00" * MAX_STOP_CHARS, stop], output_kind="delta")
+    engine.add_request("stopped", "stop strings", params)
+    shown, final = "", None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            shown += o.outputs[0].text
+            final = o
+    assert final.finish_reason == "stop" and shown == text[:text.find(stop)]
     _clean(engine)

@@ -3,6 +3,8 @@ boundaries, and held back from streamed text while they could still be starting)
 tokens, and the RequestOutput snapshot of a request and all its samples."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -10,24 +12,56 @@ from ..sampling import Logprob
 from .sequence import Sequence
 
 
-def find_stop(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
-    """(index, stop) of the earliest stop string in `text` that ends at or after `new_from` (text before it was
-    searched already), or None."""
-    best = None
-    for stop in stops:
-        i = text.find(stop, max(0, new_from - len(stop) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, stop)
-    return best
+@functools.lru_cache(maxsize=1024)  # requests of one deployment tend to share their stop strings
+def _borders(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt failure function: b[i] = length of the longest proper prefix of stop[:i + 1] that is
+    also its suffix."""
+    b, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = b[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        b[i] = k
+    return tuple(b)
 
 
-def held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that could be the start of a stop string: not streamed yet."""
-    for k in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
+class StopMatcher:
+    """A sequence's stop strings, matched as its text grows. Per stop string it keeps the length of the longest
+    prefix of it that ends the text so far (Knuth-Morris-Pratt), advanced by each new character, so a token costs
+    O(stop strings x its characters) however long the text is, and the text to hold back from streaming (it could
+    still start a stop string) is the largest of those lengths."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = list(stops)
+        self.borders = [_borders(stop) for stop in self.stops]
+        self.state = [0] * len(self.stops)
+
+    def feed(self, delta: str, match: bool = True) -> tuple[int, str] | None:
+        """Advance over `delta`, the text's newest characters. With match, (offset from the start of delta, which
+        may be negative, of the earliest-starting stop string that ends inside delta, the stop string), or None."""
+        best = None
+        for i, stop in enumerate(self.stops):
+            k, b, n = self.state[i], self.borders[i], len(stop)
+            if k == 0 and stop[0] not in delta:  # nothing of it begins here: the usual case, at C speed
+                continue
+            for j, ch in enumerate(delta):
+                while k and stop[k] != ch:
+                    k = b[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                    if k == n:
+                        start = j + 1 - n
+                        if match:  # the first match of this stop string is its earliest
+                            if best is None or start < best[0]:
+                                best = (start, stop)
+                            break
+                        k = b[k - 1]
+            self.state[i] = k
+        return best
+
+    def held(self) -> int:
+        return max(self.state)
 
 
 class OutputProcessor:
@@ -49,22 +83,23 @@ class OutputProcessor:
             s.text += delta
             s.delta, s.sent = delta, len(s.text)
             return
+        if s.stop_matcher is None:
+            s.stop_matcher = StopMatcher(p.stop)
         before = len(s.text)
         s.text += delta
-        if len(s.output_ids) >= p.min_tokens:
-            hit = find_stop(s.text, before, p.stop)
-            if hit is not None:
-                i, stop = hit
-                s.text = s.text[:i + len(stop)] if p.include_stop_str_in_output else s.text[:i]
-                s.finish_reason, s.stop_reason = "stop", stop
+        hit = s.stop_matcher.feed(delta, match=len(s.output_ids) >= p.min_tokens)
+        if hit is not None:
+            i, stop = before + hit[0], hit[1]
+            s.text = s.text[:i + len(stop)] if p.include_stop_str_in_output else s.text[:i]
+            s.finish_reason, s.stop_reason = "stop", stop
         self.release(s)
 
     @staticmethod
     def release(s: Sequence) -> None:
         """Advance what callers may see: all of a finished text, else all but what could start a stop string."""
         end = len(s.text)
-        if not s.finished and s.params.stop:
-            end -= held_back(s.text, s.params.stop)
+        if not s.finished and s.stop_matcher is not None:
+            end -= s.stop_matcher.held()
         s.delta = s.text[s.sent:end] if end > s.sent else ""
         s.sent = max(s.sent, end)
 

@@ -54,6 +54,7 @@ class Sequence:
     prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares (output_processor)
     output_kind: str = "cumulative"  # params.output_kind, or "final_only" where the caller reads the sequence (LLM)
     seq_id: int = field(default_factory=lambda: next(_seq_ids))  # the engine's key for this sequence (see _seq_ids)
+    stop_matcher: object = None      # output_processor.StopMatcher over params.stop, made at the first token
     ids_sent: int = 0                # "delta": output ids (and logprobs) already handed out
     text_sent: int = 0               # "delta": characters of text already handed out
 
