@@ -258,6 +258,36 @@ def test_stream_clients_that_never_read_are_cut_off():
         llm.shutdown()
 
 
+def test_server_takes_no_more_than_a_stalled_client_reads():
+    """Without the server's own cut-off: the server pulls outputs only as the client takes them (the merged queue
+    of a many-prompt stream used to drain every output into memory), so AsyncLLM sees the stalled consumer and
+    aborts its requests after consumer_timeout_s."""
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=8, consumer_timeout_s=1.0)
+    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, stream_stall_timeout_s=None), sndbuf=8192)
+    sock = None
+    try:
+        before = outcomes(srv)
+        sock = _send_and_never_read(srv.port, {"max_tokens": 60000, "ignore_eos": True, "logprobs": 20,
+                                               "stream": True, "prompt": ["two", "three"]})
+        deadline = time.time() + 30
+        while len(llm.engine.scheduler.running) < 2:
+            assert time.time() < deadline, "the stream did not start"
+            time.sleep(0.05)
+        wait_idle(srv, timeout=60)  # old code: the pumps took every output, 60,000 tokens each
+        assert_served(srv)
+        sock.close()  # the stalled client leaves at last: an abort, not a server error
+        deadline = time.time() + 30
+        while outcomes(srv)["abort"] == before["abort"]:
+            assert time.time() < deadline, outcomes(srv)
+            time.sleep(0.05)
+        assert outcomes(srv)["error"] == before["error"]
+    finally:
+        if sock is not None:
+            sock.close()
+        srv.stop()
+        llm.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ shutdown
 def test_requests_cut_at_shutdown_get_503_and_streams_end_properly():
     """Requests outliving --shutdown-timeout got uvicorn's plain-text 500, streams ended without an error event or

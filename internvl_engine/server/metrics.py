@@ -8,11 +8,12 @@ import time
 from bisect import bisect_left
 
 PREFIX = "internvl_"
-# HTTP request outcomes: success (finished: stop or length), abort (client gone, or cut at shutdown), error (failed
-# while running: 500), invalid (400/404), too_large (413), unauthorized (401), rejected (429), unavailable (503)
+# HTTP request outcomes: success (finished: stop or length), abort (the client left, or stopped reading: cut off by
+# the server or its requests aborted by AsyncLLM, 408), error (failed while running: 500), invalid (400/404),
+# too_large (413), unauthorized (401), rejected (429), unavailable (503: engine dead, or cut at shutdown)
 OUTCOMES = ("success", "abort", "error", "invalid", "too_large", "unauthorized", "rejected", "unavailable")
-STATUS_OUTCOME = {400: "invalid", 404: "invalid", 401: "unauthorized", 413: "too_large", 429: "rejected",
-                  503: "unavailable", 500: "error"}
+STATUS_OUTCOME = {400: "invalid", 404: "invalid", 401: "unauthorized", 408: "abort", 413: "too_large",
+                  429: "rejected", 503: "unavailable", 500: "error"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,

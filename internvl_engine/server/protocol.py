@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
-                      SamplingParamsError)
+                      SamplingParamsError, SlowConsumerError)
 from ..sampling import SamplingParams
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
@@ -38,13 +38,16 @@ class APIError(Exception):
 
 def error_of(e: BaseException) -> APIError:
     """The HTTP status and OpenAI error of an exception: the engine's typed input errors are the client's fault
-    (400, or 413 over a media size cap), a dead engine is 503, a request that failed while running is 500."""
+    (400, or 413 over a media size cap), a dead engine is 503, a request that failed while running is 500, one
+    aborted because its client took no output for AsyncLLM's consumer_timeout_s is 408."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), "service_unavailable_error", "engine_dead")
     if isinstance(e, MediaTooLargeError):
         return APIError(413, str(e), "invalid_request_error", type(e).__name__)
+    if isinstance(e, RequestFailedError) and isinstance(e.__cause__, SlowConsumerError):  # the client stalled
+        return APIError(408, str(e), "invalid_request_error", "slow_consumer")
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e), "server_error", type(e).__name__)
     if isinstance(e, InternVLEngineError):
