@@ -164,6 +164,7 @@ class _EngineLoop:
         self._poke = False  # an abort's final output is handed out by the next step, even with nothing else to run
         self._aborts: collections.deque[_Request] = collections.deque()  # requests to abort, from any thread
         self._stopped = False
+        self._next_reap = 0.0  # monotonic time of the next look for slow consumers
         self._thread = threading.Thread(target=self._run, name="internvl-engine-loop", daemon=True)
         self._thread.start()
 
@@ -257,9 +258,10 @@ class _EngineLoop:
 
     def _reap_slow_consumers(self) -> None:
         timeout = self.consumer_timeout_s
-        if timeout is None:
-            return
         now = time.monotonic()
+        if timeout is None or now < self._next_reap:
+            return
+        self._next_reap = now + timeout / 4  # a slow consumer is noticed within 1.25 timeouts, at O(requests) a look
         with self._lock:
             slow = [r for r in self._requests.values() if r.channel is not None and not r.gone
                     and r.channel.waiting_since is not None and now - r.channel.waiting_since > timeout]
