@@ -54,6 +54,9 @@ class EngineConfig:
     media_policy: MediaPolicy | None = None  # None: trusted caller (processor.MediaPolicy()); the server: .strict()
     consumer_timeout_s: float | None = 60.0  # AsyncLLM: a generate() consumer that takes no output for this long
                                             # while outputs wait for it is aborted (SlowConsumerError); None: never
+    max_prompt_chars: int | None = None     # a request's text (its text parts, or a raw prompt) longer than this is
+                                            # refused before it is rendered or tokenised (PromptError); None: only
+                                            # what cannot fit in max_model_len tokens is refused
 
     def __post_init__(self):
         _int("max_model_len", self.max_model_len, 2, optional=True)
@@ -64,6 +67,7 @@ class EngineConfig:
         _int("kv_cache_tokens", self.kv_cache_tokens, self.block_size, optional=True)
         _int("vision_cache_bytes", self.vision_cache_bytes, 0, optional=True)
         _int("tensor_parallel_size", self.tensor_parallel_size)
+        _int("max_prompt_chars", self.max_prompt_chars, optional=True)
         t = self.tensor_parallel_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
             raise EngineConfigError(f"tensor_parallel_timeout_s must be a number of seconds > 0, got {t!r}")
