@@ -102,6 +102,13 @@ def test_bad_values_are_400(server, media_dir):
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": ["not", "a", "string"]}]}], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "PromptError", r.text
+    # a lone surrogate (valid JSON, no text): the tokenizer raised a TypeError
+    for path, body in (("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800"}]}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                                                b'"text": "\\udfff"}]}]}'),
+                       ("/v1/completions", b'{"prompt": ["ok", "\\ud83d"]}')):
+        r = post(server, path, body)
+        assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"], r.text
     assert_served(server)
 
 

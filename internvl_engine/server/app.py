@@ -4,13 +4,20 @@ errors to HTTP statuses; it holds no engine logic.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics, GET /version.
 
-Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400), the model name checked
-(404), the engine's health (503) and waiting queue (429) checked, then the request is submitted (AsyncLLM.generate)
-and the server waits for its first output before answering, so whatever the engine refuses (a bad conversation,
-refused media, bad sampling values: 400 or 413) or fails before the first token (500, 503) gets its own status.
-Then the outputs stream as SSE or are collected into one body. A client that goes away (seen by a task reading the
-connection, so also before the first token) cancels the consumer, which closes the generator, which aborts the
-request in the engine: its blocks are freed at the next step."""
+Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400, nesting bounded before
+the parser recurses), the model name checked (404), the request's size checked before any work (400: more prompts
+than --max-prompts or than could ever wait, more text than --max-prompt-chars), the engine's health (503) and
+waiting queue (429) checked, then the request is submitted (AsyncLLM.generate) under a fresh engine request id (the
+caller's X-Request-Id is a label, echoed back) and the server waits for its first output before answering, so
+whatever the engine refuses (a bad conversation, refused media, bad sampling values: 400 or 413) or fails before
+the first token (500, 503) gets its own status. Then the outputs stream as SSE or are collected into one body.
+
+Nothing buffers for a client: the server takes an output from the engine only when the previous one is written,
+so a client that stops reading stalls its requests' AsyncLLM consumers (which abort them after consumer_timeout_s),
+and a stream write that waits stream_stall_timeout_s cuts the client off. A client that goes away (seen by a task
+reading the connection, so also before the first token) cancels the consumer, which closes the generator, which
+aborts the request in the engine: its blocks are freed at the next step. Requests still running when uvicorn cuts
+them at --shutdown-timeout get a 503 (streams: an error event, then [DONE])."""
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +55,7 @@ class ServerSettings:
     allow_private_media_networks: bool = False       # URLs may reach loopback / private addresses
     max_media_bytes: int | None = None               # per download and per data: URI (None: the strict policy's)
     media_fetch_timeout_s: float | None = None       # per URL fetch (None: the strict policy's)
-    max_json_depth: int = 64                         # 400 for a body nesting arrays/objects deeper (usual: 5)
+    max_json_depth: int = 64                         # 400 for a body nesting arrays/objects deeper (chat: 5)
     max_prompts: int = 256                           # 400 for a completions request with more prompts
     max_prompt_chars: int | None = 1_000_000         # 400 for more text characters in one request, before tokenising
     stream_stall_timeout_s: float | None = 60.0      # a stream client that takes no data this long is cut off
@@ -306,6 +313,7 @@ class OpenAIServer:
         if chars is not None and (n := P.text_chars(prompts)) > chars:
             raise P.APIError(400, f"the request has {n} characters of text, over the {chars} limit "
                                   "(--max-prompt-chars)", code="prompt_too_long", param=param)
+        P.check_unicode(prompts)
 
     def admit(self, count: int) -> None:
         self.llm.check_health()  # EngineDeadError -> 503

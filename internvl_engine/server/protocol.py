@@ -262,19 +262,36 @@ def to_conversation(messages: list[dict]) -> list[dict]:
     return conv
 
 
-def text_chars(prompts: list) -> int:
-    """Characters of text in conversations ({"role", "content"} lists) or raw prompts ({"prompt": text}): what
-    tokenising would cost, measured before anything is tokenised."""
-    total = 0
-    for p in prompts:
+def _texts(prompts: list):
+    """(where, text) of every text in conversations ({"role", "content"} lists) or raw prompts ({"prompt": text})."""
+    for pi, p in enumerate(prompts):
         if isinstance(p, dict):
-            total += len(p["prompt"])
+            yield f"prompt[{pi}]", p["prompt"]
             continue
-        for m in p:
+        for mi, m in enumerate(p):
             content = m["content"]
-            total += len(content) if isinstance(content, str) else sum(
-                len(part["text"]) for part in content if part["type"] == "text")
-    return total
+            if isinstance(content, str):
+                yield f"messages[{mi}].content", content
+            else:
+                yield from ((f"messages[{mi}].content[{ci}].text", part["text"])
+                            for ci, part in enumerate(content) if part["type"] == "text")
+
+
+def text_chars(prompts: list) -> int:
+    """Characters of text in the prompts: what tokenising would cost, measured before anything is tokenised."""
+    return sum(len(text) for _, text in _texts(prompts))
+
+
+def check_unicode(prompts: list) -> None:
+    """JSON's \\ud800-style escapes give strings with lone surrogates, which are no text: no tokenizer (nor UTF-8)
+    takes them. PromptError naming the first."""
+    for where, text in _texts(prompts):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PromptError(f"{where} has a lone surrogate {text[e.start]!r} at character {e.start}: not "
+                                  "valid Unicode text") from None
 
 
 def completion_prompts(req: CompletionRequest) -> list[dict]:
