@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,18 +93,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config.json") -> "ModelConfig":
+        """Every malformed value (a wrong type, a size out of range, heads that do not divide the width) is a
+        CheckpointError naming `where` and the key; an architecture this engine does not implement is an
+        UnsupportedModelError."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
+        fields = _Fields(raw, where)
         if model_type == "internvl":
-            cfg = _from_hf(raw, where)
+            cfg = _from_hf(fields)
         elif model_type == "internvl_chat":
-            cfg = _from_original(raw, where)
+            cfg = _from_original(fields)
         else:
             arch = raw.get("architectures")
             raise UnsupportedModelError(
                 f"{where}: model_type {model_type!r} (architectures {arch}) is not supported; "
                 "expected an InternVL checkpoint ('internvl' or 'internvl_chat')")
         _validate(cfg, where)
-        cfg.quant = _quant_config(raw, where)
+        cfg.quant = _quant_config(fields)
         cfg.source = where
         return cfg
 
@@ -116,9 +123,18 @@ class ModelConfig:
         gen_file = path / "generation_config.json"
         eos = [cfg.text.eos_token_id]
         if gen_file.exists():
-            eos.append(read_json(gen_file).get("eos_token_id"))
-        cfg.eos_token_ids = tuple(sorted({i for e in eos for i in _as_list(e)})) or (151645,)
+            eos.append(_Fields(read_json(gen_file), str(gen_file)).token_ids("eos_token_id", None))
+        ids = {i for e in eos if e is not None for i in (e if isinstance(e, list) else [e])}
+        cfg.eos_token_ids = tuple(sorted(ids)) or (151645,)
         return cfg
+
+    @property
+    def lm_head_may_tie(self) -> bool:
+        """Whether a checkpoint without an lm_head tensor ties it to the embeddings: unless the config says
+        tie_word_embeddings false (top level or the language model's, and neither says true), when the lm_head
+        must be in the files. transformers 5 reads the top level, 4.x and OpenGVLab's code the language model's."""
+        flags = (self.tie_word_embeddings, self.text.tie_word_embeddings)
+        return True in flags or flags == (None, None)
 
 
 def read_json(p: Path) -> dict:
@@ -131,57 +147,171 @@ def read_json(p: Path) -> dict:
         raise CheckpointError(f"{p}: cannot read ({e})") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested past the parser's stack
+        raise CheckpointError(f"{p}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _as_list(v) -> list[int]:
-    if v is None:
-        return []
-    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+# Bounds on the sizes config.json states, far above every InternVL3 release (spec 1.4: at most 80 decoder layers,
+# hidden 8192, intermediate 29568, vocabulary 151674, 32768 positions): a corrupt or hostile file is refused here,
+# before the model is built (num_hidden_layers = 10**12 once grew the process to 21 GB before it was killed). The
+# loader then checks every tensor the config implies against the checkpoint's headers before allocating any.
+CONFIG_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 262144,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "vocab_size": 1 << 21,
+    "max_position_embeddings": 1 << 20,
+    "max_model_len": 1 << 20,  # max_position_embeddings x the RoPE factor: the rotary table has a row per position
+    "image_size": 4096,
+    "patch_size": 4096,
+    "min_dynamic_patch": 1024,
+    "max_dynamic_patch": 1024,
+    "force_image_size": 4096,
+}
 
 
-def _scalar(v) -> int:
-    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+def _show(v) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _text_config(t: dict, where: str) -> TextConfig:
+class _Fields:
+    """One JSON object of config.json, read key by key: each value is checked for its type and range, and an error
+    is a CheckpointError naming the file and the key's path (e.g. text_config.hidden_size). A key that is absent
+    takes the default; an explicit null only where the key is optional."""
+
+    def __init__(self, raw: dict, where: str, path: str = ""):
+        self.raw, self.where, self.path = raw, where, path
+
+    def fail(self, key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {self.path}{key} {problem}")
+
+    def get(self, key: str, default=None):
+        return self.raw.get(key, default)
+
+    def sub(self, key: str) -> "_Fields":
+        v = self.raw.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise self.fail(key, f"must be a JSON object, got {_show(v)}")
+        return _Fields(v or {}, self.where, f"{self.path}{key}.")
+
+    def integer(self, key: str, default, lo: int = 1, optional: bool = False) -> int | None:
+        v = self.raw.get(key, default)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(key, f"must be an integer, got {_show(v)}")
+        if v < lo:
+            raise self.fail(key, f"is {v}; it must be at least {lo}")
+        limit = CONFIG_LIMITS.get(key)
+        if limit is not None and v > limit:
+            raise self.fail(key, f"is {v}, over the {limit} limit (internvl_engine.config.CONFIG_LIMITS[{key!r}])")
+        return v
+
+    def number(self, key: str, default) -> float:
+        """A finite number > 0 (norm epsilons, RoPE base and factor)."""
+        v = self.raw.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.fail(key, f"must be a number, got {_show(v)}")
+        if not math.isfinite(v) or v <= 0:
+            raise self.fail(key, f"is {v}; it must be a finite number > 0")
+        return float(v)
+
+    def flag(self, key: str, default, optional: bool = False) -> bool | None:
+        v = self.raw.get(key, default)
+        if v is None and optional:
+            return None
+        if not isinstance(v, bool):
+            raise self.fail(key, f"must be true or false, got {_show(v)}")
+        return v
+
+    def text(self, key: str, default, optional: bool = False) -> str | None:
+        v = self.raw.get(key, default)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            raise self.fail(key, f"must be a string, got {_show(v)}")
+        return v
+
+    def side(self, key: str, default: int) -> int:
+        """An image or patch side: an integer, or [height, width] as transformers writes it (square only)."""
+        v = self.raw.get(key, default)
+        if isinstance(v, list):
+            if len(v) != 2 or v[0] != v[1]:
+                raise self.fail(key, f"must be one side or a square [height, width], got {_show(v)}")
+            return _Fields({key: v[0]}, self.where, self.path).integer(key, default)
+        return self.integer(key, default)
+
+    def token_ids(self, key: str, default) -> list[int]:
+        """A token id, a list of them, or null."""
+        v = self.raw.get(key, default)
+        if v is None:
+            return []
+        for i in v if isinstance(v, list) else [v]:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise self.fail(key, f"must be a token id (an integer >= 0) or a list of them, got {_show(v)}")
+        return list(v) if isinstance(v, list) else [v]
+
+
+def _text_config(t: _Fields) -> TextConfig:
     mt = t.get("model_type", "qwen2")
     archs = t.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise t.fail("architectures", f"must be a list of strings, got {_show(archs)}")
     if mt != "qwen2" or any(a not in ("Qwen2ForCausalLM",) for a in archs):
         raise UnsupportedModelError(
-            f"{where}: language model {mt!r} {archs} is not supported; only Qwen2 (InternVL3 1B-78B) is implemented")
+            f"{t.where}: language model {mt!r} {archs} is not supported; only Qwen2 (InternVL3 1B-78B) is "
+            "implemented")
     # transformers >= 5 writes rope_parameters; 4.x files carry rope_theta + rope_scaling.
-    rope = dict(t.get("rope_parameters") or {})
-    scaling = t.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", t.get("rope_theta", 10000.0))
+    rope, scaling = t.sub("rope_parameters"), t.sub("rope_scaling")
+    theta = rope.number("rope_theta", None) if "rope_theta" in rope.raw else t.number("rope_theta", 10000.0)
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    factor = rope.get("factor", scaling.get("factor", 1.0))
+    factor = rope.number("factor", None) if "factor" in rope.raw else scaling.number("factor", 1.0)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(f"{where}: rope type {rope_type!r} is not supported ({SUPPORTED_ROPE_TYPES})")
-    hidden, heads = int(t.get("hidden_size", 896)), int(t.get("num_attention_heads", 14))
+        raise UnsupportedModelError(f"{t.where}: rope type {rope_type!r} is not supported ({SUPPORTED_ROPE_TYPES})")
     if t.get("use_sliding_window"):
-        raise UnsupportedModelError(f"{where}: sliding-window attention is not supported")
+        raise UnsupportedModelError(f"{t.where}: sliding-window attention is not supported")
+    hidden, heads = t.integer("hidden_size", 896), t.integer("num_attention_heads", 14)
+    kv_heads = t.integer("num_key_value_heads", heads)
+    head_dim = t.integer("head_dim", None, optional=True)
+    if head_dim is None:  # Qwen2: hidden_size / heads unless the file says otherwise
+        if hidden % heads:
+            raise t.fail("num_attention_heads", f"{heads} does not divide {t.path}hidden_size {hidden}")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise t.fail("num_key_value_heads", f"{kv_heads} does not divide {t.path}num_attention_heads {heads}")
+    if head_dim % 2:
+        raise t.fail("head_dim", f"is {head_dim}; rotary embeddings need an even head size")
+    max_pos = t.integer("max_position_embeddings", 32768)
+    if max_pos * (factor if rope_type in ("linear", "dynamic") else 1.0) > CONFIG_LIMITS["max_model_len"]:
+        raise t.fail("max_position_embeddings", f"{max_pos} x RoPE factor {factor} is over the "
+                     f"{CONFIG_LIMITS['max_model_len']} positions limit "
+                     "(internvl_engine.config.CONFIG_LIMITS['max_model_len'])")
+    eos = t.token_ids("eos_token_id", 151645)
+    bos = t.token_ids("bos_token_id", 151643)
     return TextConfig(
-        vocab_size=int(t.get("vocab_size", 151674)),
+        vocab_size=t.integer("vocab_size", 151674),
         hidden_size=hidden,
-        intermediate_size=int(t.get("intermediate_size", 4864)),
-        num_hidden_layers=int(t.get("num_hidden_layers", 24)),
+        intermediate_size=t.integer("intermediate_size", 4864),
+        num_hidden_layers=t.integer("num_hidden_layers", 24),
         num_attention_heads=heads,
-        num_key_value_heads=int(t.get("num_key_value_heads", heads)),
-        head_dim=int(t.get("head_dim") or hidden // heads),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         hidden_act=t.get("hidden_act", "silu"),
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-        rope_theta=float(theta),
+        rms_norm_eps=t.number("rms_norm_eps", 1e-6),
+        max_position_embeddings=max_pos,
+        rope_theta=theta,
         rope_type=rope_type,
-        rope_factor=float(factor),
-        tie_word_embeddings=t.get("tie_word_embeddings"),
-        bos_token_id=t.get("bos_token_id"),
-        eos_token_id=t.get("eos_token_id"),
+        rope_factor=factor,
+        tie_word_embeddings=t.flag("tie_word_embeddings", None, optional=True),
+        bos_token_id=bos[0] if bos else None,
+        eos_token_id=eos if len(eos) > 1 else eos[0] if eos else None,
     )
 
 
@@ -189,88 +319,106 @@ def _text_config(t: dict, where: str) -> TextConfig:
 _ORIGINAL_VISION_KEYS = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm"}
 
 
-def _vision_config(v: dict, image_size_default: int = TILE_SIZE) -> VisionConfig:
+def _vision_config(v: _Fields, image_size_default: int = TILE_SIZE) -> VisionConfig:
+    hidden, heads = v.integer("hidden_size", 1024), v.integer("num_attention_heads", 16)
+    if hidden % heads:
+        raise v.fail("num_attention_heads", f"{heads} does not divide {v.path}hidden_size {hidden}")
+    image, patch = v.side("image_size", image_size_default), v.side("patch_size", 14)
+    if image % patch or (image // patch) % 2:
+        # the pixel shuffle (downsample_ratio 0.5) folds 2 x 2 patches into one token: an even grid of whole patches
+        raise v.fail("image_size", f"{image} is not an even number of {v.path}patch_size {patch} patches")
+    if v.get("num_channels", 3) != 3:
+        raise UnsupportedModelError(f"{v.where}: {v.path}num_channels {v.get('num_channels')!r} (the processor "
+                                    "makes RGB tiles: only 3)")
     return VisionConfig(
-        hidden_size=int(v.get("hidden_size", 1024)),
-        num_hidden_layers=int(v.get("num_hidden_layers", 24)),
-        num_attention_heads=int(v.get("num_attention_heads", 16)),
-        intermediate_size=int(v.get("intermediate_size", 4096)),
+        hidden_size=hidden,
+        num_hidden_layers=v.integer("num_hidden_layers", 24),
+        num_attention_heads=heads,
+        intermediate_size=v.integer("intermediate_size", 4096),
         hidden_act=v.get("hidden_act", "gelu"),
-        attention_bias=bool(v.get("attention_bias", False)),
-        use_qk_norm=bool(v.get("use_qk_norm", False)),
+        attention_bias=v.flag("attention_bias", False),
+        use_qk_norm=v.flag("use_qk_norm", False),
         norm_type=v.get("norm_type", "layer_norm"),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        image_size=_scalar(v.get("image_size", image_size_default)),
-        patch_size=_scalar(v.get("patch_size", 14)),
-        num_channels=int(v.get("num_channels", 3)),
-        use_mean_pooling=bool(v.get("use_mean_pooling", True)),
+        layer_norm_eps=v.number("layer_norm_eps", 1e-6),
+        image_size=image,
+        patch_size=patch,
+        num_channels=3,
+        use_mean_pooling=v.flag("use_mean_pooling", True),
     )
 
 
-def _from_hf(raw: dict, where: str) -> ModelConfig:
-    vision = _vision_config(raw.get("vision_config") or {})
+def _from_hf(f: _Fields) -> ModelConfig:
+    text = f.sub("text_config")
     return ModelConfig(
-        vision=vision,
-        text=_text_config(raw.get("text_config") or {}, where),
-        image_token_id=int(raw.get("image_token_id", IMAGE_TOKEN_ID)),
-        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
-        projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
-        vision_feature_layer=raw.get("vision_feature_layer", -1),
-        vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
-        tie_word_embeddings=raw.get("tie_word_embeddings"),
-        torch_dtype=raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype"),
+        vision=_vision_config(f.sub("vision_config")),
+        text=_text_config(text),
+        image_token_id=f.integer("image_token_id", IMAGE_TOKEN_ID, lo=0),
+        downsample_ratio=f.number("downsample_ratio", 0.5),
+        projector_hidden_act=f.get("projector_hidden_act", "gelu"),
+        vision_feature_layer=f.get("vision_feature_layer", -1),
+        vision_feature_select_strategy=f.get("vision_feature_select_strategy", "default"),
+        tie_word_embeddings=f.flag("tie_word_embeddings", None, optional=True),
+        torch_dtype=(f.text("dtype", None, optional=True) or f.text("torch_dtype", None, optional=True)
+                     or text.text("dtype", None, optional=True)),
         source_format="hf",
     )
 
 
-def _from_original(raw: dict, where: str) -> ModelConfig:
+def _from_original(f: _Fields) -> ModelConfig:
     """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
-    v = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in (raw.get("vision_config") or {}).items()}
-    vision = _vision_config(v, raw.get("force_image_size") or TILE_SIZE)
-    if raw.get("force_image_size") and raw["force_image_size"] != vision.image_size:
+    v = f.sub("vision_config")
+    v.raw = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in v.raw.items()}
+    force = f.integer("force_image_size", None, optional=True)
+    vision = _vision_config(v, force or TILE_SIZE)
+    if force and force != vision.image_size:
         # OpenGVLab's model then interpolates the position embeddings to force_image_size tiles; this one does not
-        raise UnsupportedModelError(f"{where}: force_image_size {raw['force_image_size']} differs from the vision "
+        raise UnsupportedModelError(f"{f.where}: force_image_size {force} differs from the vision "
                                     f"image_size {vision.image_size}")
-    if raw.get("ps_version", "v2") != "v2":
-        raise UnsupportedModelError(f"{where}: ps_version {raw.get('ps_version')!r}; only 'v2' (InternVL3) is supported")
-    llm = dict(raw.get("llm_config") or {})
-    min_tiles, max_tiles = _original_tiling(raw, where)
+    if f.get("ps_version", "v2") != "v2":
+        raise UnsupportedModelError(f"{f.where}: ps_version {f.get('ps_version')!r}; only 'v2' (InternVL3) is "
+                                    "supported")
+    llm = f.sub("llm_config")
+    min_tiles, max_tiles = _original_tiling(f)
     return ModelConfig(
         vision=vision,
-        text=_text_config(llm, where),
-        image_token_id=int(raw.get("img_context_token_id") or IMAGE_TOKEN_ID),
-        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
-        vision_feature_layer=int(raw.get("select_layer", -1)),
-        tie_word_embeddings=raw.get("tie_word_embeddings"),
-        torch_dtype=raw.get("torch_dtype") or llm.get("torch_dtype"),
+        text=_text_config(llm),
+        image_token_id=f.integer("img_context_token_id", None, lo=0, optional=True) or IMAGE_TOKEN_ID,
+        downsample_ratio=f.number("downsample_ratio", 0.5),
+        vision_feature_layer=f.integer("select_layer", -1, lo=-CONFIG_LIMITS["num_hidden_layers"]),
+        tie_word_embeddings=f.flag("tie_word_embeddings", None, optional=True),
+        torch_dtype=f.text("torch_dtype", None, optional=True) or llm.text("torch_dtype", None, optional=True),
         source_format="original",
         min_tiles=min_tiles,
         max_tiles=max_tiles,
     )
 
 
-def _original_tiling(raw: dict, where: str) -> tuple[int | None, int | None]:
+def _original_tiling(f: _Fields) -> tuple[int | None, int | None]:
     """The original format keeps its tiling limits in config.json, where OpenGVLab's training code and vLLM
     read them."""
-    if "dynamic_image_size" in raw and not raw["dynamic_image_size"]:
+    if "dynamic_image_size" in f.raw and not f.flag("dynamic_image_size", True):
         return 1, 1  # one resized tile per image, no thumbnail
-    if raw.get("use_thumbnail") is False:
-        raise UnsupportedModelError(f"{where}: use_thumbnail=false is not supported (InternVL3 tiles add a thumbnail)")
-    lo, hi = raw.get("min_dynamic_patch"), raw.get("max_dynamic_patch")
-    return (None if lo is None else int(lo)), (None if hi is None else int(hi))
+    if f.get("use_thumbnail") is False:
+        raise UnsupportedModelError(f"{f.where}: use_thumbnail=false is not supported (InternVL3 tiles add a "
+                                    "thumbnail)")
+    lo = f.integer("min_dynamic_patch", None, optional=True)
+    hi = f.integer("max_dynamic_patch", None, optional=True)
+    if lo is not None and hi is not None and lo > hi:
+        raise f.fail("min_dynamic_patch", f"{lo} is over max_dynamic_patch {hi}")
+    return lo, hi
 
 
-def _quant_config(raw: dict, where: str):
+def _quant_config(f: _Fields):
     """The quantization block, wherever the producer put it (LMDeploy: llm_config; transformers: top level)."""
     from .quant import parse_quant_config
 
-    blocks = [raw.get("quantization_config"), (raw.get("llm_config") or {}).get("quantization_config"),
-              (raw.get("text_config") or {}).get("quantization_config")]
+    blocks = [f.get("quantization_config"), f.sub("llm_config").get("quantization_config"),
+              f.sub("text_config").get("quantization_config")]
     blocks = [b for b in blocks if b]
     if len(blocks) > 1 and any(b != blocks[0] for b in blocks[1:]):
-        raise UnsupportedModelError(f"{where}: different quantization_config blocks at the top level and in the "
+        raise UnsupportedModelError(f"{f.where}: different quantization_config blocks at the top level and in the "
                                     "language model's config")
-    return parse_quant_config(blocks[0] if blocks else None, where)
+    return parse_quant_config(blocks[0] if blocks else None, f.where)
 
 
 def _validate(cfg: ModelConfig, where: str) -> None:
@@ -287,5 +435,3 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise UnsupportedModelError(f"{where}: vision_feature_layer {cfg.vision_feature_layer!r} is not supported")
     if cfg.downsample_ratio != 0.5:
         raise UnsupportedModelError(f"{where}: downsample_ratio {cfg.downsample_ratio} (only 0.5 is supported)")
-    if t.num_attention_heads % t.num_key_value_heads or v.hidden_size % v.num_attention_heads:
-        raise UnsupportedModelError(f"{where}: head counts do not divide evenly")

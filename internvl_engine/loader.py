@@ -8,7 +8,6 @@ Under tensor parallelism a sharded layer names the slice it holds (layers/linear
 is read (safetensors get_slice), so a rank's host memory holds about 1/N of the language model."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -78,14 +77,26 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def _indexed_shards(index: Path, kind: str) -> list[Path]:
-    """The shard files a weight-map index names, each of which must exist."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid {kind} index ({e})") from None
-    files = [index.parent / f for f in sorted(set(weight_map.values()))]
+    """The shard files a weight-map index names, each of which must exist inside the checkpoint directory."""
+    from .config import read_json
+
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: not a valid {kind} index (weight_map must map tensor names to shard file "
+                              f"names, got {type(weight_map).__name__})")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        # a name, never a path out of the directory: checked as written (the files themselves may be symlinks,
+        # as in the Hugging Face cache)
+        parts = Path(name).parts
+        if not name or "\0" in name or Path(name).is_absolute() or ".." in parts:
+            key = next(k for k, v in weight_map.items() if v == name)
+            raise CheckpointError(f"{index}: weight_map entry {key!r} names shard {name!r}, which is not a file "
+                                  "name inside the checkpoint directory")
+    files = [index.parent / name for name in names]
     for f in files:
-        if not f.exists():
+        if not f.is_file():
             raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
     return files
 
@@ -140,6 +151,9 @@ class _BinSlice:
     def get_shape(self):
         return list(self.t.shape)
 
+    def get_dtype(self):
+        return self.t.dtype
+
     def __getitem__(self, index):
         return self.t[index]
 
@@ -156,20 +170,28 @@ def _safetensors_files(path: Path, index: Path) -> list[Path]:
 def load_model(config, checkpoint: str | Path | None, ops, device: torch.device, dtype: torch.dtype, seed: int = 0,
                tp=None) -> torch.nn.Module:
     """The InternVL model on `device` in `dtype`, in eval mode: this rank's shard (tp; default one rank) of the
-    checkpoint's weights, or seeded random weights when checkpoint is None (random:<preset>)."""
+    checkpoint's weights, or seeded random weights when checkpoint is None (random:<preset>).
+    Every tensor the config implies is checked against the checkpoint's headers (names, shapes, dtypes, layer
+    counts) while the model is still on the meta device: a config that promises more than the files hold fails
+    before anything is allocated."""
     from .models.internvl import InternVLForConditionalGeneration
+    catalog = None
+    if checkpoint is not None:
+        catalog = _catalog(Path(checkpoint))
+        _check_layer_counts(config, catalog, Path(checkpoint))
     with torch.device("meta"):
         net = InternVLForConditionalGeneration(config, ops, tp).to(dtype)
     quant = getattr(config, "quant", None)
     if quant is not None:  # on the meta device still: the dense decoder linears are never allocated
         from .quant import quantize_model
         quantize_model(net, quant, dtype, torch.device("meta"), tp, getattr(net, "ops", None) or ops)
+    plan = None if catalog is None else _plan_load(net, catalog, Path(checkpoint))
     net.to_empty(device=device)
-    if checkpoint is None:
+    if plan is None:
         from .random_model import init_random_
         init_random_(net, seed)
     else:
-        load_weights(net, checkpoint, dtype, device)
+        _fill(net, plan, device)
     return net.eval()
 
 
@@ -203,41 +225,119 @@ def _read(f, key: str, index, shape: tuple, file: Path) -> torch.Tensor:
         raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device) -> None:
-    path = Path(path)
-    params = dict(model.named_parameters())
-    seen: dict[tuple[str, str | None], str] = {}  # (parameter, shard) -> "file: key" that filled it
+# safetensors' header dtype names
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# what a dense (floating) parameter may be stored in; it is cast on the way
+DENSE_FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _open(file: Path, device: str = "cpu"):
+    if file.suffix == ".bin":
+        return _BinFile(file)
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
+
+
+def _catalog(path: Path) -> list[tuple[Path, list[tuple[str, tuple, object]]]]:
+    """Per weight file, (key, shape, dtype) of every tensor, from the headers: no tensor data is read."""
+    out = []
     for file in checkpoint_files(path):
-        if file.suffix == ".bin":
-            handle = _BinFile(file)
-        else:
-            try:
-                handle = safe_open(str(file), framework="pt", device=str(device))
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") \
-                    from None
-        with handle as f:
+        entries = []
+        with _open(file) as f:
             for key in f.keys():
                 if _IGNORED.search(key):
                     continue
-                name, shard = normalize_key(key)
-                param = params.get(name)
-                if param is None:
-                    raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
-                if (name, shard) in seen:
-                    raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
-                                          f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
-                seen[name, shard] = f"{file.name}: {key!r}"
-                target, index, shape = _plan(model, name, shard, param)
-                tensor = _read(f, key, index, shape, file)
-                if tensor.dtype.is_floating_point != target.dtype.is_floating_point or \
-                        (tensor.dtype in _FP8) != (target.dtype in _FP8):
-                    raise CheckpointError(f"{file.name}: tensor {key!r} is {tensor.dtype}, the model expects "
-                                          f"{target.dtype} (a quantized tensor in a dense model, or the reverse?)")
-                target.copy_(tensor.to(target.dtype))
-    if not any(n == "lm_head.weight" for n, _ in seen):
-        model.tie_lm_head()  # tied checkpoints store no lm_head (spec 5.4)
-        seen["lm_head.weight", None] = "tied to the embeddings"
+                try:
+                    part = f.get_slice(key)
+                    shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                except (SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
+                entries.append((key, shape, _FILE_DTYPES.get(dtype, dtype)))
+        out.append((file, entries))
+    return out
+
+
+_LAYER = {"text": re.compile(r"^language_model\.layers\.(\d+)\."),
+          "vision": re.compile(r"^vision_tower\.encoder\.layer\.(\d+)\.")}
+
+
+def _check_layer_counts(config, catalog, path: Path) -> None:
+    """The config's layer counts against the layers the checkpoint holds, before the model is built."""
+    found = {"text": set(), "vision": set()}
+    for _, entries in catalog:
+        for key, _, _ in entries:
+            name = normalize_key(key)[0]
+            for tower, pattern in _LAYER.items():
+                m = pattern.match(name)
+                if m:
+                    found[tower].add(int(m.group(1)))
+    text_key = "llm_config" if getattr(config, "source_format", "hf") == "original" else "text_config"
+    where = getattr(config, "source", "") or "config.json"
+    for tower, sub, key in (("text", config.text, f"{text_key}.num_hidden_layers"),
+                            ("vision", config.vision, "vision_config.num_hidden_layers")):
+        held = max(found[tower]) + 1 if found[tower] else 0
+        if held != sub.num_hidden_layers:
+            what = "decoder" if tower == "text" else "vision"
+            raise CheckpointError(f"{where}: {key} is {sub.num_hidden_layers}, but the checkpoint {path} holds "
+                                  f"tensors of {held} {what} layers")
+
+
+def _expected_dtypes(model: torch.nn.Module, name: str, target: torch.Tensor) -> tuple[tuple, str]:
+    """(the dtypes a checkpoint may store parameter `name` in, what it is): a quantized layer's own table, exact
+    (quant/layers.py); any float for a dense parameter, cast on the way."""
+    owner, _, leaf = name.rpartition(".")
+    table = getattr(model.get_submodule(owner), "CHECKPOINT_DTYPES", None)
+    if table is not None:
+        return table[leaf]
+    if target.dtype.is_floating_point and target.dtype not in _FP8:
+        return DENSE_FILE_DTYPES, "a dense parameter"
+    return (target.dtype,), "this parameter"
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _plan_load(model: torch.nn.Module, catalog, path: Path):
+    """Checks the whole checkpoint against the (meta) model: every tensor has a parameter, fills it once, has its
+    shape and an accepted dtype, and no parameter is left without one. Returns what _fill reads, per file, and
+    whether the lm_head is tied to the embeddings."""
+    params = dict(model.named_parameters())
+    seen: dict[tuple[str, str | None], str] = {}  # (parameter, shard) -> "file: key" that fills it
+    plan = []
+    for file, entries in catalog:
+        reads = []
+        for key, found, dtype in entries:
+            name, shard = normalize_key(key)
+            param = params.get(name)
+            if param is None:
+                raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
+            if (name, shard) in seen:
+                raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
+                                      f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
+            seen[name, shard] = f"{file.name}: {key!r}"
+            target, _, shape = _plan(model, name, shard, param)
+            if found != tuple(shape):
+                raise CheckpointError(f"{file.name}: tensor {key!r} has shape {found}, the model expects "
+                                      f"{tuple(shape)}")
+            allowed, what = _expected_dtypes(model, name, target)
+            if dtype not in allowed:
+                raise CheckpointError(f"{file.name}: tensor {key!r} is {str(dtype).removeprefix('torch.')}, the "
+                                      f"model expects {_dtype_names(allowed)} ({what})")
+            reads.append((key, name, shard))
+        plan.append((file, reads))
+    tie = not any(n == "lm_head.weight" for n, _ in seen)
+    if tie:
+        config = getattr(model, "config", None)
+        if config is not None and not config.lm_head_may_tie:
+            raise CheckpointError(f"{path}: checkpoint is missing tensor lm_head.weight (language_model.lm_head."
+                                  f"weight), and {config.source or 'config.json'} says tie_word_embeddings false, so "
+                                  "it is not tied to the embeddings")
+        seen["lm_head.weight", None] = "tied to the embeddings"  # tied checkpoints store no lm_head (spec 5.4)
     missing = []
     for n in params:
         if (n, None) in seen:
@@ -251,6 +351,25 @@ def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, d
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensors for {shown}")
+    return plan, tie
+
+
+def _fill(model: torch.nn.Module, plan, device: torch.device) -> None:
+    files, tie = plan
+    params = dict(model.named_parameters())
+    for file, reads in files:
+        with _open(file, str(device)) as f:
+            for key, name, shard in reads:
+                target, index, shape = _plan(model, name, shard, params[name])
+                target.copy_(_read(f, key, index, shape, file).to(target.dtype))
+    if tie:
+        model.tie_lm_head()
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Fills an allocated model from the checkpoint at `path` (load_model checks before allocating)."""
+    path = Path(path)
+    _fill(model, _plan_load(model, _catalog(path), path), device)
 
 
 def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

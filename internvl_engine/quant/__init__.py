@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
 from .layers import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear, QuantLinear  # noqa: F401
 
@@ -80,25 +80,55 @@ def parse_quant_config(raw: dict | None, where: str) -> QuantConfig | None:
         if fmt not in ("float-quantized", "naive-quantized"):
             raise UnsupportedModelError(f"{where}: compressed-tensors format {fmt!r} is not supported "
                                         "(only 'float-quantized' FP8)")
-        groups = raw.get("config_groups") or {}
+        groups = _object(raw.get("config_groups"), where, "quantization_config.config_groups")
         if not groups:
             raise UnsupportedModelError(f"{where}: compressed-tensors config has no config_groups")
         for name, g in groups.items():
-            w, a = g.get("weights") or {}, g.get("input_activations") or {}
+            key = f"quantization_config.config_groups.{name}"
+            g = _object(g, where, key)
+            w = _object(g.get("weights"), where, f"{key}.weights")
+            a = _object(g.get("input_activations"), where, f"{key}.input_activations")
             ok_w = (w.get("num_bits") == 8 and w.get("type") == "float" and w.get("strategy") == "channel"
-                    and w.get("symmetric", True) and not w.get("dynamic", False))
+                    and w.get("symmetric", True) is True and w.get("dynamic", False) is False)
             ok_a = (a.get("num_bits") == 8 and a.get("type") == "float" and a.get("strategy") == "token"
                     and a.get("dynamic") is True)
             if not (ok_w and ok_a):
                 raise UnsupportedModelError(
                     f"{where}: compressed-tensors group {name!r} is not FP8 W8A8 with per-channel weight scales and "
                     "dynamic per-token activations (the only scheme supported)")
-            if [t for t in g.get("targets", ["Linear"]) if t != "Linear"]:
+            targets = g.get("targets", ["Linear"])
+            if not isinstance(targets, list) or targets != ["Linear"] * len(targets):
                 raise UnsupportedModelError(f"{where}: compressed-tensors group {name!r} targets "
-                                            f"{g.get('targets')}; only ['Linear'] is supported")
-        return QuantConfig("fp8", 8, 0, list(raw.get("ignore") or []))
+                                            f"{targets!r}; only ['Linear'] is supported")
+        return QuantConfig("fp8", 8, 0, _ignore_list(raw.get("ignore"), where))
     raise UnsupportedModelError(f"{where}: quant_method {raw.get('quant_method')!r} is not supported "
                                 "(awq, compressed-tensors)")
+
+
+def _object(v, where: str, key: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise CheckpointError(f"{where}: {key} must be a JSON object, got {type(v).__name__} {str(v)[:60]!r}")
+    return v
+
+
+def _ignore_list(v, where: str) -> list[str]:
+    """compressed-tensors' `ignore`: module names and "re:" patterns, each checked here (a bad pattern would
+    otherwise fail deep inside quantize_model)."""
+    key = "quantization_config.ignore"
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise CheckpointError(f"{where}: {key} must be a list of strings, got {type(v).__name__} {str(v)[:60]!r}")
+    for entry in v:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise CheckpointError(f"{where}: {key} entry {entry!r} is not a valid regular expression ({e})") \
+                    from None
+    return list(v)
 
 
 # ------------------------------------------------------------------------------------------------------ AWQ

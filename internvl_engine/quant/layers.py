@@ -23,6 +23,11 @@ from ..layers.linear import RowParallel, packed_ranges
 from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
 
 
+# the float dtypes producers store scales and biases in (AWQ scales: fp16; FP8 weight_scale: the model dtype);
+# they are cast on the way, exactly (scales are kept in float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _param(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -131,6 +136,12 @@ class AWQLinear(QuantLinear):
     the output; shard sizes are multiples of 8, so each shard's packed columns are a contiguous range.
     `local` (column-parallel): the per-shard (start, n) of the output this rank keeps, as PackedLinear's."""
 
+    # The dtype of each leaf in the files, exactly (the loader refuses others): LMDeploy and AutoAWQ write qweight
+    # and qzeros as int32; a uint8 or int64 tensor of the same shape holds other bits and would load as garbage.
+    CHECKPOINT_DTYPES = {"qweight": ((torch.int32,), "AWQ qweight: eight 4-bit values packed per int32"),
+                         "qzeros": ((torch.int32,), "AWQ qzeros: eight 4-bit zero points packed per int32"),
+                         "scales": (_FLOATS, "AWQ scales"), "bias": (_FLOATS, "AWQ bias")}
+
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
                  dtype: torch.dtype, device, group_size: int = 128, ops=None,
                  local: list[tuple[int, int]] | None = None, in_part: tuple[int, int] | None = None,
@@ -193,6 +204,11 @@ class AWQRowParallelLinear(RowParallel, AWQLinear):
 class Fp8Linear(QuantLinear):
     """W8A8: weight float8_e4m3fn [out, in], weight_scale [out, 1]; activations quantized per token at run time
     (ops.fp8_gemm). `local` (column-parallel) as AWQLinear's."""
+
+    # compressed-tensors' float-quantized format stores float8_e4m3fn weights; an e5m2 tensor would be clipped
+    # into e4m3's range on the cast, so the loader refuses it (exact dtypes, as AWQLinear's).
+    CHECKPOINT_DTYPES = {"weight": ((torch.float8_e4m3fn,), "FP8 weight: compressed-tensors float-quantized"),
+                         "weight_scale": (_FLOATS, "FP8 weight_scale"), "bias": (_FLOATS, "FP8 bias")}
 
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
                  dtype: torch.dtype, device, ops=None, local: list[tuple[int, int]] | None = None,
