@@ -76,3 +76,8 @@ class SlowConsumerError(InternVLEngineError, RuntimeError):
     """An AsyncLLM.generate consumer took no output for consumer_timeout_s while outputs were waiting for it: its
     request was aborted (blocks freed). It reaches the consumer as the cause of a RequestFailedError (stage
     "deliver")."""
+
+
+class VideoFormatError(MediaPolicyError, VideoError):
+    """A video file is not in one of the container formats the media policy allows (media_policy.video_formats):
+    a playlist or list that would open other files or URLs, or something no allowed demuxer reads."""

@@ -15,8 +15,8 @@ import torch
 from ..constants import IMAGE_SEQ_LENGTH, MAX_TILES, MIN_TILES, TILE_SIZE
 from ..errors import CheckpointError, ImageError, MediaPolicyError, PromptError, VideoError
 from .files import read_processor_settings
-from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, image_grids_u8, load_image, normalize_grids,
-                     num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
+from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, describe_source, image_grids_u8, load_image,
+                     normalize_grids, num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
 from .media import MediaPolicy
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
@@ -353,6 +353,8 @@ class Processor:
             image = load_image(source, policy) if isinstance(source, (str, Path)) else source
             size = _image_size(image)
             if size is not None:
+                if image is source:  # (a path, URL or data: URI met the size limits from its header)
+                    policy.check_image_size(*size, f"image {describe_source(image)}")
                 n = num_tiles(*size, min_t, max_t, self.tile_size)
                 policy.check_tiles(tiles_before + n, f"its {n} tiles bring the request to")
             grids = image_grids_u8(image, tile=self.tile_size, min_tiles=min_t, max_tiles=max_t)
@@ -381,7 +383,10 @@ class Processor:
 def _image_size(image) -> tuple[int, int] | None:
     """(width, height) of a loaded image or a valid array; None when image_grids_u8 is to report the problem."""
     if isinstance(image, PIL.Image.Image):
-        w, h = image.size
+        try:
+            w, h = image.size
+        except Exception:  # a caller's broken object: to_rgb_array names the failure
+            return None
     elif isinstance(image, np.ndarray) and image.ndim in (2, 3):
         h, w = image.shape[:2]
     else:

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import urllib.parse
+from collections import OrderedDict
 import urllib.request
 from contextlib import contextmanager
 from functools import lru_cache
@@ -35,6 +36,13 @@ DEFAULT_POLICY = MediaPolicy()  # the Python API's: trusts its caller (any local
 
 def describe_source(source, limit: int = 80) -> str:
     """Short printable name of an image/video source for error messages."""
+    try:
+        return _describe(source, limit)
+    except Exception:  # a caller's broken object (its mode or size raising) is still named
+        return f"object of type {type(source).__name__}"
+
+
+def _describe(source, limit: int) -> str:
     if isinstance(source, (str, Path)):
         s = str(source)
         if len(s) > limit:
@@ -47,13 +55,61 @@ def describe_source(source, limit: int = 80) -> str:
     return f"object of type {type(source).__name__}"
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format whose signature `data` starts with, read as Image.open reads it (each plugin's accept() on
+    the first 16 bytes) without opening anything; None when no signature matches."""
+    PIL.Image.init()
+    prefix = data[:16]
+    for fmt in PIL.Image.ID:
+        accept = PIL.Image.OPEN[fmt][1]
+        ok = accept is not None and accept(prefix)
+        if ok and not isinstance(ok, str):  # (a str is Pillow's "not this, and warn")
+            return fmt
+    return None
+
+
+def _ico_frame_sizes(data: bytes) -> list[tuple[int, int]]:
+    """(width, height) of every image in an ICO file, each from its own header: Pillow's ICO plugin decodes one
+    inside Image.open, before its size can be checked, and an embedded PNG may be any size whatever the
+    directory's one-byte sides say."""
+    sizes = []
+    for i in range(int.from_bytes(data[4:6], "little")):
+        entry = data[6 + 16 * i:22 + 16 * i]
+        if len(entry) < 16:
+            break
+        offset = int.from_bytes(entry[12:16], "little")
+        head = data[offset:offset + 24]
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 24:  # IHDR: big-endian width, height
+            sizes.append((int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")))
+        elif len(head) >= 12 and int.from_bytes(head[:4], "little") == 12:  # BITMAPCOREHEADER; height holds 2 masks
+            sizes.append((int.from_bytes(head[4:6], "little"), int.from_bytes(head[6:8], "little") // 2))
+        elif len(head) >= 12:  # BITMAPINFOHEADER and later
+            sizes.append((abs(int.from_bytes(head[4:8], "little", signed=True)),
+                          abs(int.from_bytes(head[8:12], "little", signed=True)) // 2))
+        else:
+            sizes.append((entry[0] or 256, entry[1] or 256))
+    return sizes
+
+
+# formats whose Pillow plugin decodes pixels inside Image.open: their sizes are read here first
+_SIZES_BEFORE_OPEN = {"ICO": _ico_frame_sizes}
+
+
 def _open_bytes(data: bytes, name: str, policy: MediaPolicy | None = None) -> PIL.Image.Image:
-    try:
-        img = PIL.Image.open(io.BytesIO(data))
+    """The image in `data`, decoded only after its format and size passed the policy (from the header)."""
+    what = f"image {name}"
+    if policy is not None:
+        fmt = sniff_format(data)
+        if policy.image_formats is not None and fmt is not None:
+            policy.check_image_format(fmt, what)
+        for w, h in _SIZES_BEFORE_OPEN.get(fmt, lambda d: ())(data):
+            policy.check_image_size(w, h, what)
+    try:  # with an allowlist, Pillow tries no other plugin (a file no signature matched cannot reach one)
+        img = PIL.Image.open(io.BytesIO(data), formats=None if policy is None else policy.image_formats)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
     if policy is not None:
-        policy.check_pixels(img.width, img.height, f"image {name}")  # from the header, before decoding
+        policy.check_image_size(img.width, img.height, what)  # from the header, before decoding
     try:
         img.load()  # force full decode so truncated files fail here
     except Exception as e:
@@ -96,10 +152,17 @@ def load_image(source, policy: MediaPolicy | None = None) -> PIL.Image.Image:
     """PIL image from a PIL image, uint8 array, path, file:// URI, data: URI or http(s) URL (mode kept). Paths, URLs
     and data: URIs meet the media policy (None: the default, permissive one) before any of their bytes is read."""
     if isinstance(source, PIL.Image.Image):
-        _check_size(source, describe_source(source))
+        name = describe_source(source)
+        try:
+            w, h = source.size
+        except Exception as e:
+            raise ImageError(f"image {name} has no readable size: {type(e).__name__}: {e}") from e
+        _check_size(source, name)
+        (policy or DEFAULT_POLICY).check_image_size(w, h, f"image {name}")
         return source
     if isinstance(source, np.ndarray):
         arr = check_array(source)
+        (policy or DEFAULT_POLICY).check_image_size(arr.shape[1], arr.shape[0], f"image {describe_source(arr)}")
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         return PIL.Image.fromarray(np.ascontiguousarray(arr))
@@ -147,14 +210,13 @@ def load_image(source, policy: MediaPolicy | None = None) -> PIL.Image.Image:
 def to_rgb_array(image) -> np.ndarray:
     """uint8 HxWx3, same as transformers.image_transforms.convert_to_rgb (alpha composited on white)."""
     if isinstance(image, PIL.Image.Image):
-        _check_size(image, describe_source(image))
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgb = PIL.Image.alpha_composite(white, rgba).convert("RGB")
-        else:
-            rgb = image if image.mode == "RGB" else image.convert("RGB")  # (an RGB convert is a copy)
-        return np.asarray(rgb, dtype=np.uint8)
+        try:
+            return _pil_to_rgb(image)
+        except ImageError:
+            raise
+        except Exception as e:  # a caller's image object (a subclass, a lazily loaded file) that fails to convert
+            raise ImageError(f"cannot read the pixels of image {describe_source(image)}: {type(e).__name__}: {e}"
+                             ) from e
     if isinstance(image, np.ndarray):
         arr = check_array(image)
         if arr.ndim == 2:
@@ -169,6 +231,20 @@ def to_rgb_array(image) -> np.ndarray:
             return np.round(comp).astype(np.uint8)
         return arr
     return to_rgb_array(load_image(image))
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    _check_size(image, describe_source(image))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # (an RGB convert is a copy)
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if arr.shape != (image.height, image.width, 3):  # an object whose pixels do not match its stated size
+        raise ImageError(f"image {describe_source(image)} gave pixels of shape {arr.shape}")
+    return arr
 
 
 @lru_cache(maxsize=64)
@@ -302,12 +378,48 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-@lru_cache(maxsize=128)
+# Taps are kept for the sizes seen most recently, up to this many bytes (a photo's are tens of KB; the taps of an
+# axis are about 16 bytes per input pixel, so a size-bounded cache cannot be made to hold gigabytes by odd widths).
+TAPS_CACHE_BYTES = 32 << 20
+_taps_cache: OrderedDict = OrderedDict()
+_taps_lock = threading.Lock()
+_taps_bytes = 0
+
+
 def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's bicubic taps for one axis of Image.resize (box 0..in_size): int32 bounds [out, 2] (first input
-    index, tap count) and int32 coefficients [out, ksize] in its fixed point (2^22 = 1.0). The double arithmetic
-    follows Pillow's precompute_coeffs and normalize_coeffs_8bpc step by step, so the integer passes of
-    csrc/cpu/images.cpp reproduce PIL's bytes."""
+    index, tap count) and int32 coefficients [out, ksize] in its fixed point (2^22 = 1.0); read-only, as they may
+    be shared through the cache."""
+    global _taps_bytes
+    key = (in_size, out_size)
+    with _taps_lock:
+        taps = _taps_cache.get(key)
+        if taps is not None:
+            _taps_cache.move_to_end(key)
+            return taps
+    taps = _compute_taps(in_size, out_size)
+    for a in taps:
+        a.setflags(write=False)
+    size = taps[0].nbytes + taps[1].nbytes
+    if size <= TAPS_CACHE_BYTES // 8:
+        with _taps_lock:
+            if key not in _taps_cache:
+                _taps_cache[key] = taps
+                _taps_bytes += size
+                while _taps_bytes > TAPS_CACHE_BYTES:
+                    _, old = _taps_cache.popitem(last=False)
+                    _taps_bytes -= old[0].nbytes + old[1].nbytes
+    return taps
+
+
+def taps_cache_bytes() -> int:
+    """Bytes the tap cache holds now."""
+    return _taps_bytes
+
+
+def _compute_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The double arithmetic follows Pillow's precompute_coeffs and normalize_coeffs_8bpc step by step, so the
+    integer passes of csrc/cpu/images.cpp reproduce PIL's bytes."""
     scale = float(np.float32(in_size)) / out_size  # Pillow's box edges are float32 (exact below 2^24 pixels)
     filterscale = max(scale, 1.0)  # downsampling stretches the filter (antialiasing)
     support = 2.0 * filterscale
@@ -348,11 +460,27 @@ def _resize_native(ext, order: str, rgb: np.ndarray, width: int, height: int, th
     return out
 
 
+# A bicubic downscale's taps (Pillow's and ours alike) take about 4 coefficients per input pixel of the axis, and
+# computing them several times that in doubles: a 40,000,000 x 1 image needed gigabytes to make one row of tiles.
+# An axis longer than this is first shrunk by an integer box average (Image.reduce, what Pillow's reducing_gap does)
+# to at most this length; shorter axes, every real photograph's, are resized exactly as before.
+MAX_RESAMPLE_SIDE = 1 << 18
+
+
+def _reduce_factor(in_size: int, out_size: int) -> int:
+    return -(-in_size // MAX_RESAMPLE_SIDE) if in_size > max(out_size, MAX_RESAMPLE_SIDE) else 1
+
+
 def resize_bicubic(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     """uint8 [H, W, C] with C = 3 (RGB) or 1 (L) -> [height, width, C], the bytes of PIL's
-    Image.resize((width, height), BICUBIC). (Pillow resizes LA and RGBA premultiplied, which this does not.)"""
+    Image.resize((width, height), BICUBIC). (Pillow resizes LA and RGBA premultiplied, which this does not.) An
+    axis longer than MAX_RESAMPLE_SIDE is box-reduced first, so memory stays near the image's own size."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (1, 3):
         raise ValueError(f"resize_bicubic: uint8 [H, W, 3 or 1] expected, got {rgb.dtype} {tuple(rgb.shape)}")
+    fx, fy = _reduce_factor(rgb.shape[1], width), _reduce_factor(rgb.shape[0], height)
+    if fx > 1 or fy > 1:
+        im = PIL.Image.fromarray(rgb if rgb.shape[2] == 3 else rgb[..., 0]).reduce((fx, fy))
+        rgb = np.asarray(im).reshape(im.height, im.width, -1)
     ext, order = _native_module() if _native_enabled else (None, None)
     if ext is None:
         im = PIL.Image.fromarray(rgb if rgb.shape[2] == 3 else rgb[..., 0])

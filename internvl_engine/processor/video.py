@@ -3,6 +3,7 @@ InternVLVideoProcessor (torchvision backend on CPU); spec section 6."""
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import urllib.parse
@@ -14,7 +15,7 @@ import PIL.Image
 import torch
 
 from ..constants import TILE_SIZE
-from ..errors import ImageError, MediaPolicyError, VideoError
+from ..errors import ImageError, MediaPolicyError, VideoError, VideoFormatError
 from .images import DEFAULT_POLICY, IMAGENET_MEAN, IMAGENET_STD, describe_source, load_image, to_rgb_array
 from .media import MediaPolicy
 
@@ -34,21 +35,79 @@ def _frame_to_rgb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
-def _container_frame_count(av, path: str, name: str) -> int:
-    """The first video stream's frame count as the container states it; 0 when it does not."""
-    with av.open(path) as container:
+def _max_pixels(policy: MediaPolicy) -> int | None:
+    """The frame size ffmpeg's decoders may allocate (its max_pixels option, at most INT_MAX), from the policy."""
+    caps = [c for c in (policy.max_image_pixels, policy.max_image_side and policy.max_image_side ** 2)
+            if c is not None]
+    return min(caps + [2**31 - 1]) if caps else None
+
+
+def _open(av, path: str, name: str, policy: MediaPolicy):
+    """The container, opened by one of the policy's single-file demuxers from the local file protocol only.
+    avformat_find_stream_info (inside av.open) would decode a frame of some codecs (H.264: a 9000 x 9000 frame
+    took 190 MB) before the stream's size can be checked; skip_frame=all keeps it to the headers, which still give
+    the size. The decoder that decodes the frames later refuses any frame over the policy's size (max_pixels)."""
+    options = {"protocol_whitelist": "file", "skip_frame": "all"}
+    if policy.video_formats is not None:
+        options["format_whitelist"] = ",".join(policy.video_formats)
+    cap = _max_pixels(policy)
+    try:
+        container = av.open(path, options=options)
+    except av.error.ArgumentError as e:  # EINVAL: what ffmpeg returns for a demuxer off the whitelist
+        if policy.video_formats is None:
+            raise
+        raise VideoFormatError(f"video {name} is not in an allowed single-file container format{_what_file(path)} "
+                               f"(media_policy.video_formats = {list(policy.video_formats)})") from e
+    if cap is not None:
+        for s in container.streams.video:
+            if s.codec_context is not None:
+                s.codec_context.options = {"max_pixels": str(cap)}  # a stream whose frames grow midway
+    return container
+
+
+def _what_file(path: str) -> str:
+    """For the refusal's message: what a file that opens other files looks like."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return ""
+    if head.startswith(b"#EXTM3U"):
+        return " (it is an M3U/HLS playlist, which opens the files and URLs it lists)"
+    if head.startswith(b"ffconcat"):
+        return " (it is an ffmpeg concat list, which opens the files it lists)"
+    return ""
+
+
+def _check_frame_size(frame_or_stream, name: str, policy: MediaPolicy) -> None:
+    w, h = int(frame_or_stream.width or 0), int(frame_or_stream.height or 0)
+    if w and h:
+        policy.check_image_size(w, h, f"video {name} frame")
+
+
+def _container_frame_count(av, path: str, name: str, policy: MediaPolicy = DEFAULT_POLICY) -> int:
+    """The first video stream's frame count as the container states it (0 when it does not), after its frame size,
+    from the stream's header, passed the policy."""
+    with _open(av, path, name, policy) as container:
         if not container.streams.video:
             raise VideoError(f"video {name} has no video stream")
-        return int(container.streams.video[0].frames or 0)
+        stream = container.streams.video[0]
+        _check_frame_size(stream, name, policy)
+        return int(stream.frames or 0)
 
 
-def _decode(av, path: str, keep, on_kept=None) -> tuple[dict[int, np.ndarray], int]:
+def _decode(av, path: str, keep, on_kept=None, name: str = "", policy: MediaPolicy = DEFAULT_POLICY
+            ) -> tuple[dict[int, np.ndarray], int]:
     """Decode the whole stream, converting and holding only the frames keep(index) selects (the others are
-    dropped as they come); ({index: frame}, frames decoded). on_kept(count) after each frame kept."""
+    dropped as they come); ({index: frame}, frames decoded). on_kept(count) after each frame kept. Every frame's
+    size meets the policy (a stream may change size midway)."""
     kept: dict[int, np.ndarray] = {}
     n = 0
-    with av.open(path) as container:
-        for frame in container.decode(container.streams.video[0]):
+    with _open(av, path, name, policy) as container:
+        stream = container.streams.video[0]
+        _check_frame_size(stream, name, policy)
+        for frame in container.decode(stream):
+            _check_frame_size(frame, name, policy)
             if keep(n):
                 kept[n] = _frame_to_rgb(frame)
                 if on_kept is not None:
@@ -57,33 +116,35 @@ def _decode(av, path: str, keep, on_kept=None) -> tuple[dict[int, np.ndarray], i
     return kept, n
 
 
-def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=None) -> list[np.ndarray]:
+def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=None,
+                 policy: MediaPolicy = DEFAULT_POLICY) -> list[np.ndarray]:
     """The frames load_video returns for a file, decoded as a stream. With num_frames, only the frames
     sample_frame_indices picks from the total are converted and kept, so the result equals sampling the list of
     every decoded frame (the total is the container's count, or a first pass's when it states none, and is
     checked against the frames actually decoded: a wrong count means one more pass with the true one)."""
     av = _import_av(name)
+    decode = functools.partial(_decode, av, path, name=name, policy=policy)
     try:
-        total = _container_frame_count(av, path, name)
+        total = _container_frame_count(av, path, name, policy)
         if num_frames is None:
             if on_frames is None:  # nothing to check first: one pass, as before
-                kept, n = _decode(av, path, lambda i: True)
+                kept, n = decode(lambda i: True)
                 return [kept[i] for i in range(n)]
-            total = total or _decode(av, path, lambda i: False)[1]
+            total = total or decode(lambda i: False)[1]
             if total:
                 on_frames(total)
             # a container that under-counts is caught as its extra frames arrive
-            kept, n = _decode(av, path, lambda i: True, lambda k: k > total and on_frames(k))
+            kept, n = decode(lambda i: True, lambda k: k > total and on_frames(k))
             return [kept[i] for i in range(n)]
         if total < num_frames:  # none stated, or too few for this request: count, so a refusal is true
-            total = _decode(av, path, lambda i: False)[1]
+            total = decode(lambda i: False)[1]
         for _attempt in range(2):
             if total == 0:
                 raise VideoError(f"video {name} has no frames")
             idx = sample_frame_indices(total, num_frames)
             if on_frames is not None:
                 on_frames(len(idx))
-            kept, n = _decode(av, path, set(idx).__contains__)
+            kept, n = decode(set(idx).__contains__)
             if n == total:
                 return [kept[i] for i in idx]
             kept = None  # the container's count was wrong: sample again from what decoding gives
@@ -141,10 +202,11 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
         path = policy.local_path(path, f"video file {name}")
         if not os.path.isfile(path):
             raise VideoError(f"video file not found: {name}")
-        frames = _decode_file(path, name, num_frames, on_frames)
+        frames = _decode_file(path, name, num_frames, on_frames, policy)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] not in (1, 3, 4):
             raise VideoError(f"video {name}: expected a uint8 array [frames, height, width, channels]")
+        policy.check_image_size(source.shape[2], source.shape[1], f"video {name} frame")
         frames = []
         for i in _select(len(source), num_frames, name, on_frames):
             try:
@@ -156,6 +218,8 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
         for i in _select(len(source), num_frames, name, on_frames):
             fr = source[i]
             try:
+                if isinstance(fr, np.ndarray) and fr.ndim >= 2:
+                    policy.check_image_size(fr.shape[1], fr.shape[0], f"video frame of shape {tuple(fr.shape)}")
                 img = fr if isinstance(fr, np.ndarray) else load_image(fr, policy)
                 frames.append(to_rgb_array(img))
             except (ImageError, MediaPolicyError) as e:
