@@ -227,7 +227,7 @@ def test_playlists_and_lists_are_refused(tmp_path, decodes):
     assert MediaPolicy.strict().video_formats == MediaPolicy().video_formats == media_mod.SINGLE_FILE_VIDEO_FORMATS
 
 
-# ------------------------------------------------------------------------------------------------ item 15: caller objects
+# ---------------------------------------------------------------------------------------------- item 15: caller objects
 class _BrokenImage(PIL.Image.Image):
     """A caller's image whose pixels cannot be read."""
 

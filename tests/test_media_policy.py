@@ -133,6 +133,10 @@ def test_defaults_and_strict():
     assert s.local_media_root is None and not s.allow_private_networks
     assert (s.max_download_bytes, s.max_data_uri_bytes) == (20 << 20, 20 << 20)
     assert (s.fetch_timeout_s, s.max_images, s.max_tiles, s.max_video_frames) == (10.0, 16, 64, 64)
+    assert (p.max_image_side, p.max_image_aspect, p.image_formats) == (None, None, None)
+    assert (s.max_image_pixels, s.max_image_side, s.max_image_aspect) == (50_000_000, 65535, 200)
+    assert s.image_formats == ("BMP", "GIF", "JPEG", "PNG", "WEBP")
+    assert p.video_formats == s.video_formats and "mp4" in s.video_formats and "hls" not in s.video_formats
     assert MediaPolicy.strict(max_images=2, allowed_domains="Example.COM.").allowed_domains == ("example.com",)
     assert issubclass(MediaPolicyError, InternVLEngineError) and issubclass(MediaPolicyError, ValueError)
     assert issubclass(MediaTooLargeError, MediaPolicyError) and issubclass(MediaTimeoutError, MediaPolicyError)

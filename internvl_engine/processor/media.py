@@ -74,7 +74,8 @@ class MediaPolicy:
         connected to, and such a policy ignores *_proxy environment variables (it must see the address it uses).
     max_download_bytes: bytes one URL may send (Content-Length checked before the body, the body read in chunks).
     max_data_uri_bytes: length of one data: URI, checked before decoding.
-    fetch_timeout_s: wall-clock budget of one URL fetch (connect, redirects, body).
+    fetch_timeout_s: wall-clock budget of one URL fetch, all of it: host lookups, connects, TLS handshakes, status
+        lines, headers, every redirect hop and the body.
     max_images: images per request (video frames not counted).
     max_tiles: tiles per request, summed over its images (thumbnails included).
     max_video_frames: video frames per request after sampling, summed over its videos; frames are sampled before
