@@ -143,8 +143,8 @@ async def _merged(subs: list[_Submitted]):
 class SSEResponse(StreamingResponse):
     """text/event-stream from an async generator of str. A task reads the connection meanwhile: when the client
     disconnects it cancels the response (so the generator, and with it the engine request, ends at once, even while
-    waiting for a token). A client that takes no data for stall_timeout seconds while a write waits is cut off the
-    same way, and its connection closed. A cancellation from outside (uvicorn cutting requests at
+    waiting for a token). A client that takes no data for stall_timeout seconds (up to a quarter more) while a write
+    waits is cut off the same way, and its connection closed. A cancellation from outside (uvicorn cutting requests at
     --shutdown-timeout) ends the stream with an error event and [DONE]. `record(cut)` is called once at the end:
     cut is None when the body ran to its end, else "gone" (client left or stalled) or "shutdown"."""
     media_type = "text/event-stream"
@@ -156,7 +156,7 @@ class SSEResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        state = {"closing": False, "gone": False}
+        state = {"closing": False, "gone": False, "writing_since": None}
 
         def gone():
             if not state["closing"] and not state["gone"]:
@@ -170,14 +170,21 @@ class SSEResponse(StreamingResponse):
 
         async def write(body: bytes, more: bool = True):
             # uvicorn's send waits while the transport is paused, i.e. while the client does not read
-            timer = loop.call_later(self.stall_timeout, gone) if self.stall_timeout else None
-            try:
-                await send({"type": "http.response.body", "body": body, "more_body": more})
-            finally:
-                if timer is not None:
-                    timer.cancel()
+            state["writing_since"] = loop.time()
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+            state["writing_since"] = None
+
+        async def watch_stalls(timeout: float):
+            # one look every quarter timeout, rather than a timer per chunk
+            while True:
+                await asyncio.sleep(timeout / 4)
+                since = state["writing_since"]
+                if since is not None and loop.time() - since > timeout:
+                    gone()
+                    return
 
         watcher = asyncio.ensure_future(watch())
+        stalls = asyncio.ensure_future(watch_stalls(self.stall_timeout)) if self.stall_timeout else None
         cut = None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -198,17 +205,19 @@ class SSEResponse(StreamingResponse):
                 await self.body_iterator.aclose()  # aborts the engine requests before the client hears
                 with contextlib.suppress(OSError):
                     await send({"type": "http.response.body", "more_body": False,
-                                "body": (P.sse(P.error_body(SHUTTING_DOWN())) + P.SSE_DONE).encode()})
+                                "body": (P.sse(P.error_body(_shutting_down())) + P.SSE_DONE).encode()})
         except OSError:  # the client went away while we wrote
             cut = "gone"
         finally:
             state["closing"] = True
             watcher.cancel()
+            if stalls is not None:
+                stalls.cancel()
             await self.body_iterator.aclose()
             self.record(cut)
 
 
-def SHUTTING_DOWN() -> P.APIError:
+def _shutting_down() -> P.APIError:
     return P.APIError(503, "the request was cut: the server is shutting down (--shutdown-timeout)",
                       "service_unavailable_error", "shutting_down")
 
@@ -464,7 +473,7 @@ class OpenAIServer:
             # plain-text 500
             if asyncio.current_task().uncancel():
                 raise
-            return self.error_response(SHUTTING_DOWN(), headers=headers)
+            return self.error_response(_shutting_down(), headers=headers)
         except Exception as e:
             return self.error_response(e, headers=headers)
 
