@@ -254,3 +254,66 @@ def test_stop_strings_end_generation_and_are_held_back(engine):
             final = o
     assert final.finish_reason == "stop" and shown == text[:text.find(stop)]
     _clean(engine)
+
+
+# ---------------------------------------------------------------- 7. texts bounded before tokenising
+class _EncodeSpy:
+    """Stands in for the tokenizers backend and records the length of every text encoded."""
+
+    def __init__(self, backend):
+        self.backend, self.encoded = backend, []
+
+    def encode(self, text, **kwargs):
+        self.encoded.append(len(text))
+        return self.backend.encode(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+@pytest.fixture(scope="module")
+def short():
+    """A 512-token context: a byte-level BPE token is at most 128 bytes, so texts over 65,536 bytes cannot fit."""
+    return LLMEngine("random:tiny", device="cpu", max_model_len=512, kv_cache_tokens=1024, max_prompt_chars=200_000)
+
+
+@pytest.fixture
+def spy(short, monkeypatch):
+    tok = short.processor.tokenizer
+    monkeypatch.setattr(tok, "_tok", _EncodeSpy(tok._tok))
+    return tok._tok
+
+
+@pytest.mark.parametrize("request_", [
+    {"prompt": "a" * (512 * 128 + 1)},
+    [{"role": "user", "content": "word " * 13_200}],
+    [{"role": "user", "content": [{"type": "text", "text": "é" * 33_000}]}],  # 66,000 bytes in 33,000 characters
+], ids=["raw", "chat", "two-byte characters"])
+def test_a_text_that_cannot_fit_is_refused_before_tokenising(short, spy, request_):
+    with pytest.raises(PromptError, match=r"max_model_len") as e:
+        short.add_request("long", request_, SamplingParams(max_tokens=1))
+    assert "characters" in str(e.value) and "bytes" in str(e.value)
+    assert all(n <= 512 * 128 for n in spy.encoded)  # nothing that long reached the tokenizer
+    _clean(short)
+
+
+def test_a_long_text_that_fits_is_taken(short, spy):
+    """64,000 characters, but runs of 128 spaces are single tokens: 500 tokens fit in 512 (no false refusal)."""
+    out = _run(short, [("spaces", {"prompt": " " * (128 * 500)}, SamplingParams(max_tokens=1))])["spaces"]
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) == 500
+    _clean(short)
+
+
+def test_max_prompt_chars_refuses_a_long_text_first(short, spy):
+    conv = [{"role": "user", "content": [{"type": "text", "text": "b" * 100_000}, "c" * 100_001]}]
+    with pytest.raises(PromptError, match=r"200001 characters, over the 200000 limit \(max_prompt_chars\)"):
+        short.add_request("long", conv, SamplingParams(max_tokens=1))
+    assert not spy.encoded
+    _clean(short)
+
+
+def test_the_tokenizer_refuses_a_text_that_cannot_fit_whoever_calls_it(short, spy):
+    with pytest.raises(PromptError, match="max_model_len"):
+        short.processor(text="z" * (512 * 128 + 1))
+    assert not spy.encoded
+    assert short.processor.tokenizer.token_bound() == (128, ("NFC",))

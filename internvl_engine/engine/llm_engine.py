@@ -49,6 +49,26 @@ class DuplicateRequestError(InternVLEngineError, ValueError):
     """add_request() was given a request id that is still in the engine."""
 
 
+def _text_chars(conversation) -> int:
+    """Characters of a request's own text (a string, a raw prompt, the text of its messages), counted without
+    copying anything: what max_prompt_chars bounds."""
+    if isinstance(conversation, str):
+        return len(conversation)
+    if isinstance(conversation, dict):
+        prompt = conversation.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else 0
+    n = 0
+    for message in conversation if isinstance(conversation, (list, tuple)) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, (list, tuple)):
+            for item in content:
+                text = item.get("text") if isinstance(item, dict) and item.get("type") == "text" else item
+                n += len(text) if isinstance(text, str) else 0
+    return n
+
+
 def engine_config(model, dtype="auto", device=None, **settings) -> EngineConfig:
     """An EngineConfig from LLM-style arguments; an unknown setting is an error, not a silently ignored name."""
     if isinstance(model, EngineConfig):
@@ -70,6 +90,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg.dtype, self.config, self.device)
         self.model = self._load_model(checkpoint, ops, cfg.seed)
         self.max_model_len = min(cfg.max_model_len or self.config.max_model_len, self.config.max_model_len)
+        self.processor.tokenizer.limit_text(self.max_model_len)  # what cannot fit is refused before tokenising
         self.block_size = cfg.block_size
         self.runner = self._make_runner(cfg)
         self.sampler = Sampler()
@@ -200,12 +221,27 @@ class LLMEngine:
         kwargs = dict(max_num_tiles=params.max_num_tiles, num_frames=params.num_frames)
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
+        self._check_text(conversation, add_generation_prompt)
         if isinstance(conversation, dict):  # raw prompt with <IMG_CONTEXT> / <video> placeholders
             if "prompt" not in conversation:
                 raise PromptError("a raw request must be a dict with a 'prompt' key (and optional 'images', 'videos')")
             return self.processor(text=conversation["prompt"], images=conversation.get("images"),
                                   videos=conversation.get("videos"), **kwargs)
         return self.processor(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def _check_text(self, conversation, add_generation_prompt: bool) -> None:
+        """Bound a request's text before the processor scans and tokenises it (seconds a megabyte): over
+        max_prompt_chars, or a text that cannot fit in max_model_len tokens, is a PromptError at once."""
+        n = _text_chars(conversation)
+        limit = self.engine_config.max_prompt_chars
+        if limit is not None and n > limit:
+            raise PromptError(f"the text has {n} characters, over the {limit} limit (max_prompt_chars)")
+        if n > self.max_model_len:  # long enough to be worth measuring: the very text the processor will tokenise
+            raw = isinstance(conversation, dict)
+            text = conversation.get("prompt") if raw else self.processor.apply_chat_template(
+                conversation, add_generation_prompt)
+            if isinstance(text, str):
+                self.processor.tokenizer.check_text(text)
 
     def _check_prompt(self, ids: list[int], what: str) -> None:
         if not ids:

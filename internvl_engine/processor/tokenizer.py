@@ -6,9 +6,10 @@ import copy
 import importlib.util
 import json
 import os
+import unicodedata
 from pathlib import Path
 
-from ..errors import InternVLEngineError
+from ..errors import InternVLEngineError, PromptError
 
 # InternVL3 tokens appended after the Qwen2.5 specials (ids 151665..151674, in this order).
 INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>")
@@ -22,6 +23,12 @@ EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
 _BASE_CACHE: dict | None = None
+
+# Normalizers whose effect on a text's size Python can reproduce (unicodedata implements the same Unicode forms);
+# any other (strip, replace, ...) may delete text, and no bound is derived.
+_NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+# Split behaviours that keep every character of the text in some piece ("removed" drops the delimiters).
+_KEEPING_SPLITS = {"isolated", "mergedwithprevious", "mergedwithnext", "contiguous"}
 
 
 def _qwen_tokenizer_json_path() -> Path:
@@ -93,6 +100,8 @@ class Tokenizer:
         self.start_image_token = START_IMAGE_TOKEN
         self.end_image_token = END_IMAGE_TOKEN
         self.video_token = VIDEO_TOKEN
+        self._max_tokens: int | None = None  # limit_text(): texts that cannot fit are refused before encoding
+        self._token_bound: tuple | None = None  # token_bound(), once a long text needs it (() when there is none)
 
     def _require(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -118,10 +127,79 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def limit_text(self, max_tokens: int | None) -> None:
+        """From now on encode() refuses (PromptError), before any tokenising, a text too long to fit in max_tokens
+        tokens (max_model_len): tokenising a 50 MB text took 79 s with the GIL held, only for it to be refused for
+        its token count afterwards."""
+        self._max_tokens = max_tokens
+
+    def _pipeline(self, part: str) -> list[dict]:
+        obj = getattr(self._tok, part)
+        if obj is None:
+            return []
+        state = json.loads(obj.__getstate__())
+        return state.get("normalizers" if part == "normalizer" else "pretokenizers", [state]) \
+            if state["type"] == "Sequence" else [state]
+
+    def token_bound(self) -> tuple[int, tuple[str, ...]] | None:
+        """(B, forms): no token stands for more than B bytes of the text in UTF-8 after the Unicode normal forms
+        `forms`, the tokenizer's normalizer; None where its pipeline gives no such bound. Derived for byte-level
+        BPE, whose every token is a vocabulary entry of at most B byte symbols, nothing of the text dropped, or an
+        added token (its content's bytes). Worked out once, when a long text first needs it."""
+        if self._token_bound is None:
+            self._token_bound = self._derive_token_bound() or ()
+        return self._token_bound or None
+
+    def _derive_token_bound(self) -> tuple[int, tuple[str, ...]] | None:
+        if type(self._tok.model).__name__ != "BPE":
+            return None
+        forms = tuple(n.get("type") for n in self._pipeline("normalizer"))
+        if any(f not in _NORMAL_FORMS for f in forms):
+            return None
+        pres = self._pipeline("pre_tokenizer")
+        if not any(p.get("type") == "ByteLevel" for p in pres):
+            return None  # a vocabulary entry's characters are bytes only under the byte-level alphabet
+        for p in pres:
+            if p.get("type") == "Split":
+                if str(p.get("behavior", "")).lower() not in _KEEPING_SPLITS or p.get("invert"):
+                    return None
+            elif p.get("type") != "ByteLevel":
+                return None  # e.g. Whitespace drops characters
+        base = self._tok.get_vocab_size(with_added_tokens=False)
+        longest = max((len(self._tok.id_to_token(i) or "") for i in range(base)), default=1)
+        added = max((len(t.content.encode()) for t in self._tok.get_added_tokens_decoder().values()), default=1)
+        return max(longest, added), forms
+
+    def check_text(self, text: str) -> None:
+        """PromptError if `text` cannot fit in limit_text()'s token count, decided without tokenising it: its
+        UTF-8 bytes after normalisation over token_bound()'s bytes per token (exact: never refuses a text that
+        fits). O(1) for a text of at most that many characters, O(len) with C-speed string operations above it."""
+        n, limit = len(text), self._max_tokens
+        if limit is None or n <= limit:  # a token stands for at least one character
+            return
+        bound = self.token_bound()
+        if bound is None:
+            return
+        per, forms = bound
+        if text.isascii():  # every normal form leaves ASCII alone, one byte a character
+            size = n
+        else:
+            for form in forms:
+                text = unicodedata.normalize(form, text)
+            size = len(text.encode("utf-8", "replace"))
+        if size > limit * per:
+            raise PromptError(f"the text has {n} characters ({size} bytes as tokenised), more than {limit} tokens "
+                              f"(max_model_len) of at most {per} bytes each can hold; shorten the text")
+
     def encode(self, text: str) -> list[int]:
+        if self._max_tokens is not None:
+            self.check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._max_tokens is not None:
+            for text in texts:
+                self.check_text(text)
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
