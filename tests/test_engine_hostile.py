@@ -3,7 +3,6 @@ labels, not keys; a sequence that fails to schedule fails its request alone; fau
 tokens; tiny temperatures and huge seeds are handled; stop lists and prompt texts are bounded before the work they
 would cause. CPU, the random:tiny preset."""
 import random
-import time
 
 import pytest
 
@@ -118,7 +117,7 @@ def test_a_decode_slot_failure_fails_its_request_alone(engine, monkeypatch):
     _clean(engine)
 
 
-# ---------------------------------------------------------------- 11. reruns keep seeded tokens; tiny temperatures; seeds
+# ---------------------------------------------------------------- 11. seeded reruns, tiny temperatures, seeds
 SEEDED = SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, seed=1234)
 
 
