@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import binascii
+import hashlib
 import io
 import math
 import os
 import re
+import struct
 import threading
 import urllib.parse
-from collections import OrderedDict
 import urllib.request
+from collections import OrderedDict
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -62,7 +63,10 @@ def sniff_format(data: bytes) -> str | None:
     prefix = data[:16]
     for fmt in PIL.Image.ID:
         accept = PIL.Image.OPEN[fmt][1]
-        ok = accept is not None and accept(prefix)
+        try:
+            ok = accept is not None and accept(prefix)
+        except (SyntaxError, IndexError, TypeError, struct.error):  # a short prefix: skipped, as Image.open does
+            continue
         if ok and not isinstance(ok, str):  # (a str is Pillow's "not this, and warn")
             return fmt
     return None
