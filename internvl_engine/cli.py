@@ -275,13 +275,17 @@ def cmd_serve(args) -> int:
             "INTERNVL_ENGINE_API_KEY") or None, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
         default_max_tokens=args.default_max_tokens, allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=domains, allow_private_media_networks=args.allow_private_media_networks,
-        max_media_bytes=args.max_media_bytes, media_fetch_timeout_s=args.media_fetch_timeout)
+        max_media_bytes=args.max_media_bytes, media_fetch_timeout_s=args.media_fetch_timeout,
+        max_json_depth=args.max_json_depth, max_prompts=args.max_prompts,
+        max_prompt_chars=args.max_prompt_chars or None, stream_stall_timeout_s=args.stream_stall_timeout or None)
     engine_args = dict(dtype=args.dtype, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
                        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=not args.no_prefix_caching, media_policy=settings.media_policy(),
-                       tensor_parallel_size=args.tensor_parallel_size)
+                       tensor_parallel_size=args.tensor_parallel_size,
+                       tensor_parallel_timeout_s=args.tensor_parallel_timeout,
+                       consumer_timeout_s=args.consumer_timeout or None)
     llm = AsyncLLM(args.model, **engine_args)
     print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
@@ -318,6 +322,20 @@ def _add_serve_parser(sub) -> None:
                    help="413 for a larger request body (default: 64 MiB)")
     s.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
                    help="max_tokens of chat requests that give none (default: 1024)")
+    s.add_argument("--max-json-depth", type=int, default=64, metavar="N",
+                   help="400 for a request body nesting arrays/objects deeper (default: 64)")
+    s.add_argument("--max-prompts", type=int, default=256, metavar="N",
+                   help="400 for a completions request with more prompts (default: 256)")
+    s.add_argument("--max-prompt-chars", type=int, default=1_000_000, metavar="N",
+                   help="400 for more text characters in one request, before tokenising (default: 1,000,000; 0: off)")
+    s.add_argument("--stream-stall-timeout", type=float, default=60.0, metavar="S",
+                   help="cut off a streaming client that takes no data for S seconds (default: 60; 0: never)")
+    s.add_argument("--consumer-timeout", type=float, default=60.0, metavar="S",
+                   help="abort a request whose consumer takes no output for S seconds while outputs wait "
+                        "(default: 60; 0: never)")
+    s.add_argument("--tensor-parallel-timeout", type=float, default=300.0, metavar="S",
+                   help="bound on every wait for another tensor-parallel rank; past it the engine is dead "
+                        "(default: 300)")
     s.add_argument("--dtype", default="auto",
                    help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
     s.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
