@@ -112,8 +112,6 @@ def test_shutdown_workers_during_a_hung_step_kills_them_and_returns():
             os.kill(worker.pid, signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=True, reason="LLMEngine.check_health / shutdown still wait for the engine lock that a "
-                                       "hung step holds (internvl_engine/engine/llm_engine.py)")
 def test_engine_answers_health_and_shutdown_while_a_step_hangs(monkeypatch):
     """Once the executor knows a worker is hung, check_health says so without waiting for the step that holds the
     engine lock, and shutdown() returns: the workers are killed, which ends the step. The terminated worker is

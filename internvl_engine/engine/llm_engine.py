@@ -157,8 +157,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the engine: tensor-parallel workers are told to leave and joined (none is left behind; this also
         runs at interpreter exit). Every later call raises EngineDeadError."""
+        self.shutdown_workers()  # first, outside the lock: it kills the workers of a hung step, which frees the lock
         with self._lock:
-            self.shutdown_workers()
             if self._dead is None:
                 self._die("the engine was shut down")
 
@@ -188,9 +188,15 @@ class LLMEngine:
     # ------------------------------------------------------------------ health
     def check_health(self) -> None:
         """Raises EngineDeadError, saying why, once the engine has hit a fault it cannot recover from."""
-        if self._dead is None and self.executor is not None and self.executor.dead_reason is not None:
-            with self._lock:  # a tensor-parallel worker died or raised
-                self._die(self.executor.dead_reason)
+        reason = None if self.executor is None else self.executor.dead_reason  # a worker died, raised or hung
+        if self._dead is None and reason is not None:
+            if not self._lock.acquire(blocking=False):  # a step hung on a worker holds it: answer without waiting
+                raise EngineDeadError(f"the engine is dead: {reason}")
+            try:
+                if self._dead is None:
+                    self._die(reason)
+            finally:
+                self._lock.release()
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
 
