@@ -178,6 +178,18 @@ def test_a_tiny_temperature_is_greedy_and_fails_nobody(engine):
     _clean(engine)
 
 
+def test_a_tiny_top_p_keeps_the_most_likely_token_and_fails_nobody(engine):
+    """top_p=1e-300 is valid but rounds to 0 in fp32, so the nucleus filter dropped every token (nan probabilities:
+    the request failed, and its batch reran)."""
+    greedy = _alone(engine, "a tiny nucleus", GREEDY)
+    tiny = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, top_p=1e-300, seed=3)
+    splits = engine.num_isolation_splits
+    out = _run(engine, [("tiny-p", "a tiny nucleus", tiny)])
+    assert out["tiny-p"].finish_reason == "length" and out["tiny-p"].token_ids == greedy.token_ids
+    assert engine.num_isolation_splits == splits
+    _clean(engine)
+
+
 @pytest.mark.parametrize("seed", [2**64, 2**100])
 def test_seeds_a_generator_cannot_take_are_refused(seed):
     with pytest.raises(SamplingParamsError, match="seed"):
