@@ -17,7 +17,9 @@ import asyncio
 import json
 import platform
 import base64
+import ctypes
 import dataclasses
+import gc
 import io
 import os
 import random
@@ -109,6 +111,13 @@ def hostile_media(root: Path, url: str) -> list:
 
 
 def rss_mb() -> float:
+    """Resident MB after a collection, with glibc asked to hand its free pages back: what is still held, not what
+    the allocator keeps for reuse."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -135,7 +144,7 @@ class Soak:
         del alone
         self.engine = AsyncLLM("random:tiny", **settings)
         self.plan = [(n, self.rng.choice(KINDS), self.rng.randrange(args.distinct), self.rng.random())
-                     for n in range(args.requests)]
+                     for n in range(args.warmup + args.requests)]
         self.outcomes: dict[int, str] = {}
         self.mismatched = 0
         self.lock = threading.Lock()
@@ -220,19 +229,10 @@ class Soak:
         except InternVLEngineError:
             self.record(n, "refused", kind, conv)
 
-    async def run_async(self, items) -> None:
-        window = asyncio.Semaphore(self.args.concurrency)
-
-        async def one(item):
-            async with window:
-                await self.run_task(*item)
-        await asyncio.gather(*(one(it) for it in items))
-
-    def run(self) -> dict:
-        rss_before = rss_mb()
-        t0 = time.perf_counter()
-        threaded = [it for it in self.plan if it[0] % 2 == 0]
-        tasks = [it for it in self.plan if it[0] % 2 == 1]
+    def run_plan(self, plan) -> list[threading.Thread]:
+        """Even-numbered items from threads (submit), odd ones as asyncio tasks (generate); the threads, joined."""
+        threaded = [it for it in plan if it[0] % 2 == 0]
+        tasks = [it for it in plan if it[0] % 2 == 1]
         workers = []
         for w in range(self.args.threads):
             mine = threaded[w::self.args.threads]
@@ -242,6 +242,23 @@ class Soak:
         asyncio.run(self.run_async(tasks))
         for t in workers:
             t.join(timeout=300)
+        return workers
+
+    async def run_async(self, items) -> None:
+        window = asyncio.Semaphore(self.args.concurrency)
+
+        async def one(item):
+            async with window:
+                await self.run_task(*item)
+        await asyncio.gather(*(one(it) for it in items))
+
+    def run(self) -> dict:
+        # the first `warmup` requests bring the service to its steady state (thread pools, caches, allocator arenas);
+        # RSS is compared from there to the end of the run
+        t0 = time.perf_counter()
+        workers = self.run_plan(self.plan[:self.args.warmup])
+        rss_before = rss_mb()
+        workers += self.run_plan(self.plan[self.args.warmup:])
         deadline = time.time() + 60
         while self.engine.engine.has_unfinished_requests() and time.time() < deadline:
             time.sleep(0.05)
@@ -252,7 +269,7 @@ class Soak:
         for o in self.outcomes.values():
             counts[o] = counts.get(o, 0) + 1
         result = {
-            "requests": len(self.plan), "wall_s": round(time.perf_counter() - t0, 1), "outcomes": counts,
+            "requests": len(self.plan), "warmup": self.args.warmup, "wall_s": round(time.perf_counter() - t0, 1), "outcomes": counts,
             "faults_injected": sum(k == "fault" for _, k, _, _ in self.plan),
             "aborts": sum(k == "abort" for _, k, _, _ in self.plan),
             "cancellations": sum(k == "cancel" for _, k, _, _ in self.plan),
@@ -276,6 +293,7 @@ class Soak:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=50, help="requests of the same mix run first; RSS is measured after")
     ap.add_argument("--distinct", type=int, default=12, help="distinct good conversations (solo runs as reference)")
     ap.add_argument("--threads", type=int, default=6)
     ap.add_argument("--concurrency", type=int, default=24, help="asyncio requests in flight at once")
