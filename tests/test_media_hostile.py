@@ -12,16 +12,18 @@ import struct
 import threading
 import time
 import tracemalloc
+import weakref
 import zlib
 
 import numpy as np
 import PIL.Image
 import PIL.ImageFile
 import pytest
+import torch
 
 from internvl_engine.errors import (ImageError, MediaPolicyError, MediaTimeoutError, MediaTooLargeError, VideoError,
                                     VideoFormatError)
-from internvl_engine.processor import MediaPolicy, Processor, load_image, load_video
+from internvl_engine.processor import MediaPolicy, Processor, load_image, load_video, preprocess_video
 from internvl_engine.processor import images as images_mod
 from internvl_engine.processor import media as media_mod
 from internvl_engine.processor import video as video_mod
@@ -361,3 +363,65 @@ def test_host_lookup_is_within_the_deadline(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", slow)
     with pytest.raises(MediaTimeoutError, match=r"took longer than 0.5 s"):
         load_image("http://slow-dns.test:9/x.png", MediaPolicy(fetch_timeout_s=0.5))
+
+
+
+# ------------------------------------------------------------------------------------------------ item 5: video bloat
+def _rss_peak_reset() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_video_frames_are_resized_as_they_are_decoded(tmp_path, proc, monkeypatch):
+    """Each sampled frame is resized to video_size as soon as it is decoded, so a request holds one full-size frame
+    rather than all of them (16 of 3000 x 3000 were 432 MB, and the strict policy's 64 of 50 MP 9.6 GB); the
+    pixels are those of preprocessing load_video's full frames."""
+    av = pytest.importorskip("av")
+    side, n = 3000, 16
+    ramp = np.broadcast_to((np.arange(side, dtype=np.uint16) * 255 // side)[None, :, None], (side, side, 3))
+    clip = str(tmp_path / "big.mp4")
+    with av.open(clip, "w") as c:
+        s = c.add_stream("mpeg4", rate=12)
+        s.width, s.height, s.pix_fmt = side, side, "yuv420p"
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(((ramp + 16 * i) % 256).astype(np.uint8), format="rgb24")
+            for pkt in s.encode(f):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    # every full-size frame decoded, tracked while it lives (PyAV's arrays and torch's are not seen by tracemalloc)
+    refs, most_live = [], [0]
+    real = video_mod._frame_to_rgb
+
+    def tracked(frame):
+        rgb = real(frame)
+        refs.append(weakref.ref(rgb))
+        most_live[0] = max(most_live[0], sum(r() is not None for r in refs))
+        return rgb
+
+    monkeypatch.setattr(video_mod, "_frame_to_rgb", tracked)
+    proc.media_policy = MediaPolicy.strict(local_media_root=tmp_path)
+    rss = _rss_peak_reset() and _rss_kb("VmRSS")
+    enc = proc(text="<video>", videos=[clip], num_frames=n)
+    grew = rss and (_rss_kb("VmHWM") - rss) << 10
+    assert enc.num_patches == [1] * n
+    assert most_live[0] <= 2, f"{most_live[0]} full-size frames of {side} x {side} held at once"
+    frame = side * side * 3  # 27 MB
+    if rss:  # the old code peaked over 1.2 GB here: the frames, their stack and its torch copy
+        assert grew < 12 * frame, f"peak RSS grew {grew / 2**20:.0f} MB for {n} frames of {frame / 2**20:.0f} MB"
+    monkeypatch.setattr(video_mod, "_frame_to_rgb", real)
+    full = load_video(clip, n)
+    assert len(full) == n and full[0].shape == (side, side, 3)
+    want = preprocess_video(full, size=proc.video_size, mean=proc.video_mean, std=proc.video_std)
+    del full
+    assert torch.equal(enc.pixel_values, want)

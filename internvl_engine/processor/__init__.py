@@ -3,6 +3,7 @@ transformers 5.24's InternVLProcessor (PIL image backend, torchvision video back
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,7 +22,7 @@ from .media import MediaPolicy
 from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
 from .video import (check_num_frames, load_video, normalize_frames, preprocess_video, sample_frame_indices,
-                    video_frames_u8)
+                    video_frame_u8)
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -371,8 +372,11 @@ class Processor:
         try:
             check = None if policy.max_video_frames is None else (
                 lambda n: policy.check_video_frames(frames_before + n, f"its {n} frames bring the request to"))
-            frames = load_video(source, num_frames, policy=policy, on_frames=check)  # (no check: no counting pass)
-            u8 = video_frames_u8(frames, size=self.video_size)
+            # each frame resized as it is decoded: one full-size frame held at a time, not num_frames of them
+            resize = functools.partial(video_frame_u8, size=self.video_size)
+            frames = load_video(source, num_frames, policy=policy, on_frames=check,  # (no check: no counting pass)
+                                transform=resize)
+            u8 = torch.stack(frames)
         except (VideoError, MediaPolicyError) as e:
             raise type(e)(f"video {index}: {e}") from e
         params = (tuple(self.video_mean), tuple(self.video_std))

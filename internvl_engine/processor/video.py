@@ -96,12 +96,18 @@ def _container_frame_count(av, path: str, name: str, policy: MediaPolicy = DEFAU
         return int(stream.frames or 0)
 
 
-def _decode(av, path: str, keep, on_kept=None, name: str = "", policy: MediaPolicy = DEFAULT_POLICY
-            ) -> tuple[dict[int, np.ndarray], int]:
+def _keep(frame: np.ndarray, transform) -> tuple[tuple, object]:
+    """(the full frame's shape, for load_video's same-shape check; the frame as kept: transform(frame) or itself)."""
+    return frame.shape, frame if transform is None else transform(frame)
+
+
+def _decode(av, path: str, keep, on_kept=None, name: str = "", policy: MediaPolicy = DEFAULT_POLICY,
+            transform=None) -> tuple[dict[int, tuple], int]:
     """Decode the whole stream, converting and holding only the frames keep(index) selects (the others are
-    dropped as they come); ({index: frame}, frames decoded). on_kept(count) after each frame kept. Every frame's
-    size meets the policy (a stream may change size midway)."""
-    kept: dict[int, np.ndarray] = {}
+    dropped as they come); ({index: (shape, frame)}, frames decoded), each kept frame through _keep as soon as it
+    is converted. on_kept(count) after each frame kept. Every frame's size meets the policy (a stream may change
+    size midway)."""
+    kept: dict[int, tuple] = {}
     n = 0
     with _open(av, path, name, policy) as container:
         stream = container.streams.video[0]
@@ -109,7 +115,7 @@ def _decode(av, path: str, keep, on_kept=None, name: str = "", policy: MediaPoli
         for frame in container.decode(stream):
             _check_frame_size(frame, name, policy)
             if keep(n):
-                kept[n] = _frame_to_rgb(frame)
+                kept[n] = _keep(_frame_to_rgb(frame), transform)
                 if on_kept is not None:
                     on_kept(len(kept))
             n += 1
@@ -117,13 +123,14 @@ def _decode(av, path: str, keep, on_kept=None, name: str = "", policy: MediaPoli
 
 
 def _decode_file(path: str, name: str, num_frames: int | None = None, on_frames=None,
-                 policy: MediaPolicy = DEFAULT_POLICY) -> list[np.ndarray]:
-    """The frames load_video returns for a file, decoded as a stream. With num_frames, only the frames
-    sample_frame_indices picks from the total are converted and kept, so the result equals sampling the list of
-    every decoded frame (the total is the container's count, or a first pass's when it states none, and is
-    checked against the frames actually decoded: a wrong count means one more pass with the true one)."""
+                 policy: MediaPolicy = DEFAULT_POLICY, transform=None) -> list[tuple]:
+    """The (shape, frame) pairs (see _keep) of the frames load_video returns for a file, decoded as a stream. With
+    num_frames, only the frames sample_frame_indices picks from the total are converted and kept, so the result
+    equals sampling the list of every decoded frame (the total is the container's count, or a first pass's when it
+    states none, and is checked against the frames actually decoded: a wrong count means one more pass with the true
+    one)."""
     av = _import_av(name)
-    decode = functools.partial(_decode, av, path, name=name, policy=policy)
+    decode = functools.partial(_decode, av, path, name=name, policy=policy, transform=transform)
     try:
         total = _container_frame_count(av, path, name, policy)
         if num_frames is None:
@@ -180,12 +187,15 @@ def check_num_frames(num_frames) -> int | None:
 
 
 def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | None = None,
-               on_frames=None) -> list[np.ndarray]:
+               on_frames=None, transform=None) -> list:
     """uint8 HxWx3 RGB frames from a path/file:// URI, a list of frames (arrays, images or image sources), or a
     uint8 [F,H,W,C] array: every frame, or with num_frames the ones sample_frame_indices picks (only those are
     converted, loaded or kept). policy: the media policy for paths and for the frames' sources (None: the
     default, permissive one). on_frames(count): called with the number of frames to be kept before any is
-    loaded (and again if decoding finds more than the container said); it may raise to refuse them."""
+    loaded (and again if decoding finds more than the container said); it may raise to refuse them.
+    transform(frame): applied to each kept frame as soon as it is converted, and its results are returned
+    instead (the frames' full shapes are still checked to match); the processor resizes there, so a request holds
+    one full-size frame at a time rather than every sampled one (64 strict-policy frames of 50 MP were 9.6 GB)."""
     num_frames = check_num_frames(num_frames)
     name = describe_source(source)
     if isinstance(source, (list, tuple)):
@@ -202,7 +212,7 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
         path = policy.local_path(path, f"video file {name}")
         if not os.path.isfile(path):
             raise VideoError(f"video file not found: {name}")
-        frames = _decode_file(path, name, num_frames, on_frames, policy)
+        frames = _decode_file(path, name, num_frames, on_frames, policy, transform)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] not in (1, 3, 4):
             raise VideoError(f"video {name}: expected a uint8 array [frames, height, width, channels]")
@@ -210,7 +220,7 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
         frames = []
         for i in _select(len(source), num_frames, name, on_frames):
             try:
-                frames.append(to_rgb_array(source[i]))
+                frames.append(_keep(to_rgb_array(source[i]), transform))
             except ImageError as e:
                 raise VideoError(f"video {name}, frame {i}: {e}") from e
     elif isinstance(source, (list, tuple)):
@@ -221,18 +231,18 @@ def load_video(source, num_frames: int | None = None, *, policy: MediaPolicy | N
                 if isinstance(fr, np.ndarray) and fr.ndim >= 2:
                     policy.check_image_size(fr.shape[1], fr.shape[0], f"video frame of shape {tuple(fr.shape)}")
                 img = fr if isinstance(fr, np.ndarray) else load_image(fr, policy)
-                frames.append(to_rgb_array(img))
+                frames.append(_keep(to_rgb_array(img), transform))
             except (ImageError, MediaPolicyError) as e:
                 raise (VideoError if isinstance(e, ImageError) else type(e))(f"video frame {i}: {e}") from e
     else:
         raise VideoError(f"unsupported video source {name}: expected a path, a list of frames or a uint8 array")
     if not frames:
         raise VideoError(f"video {name} has no frames")
-    shape0 = frames[0].shape
-    for i, fr in enumerate(frames):
-        if fr.shape != shape0:
-            raise VideoError(f"video {name}: frame {i} has shape {fr.shape}, frame 0 has {shape0}")
-    return frames
+    shape0 = frames[0][0]
+    for i, (shape, _) in enumerate(frames):
+        if shape != shape0:
+            raise VideoError(f"video {name}: frame {i} has shape {shape}, frame 0 has {shape0}")
+    return [fr for _, fr in frames]
 
 
 def sample_frame_indices(total: int, num_frames: int, initial_shift=True) -> list[int]:
@@ -262,19 +272,24 @@ def normalize_frames(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> t
 
 def video_frames_u8(frames, *, size: int = TILE_SIZE) -> torch.Tensor:
     """uint8 [F, 3, size, size]: the frames after the antialiased bicubic resize, before normalisation."""
-    arrs = []
-    for i, fr in enumerate(frames):
-        if isinstance(fr, PIL.Image.Image):
-            fr = to_rgb_array(fr)
-        a = np.asarray(fr)
-        if a.dtype != np.uint8:
-            raise VideoError(f"video frame {i}: expected uint8, got {a.dtype}")
-        if a.ndim == 2 or a.shape[-1] != 3:
-            a = to_rgb_array(a)
-        arrs.append(a)
-    if not arrs:
+    out = [video_frame_u8(fr, size=size, index=i) for i, fr in enumerate(frames)]
+    if not out:
         raise VideoError("video has no frames")
-    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    return torch.stack(out)
+
+
+def video_frame_u8(frame, *, size: int = TILE_SIZE, index: int = 0) -> torch.Tensor:
+    """uint8 [3, size, size]: one frame after the antialiased bicubic resize. Frame by frame gives the same bytes
+    as InternVLVideoProcessor's resize of the stacked batch (each image plane is resized on its own), and lets
+    load_video's transform drop each full-size frame as soon as it is resized."""
+    if isinstance(frame, PIL.Image.Image):
+        frame = to_rgb_array(frame)
+    a = np.asarray(frame)
+    if a.dtype != np.uint8:
+        raise VideoError(f"video frame {index}: expected uint8, got {a.dtype}")
+    if a.ndim == 2 or a.shape[-1] != 3:
+        a = to_rgb_array(a)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
     if tuple(x.shape[-2:]) != (size, size):
         x = torch.nn.functional.interpolate(x, size=[size, size], mode="bicubic", align_corners=False, antialias=True)
-    return x
+    return x[0]
