@@ -188,9 +188,10 @@ class _Fields:
 
     def __init__(self, raw: dict, where: str, path: str = ""):
         self.raw, self.where, self.path = raw, where, path
+        self.spelled: dict[str, str] = {}  # key read -> the key as the file spells it, where they differ
 
     def fail(self, key: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.where}: {self.path}{key} {problem}")
+        return CheckpointError(f"{self.where}: {self.path}{self.spelled.get(key, key)} {problem}")
 
     def get(self, key: str, default=None):
         return self.raw.get(key, default)
@@ -367,6 +368,7 @@ def _from_hf(f: _Fields) -> ModelConfig:
 def _from_original(f: _Fields) -> ModelConfig:
     """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
     v = f.sub("vision_config")
+    v.spelled = {new: old for old, new in _ORIGINAL_VISION_KEYS.items() if old in v.raw}  # errors name qkv_bias
     v.raw = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in v.raw.items()}
     force = f.integer("force_image_size", None, optional=True)
     vision = _vision_config(v, force or TILE_SIZE)

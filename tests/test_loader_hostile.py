@@ -161,6 +161,11 @@ CONFIGS = [  # (id, edit of the -hf preset config or a whole original-form confi
      r"max_dynamic_patch must be an integer"),
     ("original-force-size-list", lambda raw: _replace(raw, _original(_set("force_image_size", [448]))), C,
      r"force_image_size must be an integer"),
+    # the original form's own key names, not the -hf names they are read as
+    ("original-qkv-bias-string", lambda raw: _replace(raw, _original(_set("vision_config.qkv_bias", "yes"))), C,
+     r"vision_config\.qkv_bias must be true or false, got str 'yes'"),
+    ("original-qk-norm-null", lambda raw: _replace(raw, _original(_set("vision_config.qk_normalization", None))), C,
+     r"vision_config\.qk_normalization must be true or false"),
 ]
 
 
@@ -207,6 +212,25 @@ def test_malformed_generation_config_names_its_file(tmp_path):
 
 def test_from_dict_refuses_a_non_object():
     _expect(CheckpointError, r"expected a JSON object, got list", ModelConfig.from_dict, ["internvl"])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    # Python's JSON reader takes Infinity and NaN: int(inf) was a bare OverflowError, and a NaN mean or a zero std
+    # made every pixel NaN or infinite, a model that answers without a word of error
+    ("max_patches", float("inf"), r"max_patches must be a positive integer, got inf"),
+    ("min_patches", float("nan"), r"min_patches must be a positive integer, got nan"),
+    ("image_mean", [0.5, float("nan"), 0.5], r"image_mean must be three finite numbers"),
+    ("image_std", [0.2, 0.2, float("inf")], r"image_std must be three finite numbers"),
+    ("image_std", [0.2, 0, 0.2], r"image_std must be three numbers > 0"),
+    ("image_mean", [True, 0.5, 0.5], r"image_mean must be three finite numbers"),
+])
+def test_malformed_preprocessor_config_is_a_typed_error(tmp_path, key, value, match):
+    from internvl_engine.processor.files import read_processor_settings
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 448, "width": 448},
+                                                                   key: value}))
+    err = _expect(CheckpointError, match, read_processor_settings, tmp_path)
+    assert "preprocessor_config.json" in str(err)
 
 
 # --------------------------------------------------------------- sizes checked against the files, before allocating

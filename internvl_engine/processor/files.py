@@ -4,6 +4,7 @@ and OpenGVLab keep them, and writing an InternVL3 -hf file set."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def _int(cfg: dict, key: str, where: str) -> int | None:
     v = cfg.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+    # (a float is taken when whole: 12.0; Infinity and NaN, which Python's JSON reader accepts, are not)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or int(v) != v or v < 1:
         raise CheckpointError(f"{where}: {key} must be a positive integer, got {v!r}")
     return int(v)
 
@@ -179,8 +181,11 @@ def _floats(cfg: dict, key: str, where: str) -> tuple[float, ...] | None:
         return None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = [v] * 3  # transformers broadcasts a scalar mean/std over the channels
-    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
-        raise CheckpointError(f"{where}: {key} must be three numbers, got {v!r}")
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+        raise CheckpointError(f"{where}: {key} must be three finite numbers, got {v!r}")
+    if key == "image_std" and not all(x > 0 for x in v):  # pixels are divided by it
+        raise CheckpointError(f"{where}: {key} must be three numbers > 0, got {v!r}")
     return tuple(float(x) for x in v)
 
 
