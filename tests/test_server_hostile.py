@@ -90,6 +90,16 @@ def test_nested_json_is_400(server):
     assert_served(server)
 
 
+def test_unterminated_string_of_escaped_quotes_is_refused_at_once(server):
+    """The depth scan skipped strings with a pattern that needed the closing quote: every quote of '"\\"\\"\\"...'
+    started a match that ran to the end and failed, quadratic on the event loop (80 KB took 18 s, this 1 MB body
+    some 45 minutes, every other client stalled)."""
+    body = b'{"messages": ' + b"[" * 70 + b'"' + b'\\"' * 500_000
+    r = post(server, "/v1/chat/completions", body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert_served(server)
+
+
 def test_bad_values_are_400(server, media_dir):
     """Values that used to fail deep inside (500): a seed outside int64 (OpenAI's type; torch.Generator takes no
     more), a non-string text part, a NUL in a local media path."""

@@ -60,7 +60,10 @@ def error_body(err: APIError) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ request bodies
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A string, or an unterminated one to the end of the body (a lone trailing backslash included): every match
+# attempt succeeds, so the scan is linear. Requiring the closing quote made each quote of a hostile body such as
+# "\"\"\"... (no closing quote) scan to its end and fail: quadratic (80 KB: 18 s on the event loop).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEP = np.zeros(256, np.int8)
 _BRACKET_STEP[list(b"[{")], _BRACKET_STEP[list(b"]}")] = 1, -1
