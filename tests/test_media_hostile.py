@@ -425,3 +425,29 @@ def test_video_frames_are_resized_as_they_are_decoded(tmp_path, proc, monkeypatc
     want = preprocess_video(full, size=proc.video_size, mean=proc.video_mean, std=proc.video_std)
     del full
     assert torch.equal(enc.pixel_values, want)
+
+
+# ------------------------------------------------------------------------------------------------ local image bytes
+def test_local_image_file_over_the_byte_cap_is_refused_before_reading(tmp_path, proc):
+    """Under --allowed-local-media-path a caller names the files: one naming a 1 GiB file as an image made the
+    server read all of it (RSS +1 GB, 5 s) before Pillow said it was no image."""
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.write(_gray_png(4, 4))
+        f.truncate(1 << 30)  # sparse: no disk used
+    strict = MediaPolicy.strict(local_media_root=tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MediaTooLargeError, match=r"is 1073741824 bytes, over the 20971520-byte limit "
+                                                     r"\(media_policy\.max_download_bytes\)"):
+            load_image(str(big), strict)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    proc.media_policy = strict
+    with pytest.raises(MediaTooLargeError, match=r"^image 0: image file .*max_download_bytes"):
+        proc(text=IMG, images=[str(big)])
+    small = tmp_path / "small.png"
+    small.write_bytes(_gray_png(4, 4))
+    assert load_image(str(small), strict).size == (4, 4)  # under the cap: read as before

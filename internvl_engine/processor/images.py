@@ -25,7 +25,7 @@ import PIL.ImageOps
 import torch
 
 from ..constants import MAX_TILES, MIN_TILES, TILE_SIZE
-from ..errors import ImageError, PromptError
+from ..errors import ImageError, MediaTooLargeError, PromptError
 from .media import MediaPolicy, fetch_url
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,11 +203,18 @@ def load_image(source, policy: MediaPolicy | None = None) -> PIL.Image.Image:
         raise ImageError(f"image file not found: {name}")
     if not os.path.isfile(path):
         raise ImageError(f"image path is not a file: {name}")
+    cap = policy.max_download_bytes  # a local image is read whole, as a download is: the same byte cap
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if cap is not None and size > cap:
+                raise MediaTooLargeError(f"image file {name} is {size} bytes, over the {cap}-byte limit "
+                                         f"(media_policy.max_download_bytes)")
+            data = f.read() if cap is None else f.read(cap + 1)  # (a file still growing stops at the cap)
     except OSError as e:
         raise ImageError(f"cannot read image file {name}: {e}") from e
+    if cap is not None and len(data) > cap:
+        raise MediaTooLargeError(f"image file {name} is over the {cap}-byte limit (media_policy.max_download_bytes)")
     return _finish(_open_bytes(data, name, policy), name)
 
 

@@ -72,7 +72,8 @@ class MediaPolicy:
     allow_private_networks: False refuses hosts that resolve to a loopback, private, link-local or otherwise
         non-global address (the server must not be a proxy into its own network); the checked address is the one
         connected to, and such a policy ignores *_proxy environment variables (it must see the address it uses).
-    max_download_bytes: bytes one URL may send (Content-Length checked before the body, the body read in chunks).
+    max_download_bytes: bytes one URL may send (Content-Length checked before the body, the body read in chunks),
+        and bytes one local image file may hold (checked before it is read).
     max_data_uri_bytes: length of one data: URI, checked before decoding.
     fetch_timeout_s: wall-clock budget of one URL fetch, all of it: host lookups, connects, TLS handshakes, status
         lines, headers, every redirect hop and the body.
