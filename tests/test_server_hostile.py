@@ -305,6 +305,36 @@ def test_server_takes_no_more_than_a_stalled_client_reads():
         llm.shutdown()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompts_waiting_for_each_other_are_not_slow_consumers(stream):
+    """The server answers once every prompt has its first output; meanwhile it left the prompts that had started
+    unread, and AsyncLLM aborted them as stalled consumers: a 408 for a client that did nothing wrong (here the
+    second prompt waits for the first to finish, max_num_seqs=1; with the defaults, any prompt queued 60 s)."""
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=0.25)
+    srv = ThreadServer(llm, ServerSettings(model_name=MODEL))
+    try:
+        r = post(srv, "/v1/completions", {"prompt": ["one", "two"], "max_tokens": 200, "ignore_eos": True,
+                                          "stream": stream}, timeout=120)
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            assert not any("error" in e for e in events), events[-1]
+            text = ["", ""]
+            for e in events:
+                for c in e["choices"]:
+                    text[c["index"]] += c["text"]
+            finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        else:
+            text = [c["text"] for c in r.json()["choices"]]
+            finish = [c["finish_reason"] for c in r.json()["choices"]]
+        assert finish == ["length", "length"] and all(text)
+        assert outcomes(srv)["success"] == 1
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ shutdown
 def test_requests_cut_at_shutdown_get_503_and_streams_end_properly():
     """Requests outliving --shutdown-timeout got uvicorn's plain-text 500, streams ended without an error event or

@@ -80,20 +80,52 @@ class _Submitted:
 
     def __init__(self, request_id: str, gen, first: asyncio.Future):
         self.request_id, self.gen, self.first = request_id, gen, first
+        self._iterated = False  # outputs() has begun: it alone reads the generator from now on
+        self._taking: asyncio.Task | None = None
+        self._newest = None
+
+    def keep_taking(self) -> None:
+        """From its first output until outputs() is iterated, take this request's outputs as they come, keeping the
+        newest (each is a cumulative snapshot): the response waits meanwhile for its other prompts' first outputs,
+        and a request left unread that long looked to AsyncLLM like a stalled consumer (aborted, a 408)."""
+        def start(first):
+            if not self._iterated and not first.cancelled() and first.exception() is None \
+                    and not first.result().finished:
+                self._taking = asyncio.ensure_future(self._take())
+        self.first.add_done_callback(start)
+
+    async def _take(self) -> None:
+        while not self._iterated:
+            try:
+                self._newest = await self.gen.__anext__()
+            except StopAsyncIteration:
+                return
+            if self._newest.finished:
+                return
 
     async def outputs(self):
+        self._iterated = True
         try:
             yield await self.first
+            if self._taking is not None:
+                await self._taking  # ends with the next output (or raises the request's error)
+                if self._newest is not None:
+                    yield self._newest
             async for out in self.gen:
                 yield out
         finally:
             await self.close()
 
     async def close(self) -> None:
+        self._iterated = True
         if not self.first.done():
             self.first.cancel()  # CancelledError inside the generator: it aborts the request
             with contextlib.suppress(BaseException):
                 await self.first
+        if self._taking is not None:
+            self._taking.cancel()  # likewise
+            with contextlib.suppress(BaseException):
+                await self._taking
         await self.gen.aclose()  # an unfinished generator aborts the request as it closes
 
 
@@ -360,6 +392,9 @@ class OpenAIServer:
         subs = [self.submit(rid if len(prompts) == 1 else f"{rid}-{i}", prompt,
                             params if len(prompts) == 1 else dataclasses.replace(params))
                 for i, prompt in enumerate(prompts)]
+        if len(subs) > 1:
+            for s in subs:
+                s.keep_taking()
         try:
             started = await _unless_disconnected(request.receive, asyncio.wait(
                 [s.first for s in subs], return_when=asyncio.FIRST_EXCEPTION))
