@@ -378,6 +378,7 @@ class AsyncLLM:
         the future aborts the request."""
         future: Future = Future()
         request_id = request_id or uuid.uuid4().hex
+        params = SamplingParams() if params is None else params
         if isinstance(params, SamplingParams) and params.output_kind == "cumulative":
             # the future keeps only the final output, which "final_only" builds alone (a cumulative one would copy
             # the whole text, ids and logprobs on every step for nobody)
