@@ -11,23 +11,12 @@ from internvl_engine.engine.llm_engine import LLMEngine
 from internvl_engine.engine.output_processor import StopMatcher
 from internvl_engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from internvl_engine.errors import PromptError, RequestFailedError, SamplingParamsError
+from test_engine import _drain
 
 
 @pytest.fixture(scope="module")
 def engine():
     return LLMEngine("random:tiny", device="cpu")
-
-
-def _drain(engine, limit=2_000):
-    final = {}
-    for _ in range(limit):
-        if not engine.has_unfinished_requests():
-            break
-        for o in engine.step():
-            if o.finished:
-                final[o.request_id] = o
-    assert not engine.has_unfinished_requests()
-    return final
 
 
 def _clean(engine):

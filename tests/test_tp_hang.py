@@ -15,20 +15,9 @@ from internvl_engine import SamplingParams
 from internvl_engine.engine.config import EngineConfigError
 from internvl_engine.engine.llm_engine import LLMEngine
 from internvl_engine.errors import EngineDeadError
+from test_tensor_parallel import _alive, _workers_gone
 
 LONG_PROMPT = "Tell me a long story about a dragon and a knight. " * 100  # a prefill message well over 4 KB
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _workers_gone(engine: LLMEngine) -> bool:
-    return all(p.exitcode is not None and not _alive(p.pid) for p in engine.executor.procs.values())
 
 
 def _engine(timeout_s: float) -> LLMEngine:
