@@ -4,6 +4,7 @@ waited 365 days in the control-group broadcast of any step message longer than i
 prefill), holding the engine lock, while /health said ok. Now the step ends with EngineDeadError naming the limit,
 check_health says the engine is dead, and shutdown() returns at once leaving no worker process, also while the
 step is still hung."""
+import contextlib
 import os
 import signal
 import threading
@@ -43,13 +44,23 @@ def _generate_in_thread(engine: LLMEngine, errors: list) -> threading.Thread:
     return thread
 
 
-def test_hung_worker_kills_the_engine_after_the_timeout():
-    engine = _engine(timeout_s=2)
+@contextlib.contextmanager
+def _hung_step(timeout_s: float):
+    """(engine, errors, thread): rank 1 stopped, then a long prompt's steps running on `thread` (its exception lands
+    in `errors`); the worker is killed on the way out whatever the test did."""
+    engine = _engine(timeout_s)
     worker = engine.executor.procs[1]
     os.kill(worker.pid, signal.SIGSTOP)
     try:
         errors = []
-        thread = _generate_in_thread(engine, errors)
+        yield engine, errors, _generate_in_thread(engine, errors)
+    finally:
+        if _alive(worker.pid):
+            os.kill(worker.pid, signal.SIGKILL)
+
+
+def test_hung_worker_kills_the_engine_after_the_timeout():
+    with _hung_step(timeout_s=2) as (engine, errors, thread):
         thread.join(30)  # the limit is 2 s; the old driver never returned
         assert not thread.is_alive(), "the step hangs on a hung worker"
         assert len(errors) == 1 and isinstance(errors[0], EngineDeadError), errors
@@ -63,20 +74,12 @@ def test_hung_worker_kills_the_engine_after_the_timeout():
         assert time.monotonic() - t0 < 10
         with pytest.raises(EngineDeadError):
             engine.add_request("after", "Hi.", SamplingParams(max_tokens=2))
-    finally:
-        if _alive(worker.pid):
-            os.kill(worker.pid, signal.SIGKILL)
 
 
 def test_shutdown_workers_during_a_hung_step_kills_them_and_returns():
     """With a limit far away, shutting the workers down from another thread (the server's shutdown while a request
     thread is stuck in a step) kills them at once, which ends the hung step."""
-    engine = _engine(timeout_s=600)
-    worker = engine.executor.procs[1]
-    os.kill(worker.pid, signal.SIGSTOP)
-    try:
-        errors = []
-        thread = _generate_in_thread(engine, errors)
+    with _hung_step(timeout_s=600) as (engine, errors, thread):
         deadline = time.monotonic() + 30
         while engine.executor._call is None:  # the step is in flight (and stays: its worker is stopped)
             assert time.monotonic() < deadline and thread.is_alive(), errors
@@ -96,9 +99,6 @@ def test_shutdown_workers_during_a_hung_step_kills_them_and_returns():
         assert time.monotonic() - t0 < 10
         with pytest.raises(EngineDeadError, match="shut down"):
             engine.check_health()
-    finally:
-        if _alive(worker.pid):
-            os.kill(worker.pid, signal.SIGKILL)
 
 
 def test_engine_answers_health_and_shutdown_while_a_step_hangs(monkeypatch):
@@ -107,12 +107,7 @@ def test_engine_answers_health_and_shutdown_while_a_step_hangs(monkeypatch):
     given 60 s before it is killed, so the step stays hung meanwhile (a stopped process ignores SIGTERM)."""
     from internvl_engine.distributed import executor as executor_module
     monkeypatch.setattr(executor_module, "REAP_GRACE_S", 60.0)
-    engine = _engine(timeout_s=2)
-    worker = engine.executor.procs[1]
-    os.kill(worker.pid, signal.SIGSTOP)
-    try:
-        errors = []
-        thread = _generate_in_thread(engine, errors)
+    with _hung_step(timeout_s=2) as (engine, errors, thread):
         deadline = time.monotonic() + 30
         while engine.executor.dead_reason is None:
             assert time.monotonic() < deadline and thread.is_alive(), errors
@@ -132,9 +127,6 @@ def test_engine_answers_health_and_shutdown_while_a_step_hangs(monkeypatch):
         assert _workers_gone(engine)
         thread.join(10)
         assert not thread.is_alive() and isinstance(errors[0], EngineDeadError), errors
-    finally:
-        if _alive(worker.pid):
-            os.kill(worker.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), True, "300"])
