@@ -3,9 +3,9 @@
 `random:X-awq` must be exactly the AWQ quantization of `random:X`: the tests quantize the dense preset's checkpoint
 with their independent writer (test_quant.quantize_awq: int64 packing, the other tensor layout) and compare every
 tensor bit for bit with the preset's checkpoint; then the engine on the preset is compared with transformers on
-the dense dequantized twin (AWQ; FP8 activations are rounded per token, and a last-bit difference between two
-fp32 computations flips a rounding, so the FP8 twin comparison lives in test_quant with its own budget: here the
-bit-exact files and the preset-equals-its-checkpoint test carry FP8 over to it)."""
+the dense dequantized twin (AWQ; FP8 activations are rounded per token, so the FP8 twin comparison lives in
+test_quant, where transformers is fed the engine's own activations and no rounding can flip: here the bit-exact
+files and the preset-equals-its-checkpoint test carry FP8 over to it)."""
 import json
 
 import pytest
