@@ -154,64 +154,144 @@ class Logprob:
     decoded_token: str | None = None
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
-    """Mask logits below min_p times the top probability, outside the top-k, then outside the smallest prefix of
-    the sorted distribution whose mass reaches top_p (the most likely token is always kept)."""
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        drop[..., 0] = False  # a top_p below fp32's smallest value compares as 0: the most likely token stays
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+NEG_INF = float("-inf")
+# On a CPU, a full sort of a 151k vocabulary costs ~30 ms a row; when a row's top_p nucleus lies within its first
+# TOP_P_GUESS tokens (the usual case for a trained model), a top-k of that size finds it exactly. A GPU sorts fast
+# but would have to synchronise to learn whether the guess held, so there the sort is always full.
+TOP_P_GUESS = 1024
+
+
+def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_k then top_p on rows x [R, V] from the `size` largest logits of each row (one sorted top-k; size = V is a
+    full sort). top_k [R] (long, 0 = off, every active one <= size), top_p [R]. Returns the masked rows and, per row,
+    whether the result is exact: a row with no top_k whose nucleus did not end within `size` tokens is not."""
+    vals, order = x.topk(size, dim=-1)                            # descending
+    has_k = (top_k > 0)[:, None]
+    kth = vals.gather(1, (top_k.clamp(1, size) - 1)[:, None])
+    kth = torch.where(has_k, kth, torch.full_like(kth, NEG_INF))
+    x = x.masked_fill(x < kth, NEG_INF)                          # ties with the k-th logit stay, as topk's value
+    vals = vals.masked_fill(vals < kth, NEG_INF)
+    probs = (vals - x.logsumexp(-1, keepdim=True)).exp()         # the top-k-masked row's softmax, in sorted order
+    cum = probs.cumsum(-1)
+    drop = (cum - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]  # mass before this token already reaches top_p
+    drop[:, 0] = False  # a top_p below fp32's smallest value compares as 0: the most likely token stays
+    kept = torch.full_like(x, NEG_INF).scatter(1, order, vals.masked_fill(drop, NEG_INF))
+    exact = has_k[:, 0] | (top_p >= 1.0) | (cum[:, -1] >= top_p)  # else the nucleus may go on past `size`
+    return kept, exact
+
+
+def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """Rows x [R, V] (already divided by their temperature) masked to -inf, in vLLM's order: below min_p times the
+    row's top probability, outside its top_k, then outside the smallest prefix of its sorted distribution whose mass
+    reaches top_p (the most likely token is always kept). The per-row values come as host lists: what to run is
+    decided from them, never from the device. Every operation reads one row at a time, so a row's result does not
+    depend on the others."""
+    vocab, dev = x.shape[1], x.device
+    top_k = [k if 0 < k < vocab else 0 for k in top_k]  # 0, -1 or the whole vocabulary: off
+    if any(m > 0 for m in min_p):
+        probs = x.softmax(-1)
+        floor = torch.tensor(min_p, dtype=x.dtype, device=dev)[:, None] * probs.amax(-1, keepdim=True)
+        x = x.masked_fill(probs < floor, NEG_INF)
+    rows = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k > 0 or p < 1.0]
+    if not rows:
+        return x
+    size = max(top_k[i] for i in rows)
+    if any(top_k[i] == 0 for i in rows):  # a top_p-only row: its nucleus may reach anywhere
+        size = max(size, TOP_P_GUESS) if dev.type == "cpu" else vocab
+    size = min(size, vocab)
+    sub = torch.tensor(rows, device=dev)
+    ks = torch.tensor([top_k[i] for i in rows], device=dev)
+    ps = torch.tensor([top_p[i] for i in rows], dtype=x.dtype, device=dev)
+    kept, exact = _truncate(x[sub], ks, ps, size)
+    if size < vocab and not bool(exact.all()):  # CPU only (reading `exact` is free there): sort those rows fully
+        redo = (~exact).nonzero()[:, 0]
+        kept[redo] = _truncate(x[sub[redo]], ks[redo], ps[redo], vocab)[0]
+    x = x.clone()
+    x[sub] = kept
+    return x
+
+
+def _penalize(logits: torch.Tensor, seqs, stop_ids) -> torch.Tensor:
+    """min_tokens masks and the repetition / frequency / presence penalties of the rows that ask for them, applied
+    to a copy of logits [B, V] at the (row, token) pairs they touch: repetition over the tokens seen in prompt or
+    output (transformers' RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p), then frequency and presence
+    over the output tokens (OpenAI: l -= frequency * count + presence)."""
+    vocab = logits.shape[1]
+    masked_r, masked_t = [], []          # min_tokens: (row, token) set to -inf
+    rep_r, rep_t, rep_p = [], [], []     # repetition: (row, token, penalty)
+    pen_r, pen_t, pen_c, pen_f, pen_p = [], [], [], [], []  # frequency / presence: (row, token, count, freq, pres)
+    for i, s in enumerate(seqs):
+        if getattr(s, "plain", False):
+            continue
+        p = s.params
+        if len(s.output_ids) < p.min_tokens:
+            ends = ({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids)
+            ends = sorted(t for t in ends if t < vocab)
+            masked_r += [i] * len(ends)
+            masked_t += ends
+        if p.repetition_penalty != 1.0:
+            seen = sorted(set(s.prompt_ids) | set(s.output_ids))
+            rep_r += [i] * len(seen)
+            rep_t += seen
+            rep_p += [p.repetition_penalty] * len(seen)
+        if s.output_ids and (p.frequency_penalty or p.presence_penalty):
+            counts: dict[int, int] = {}
+            for t in s.output_ids:
+                counts[t] = counts.get(t, 0) + 1
+            pen_r += [i] * len(counts)
+            pen_t += list(counts)
+            pen_c += list(counts.values())
+            pen_f += [p.frequency_penalty] * len(counts)
+            pen_p += [p.presence_penalty] * len(counts)
+    if not (masked_r or rep_r or pen_r):
+        return logits
+    logits = logits.clone()
+    dev, dt = logits.device, logits.dtype
+    if masked_r:
+        logits[torch.tensor(masked_r, device=dev), torch.tensor(masked_t, device=dev)] = NEG_INF
+    if rep_r:
+        r, t = torch.tensor(rep_r, device=dev), torch.tensor(rep_t, device=dev)
+        vals, pen = logits[r, t], torch.tensor(rep_p, dtype=dt, device=dev)
+        logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
+    if pen_r:
+        r, t = torch.tensor(pen_r, device=dev), torch.tensor(pen_t, device=dev)
+        f, c = torch.tensor(pen_f, dtype=dt, device=dev), torch.tensor(pen_c, dtype=dt, device=dev)
+        logits[r, t] -= f * c + torch.tensor(pen_p, dtype=dt, device=dev)
     return logits
-
-
-def apply_penalties(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
-    """One row's logits after the repetition penalty (tokens seen in prompt or output, as transformers'
-    RepetitionPenaltyLogitsProcessor) and the frequency / presence penalties (output tokens, as OpenAI defines)."""
-    row = row.clone()
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=row.device)
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if output_ids and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(torch.tensor(output_ids, device=row.device), minlength=row.shape[0])[:row.shape[0]]
-        row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
-    return row
 
 
 class Sampler:
     """Samples one token per sequence from fp32 logits [B, V]; `seqs` carry params, generator, prompt and output
-    ids (engine.sequence.Sequence), `stop_ids` the token ids that end generation (masked before min_tokens)."""
+    ids (engine.sequence.Sequence), `stop_ids` the token ids that end generation (masked before min_tokens).
+
+    Batched over rows: penalties and masks at their (row, token) pairs, temperature, min_p, top_k and top_p as [R]
+    tensors over the sampled rows at once. The draw is an exponential race, argmax(probs / E) with E ~ Exp(1) per
+    token, which is how torch.multinomial draws one sample: a seeded row draws its E from its own generator (one
+    [V] draw, as multinomial did, so seeded streams are those of the per-row sampler), unseeded rows one batched
+    tensor. Nothing here copies to the host on a GPU; the caller's copy of the tokens is the step's one sync."""
 
     def __call__(self, logits: torch.Tensor, seqs, stop_ids: set[int] = frozenset()) -> torch.Tensor:
-        special = [i for i, s in enumerate(seqs)
-                   if not getattr(s, "plain", False) and (s.params.penalized or len(s.output_ids) < s.params.min_tokens)]
-        if special:
-            logits = logits.clone()
-            for i in special:
-                s = seqs[i]
-                if len(s.output_ids) < s.params.min_tokens:
-                    ends = ({*stop_ids} if not s.params.ignore_eos else set()) | set(s.params.stop_token_ids)
-                    logits[i, sorted(t for t in ends if t < logits.shape[1])] = float("-inf")
-                if s.params.penalized:
-                    logits[i] = apply_penalties(logits[i], s.params, s.prompt_ids, s.output_ids)
-        out = torch.argmax(logits, dim=-1)
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.greedy:
-                continue
-            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = torch.softmax(row, dim=-1)
-            out[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
-        return out
+        logits = _penalize(logits, seqs, stop_ids)
+        out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
+        drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not drawn:
+            return out
+        drawn.sort(key=lambda i: seqs[i].generator is not None)  # unseeded rows first: one noise tensor for them
+        params = [seqs[i].params for i in drawn]
+        rows = torch.tensor(drawn, device=logits.device)
+        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        x = logits[rows] / temperature[:, None]
+        x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+        probs = x.softmax(-1)
+        noise = torch.empty_like(probs)
+        unseeded = sum(seqs[i].generator is None for i in drawn)
+        if unseeded:
+            noise[:unseeded].exponential_()
+        for j in range(unseeded, len(drawn)):
+            noise[j].exponential_(generator=seqs[drawn[j]].generator)
+        # Exp(1) may round to 0 (about 2**-53 on a CPU): 0 / 0 would be a NaN, which argmax would pick
+        tokens = (probs / noise.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(-1)
+        return out.index_copy_(0, rows, tokens)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor | list[int], k: int) -> list[dict[int, Logprob]]:

@@ -8,7 +8,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, RepetitionP
 
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.errors import SamplingParamsError
-from internvl_engine.sampling import _filter
+from internvl_engine.sampling import Sampler, _penalize, filter_logits
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 OTHER = "List some rivers of the world, please."
@@ -53,9 +53,164 @@ def test_frequency_and_presence_penalties_match_a_plain_loop(llm, freq, pres):
 def test_min_p_matches_transformers():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     for min_p in (0.05, 0.3):
-        ours = _filter(logits, 0, 1.0, min_p)
+        ours = filter_logits(logits, [0] * 3, [1.0] * 3, [min_p] * 3)
         ref = MinPLogitsWarper(min_p, min_tokens_to_keep=1)(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+# ---------------------------------------------------------------------- the batched sampler against the per-row one
+def _per_row_filter(logits, top_k, top_p, min_p):
+    """The per-row filter the batched one replaced (sampling.py before issue 3.1), kept here as the oracle."""
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p
+        drop[..., 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _per_row_penalties(row, p, prompt_ids, output_ids):
+    """The per-row penalties the batched ones replaced (sampling.apply_penalties before issue 3.1), the oracle."""
+    row = row.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if output_ids and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=row.shape[0])[:row.shape[0]]
+        row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
+def _seq(params, prompt_ids=(), output_ids=(), seed=None):
+    """What the sampler reads of an engine Sequence."""
+    from types import SimpleNamespace
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return SimpleNamespace(params=params, prompt_ids=list(prompt_ids), output_ids=list(output_ids), generator=gen,
+                           plain=not (params.penalized or params.min_tokens))
+
+
+def _random_params(g, vocab, **fixed):
+    """Mixed rows: every filter on or off, edge values included (top_k 1, -1, the vocabulary and beyond; top_p tiny)."""
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
+    kw = dict(temperature=pick([0.0, 0.3, 0.7, 1.0, 1.5]), top_k=pick([0, -1, 1, 5, 50, 3000, vocab, vocab + 7]),
+              top_p=pick([1.0, 1.0, 0.95, 0.8, 0.3, 1e-12]), min_p=pick([0.0, 0.0, 0.02, 0.2]),
+              repetition_penalty=pick([1.0, 1.3, 0.7]), frequency_penalty=pick([0.0, 0.8, -0.5]),
+              presence_penalty=pick([0.0, 1.1, -0.4]), max_tokens=64)
+    kw.update(fixed)
+    return SamplingParams(**kw)
+
+
+def test_batched_filter_matches_the_per_row_filter():
+    """Random mixed rows over a vocabulary larger than the CPU's top_p guess (sampling.TOP_P_GUESS): peaked rows
+    whose nucleus lies within the guess and flat rows that need the full sort. The filtered distributions match
+    the per-row oracle's within float rounding (both normalise the same kept logits; sums differ in order)."""
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 5000, 48
+    scale = torch.tensor([0.05, 1.0, 4.0, 12.0])[torch.randint(4, (rows, 1), generator=g)]
+    x = torch.randn(rows, vocab, generator=g) * scale
+    params = [_random_params(g, vocab, temperature=1.0) for _ in range(rows)]
+    ours = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+    for i, p in enumerate(params):
+        ref = _per_row_filter(x[i], p.top_k, p.top_p, p.min_p)
+        assert torch.allclose(ours[i].softmax(-1), ref.softmax(-1), rtol=0, atol=1e-6), (i, p)
+        assert torch.isfinite(ours[i]).sum() >= 1
+
+
+def test_batched_penalties_match_the_per_row_penalties():
+    """min_tokens masks and penalties at their (row, token) pairs give exactly the per-row oracle's logits."""
+    g = torch.Generator().manual_seed(1)
+    vocab, stop_ids = 300, {7, 299}
+    seqs, want = [], []
+    x = torch.randn(32, vocab, generator=g) * 3
+    for i in range(32):
+        p = _random_params(g, vocab, min_tokens=int(torch.randint(0, 4, (1,), generator=g)), stop_token_ids=[11],
+                           ignore_eos=bool(i % 5 == 0))
+        prompt = torch.randint(vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        output = torch.randint(vocab, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
+        seqs.append(_seq(p, prompt, output))
+        row = x[i].clone()
+        if len(output) < p.min_tokens:
+            row[sorted(({*stop_ids} if not p.ignore_eos else set()) | {11})] = float("-inf")
+        want.append(_per_row_penalties(row, p, prompt, output) if p.penalized else row)
+    assert torch.equal(_penalize(x, seqs, stop_ids), torch.stack(want))
+    greedy = [_seq(SamplingParams(), s.prompt_ids, s.output_ids) for s in seqs]
+    assert torch.equal(Sampler()(x, greedy), x.argmax(-1))  # plain greedy rows: the raw argmax
+
+
+def test_seeded_draws_are_torch_multinomial_of_the_filtered_distribution():
+    """The exponential race draws what torch.multinomial(probs, 1, generator) drew before issue 3.1 (multinomial
+    draws one sample the same way, from one [V] Exp(1) draw): seeded streams are unchanged."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 2000
+    for seed in range(12):
+        p = _random_params(g, vocab, temperature=0.9, repetition_penalty=1.0, frequency_penalty=0.0,
+                           presence_penalty=0.0, seed=seed)
+        seq, ref_gen = _seq(p, seed=seed), torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            x = torch.randn(1, vocab, generator=g) * 4
+            probs = _per_row_filter(x[0] / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+            assert int(Sampler()(x, [seq])[0]) == int(torch.multinomial(probs, 1, generator=ref_gen)[0]), (seed, p)
+
+
+def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch_of_64():
+    g = torch.Generator().manual_seed(3)
+    vocab, steps = 20000, 6
+    params = SamplingParams(temperature=0.8, top_k=200, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+                            frequency_penalty=0.4, presence_penalty=0.2, seed=1234, max_tokens=64)
+    rows = [_random_params(g, vocab, seed=s if s % 3 else None) for s in range(63)]
+    logits = [torch.randn(64, vocab, generator=g) * 3 for _ in range(steps)]
+
+    def run(batch, where, seed=1234):
+        seqs = [_seq(p, range(0, 300, 7), seed=p.seed) for p in batch]
+        seqs[where].generator.manual_seed(seed)
+        tokens = []
+        for x in logits:
+            drawn = Sampler()(x[:len(seqs)], seqs, {5})
+            tokens.append(int(drawn[where]))
+            for s, t in zip(seqs, drawn.tolist()):
+                s.output_ids.append(t)
+        return tokens
+
+    alone = run([params], 0)
+    for x in logits:  # alone sees row 0's logits; in the batch the row sits at index 40 with the same logits
+        x[40] = x[0]
+    assert run(rows[:40] + [params] + rows[40:], 40) == alone
+    assert run([params], 0) == alone                       # reproducible
+    assert run([params], 0, seed=4321) != alone            # and the seed matters
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draw_frequencies_match_the_filtered_distribution(seeded):
+    """Chi-square goodness of fit of 6,000 draws (fixed seeds) against the per-row oracle's filtered distribution."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 40, generator=g) * 1.5
+    p = SamplingParams(temperature=0.7, top_k=12, top_p=0.95, min_p=0.01, seed=99 if seeded else None)
+    probs = _per_row_filter(x[0] / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+    n = 6000
+    if seeded:  # one row, drawn step after step from its own generator
+        seq = _seq(p, seed=99)
+        draws = torch.stack([Sampler()(x, [seq])[0] for _ in range(n)])
+    else:  # unseeded rows: one batched draw from the global generator
+        torch.manual_seed(5)
+        draws = Sampler()(x.expand(n, -1), [_seq(p) for _ in range(n)])
+    counts = torch.bincount(draws, minlength=40).double()
+    kept = probs > 0
+    assert counts[~kept].sum() == 0  # nothing outside the filtered support
+    expected = n * probs[kept].double()
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    dof = int(kept.sum()) - 1
+    # chi-square critical values at p = 0.001 (dof 1..11); a correct sampler fails this one time in a thousand seeds
+    critical = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26][dof - 1]
+    assert 1 <= dof <= 11 and chi2 < critical, (chi2, dof)
 
 
 def test_logprobs_are_the_raw_log_softmax(llm):
