@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .progress import checkpoint_shards
 
 # Prefix renames, first match wins. Original-layout names are mapped to the -hf names here.
 _RENAMES = [
@@ -357,11 +358,13 @@ def _plan_load(model: torch.nn.Module, catalog, path: Path):
 def _fill(model: torch.nn.Module, plan, device: torch.device) -> None:
     files, tie = plan
     params = dict(model.named_parameters())
-    for file, reads in files:
-        with _open(file, str(device)) as f:
-            for key, name, shard in reads:
-                target, index, shape = _plan(model, name, shard, params[name])
-                target.copy_(_read(f, key, index, shape, file).to(target.dtype))
+    with checkpoint_shards([file for file, _ in files]) as shard_done:  # a bar on a terminal, a log line per shard
+        for file, reads in files:
+            with _open(file, str(device)) as f:
+                for key, name, shard in reads:
+                    target, index, shape = _plan(model, name, shard, params[name])
+                    target.copy_(_read(f, key, index, shape, file).to(target.dtype))
+            shard_done(file)
     if tie:
         model.tie_lm_head()
 

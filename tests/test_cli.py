@@ -135,3 +135,72 @@ def test_python_dash_m(tmp_path):
                        cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "kernel_backends" in json.loads(r.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- load progress
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint split into three shards and an index, as the hub stores the larger models."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path_factory.mktemp("sharded") / "tiny"
+    shutil.copytree(tiny_checkpoint, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    keys, weight_map = sorted(tensors), {}
+    for i in range(3):
+        name = f"model-0000{i + 1}-of-00003.safetensors"
+        part = keys[i::3]
+        save_file({k: tensors[k] for k in part}, str(dst / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def test_loading_logs_every_shard_and_the_total_bytes(sharded_checkpoint, caplog):
+    import logging
+
+    from internvl_engine import LLM
+
+    shards = sorted(sharded_checkpoint.glob("model-*.safetensors"))
+    with caplog.at_level(logging.INFO, logger="internvl_engine.progress"):
+        LLM(sharded_checkpoint, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "internvl_engine.progress"]
+    assert len(lines) == len(shards) + 1
+    for i, (line, shard) in enumerate(zip(lines, shards)):
+        assert line.startswith(f"loaded shard {i + 1}/3 {shard.name} (")
+    total = sum(s.stat().st_size for s in shards)
+    assert lines[-1].startswith("loaded checkpoint: 3 shards,") and f"({total} bytes)" in lines[-1]
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws only on one) and keeps what is written."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_loading_draws_a_bar_on_a_terminal_unless_turned_off(sharded_checkpoint, monkeypatch, on):
+    from internvl_engine import LLM, progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(progress, "_enabled", None)
+    monkeypatch.setenv("INTERNVL_ENGINE_PROGRESS", "1" if on else "0")
+    LLM(sharded_checkpoint, device="cpu")
+    if on:
+        assert "loading checkpoint" in terminal.text and "shard 3/3" in terminal.text
+    else:
+        assert terminal.text == ""
