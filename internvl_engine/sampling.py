@@ -297,15 +297,18 @@ class Sampler:
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor | list[int], k: int) -> list[dict[int, Logprob]]:
     """Per row: {token: Logprob} for the chosen token and the top-k of the fp32 log-softmax of the raw logits."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    tokens = torch.as_tensor(tokens, device=lp.device).reshape(-1, 1)
+    ids = [int(t) for t in (tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens)]
+    tokens = torch.as_tensor(ids, device=lp.device).reshape(-1, 1)
     chosen = lp.gather(1, tokens)
     ranks = (lp > chosen).sum(-1) + 1
     top = lp.topk(k, dim=-1) if k > 0 else None
+    # one device-to-host copy for all rows: ranks and token ids below 2**24 are exact in fp32
+    parts = [chosen, ranks[:, None].float()] + ([top.values, top.indices.float()] if top is not None else [])
+    host = torch.cat(parts, dim=1).tolist()
     rows = []
-    for i in range(lp.shape[0]):
-        entry = {int(tokens[i, 0]): Logprob(float(chosen[i, 0]), int(ranks[i]))}
-        if top is not None:
-            for r, (v, t) in enumerate(zip(top.values[i].tolist(), top.indices[i].tolist()), start=1):
-                entry.setdefault(t, Logprob(v, r))
+    for token, row in zip(ids, host):
+        entry = {token: Logprob(row[0], int(row[1]))}
+        for r, (v, t) in enumerate(zip(row[2:2 + k], row[2 + k:]), start=1):
+            entry.setdefault(int(t), Logprob(v, r))
         rows.append(entry)
     return rows
