@@ -133,8 +133,9 @@ QUANT_FIRST_LEAF = {"awq": "qweight", "fp8": "weight"}
 
 
 def _quant_method(module) -> str | None:
-    from .quant import AWQLinear, Fp8Linear
-    return "awq" if isinstance(module, AWQLinear) else "fp8" if isinstance(module, Fp8Linear) else None
+    """The format of a quantized layer's linear method (quant/awq.py, quant/fp8.py); None for a dense one."""
+    method = getattr(module, "quant_method", None)
+    return None if method is None else method.name
 
 
 def _init_quantized_(module, method: str, randn) -> None:

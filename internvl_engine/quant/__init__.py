@@ -8,9 +8,10 @@
   list is honoured.
 
 The config block is read at the top level of config.json, under `llm_config` and under `text_config`
-(config.py). The model is built dense on the meta device and its decoder linears are then swapped for the
-quantized layers of quant/layers.py (`quantize_model`), whose parameters the loader fills from the checkpoint like
-any other. On the CPU (torch / cpp backends) the quantized layers dequantize and run the matmul.
+(config.py). Each format is a linear method in its own file (quant/awq.py, quant/fp8.py: parameters, checkpoint
+dtypes, shard checks, layout, matmul). The model is built dense on the meta device and its decoder linears are then
+swapped for the quantized layers of quant/layers.py (`quantize_model`), which hold such a method and whose
+parameters the loader fills from the checkpoint like any other. On the CPU (torch / cpp backends) the quantized layers dequantize and run the matmul.
 
 Under tensor parallelism the quantized layers split as the dense ones do (column-parallel q/k/v and gate/up,
 row-parallel o_proj and down_proj; quant/layers.py). AWQ adds two alignments: a rank's output columns fill whole
@@ -27,11 +28,10 @@ from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
 from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
+from .awq import AWQ_ORDER, AWQ_REVERSE, AWQLinearMethod, awq_dequantize, awq_pack, awq_unpack  # noqa: F401
+from .fp8 import FP8_MAX, Fp8LinearMethod  # noqa: F401
 from .layers import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear, QuantLinear  # noqa: F401
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # column 8c + AWQ_ORDER[i] sits in nibble i
-AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)     # nibble of column j within its pack
-FP8_MAX = 448.0                            # largest finite float8_e4m3fn
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -132,30 +132,6 @@ def _ignore_list(v, where: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ AWQ
-def awq_pack(q: torch.Tensor) -> torch.Tensor:
-    """4-bit values [rows, cols] (cols % 8 == 0) -> int32 [rows, cols / 8] in the AWQ GEMM order."""
-    q = q.to(torch.int64).reshape(q.shape[0], -1, 8)
-    word = torch.zeros(q.shape[:2], dtype=torch.int64, device=q.device)
-    for i, j in enumerate(AWQ_ORDER):
-        word |= (q[..., j] & 0xF) << (4 * i)
-    return ((word + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32)
-
-
-def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [rows, cols / 8] -> the 4-bit values [rows, cols] as uint8 (the inverse of awq_pack, bit-exact)."""
-    shifts = torch.tensor([4 * n for n in AWQ_REVERSE], dtype=torch.int32, device=packed.device)
-    out = (packed.unsqueeze(-1) >> shifts) & 0xF
-    return out.reshape(packed.shape[0], -1).to(torch.uint8)
-
-
-def awq_dequantize(qweight, qzeros, scales, group_size: int = 128) -> torch.Tensor:
-    """w [in, out] in float32: (q - z) * s per group of `group_size` input rows (the plain-torch oracle)."""
-    q = awq_unpack(qweight).float()
-    z = awq_unpack(qzeros).float().repeat_interleave(group_size, 0)[: q.shape[0]]
-    s = scales.float().repeat_interleave(group_size, 0)[: q.shape[0]]
-    return (q - z) * s
-
-
 awq_matmul_ref = awq_gemm_ref  # the ops contract's oracle (ops/ref.py)
 
 

@@ -12,24 +12,20 @@ layers/linear.py:
 
 Every layer exposes the dense layers' hooks: `load_plan(leaf, shard)` for the loader, `full_shape(leaf)` (the
 unsharded checkpoint tensor) and `from_full(leaf, full)` (this rank's part of that full quantized tensor, e.g. the
-whole qweight [in, out / 8]). Which dimension of each leaf runs over output and input features is `layout(leaf)`."""
+whole qweight [in, out / 8]). Which dimension of each leaf runs over output and input features is `layout(leaf)`.
+
+What differs by format lives in its linear method, one file each (quant/awq.py, quant/fp8.py: the parameters,
+their checkpoint dtypes, the shard checks, the layout and the matmul); the classes here hold the geometry and
+the slicing hooks, and delegate the rest to `quant_method`."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from ..layers.linear import RowParallel, packed_ranges
-from ..ops.ref import awq_gemm_ref, fp8_gemm_ref
-
-
-# the float dtypes producers store scales and biases in (AWQ scales: fp16; FP8 weight_scale: the model dtype);
-# they are cast on the way, exactly (scales are kept in float32)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+from .awq import AWQLinearMethod
+from .common import param
+from .fp8 import Fp8LinearMethod
 
 
 class QuantLinear(nn.Module):
@@ -40,9 +36,11 @@ class QuantLinear(nn.Module):
     full_sizes: each packed shard's full output size; local: per shard, the (start, n) of its output features this
     rank keeps (column-parallel; else all); shard_sizes: the local n, as in PackedLinear; out_features: their sum."""
 
-    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, ops=None,
-                 local: list[tuple[int, int]] | None = None, in_part: tuple[int, int] | None = None):
+    def __init__(self, quant_method, in_features: int, shard_sizes: list[int], shard_names: list[str] | None,
+                 bias: bool, dtype: torch.dtype, device, ops=None, local: list[tuple[int, int]] | None = None,
+                 in_part: tuple[int, int] | None = None, where: str = "quantized layer"):
         super().__init__()
+        self.quant_method = quant_method
         self.ops = ops  # an OpTable (not a module): model.use_ops rebinds it like every other layer's
         self.in_features = in_features
         self.in_start, self.in_local = in_part if in_part is not None else (0, in_features)
@@ -51,12 +49,19 @@ class QuantLinear(nn.Module):
         self.shard_sizes = [n for _, n in self.local]
         self.shard_names = list(shard_names or [])
         self.out_features = sum(self.shard_sizes)
+        quant_method.check(self, where)
+        quant_method.create_weights(self, dtype, device)  # the format's parameters, then the bias (random init
+        self.bias = param((self.out_features,), dtype, device) if bias else None  # draws them in this order)
+
+    @property
+    def CHECKPOINT_DTYPES(self) -> dict:  # noqa: N802 - the loader's name for a layer's exact file dtypes
+        return self.quant_method.CHECKPOINT_DTYPES
 
     def layout(self, leaf: str) -> tuple[int, int, int | None, int]:
         """(the leaf's dimension over output features, output features per index along it, its dimension over
         input features or None (bias, FP8 weight_scale: whole on every row-parallel rank), input features per
-        index along that one)."""
-        raise NotImplementedError
+        index along that one): the method's."""
+        return self.quant_method.layout(leaf)
 
     @property
     def column_sharded(self) -> bool:
@@ -123,70 +128,29 @@ class QuantLinear(nn.Module):
 
     def partial(self, x):
         """The local matmul without the bias (RowParallel adds it once, after the all-reduce)."""
-        return self._gemm(x, None)
+        return self.quant_method.apply(self, x, None)
 
     def forward(self, x):
-        return self._gemm(x, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 # ------------------------------------------------------------------------------------------------------ AWQ
 class AWQLinear(QuantLinear):
-    """W4A16 linear: qweight int32 [in, out / 8], qzeros int32 [in / G, out / 8], scales [in / G, out] (G = 128),
-    w = (q - z) * s per group of G input rows. Packed projections (q/k/v, gate/up) concatenate their shards along
-    the output; shard sizes are multiples of 8, so each shard's packed columns are a contiguous range.
+    """W4A16 (quant/awq.py), whole or column-parallel. Packed projections (q/k/v, gate/up) concatenate their
+    shards along the output; shard sizes are multiples of 8, so each shard's packed columns are a contiguous range.
     `local` (column-parallel): the per-shard (start, n) of the output this rank keeps, as PackedLinear's."""
-
-    # The dtype of each leaf in the files, exactly (the loader refuses others): LMDeploy and AutoAWQ write qweight
-    # and qzeros as int32; a uint8 or int64 tensor of the same shape holds other bits and would load as garbage.
-    CHECKPOINT_DTYPES = {"qweight": ((torch.int32,), "AWQ qweight: eight 4-bit values packed per int32"),
-                         "qzeros": ((torch.int32,), "AWQ qzeros: eight 4-bit zero points packed per int32"),
-                         "scales": (_FLOATS, "AWQ scales"), "bias": (_FLOATS, "AWQ bias")}
 
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
                  dtype: torch.dtype, device, group_size: int = 128, ops=None,
                  local: list[tuple[int, int]] | None = None, in_part: tuple[int, int] | None = None,
                  where: str = "AWQ layer"):
-        super().__init__(in_features, shard_sizes, shard_names, ops, local, in_part)
+        super().__init__(AWQLinearMethod(group_size), in_features, shard_sizes, shard_names, bias, dtype, device,
+                         ops, local, in_part, where)
         self.group_size = group_size
-        self._check(where)
-        out, groups = self.out_features, self.in_local // group_size
-        self.qweight = _param((self.in_local, out // 8), torch.int32, device)
-        self.qzeros = _param((groups, out // 8), torch.int32, device)
-        self.scales = _param((groups, out), torch.float32, device)  # fp16 / bf16 in the files: kept exactly
-        self.bias = _param((out,), dtype, device) if bias else None
-
-    def layout(self, leaf: str):
-        g = self.group_size
-        return {"qweight": (1, 8, 0, 1), "qzeros": (1, 8, 0, g), "scales": (1, 1, 0, g), "bias": (0, 1, None, 1)}[leaf]
-
-    def _check(self, where: str) -> None:
-        g = self.group_size
-        if self.in_features % g or any(n % 8 for n in self.full_sizes):
-            raise UnsupportedModelError(f"{where} [{self.in_features} -> {self.full_sizes}]: the input size must be "
-                                        f"a multiple of the group size {g} and each output a multiple of 8")
-        names = self.shard_names or ["output"]
-        for name, (start, n), full in zip(names, self.local, self.full_sizes):
-            if start % 8 or n % 8:
-                raise UnsupportedModelError(
-                    f"{where}: {name} keeps output columns [{start}, {start + n}) of {full} on this rank: {n} is not "
-                    "a multiple of 8 (each rank must keep whole int32 packs of 8 columns)")
-        if self.in_start % g or self.in_local % g:
-            raise UnsupportedModelError(
-                f"{where}: this rank keeps input rows [{self.in_start}, {self.in_start + self.in_local}) of "
-                f"{self.in_features}: {self.in_local} is not a multiple of the group size {g} (each rank must keep "
-                f"whole groups: qzeros and scales hold one row per {g} inputs)")
 
     def dequantized(self, dtype) -> torch.Tensor:
         """This rank's dense weight [out, in] (nn.Linear layout)."""
-        from . import awq_dequantize
-        return awq_dequantize(self.qweight, self.qzeros, self.scales, self.group_size).t().to(dtype)
-
-    def _gemm(self, x, bias):
-        ops = self.ops
-        x2 = x.reshape(-1, self.in_local).contiguous()
-        fn = awq_gemm_ref if ops is None else ops.awq_gemm
-        y = fn(x2, self.qweight, self.qzeros, self.scales, bias, self.group_size)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.quant_method.dequantized(self, dtype)
 
 
 class AWQRowParallelLinear(RowParallel, AWQLinear):
@@ -202,31 +166,13 @@ class AWQRowParallelLinear(RowParallel, AWQLinear):
 
 # ------------------------------------------------------------------------------------------------------ FP8
 class Fp8Linear(QuantLinear):
-    """W8A8: weight float8_e4m3fn [out, in], weight_scale [out, 1]; activations quantized per token at run time
-    (ops.fp8_gemm). `local` (column-parallel) as AWQLinear's."""
-
-    # compressed-tensors' float-quantized format stores float8_e4m3fn weights; an e5m2 tensor would be clipped
-    # into e4m3's range on the cast, so the loader refuses it (exact dtypes, as AWQLinear's).
-    CHECKPOINT_DTYPES = {"weight": ((torch.float8_e4m3fn,), "FP8 weight: compressed-tensors float-quantized"),
-                         "weight_scale": (_FLOATS, "FP8 weight_scale"), "bias": (_FLOATS, "FP8 bias")}
+    """W8A8 (quant/fp8.py), whole or column-parallel; `local` as AWQLinear's."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
                  dtype: torch.dtype, device, ops=None, local: list[tuple[int, int]] | None = None,
                  in_part: tuple[int, int] | None = None, where: str = "FP8 layer"):
-        super().__init__(in_features, shard_sizes, shard_names, ops, local, in_part)
-        out = self.out_features
-        self.weight = _param((out, self.in_local), torch.float8_e4m3fn, device)
-        self.weight_scale = _param((out, 1), torch.float32, device)
-        self.bias = _param((out,), dtype, device) if bias else None
-
-    def layout(self, leaf: str):
-        return {"weight": (0, 1, 1, 1), "weight_scale": (0, 1, None, 1), "bias": (0, 1, None, 1)}[leaf]
-
-    def _gemm(self, x, bias):
-        ops = self.ops
-        x2 = x.reshape(-1, self.in_local).contiguous()
-        fn = fp8_gemm_ref if ops is None else ops.fp8_gemm
-        return fn(x2, self.weight, self.weight_scale, bias).reshape(*x.shape[:-1], self.out_features)
+        super().__init__(Fp8LinearMethod(), in_features, shard_sizes, shard_names, bias, dtype, device, ops, local,
+                         in_part, where)
 
 
 class Fp8RowParallelLinear(RowParallel, Fp8Linear):
