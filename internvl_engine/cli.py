@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 from .errors import CheckpointError, InternVLEngineError
@@ -98,6 +100,76 @@ def ensure_demo_checkpoint(directory: Path) -> tuple[Path, bool]:
     return directory, True
 
 
+# ---------------------------------------------------------------------------------------------------- settings flags
+# EngineConfig and ServerSettings carry their flags in field metadata (engine/config.py `setting`): flag, help,
+# metavar, zero_is_none, comma_list. The dataclass default is the flag's default; the parsed value lands on
+# args.<field name>, and settings_from_args turns the namespace back into the dataclass's keyword arguments.
+def _show(value) -> str:
+    if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"{value >> 20} MiB"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _scalar(hint) -> type:
+    """The type a flag's text is parsed as: the first of bool, int, float, str in the field's annotation."""
+    args = typing.get_args(hint) or (hint,)
+    return next((t for t in (bool, int, float, str) if t in args), str)
+
+
+def add_settings_flags(parser, cls, only=None, skip=(), defaults_in_help: bool = True) -> None:
+    """Adds a flag for every field of the settings dataclass `cls` whose metadata names one (`only`: just these
+    fields; `skip`: not these). defaults_in_help=False for a parser whose formatter adds them itself."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "flag" not in meta or f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = meta["help"]
+        if defaults_in_help and default is not None and not isinstance(default, bool) and "default" not in text:
+            text += f" (default: {_show(default)})"
+        kind = _scalar(hints[f.name])
+        if kind is bool:  # a switch away from the default
+            if default:
+                text = f"turn off (on by default): {text}"
+            parser.add_argument(meta["flag"], dest=f.name, action="store_false" if default else "store_true",
+                                help=text.replace("%", "%%"))
+        else:
+            parser.add_argument(meta["flag"], dest=f.name, type=kind, default=default, metavar=meta.get("metavar"),
+                                help=text.replace("%", "%%"))
+
+
+def settings_from_args(cls, args) -> dict:
+    """Keyword arguments of `cls` from the flags add_settings_flags added (those the namespace holds)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "flag" not in f.metadata or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.metadata.get("zero_is_none") and value == 0:
+            value = None
+        if f.metadata.get("comma_list") and value is not None:
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        out[f.name] = value
+    return out
+
+
+def _engine_config():
+    from .engine.config import EngineConfig
+    return EngineConfig
+
+
+def _server_settings():
+    """ServerSettings, or None without the serve extra (server/app.py imports fastapi)."""
+    try:
+        from .server.app import ServerSettings
+    except ImportError:
+        return None
+    return ServerSettings
+
+
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
     from .llm import LLM
@@ -114,8 +186,7 @@ def cmd_generate(args) -> int:
     content = [{"type": "image", "path": p} for p in args.image]
     content += [{"type": "video", "path": p} for p in args.video]
     content.append({"type": "text", "text": args.prompt})
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+    llm = LLM(args.model, **settings_from_args(_engine_config(), args))
     _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
     return 0
 
@@ -132,8 +203,7 @@ def cmd_demo(args) -> int:
     print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
     image = demo_image_path()
     t0 = time.perf_counter()
-    llm = LLM(ckpt, dtype="auto", device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=args.tensor_parallel_size)
+    llm = LLM(ckpt, dtype="auto", **settings_from_args(_engine_config(), args))  # the demo's --device among them
     print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
     print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
     conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
@@ -151,11 +221,6 @@ def _version(module: str, attr: str = "__version__"):
     except Exception:
         return None
     return str(getattr(mod, attr, "unknown"))
-
-
-BACKEND_HELP = "kernel backend: auto (default), torch, cpp (CPU), triton, cuda"
-TP_HELP = ("ranks the language model is sharded over (default 1); one process per rank, or torchrun's "
-           "processes (README: tensor parallelism)")
 
 
 def extension_info() -> dict:
@@ -258,34 +323,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def serve_settings(args):
+    """(ServerSettings, the engine's keyword arguments) the serve command's flags ask for."""
+    server_settings = _server_settings()
+    kwargs = settings_from_args(server_settings, args)
+    kwargs["model_name"] = kwargs["model_name"] or str(args.model)
+    kwargs["api_key"] = kwargs["api_key"] or os.environ.get("INTERNVL_ENGINE_API_KEY") or None
+    settings = server_settings(**kwargs)
+    return settings, {**settings_from_args(_engine_config(), args), "media_policy": settings.media_policy()}
+
+
 def cmd_serve(args) -> int:
     """`internvl-engine serve --model M`: the OpenAI-compatible HTTP server (needs the `serve` extra)."""
     try:
-        from .server import ServerSettings, serve
+        from .server import serve
     except ImportError as e:
         _err(f"the server needs the serve extra (pip install 'internvl-engine[serve]'): {e}")
         return 2
     from .engine.async_llm import AsyncLLM
 
-    domains = None
-    if args.allowed_media_domains is not None:
-        domains = tuple(d.strip() for d in args.allowed_media_domains.split(",") if d.strip())
-    settings = ServerSettings(
-        model_name=args.served_model_name or str(args.model), api_key=args.api_key or os.environ.get(
-            "INTERNVL_ENGINE_API_KEY") or None, max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
-        default_max_tokens=args.default_max_tokens, allowed_local_media_path=args.allowed_local_media_path,
-        allowed_media_domains=domains, allow_private_media_networks=args.allow_private_media_networks,
-        max_media_bytes=args.max_media_bytes, media_fetch_timeout_s=args.media_fetch_timeout,
-        max_json_depth=args.max_json_depth, max_prompts=args.max_prompts,
-        max_prompt_chars=args.max_prompt_chars or None, stream_stall_timeout_s=args.stream_stall_timeout or None)
-    engine_args = dict(dtype=args.dtype, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager,
-                       max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       enable_prefix_caching=not args.no_prefix_caching, media_policy=settings.media_policy(),
-                       tensor_parallel_size=args.tensor_parallel_size,
-                       tensor_parallel_timeout_s=args.tensor_parallel_timeout,
-                       consumer_timeout_s=args.consumer_timeout or None)
+    settings, engine_args = serve_settings(args)
     llm = AsyncLLM(args.model, **engine_args)
     print(f"internvl-engine serve: {settings.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
@@ -296,63 +353,34 @@ def cmd_serve(args) -> int:
 def _add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, "
                                      "health, metrics)")
-    s.add_argument("--model", required=True,
-                   help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
+    s.add_argument("--model", required=True, help=_engine_config_help("model"))
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model name clients send and /v1/models lists (default: the --model value)")
-    s.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_ENGINE_API_KEY, else none)")
-    s.add_argument("--max-waiting", type=int, default=1024, metavar="N",
-                   help="answer 429 when admitting a request would make more than N wait for the scheduler")
+    s.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM, seconds requests in flight may take to finish before they are aborted")
-    s.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                   help="allow local media files (paths, file:// URLs) under DIR (default: none)")
-    s.add_argument("--allowed-media-domains", default=None, metavar="A,B",
-                   help="media URLs only from these hosts and their subdomains (default: any public host)")
-    s.add_argument("--allow-private-media-networks", action="store_true",
-                   help="let media URLs reach loopback and private addresses (default: refused)")
-    s.add_argument("--max-media-bytes", type=int, default=None, metavar="N",
-                   help="bytes per media download and per data: URI (default: 20 MiB)")
-    s.add_argument("--media-fetch-timeout", type=float, default=None, metavar="S",
-                   help="seconds per media URL fetch (default: 10)")
-    s.add_argument("--max-request-bytes", type=int, default=64 << 20, metavar="N",
-                   help="413 for a larger request body (default: 64 MiB)")
-    s.add_argument("--default-max-tokens", type=int, default=1024, metavar="N",
-                   help="max_tokens of chat requests that give none (default: 1024)")
-    s.add_argument("--max-json-depth", type=int, default=64, metavar="N",
-                   help="400 for a request body nesting arrays/objects deeper (default: 64)")
-    s.add_argument("--max-prompts", type=int, default=256, metavar="N",
-                   help="400 for a completions request with more prompts (default: 256)")
-    s.add_argument("--max-prompt-chars", type=int, default=1_000_000, metavar="N",
-                   help="400 for more text characters in one request, before tokenising (default: 1,000,000; 0: off)")
-    s.add_argument("--stream-stall-timeout", type=float, default=60.0, metavar="S",
-                   help="cut off a streaming client that takes no data for S seconds (default: 60; 0: never)")
-    s.add_argument("--consumer-timeout", type=float, default=60.0, metavar="S",
-                   help="abort a request whose consumer takes no output for S seconds while outputs wait "
-                        "(default: 60; 0: never)")
-    s.add_argument("--tensor-parallel-timeout", type=float, default=300.0, metavar="S",
-                   help="bound on every wait for another tensor-parallel rank; past it the engine is dead "
-                        "(default: 300)")
-    s.add_argument("--dtype", default="auto",
-                   help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
-    s.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
-    s.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
-    s.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
-    s.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
-    s.add_argument("--max-model-len", type=int, default=None, metavar="N")
-    s.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N", help="KV pool size (CPU default 16384)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
-    s.add_argument("--max-num-seqs", type=int, default=64, metavar="N")
-    s.add_argument("--max-num-batched-tokens", type=int, default=8192, metavar="N")
-    s.add_argument("--no-prefix-caching", action="store_true")
+                   help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
+                        "(default: 30)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
                    help="event loop (auto: uvloop when installed)")
+    _add_progress_flag(s)
+    server_settings = _server_settings()
+    if server_settings is not None:
+        add_settings_flags(s.add_argument_group("server settings (ServerSettings)"), server_settings)
+    else:  # main() lets cmd_serve say what is missing rather than refuse the flags
+        s.description = "(the server's own flags need the serve extra: pip install 'internvl-engine[serve]')"
+    add_settings_flags(s.add_argument_group("engine settings (EngineConfig)"), _engine_config())
     s.set_defaults(func=cmd_serve)
+
+
+def _engine_config_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(_engine_config()) if f.name == name)
+
+
+def _add_progress_flag(parser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar while the checkpoint loads (the log still gets a line per shard; "
+                             "also INTERNVL_ENGINE_PROGRESS=0)")
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -365,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos, streaming the text")
-    g.add_argument("--model", required=True, help="checkpoint directory, hub id (needs the hub extra) or random:<preset>")
+    g.add_argument("--model", required=True, help=_engine_config_help("model"))
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file or URL (repeatable)")
     g.add_argument("--video", action="append", default=[], metavar="PATH", help="video file (repeatable)")
     g.add_argument("--num-frames", type=int, default=None, metavar="N", help="frames sampled from each video")
@@ -375,12 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, metavar="K")
     g.add_argument("--seed", type=int, default=None, metavar="S")
     g.add_argument("--max-num-tiles", type=int, default=None, metavar="N")
-    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, checkpoint dtype on GPU), bfloat16, float16, float32")
-    g.add_argument("--device", default=None, metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
-    g.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
-    g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
     g.add_argument("prompt", metavar="PROMPT")
+    _add_progress_flag(g)
+    # consumer_timeout_s is AsyncLLM's (serve); generate streams from LLM
+    add_settings_flags(g.add_argument_group("engine settings (EngineConfig)"), _engine_config(),
+                       skip=("consumer_timeout_s",))
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="run the shipped demo image through a tiny RANDOM-weight model (no download)")
@@ -389,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $INTERNVL_ENGINE_CACHE/demo-tiny or ~/.cache/internvl-engine/demo-tiny)")
     d.add_argument("--max-tokens", type=int, default=32, metavar="N")
     d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
-    d.add_argument("--backend", default="auto", metavar="B", help=BACKEND_HELP)
-    d.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
-    d.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TP_HELP)
+    _add_progress_flag(d)
+    # the demo's own --device default (cpu) and dtype (auto) stay; these are the engine's
+    add_settings_flags(d, _engine_config(), only=("backend", "enforce_eager", "tensor_parallel_size"))
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")
@@ -430,8 +457,12 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = extra
-    elif extra:
+    elif extra and not (args.command == "serve" and _server_settings() is None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("generate", "demo", "serve", "bench"):  # they load checkpoints: a log line per shard
+        from . import progress
+        progress.log_to_stderr()
+        progress.set_enabled(False if getattr(args, "no_progress", False) else None)
     try:
         return args.func(args)
     except InternVLEngineError as e:

@@ -78,7 +78,12 @@ class _NoBar:
 def _redirect():
     """While a bar is drawn, log records to the terminal go through tqdm.write: printed above the bar, not through
     it (the root's handlers and the package's own, log_to_stderr)."""
-    return logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("internvl_engine")])
+    def to_terminal(logger) -> bool:
+        return any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout)
+                   for h in logger.handlers)
+    # (a logger without such a handler is left alone: tqdm would give it one, and its records would show twice)
+    loggers = [lg for lg in (logging.getLogger(), logging.getLogger("internvl_engine")) if to_terminal(lg)]
+    return logging_redirect_tqdm(loggers=loggers)
 
 
 def _size(n: int) -> str:

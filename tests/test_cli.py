@@ -204,3 +204,102 @@ def test_loading_draws_a_bar_on_a_terminal_unless_turned_off(sharded_checkpoint,
         assert "loading checkpoint" in terminal.text and "shard 3/3" in terminal.text
     else:
         assert terminal.text == ""
+
+
+# ---------------------------------------------------------------------------------------------- flags from settings
+def _subparser(command: str):
+    from internvl_engine.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_every_settings_field_meant_as_a_flag_has_one_with_its_default(command):
+    import dataclasses
+
+    from internvl_engine.engine.config import EngineConfig
+    from internvl_engine.server.app import ServerSettings
+
+    parser = _subparser(command)
+    by_dest = {a.dest: a for a in parser._actions}
+    classes = (EngineConfig, ServerSettings) if command == "serve" else (EngineConfig,)
+    skip = {"generate": {"consumer_timeout_s"}, "serve": set()}[command]  # AsyncLLM's: serve alone
+    flagged = [f for cls in classes for f in dataclasses.fields(cls) if "flag" in f.metadata and f.name not in skip]
+    # the flags the hand-written parsers had (scripts and the README use them) are all still there
+    engine = {"--dtype", "--device", "--backend", "--enforce-eager", "--tensor-parallel-size"}
+    before = {"generate": engine, "serve": engine | {
+        "--max-model-len", "--kv-cache-tokens", "--gpu-memory-utilization", "--max-num-seqs",
+        "--max-num-batched-tokens", "--no-prefix-caching", "--tensor-parallel-timeout", "--consumer-timeout",
+        "--served-model-name", "--api-key", "--max-waiting", "--allowed-local-media-path", "--allowed-media-domains",
+        "--allow-private-media-networks", "--max-media-bytes", "--media-fetch-timeout", "--max-request-bytes",
+        "--default-max-tokens", "--max-json-depth", "--max-prompts", "--max-prompt-chars", "--stream-stall-timeout"}}
+    assert before[command] <= {f.metadata["flag"] for f in flagged}
+    for f in flagged:
+        action = by_dest[f.name]
+        assert action.option_strings == [f.metadata["flag"]], f.name
+        assert action.help and "%" not in action.help.replace("%%", ""), f.name
+        if f.default is dataclasses.MISSING:  # ServerSettings.model_name: the --model value unless given
+            assert action.default is None
+        else:
+            assert action.default == f.default, f.name
+    # fields without a flag stay off the command line
+    unflagged = {f.name for f in dataclasses.fields(EngineConfig) if "flag" not in f.metadata}
+    assert unflagged == {"model", "seed", "block_size", "vision_cache_bytes", "media_policy", "max_prompt_chars"}
+    # (--model is the engine's model; generate's --seed seeds sampling; serve's --max-prompt-chars is the server's)
+    assert not (unflagged - {"model", "seed", "max_prompt_chars"}) & set(by_dest)
+
+
+def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
+    """A full serve command line against the objects the hand-written flags built before issue 3.1."""
+    from internvl_engine.cli import build_parser, serve_settings
+    from internvl_engine.processor.media import MediaPolicy
+    from internvl_engine.server.app import ServerSettings
+
+    monkeypatch.delenv("INTERNVL_ENGINE_API_KEY", raising=False)
+    argv = ["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "9000", "--served-model-name", "m",
+            "--api-key", "k", "--max-waiting", "7", "--shutdown-timeout", "3", "--allowed-local-media-path", "/srv",
+            "--allowed-media-domains", "a.com, b.org,", "--allow-private-media-networks", "--max-media-bytes", "999",
+            "--media-fetch-timeout", "2.5", "--max-request-bytes", "12345", "--default-max-tokens", "17",
+            "--max-json-depth", "9", "--max-prompts", "3", "--max-prompt-chars", "0", "--stream-stall-timeout", "0",
+            "--consumer-timeout", "0", "--tensor-parallel-timeout", "11", "--dtype", "bfloat16", "--device", "cpu",
+            "--backend", "torch", "--enforce-eager", "--tensor-parallel-size", "2", "--max-model-len", "512",
+            "--kv-cache-tokens", "4096", "--gpu-memory-utilization", "0.5", "--max-num-seqs", "8",
+            "--max-num-batched-tokens", "1024", "--no-prefix-caching", "--log-level", "debug", "--access-log",
+            "--loop", "asyncio"]
+    args = build_parser().parse_args(argv)
+    settings, engine = serve_settings(args)
+    expected = ServerSettings(
+        model_name="m", api_key="k", max_waiting=7, max_request_bytes=12345, default_max_tokens=17,
+        allowed_local_media_path="/srv", allowed_media_domains=("a.com", "b.org"), allow_private_media_networks=True,
+        max_media_bytes=999, media_fetch_timeout_s=2.5, max_json_depth=9, max_prompts=3, max_prompt_chars=None,
+        stream_stall_timeout_s=None)
+    assert settings == expected
+    assert engine == dict(
+        dtype="bfloat16", device="cpu", backend="torch", quant_backend=None, enforce_eager=True, vision_graphs=False,
+        max_model_len=512, kv_cache_tokens=4096, gpu_memory_utilization=0.5, max_num_seqs=8,
+        max_num_batched_tokens=1024, enable_prefix_caching=False, media_policy=expected.media_policy(),
+        tensor_parallel_size=2, tensor_parallel_timeout_s=11.0, consumer_timeout_s=None)
+    assert isinstance(engine["media_policy"], MediaPolicy) and engine["media_policy"].max_download_bytes == 999
+    assert (args.host, args.port, args.shutdown_timeout, args.log_level, args.access_log, args.loop) == \
+        ("0.0.0.0", 9000, 3.0, "debug", True, "asyncio")
+
+    # no flags: the dataclasses' defaults, the model name from --model, the API key from the environment
+    monkeypatch.setenv("INTERNVL_ENGINE_API_KEY", "env-key")
+    settings, engine = serve_settings(build_parser().parse_args(["serve", "--model", "random:tiny"]))
+    assert settings == ServerSettings(model_name="random:tiny", api_key="env-key")
+    from internvl_engine.engine.config import EngineConfig
+    config = EngineConfig("random:tiny", **engine)
+    assert config == EngineConfig("random:tiny", media_policy=MediaPolicy.strict())
+
+
+def test_generate_flags_give_the_engine_settings(tiny_checkpoint):
+    from internvl_engine.cli import _engine_config, build_parser, settings_from_args
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--seed", "5", "--dtype", "float16", "--backend",
+                                      "cpp", "--enforce-eager", "--tensor-parallel-size", "2", "Hi"])
+    assert args.seed == 5  # the sampling seed, not EngineConfig.seed
+    engine = settings_from_args(_engine_config(), args)
+    assert "seed" not in engine and "consumer_timeout_s" not in engine
+    from internvl_engine.engine.config import EngineConfig
+    assert EngineConfig("m", **engine) == EngineConfig("m", dtype="float16", backend="cpp", enforce_eager=True,
+                                                       tensor_parallel_size=2)

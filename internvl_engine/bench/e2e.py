@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cli import add_settings_flags, settings_from_args
 from ..constants import TILE_SIZE
+from ..engine.config import EngineConfig
+from ..progress import bar, set_enabled
 from . import common
 from .floors import floors as compute_floors, weight_summary
 
@@ -76,26 +79,10 @@ def p50(xs) -> float:
     return percentile(xs, 50)
 
 
-class Progress:
-    """A plain-text progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = max(1, total), 0, enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def step(self, label: str, n: int = 1) -> None:
-        self.done += n
-        if self.enabled:
-            width = 30
-            fill = int(width * min(self.done, self.total) / self.total)
-            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {label:<28s} "
-                             f"{time.perf_counter() - self.t0:6.1f} s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def _step(bar, label: str) -> None:
+    """One group done: the bar (internvl_engine.progress.bar, a tqdm bar on a terminal) names what ran last."""
+    bar.set_description_str(label, refresh=False)
+    bar.update()
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -103,20 +90,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="random:tiny", help=f"{' | '.join(MODELS)} | a checkpoint directory")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--backend", default="auto", help="kernel backend: auto, torch, cpp, triton, cuda")
-    ap.add_argument("--quant-backend", default=None,
-                    help="backend of the quantized matmuls alone (awq_gemm, fp8_gemm), e.g. triton for the W4A16 / "
-                         "FP8 Triton kernels (default: --backend's choice)")
+    # the engine's own flags, as generate and serve have them (floors stay one device's under tensor parallelism)
+    add_settings_flags(ap, EngineConfig, only=("device", "dtype", "backend", "quant_backend", "enforce_eager",
+                                               "tensor_parallel_size", "vision_graphs"), defaults_in_help=False)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
-    ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1,
-                    help="ranks the language model is sharded over (one process per rank; floors stay one device's)")
-    ap.add_argument("--vision-graphs", action="store_true",
-                    help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
     ap.add_argument("--images", type=int, default=1, help="images per request")
     ap.add_argument("--tiles", type=int, default=1, help="tiles per image (0: text only)")
     ap.add_argument("--prompt-words", type=int, default=8, help="random words added to each prompt")
@@ -130,7 +109,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--baseline", choices=["none", "hf"], default="none")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the full record here")
     ap.add_argument("--plot", default=None, metavar="PATH", help="PNG of TTFT and TPOT vs batch size (matplotlib)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars (also INTERNVL_ENGINE_PROGRESS=0)")
     return ap
 
 
@@ -145,7 +124,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def run_ours(llm, groups, params, progress: Progress, label: str) -> tuple[list, float]:
+def run_ours(llm, groups, params, progress, label: str) -> tuple[list, float]:
     outputs, wall = [], 0.0
     for group in groups:
         common.sync(llm.device)
@@ -153,7 +132,7 @@ def run_ours(llm, groups, params, progress: Progress, label: str) -> tuple[list,
         outputs += llm.generate(group, params)
         common.sync(llm.device)
         wall += time.perf_counter() - t0
-        progress.step(label)
+        _step(progress, label)
     return outputs, wall
 
 
@@ -168,7 +147,7 @@ def summarize_ours(outputs, wall: float, images: int) -> dict:
             "output_tokens_per_s": tokens / wall, "images_per_s": images / wall}
 
 
-def run_hf(hf, groups, n_tokens: int, progress: Progress, label: str) -> tuple[list, dict]:
+def run_hf(hf, groups, n_tokens: int, progress, label: str) -> tuple[list, dict]:
     ids, ttft, tpot, e2e, wall, tokens = [], [], [], [], 0.0, 0
     for group in groups:
         r = hf.run_batch(group, n_tokens)
@@ -178,7 +157,7 @@ def run_hf(hf, groups, n_tokens: int, progress: Progress, label: str) -> tuple[l
         e2e += [r["e2e_s"]] * len(group)
         wall += r["e2e_s"]
         tokens += sum(len(x) for x in r["ids"])
-        progress.step(label)
+        _step(progress, label)
     return ids, {"ttft_s": p50(ttft), "tpot_s": p50(tpot),
                  "e2e_s": {"p50": p50(e2e), "p90": percentile(e2e, 90), "p99": percentile(e2e, 99)},
                  "output_tokens_per_s": tokens / wall, "wall_s": wall}
@@ -270,6 +249,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     args = build_parser(prog).parse_args(argv)
     from .. import LLM, SamplingParams
 
+    set_enabled(False if args.quiet else None)  # None: INTERNVL_ENGINE_PROGRESS decides (default on)
+
     batch_sizes = _batch_sizes(args.batch)
     if args.images < 0 or args.tiles < 0 or args.prompt_words < 0:
         raise SystemExit("--images, --tiles and --prompt-words must be >= 0")
@@ -279,10 +260,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     tiles = args.tiles if images else 0
 
     util = args.gpu_memory_utilization or (0.5 if args.baseline == "hf" else 0.9)
-    llm = LLM(args.model, dtype=args.dtype, device=device, backend=args.backend, quant_backend=args.quant_backend,
-              gpu_memory_utilization=util,
-              enforce_eager=args.enforce_eager, vision_graphs=args.vision_graphs,
-              tensor_parallel_size=args.tensor_parallel_size)
+    engine = settings_from_args(EngineConfig, args) | {"device": device, "gpu_memory_utilization": util}
+    llm = LLM(args.model, **engine)
     device = llm.device
     peaks = common.measure_peaks(device)
     dtype_bytes = torch.empty((), dtype=llm.dtype).element_size()
@@ -297,7 +276,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         n = args.requests if args.requests is not None else b * max(1, args.repeat)
         plan.append((b, -(-max(1, n) // b) * b))
     per_group = 2 if hf is not None else 1
-    progress = Progress(sum((n // b + 1) * per_group for b, n in plan), not args.quiet)
+    progress = bar(sum((n // b + 1) * per_group for b, n in plan), "bench", unit="group")
 
     runs = []
     for index, (b, n) in enumerate(plan):
@@ -316,7 +295,7 @@ def main(argv=None, prog: str | None = None) -> dict:
                "ours": ours}
         if hf is not None:
             hf.run_batch(warm, n_tokens)
-            progress.step(f"hf B={b} warm-up")
+            _step(progress, f"hf B={b} warm-up")
             hf_ids, base = run_hf(hf, groups, n_tokens, progress, f"hf B={b}")
             base["images_per_s"] = n * images / base.pop("wall_s")
             diffs = [first_difference(o.token_ids, h) for o, h in zip(outputs, hf_ids)]

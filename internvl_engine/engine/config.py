@@ -4,7 +4,7 @@ name (device, dtype, checkpoint directory)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,34 +29,68 @@ def _int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
                                 f"got {value!r}")
 
 
+def setting(default, *, help: str, flag: str | None = None, metavar: str | None = None, **more):
+    """A settings field with its command-line face in the field's metadata, read by cli.py (add_settings_flags):
+    `flag` (absent: not a flag), `help`, `metavar`, and `zero_is_none` (the flag's 0 means the field's None). The
+    dataclass default is the flag's default, so a default is written once, here."""
+    meta = {"help": help, "flag": flag, "metavar": metavar, **more}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | os.PathLike                # a checkpoint dir | a hub id ([hub] extra) | "random:<preset>"
-    dtype: str | torch.dtype = "auto"       # auto: fp32 on the CPU, else the checkpoint's dtype (bf16 if unnamed)
-    device: str | torch.device | None = None  # None: cuda when available, else cpu
-    max_model_len: int | None = None        # None: the model's context (RoPE scaling included)
-    seed: int = 0                           # random:<preset> weights
-    block_size: int = 16                    # tokens per KV block
-    backend: str = "auto"                   # kernel backend: auto | torch | cpp | triton | cuda
-    quant_backend: str | None = None        # backend of the quantized matmuls (awq_gemm, fp8_gemm) alone; None:
-                                            # `backend`'s choice. "triton" opts in the W4A16 / FP8 Triton kernels
-    kv_cache_tokens: int | None = None      # KV pool size; None: 16384 on the CPU, gpu_memory_utilization on CUDA
-    gpu_memory_utilization: float = 0.9     # share of free device memory the KV pool takes (CUDA)
-    max_num_seqs: int = 64                  # sequences running at once
-    max_num_batched_tokens: int = 8192      # prefill tokens per step (chunked prefill)
-    enable_prefix_caching: bool = True
-    vision_cache_bytes: int | None = None   # projector outputs kept (LRU); None: 256 MiB on CUDA, 64 MiB on the CPU
-    enforce_eager: bool = False             # no CUDA graphs
-    vision_graphs: bool = False             # vision tower from CUDA graphs: opt-in until a device run shows them equal
-    tensor_parallel_size: int = 1           # ranks the language model is sharded over (distributed/); 1: one process
-    tensor_parallel_timeout_s: float = 300.0  # longest wait on another rank (a collective, a whole step) before
-                                            # the engine is declared dead: a hung worker, not a slow step
-    media_policy: MediaPolicy | None = None  # None: trusted caller (processor.MediaPolicy()); the server: .strict()
-    consumer_timeout_s: float | None = 60.0  # AsyncLLM: a generate() consumer that takes no output for this long
-                                            # while outputs wait for it is aborted (SlowConsumerError); None: never
-    max_prompt_chars: int | None = None     # a request's text (its text parts, or a raw prompt) longer than this is
-                                            # refused before it is rendered or tokenised (PromptError); None: only
-                                            # what cannot fit in max_model_len tokens is refused
+    """Each field's help is its documentation; fields with a `flag` are the CLI's engine flags (generate, serve)."""
+    model: str | os.PathLike = field(metadata={
+        "help": "checkpoint directory, hub id (needs the hub extra) or random:<preset>"})
+    dtype: str | torch.dtype = setting(
+        "auto", flag="--dtype", help="auto (fp32 on CPU, checkpoint dtype on GPU, bf16 if it names none), bfloat16, "
+        "float16, float32")
+    device: str | torch.device | None = setting(
+        None, flag="--device", metavar="D", help="cpu, cuda, cuda:N (default: cuda if available)")
+    max_model_len: int | None = setting(
+        None, flag="--max-model-len", metavar="N",
+        help="longest sequence in tokens (default: the model's context, RoPE scaling included)")
+    seed: int = setting(0, help="seed of random:<preset> weights")  # no flag: generate's --seed seeds sampling
+    block_size: int = setting(16, help="tokens per KV block")
+    backend: str = setting("auto", flag="--backend", metavar="B",
+                           help="kernel backend: auto, torch, cpp (CPU), triton, cuda")
+    quant_backend: str | None = setting(
+        None, flag="--quant-backend", metavar="B",
+        help="backend of the quantized matmuls alone (awq_gemm, fp8_gemm), e.g. triton for the W4A16 / FP8 Triton "
+             "kernels (default: --backend's choice)")
+    kv_cache_tokens: int | None = setting(
+        None, flag="--kv-cache-tokens", metavar="N",
+        help="KV pool size in tokens (default: 16384 on the CPU, --gpu-memory-utilization on CUDA)")
+    gpu_memory_utilization: float = setting(0.9, flag="--gpu-memory-utilization", metavar="F",
+                                            help="share of free GPU memory the KV pool takes")
+    max_num_seqs: int = setting(64, flag="--max-num-seqs", metavar="N", help="sequences running at once")
+    max_num_batched_tokens: int = setting(8192, flag="--max-num-batched-tokens", metavar="N",
+                                          help="prefill tokens per step (chunked prefill)")
+    enable_prefix_caching: bool = setting(True, flag="--no-prefix-caching",  # a True default: the flag turns it off
+                                          help="reuse the KV blocks of shared prompt prefixes")
+    vision_cache_bytes: int | None = setting(
+        None, help="bytes of projector outputs kept (LRU; default: 256 MiB on CUDA, 64 MiB on the CPU)")
+    enforce_eager: bool = setting(False, flag="--enforce-eager", help="decode without CUDA graphs")
+    vision_graphs: bool = setting(  # opt-in until a device run shows them equal
+        False, flag="--vision-graphs",
+        help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
+    tensor_parallel_size: int = setting(
+        1, flag="--tensor-parallel-size", metavar="N",
+        help="ranks the language model is sharded over (distributed/); one process per rank, or torchrun's "
+             "processes (README: tensor parallelism)")
+    tensor_parallel_timeout_s: float = setting(  # a hung worker, not a slow step
+        300.0, flag="--tensor-parallel-timeout", metavar="S",
+        help="bound on every wait for another tensor-parallel rank (a collective, a whole step); past it the engine "
+             "is dead")
+    media_policy: MediaPolicy | None = setting(  # the server passes .strict(), opened by its flags
+        None, help="what media a request may name; None: a trusted caller (processor.MediaPolicy())")
+    consumer_timeout_s: float | None = setting(
+        60.0, flag="--consumer-timeout", metavar="S", zero_is_none=True,
+        help="AsyncLLM: abort a request (SlowConsumerError) whose consumer takes no output for S seconds while "
+             "outputs wait (0: never)")
+    max_prompt_chars: int | None = setting(  # no flag: serve's --max-prompt-chars is ServerSettings'
+        None, help="refuse (PromptError) a request with more text characters (its text parts, or a raw prompt), "
+                   "before it is rendered or tokenised; None: only what cannot fit in max_model_len tokens")
 
     def __post_init__(self):
         _int("max_model_len", self.max_model_len, 2, optional=True)
