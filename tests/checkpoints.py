@@ -44,18 +44,20 @@ def hf_config(variant: str, max_position_embeddings: int = 32768, image_size: in
                           tie_word_embeddings=v["text"]["tie_word_embeddings"])
 
 
-def build_hf_checkpoint(path: Path, variant: str = "300m", seed: int = 0, **config_kw):
-    """Writes an `-hf` checkpoint with transformers' save_pretrained plus the processor files; returns the model."""
+def build_hf_checkpoint(path: Path, variant: str = "300m", seed: int = 0, image_size: int = 448, **config_kw):
+    """Writes an `-hf` checkpoint with transformers' save_pretrained plus the processor files; returns the model.
+    image_size is the vision tower's tile side; the processor files follow it (tile side, and image_seq_length =
+    (image_size / 14 / 2)^2 tokens a tile: patch 14, pixel shuffle 0.5)."""
     from transformers import InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(hf_config(variant, **config_kw)).eval()
+    model = InternVLForConditionalGeneration(hf_config(variant, image_size=image_size, **config_kw)).eval()
     init_random_(model, seed)
     if model.config.tie_word_embeddings:
         model.tie_weights()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    write_processor_files(path)
+    write_processor_files(path, tile_size=image_size, image_seq_length=(image_size // 14 // 2) ** 2)
     return model
 
 

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from internvl_engine import LLM, SamplingParams
+from internvl_engine._C import PAGED_SPLIT_TOKENS
 from hf_processor import make_hf_processor
 from reference import hf_greedy, hf_inputs, hf_logits
 
@@ -33,6 +34,26 @@ CONVERSATIONS = {
                                            {"type": "text", "text": "What happens?"}]}],
 }
 MAX_TILES = 4
+# The triton backend runs on the CPU through Triton's interpreter, a Python loop over every program and block: at
+# 448-pixel tiles its two 6B-tower cases alone took 8 of the default run's 31 minutes on 2 cores. Its checkpoints
+# have 224-pixel tiles instead (256 vision tokens and 64 image tokens a tile, against 1024 and 256), which run the
+# same kernel paths on a quarter of the tokens: vision flash attention over several query and key blocks a tile,
+# causal prefill over odd lengths with GQA (300m) and without (6b), decode over one split and, for "two_images"
+# (checked below), over several (a prompt past PAGED_SPLIT_TOKENS), in both tower styles. torch and cpp keep 448
+# (the checkpoints the other test files share).
+TRITON_IMAGE_SIZE = 224
+
+_references: dict = {}
+
+
+def reference(hf_model, hf_proc, path, kind):
+    """(inputs, prompt logits, greedy ids, their step logits) of transformers for one checkpoint and conversation,
+    computed once and shared by the backends that run that checkpoint."""
+    key = (str(path), kind)
+    if key not in _references:
+        inputs = hf_inputs(hf_proc, CONVERSATIONS[kind], MAX_TILES)
+        _references[key] = (inputs, hf_logits(hf_model, inputs), *hf_greedy(hf_model, inputs, 16))
+    return _references[key]
 
 
 @pytest.fixture(scope="module", params=[(v, b) for b in ("torch", "cpp", "triton") for v in ("300m", "6b")],
@@ -40,25 +61,25 @@ MAX_TILES = 4
 def pair(request, hf_checkpoint):
     """The same checks on every CPU kernel backend (triton through its interpreter)."""
     variant, backend = request.param
-    path, hf_model = hf_checkpoint(variant)
-    return LLM(path, dtype="float32", device="cpu", backend=backend), hf_model, make_hf_processor(path)
+    path, hf_model = hf_checkpoint(variant, **({"image_size": TRITON_IMAGE_SIZE} if backend == "triton" else {}))
+    return LLM(path, dtype="float32", device="cpu", backend=backend), hf_model, make_hf_processor(path), path
 
 
 @pytest.mark.parametrize("kind", list(CONVERSATIONS))
 def test_prompt_logits_and_greedy_match_transformers(pair, kind):
-    llm, hf_model, hf_proc = pair
+    llm, hf_model, hf_proc, path = pair
     conv = CONVERSATIONS[kind]
     params = SamplingParams(max_tokens=16, return_logits=True, ignore_eos=True, max_num_tiles=MAX_TILES)
-    inputs = hf_inputs(hf_proc, conv, MAX_TILES)
+    inputs, ref, ref_ids, ref_step_logits = reference(hf_model, hf_proc, path, kind)
+    if kind == "two_images":  # the split-KV decode path runs at both tile sizes (see TRITON_IMAGE_SIZE)
+        assert inputs["input_ids"].shape[1] > PAGED_SPLIT_TOKENS
 
     ours = llm.prompt_logits(conv, params=params)
-    ref = hf_logits(hf_model, inputs)
     assert llm.processor(conv, max_num_tiles=MAX_TILES).input_ids == inputs["input_ids"][0].tolist()
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= ATOL
 
     out = llm.generate(conv, params)[0]
-    ref_ids, ref_step_logits = hf_greedy(hf_model, inputs, 16)
     assert out.token_ids == ref_ids
     assert out.logits.shape == ref_step_logits.shape
     assert (out.logits - ref_step_logits).abs().max().item() <= ATOL
