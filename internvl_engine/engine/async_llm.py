@@ -338,22 +338,7 @@ class AsyncLLM:
         kind = params.output_kind if isinstance(params, SamplingParams) else "cumulative"
         channel = _Channel(loop, kind)
         req = self._loop.register(request_id, channel.put, channel)
-
-        def start():  # in a pool thread: its error goes to the consumer through the channel, like any other
-            try:
-                self._loop.start(req, conversation, params)
-            except BaseException as e:
-                try:
-                    channel.put(e)
-                except RuntimeError:  # the consumer's event loop is closed: nobody is left to tell
-                    pass
-
-        # preprocessing (image decoding, URL fetches) and the engine lock stay off the caller's event loop
-        pool = self._media_pool if carries_media(conversation) else self._text_pool
-        try:
-            loop.run_in_executor(pool, start)
-        except RuntimeError:  # the pool was shut down: shutdown() has failed (or will fail) the request
-            channel.put(EngineDeadError("the engine was shut down (AsyncLLM.shutdown)"))
+        self._start_in_pool(loop, req, conversation, params, channel)
         finished = False
         try:
             while not finished:
@@ -372,6 +357,25 @@ class AsyncLLM:
         finally:
             if not finished:  # cancelled, or the consumer stopped iterating
                 self._loop.abort_request(req)
+
+    def _start_in_pool(self, loop, req, conversation, params, channel: _Channel) -> None:
+        """Add the request on a pool thread: preprocessing (image decoding, URL fetches) and the engine lock stay off
+        the caller's event loop, and requests with media wait in their own pool. An error reaches the consumer
+        through its channel, like any other output."""
+        def start():
+            try:
+                self._loop.start(req, conversation, params)
+            except BaseException as e:
+                try:
+                    channel.put(e)
+                except RuntimeError:  # the consumer's event loop is closed: nobody is left to tell
+                    pass
+
+        pool = self._media_pool if carries_media(conversation) else self._text_pool
+        try:
+            loop.run_in_executor(pool, start)
+        except RuntimeError:  # the pool was shut down: shutdown() has failed (or will fail) the request
+            channel.put(EngineDeadError("the engine was shut down (AsyncLLM.shutdown)"))
 
     def submit(self, conversation, params=None, request_id: str | None = None) -> Future:
         """Thread-friendly: a Future of the final RequestOutput (its exception: the request's error). Cancelling
