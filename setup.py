@@ -99,7 +99,8 @@ setup(
     package_data={"internvl_engine": ["assets/*.png"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "numpy", "pillow", "jinja2>=3.1"],
+    install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.19", "numpy", "pillow", "jinja2>=3.1",
+                      "tqdm>=4.66"],  # tqdm: checkpoint-load and benchmark progress (progress.py)
     extras_require={
         "video": ["av"],
         "hub": ["huggingface_hub"],
