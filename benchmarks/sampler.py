@@ -140,7 +140,8 @@ def main() -> None:
           + (" (sampling.py modified)" if dirty else ""))
     print(f"command: python {' '.join(sys.argv)}")
     for name, r in results.items():
-        print(f"  {name:6s}  before {r['before']['median_step_ms']:8.1f} ms  after {r['after']['median_step_ms']:7.1f} ms"
+        before_ms, after_ms = r["before"]["median_step_ms"], r["after"]["median_step_ms"]
+        print(f"  {name:6s}  before {before_ms:8.1f} ms  after {after_ms:7.1f} ms"
               f"  ({r['speedup']:.1f}x; CPU {r['before']['median_step_cpu_ms']:.0f} -> "
               f"{r['after']['median_step_cpu_ms']:.0f} ms)  same tokens: greedy {r['same_greedy_tokens']}, "
               f"seeded {r['same_seeded_tokens']}")

@@ -2,8 +2,10 @@
 
 Per row, in vLLM's order: the raw logits' fp32 log-softmax gives the logprobs; min_tokens masks the stop tokens;
 repetition (prompt and output), frequency and presence (output) penalties; then greedy argmax (ties to the lowest
-id, as transformers), or temperature -> min_p -> top_k -> top_p and a seeded draw. Every step of a row reads only that
-row, so a request's tokens do not depend on what it is batched with. Rows that ask for none of it cost nothing."""
+id, as transformers), or temperature -> min_p -> top_k -> top_p and a draw (a seeded request's from its own
+generator). Each step runs on all rows at once, as [B] parameters over the [B, V] logits, yet reads only a row's
+own values for that row, so a request's tokens do not depend on what it is batched with. Rows that ask for none of
+it cost nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -161,7 +163,14 @@ NEG_INF = float("-inf")
 TOP_P_GUESS = 1024
 
 
-def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _on(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`. To a GPU through pinned memory and a non-blocking copy: a blocking
+    host-to-device copy waits for the stream, i.e. for the step's forward, which would be a sync a call."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
+def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     """top_k then top_p on rows x [R, V] from the `size` largest logits of each row (one sorted top-k; size = V is a
     full sort). top_k [R] (long, 0 = off, every active one <= size), top_p [R]. Returns the masked rows and, per row,
     whether the result is exact: a row with no top_k whose nucleus did not end within `size` tokens is not."""
@@ -190,7 +199,7 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     top_k = [k if 0 < k < vocab else 0 for k in top_k]  # 0, -1 or the whole vocabulary: off
     if any(m > 0 for m in min_p):
         probs = x.softmax(-1)
-        floor = torch.tensor(min_p, dtype=x.dtype, device=dev)[:, None] * probs.amax(-1, keepdim=True)
+        floor = _on(dev, min_p, x.dtype)[:, None] * probs.amax(-1, keepdim=True)
         x = x.masked_fill(probs < floor, NEG_INF)
     rows = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k > 0 or p < 1.0]
     if not rows:
@@ -199,11 +208,12 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     if any(top_k[i] == 0 for i in rows):  # a top_p-only row: its nucleus may reach anywhere
         size = max(size, TOP_P_GUESS) if dev.type == "cpu" else vocab
     size = min(size, vocab)
-    sub = torch.tensor(rows, device=dev)
-    ks = torch.tensor([top_k[i] for i in rows], device=dev)
-    ps = torch.tensor([top_p[i] for i in rows], dtype=x.dtype, device=dev)
+    sub = _on(dev, rows)
+    ks = _on(dev, [top_k[i] for i in rows])
+    ps = _on(dev, [top_p[i] for i in rows], x.dtype)
     kept, exact = _truncate(x[sub], ks, ps, size)
-    if size < vocab and not bool(exact.all()):  # CPU only (reading `exact` is free there): sort those rows fully
+    guessed = size < vocab and any(top_k[i] == 0 for i in rows)  # CPU only: reading `exact` is free there
+    if guessed and not bool(exact.all()):  # the nucleus of some top_p row goes on past the guess: sort it fully
         redo = (~exact).nonzero()[:, 0]
         kept[redo] = _truncate(x[sub[redo]], ks[redo], ps[redo], vocab)[0]
     x = x.clone()
@@ -248,15 +258,15 @@ def _penalize(logits: torch.Tensor, seqs, stop_ids) -> torch.Tensor:
     logits = logits.clone()
     dev, dt = logits.device, logits.dtype
     if masked_r:
-        logits[torch.tensor(masked_r, device=dev), torch.tensor(masked_t, device=dev)] = NEG_INF
+        logits[_on(dev, masked_r), _on(dev, masked_t)] = NEG_INF
     if rep_r:
-        r, t = torch.tensor(rep_r, device=dev), torch.tensor(rep_t, device=dev)
-        vals, pen = logits[r, t], torch.tensor(rep_p, dtype=dt, device=dev)
+        r, t = _on(dev, rep_r), _on(dev, rep_t)
+        vals, pen = logits[r, t], _on(dev, rep_p, dt)
         logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
     if pen_r:
-        r, t = torch.tensor(pen_r, device=dev), torch.tensor(pen_t, device=dev)
-        f, c = torch.tensor(pen_f, dtype=dt, device=dev), torch.tensor(pen_c, dtype=dt, device=dev)
-        logits[r, t] -= f * c + torch.tensor(pen_p, dtype=dt, device=dev)
+        r, t = _on(dev, pen_r), _on(dev, pen_t)
+        f, c = _on(dev, pen_f, dt), _on(dev, pen_c, dt)
+        logits[r, t] -= f * c + _on(dev, pen_p, dt)
     return logits
 
 
@@ -278,10 +288,10 @@ class Sampler:
         drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not drawn:
             return out
-        drawn.sort(key=lambda i: seqs[i].generator is not None)  # unseeded rows first: one noise tensor for them
+        drawn.sort(key=lambda i: seqs[i].generator is not None)  # unseeded rows first: one batched draw for them
         params = [seqs[i].params for i in drawn]
-        rows = torch.tensor(drawn, device=logits.device)
-        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        rows = _on(logits.device, drawn)
+        temperature = _on(logits.device, [p.temperature for p in params], logits.dtype)
         x = logits[rows] / temperature[:, None]
         x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
         probs = x.softmax(-1)
@@ -306,7 +316,7 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor | list[int], k: int) 
     """Per row: {token: Logprob} for the chosen token and the top-k of the fp32 log-softmax of the raw logits."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     ids = [int(t) for t in (tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens)]
-    tokens = torch.as_tensor(ids, device=lp.device).reshape(-1, 1)
+    tokens = _on(lp.device, ids).reshape(-1, 1)
     chosen = lp.gather(1, tokens)
     ranks = (lp > chosen).sum(-1) + 1
     top = lp.topk(k, dim=-1) if k > 0 else None
