@@ -207,6 +207,10 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     size = max(top_k[i] for i in rows)
     if any(top_k[i] == 0 for i in rows):  # a top_p-only row: its nucleus may reach anywhere
         size = max(size, TOP_P_GUESS) if dev.type == "cpu" else vocab
+    if dev.type != "cpu" and any(top_p[i] < 1.0 for i in rows):
+        # a device cumsum's rounding may depend on its length, and the length here on the batch's largest top_k:
+        # sorting the whole vocabulary keeps a row's nucleus independent of its batch
+        size = vocab
     size = min(size, vocab)
     sub = _on(dev, rows)
     ks = _on(dev, [top_k[i] for i in rows])
