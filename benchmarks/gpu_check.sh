@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a CUDA machine (ARCHITECTURE.md, "GPU check"): build the extension (CUDA kernels included),
+# The one command for a CUDA machine (docs/ARCHITECTURE.md, "GPU check"): build the extension (CUDA kernels included),
 # GPU tests, kernel benchmarks against torch, end-to-end benchmarks against transformers; logs and JSON land in
 # $OUT (or ./gpu-out), at most 8 files (setup.log, info.json, pytest-gpu.log, bench.log, kernels.json,
 # vision.json, quant.json, e2e.json): the device tool brings back 8 files at most.

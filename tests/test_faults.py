@@ -1,4 +1,4 @@
-"""Fault isolation (ARCHITECTURE.md, "Failure model"): a fault injected for one request at any stage finishes that
+"""Fault isolation (docs/ARCHITECTURE.md, "Failure model"): a fault injected for one request at any stage finishes that
 request with finish_reason "error" and a RequestFailedError naming the stage, while every other request's tokens are
 exactly what they are alone, the KV pool ends clean and the engine keeps serving. Callers cannot kill the async
 loop (cancelled futures, closed event loops, consumers that raise); a fatal fault marks the engine dead and every

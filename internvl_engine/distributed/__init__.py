@@ -1,4 +1,4 @@
-"""Tensor parallelism (ARCHITECTURE.md, "Tensor parallelism"): the only package that imports torch.distributed.
+"""Tensor parallelism (docs/ARCHITECTURE.md, "Tensor parallelism"): the only package that imports torch.distributed.
 
 - group.py:    TensorParallel, one engine's rank / size / process groups, how each dimension splits, the
                collectives the parallel layers (layers/linear.py) call, and the control channel; check_shardable.

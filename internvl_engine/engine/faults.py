@@ -1,5 +1,5 @@
 """Fault injection: a documented test hook that makes one request fail at a chosen stage, so tests and the soak
-benchmark can show that a failure stays with its request (ARCHITECTURE.md, "Failure model").
+benchmark can show that a failure stays with its request (docs/ARCHITECTURE.md, "Failure model").
 
     engine.inject_fault("req-3", "decode")                       # RuntimeError at req-3's next decode step
     engine.inject_fault("req-4", "vision", MemoryError("boom"))  # any exception, raised where req-4's image runs

@@ -1,4 +1,4 @@
-"""The kernel contract: the one place that knows kernels exist (ARCHITECTURE.md, "The kernel contract").
+"""The kernel contract: the one place that knows kernels exist (docs/ARCHITECTURE.md, "The kernel contract").
 
 Every op is bound to a backend once per engine, in an OpTable that the engine hands to the model it builds
 (models call `self.ops.<name>`), never chosen per call inside the models and never by rebinding module globals.

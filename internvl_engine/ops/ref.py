@@ -1,4 +1,4 @@
-"""Plain-torch reference of every op in the kernel contract (ARCHITECTURE.md, "The kernel contract").
+"""Plain-torch reference of every op in the kernel contract (docs/ARCHITECTURE.md, "The kernel contract").
 
 These are the oracles of the kernel tests: simple, loop-based where that is clearest, fp32 accumulation, the
 result cast back to the input dtype (the attention oracles keep fp64 inputs in fp64: the attention tests measure

@@ -1,5 +1,5 @@
 """The media policy: the one object that decides which media sources the processor may read and how much of them
-(ARCHITECTURE.md, "Failure model": untrusted input meets one media policy before any byte is read). The default
+(docs/ARCHITECTURE.md, "Failure model": untrusted input meets one media policy before any byte is read). The default
 policy trusts its caller (today's behaviour: any local file, any host, no caps); MediaPolicy.strict() is the
 server's. Every refusal raises a MediaPolicyError subclass whose message names the field it hit."""
 

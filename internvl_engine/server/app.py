@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front end: a FastAPI app over one AsyncLLM (ARCHITECTURE.md, "Front ends, one
+"""The OpenAI-compatible HTTP front end: a FastAPI app over one AsyncLLM (docs/ARCHITECTURE.md, "Front ends, one
 engine"). It translates requests (protocol.py), streams RequestOutputs back as SSE, and maps the engine's typed
 errors to HTTP statuses; it holds no engine logic.
 
