@@ -5,6 +5,7 @@ tokens, a 300 s ceiling, loopback only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -72,14 +73,17 @@ def test_load_with_disconnects(loaded):
             if leave or i % 2 == 0:
                 stream = await client.chat.completions.create(**body, stream=True)
                 tokens, chunks = [], 0
-                async for chunk in stream:
-                    for c in chunk.choices:
-                        tokens += c.model_dump().get("token_ids") or []
-                        chunks += 1
-                    if leave and chunks >= 3:
-                        await stream.close()  # the client goes away mid-stream
-                        results[i] = "left"
-                        return
+                # the iterator is closed here, in its own task: left to the garbage collector it was finalised
+                # while executing ("async generator already executing", BoundAsyncStream.__aiter__)
+                async with contextlib.aclosing(stream.__aiter__()) as chunk_iter:
+                    async for chunk in chunk_iter:
+                        for c in chunk.choices:
+                            tokens += c.model_dump().get("token_ids") or []
+                            chunks += 1
+                        if leave and chunks >= 3:
+                            await stream.close()  # the client goes away mid-stream
+                            results[i] = "left"
+                            return
                 results[i] = tokens
             else:
                 r = await client.chat.completions.create(**body)
