@@ -60,7 +60,7 @@ def write(path: Path, shape: dict, dtype: torch.dtype) -> Path:
 def child_rss(path: str, n: int) -> None:
     """In a fresh process: build the engine, print what each rank's memory did."""
     from internvl_engine import LLM
-    from internvl_engine.distributed.worker import peak_rss_bytes, rss_bytes
+    from internvl_engine.worker.loop import peak_rss_bytes, rss_bytes
 
     before = rss_bytes()
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def run_vision(root: Path, repeat: int) -> dict:
     from internvl_engine import LLM
-    from internvl_engine.distributed.executor import ParallelRunner
+    from internvl_engine.worker.executor import ParallelRunner
 
     path = write(root / "vision", VISION_SHAPE, torch.float32)
     torch.set_num_threads(1)  # the driver's rank: one core, as the worker has (2 ranks over this machine's cores)

@@ -16,8 +16,8 @@ import torch
 from internvl_engine import LLM, ops
 from internvl_engine.bench.common import backends_to_run, measure_peaks, metadata, time_fn, write_record
 from internvl_engine.bench.floors import vision_cost
-from internvl_engine.engine.cuda_graphs import VisionGraphs
-from internvl_engine.engine.runner import VISION_CHUNK_TILES
+from internvl_engine.worker.cuda_graphs import VisionGraphs
+from internvl_engine.worker.runner import VISION_CHUNK_TILES
 
 
 def run(args) -> dict:

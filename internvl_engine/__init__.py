@@ -1,5 +1,5 @@
 """internvl-engine: fast, faithful inference for InternVL3 (InternViT + pixel shuffle + MLP projector + Qwen2.5)."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, KernelInputError, PromptError,
                      SamplingParamsError, UnsupportedModelError, VideoError)

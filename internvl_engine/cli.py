@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from .errors import CheckpointError, InternVLEngineError
+from .settings import EngineConfig, ServerSettings
 
 DEMO_PROMPT = "Describe this image in detail."
 DEMO_PRESET = "tiny"
@@ -156,20 +157,6 @@ def settings_from_args(cls, args) -> dict:
     return out
 
 
-def _engine_config():
-    from .engine.config import EngineConfig
-    return EngineConfig
-
-
-def _server_settings():
-    """ServerSettings, or None without the serve extra (server/app.py imports fastapi)."""
-    try:
-        from .server.app import ServerSettings
-    except ImportError:
-        return None
-    return ServerSettings
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
     from .llm import LLM
@@ -186,7 +173,7 @@ def cmd_generate(args) -> int:
     content = [{"type": "image", "path": p} for p in args.image]
     content += [{"type": "video", "path": p} for p in args.video]
     content.append({"type": "text", "text": args.prompt})
-    llm = LLM(args.model, **settings_from_args(_engine_config(), args))
+    llm = LLM(args.model, **settings_from_args(EngineConfig, args))
     _stream(llm, [{"role": "user", "content": content}], params, sys.stderr)
     return 0
 
@@ -203,7 +190,7 @@ def cmd_demo(args) -> int:
     print(f"\n{verb} random-weight checkpoint ({DEMO_PRESET}): {ckpt}  [{time.perf_counter() - t0:.2f} s]")
     image = demo_image_path()
     t0 = time.perf_counter()
-    llm = LLM(ckpt, dtype="auto", **settings_from_args(_engine_config(), args))  # the demo's --device among them
+    llm = LLM(ckpt, dtype="auto", **settings_from_args(EngineConfig, args))  # the demo's --device among them
     print(f"loaded model on {llm.device} ({str(llm.dtype).replace('torch.', '')}) in {time.perf_counter() - t0:.2f} s")
     print(f"image: {image}\nprompt: {DEMO_PROMPT}\n\nanswer (random weights):", flush=True)
     conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
@@ -235,7 +222,8 @@ def extension_info() -> dict:
 
 
 def collect_info() -> dict:
-    from . import __version__, ops
+    from . import ops
+    from ._version import __version__
 
     versions = {"internvl_engine": __version__, "python": platform.python_version()}
     for name, module in (("torch", "torch"), ("safetensors", "safetensors"), ("tokenizers", "tokenizers"),
@@ -270,7 +258,7 @@ def model_info(model: str, dtype: str) -> dict:
 
     from .bench.floors import weight_summary
     from .config import ModelConfig
-    from .engine.config import DTYPES, EngineConfigError, resolve_checkpoint
+    from .settings import DTYPES, EngineConfigError, resolve_checkpoint
 
     if model.startswith("random:"):
         from .random_model import preset_config
@@ -325,12 +313,11 @@ def cmd_bench(args) -> int:
 
 def serve_settings(args):
     """(ServerSettings, the engine's keyword arguments) the serve command's flags ask for."""
-    server_settings = _server_settings()
-    kwargs = settings_from_args(server_settings, args)
+    kwargs = settings_from_args(ServerSettings, args)
     kwargs["model_name"] = kwargs["model_name"] or str(args.model)
     kwargs["api_key"] = kwargs["api_key"] or os.environ.get("INTERNVL_ENGINE_API_KEY") or None
-    settings = server_settings(**kwargs)
-    return settings, {**settings_from_args(_engine_config(), args), "media_policy": settings.media_policy()}
+    settings = ServerSettings(**kwargs)
+    return settings, {**settings_from_args(EngineConfig, args), "media_policy": settings.media_policy()}
 
 
 def cmd_serve(args) -> int:
@@ -364,17 +351,13 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
                    help="event loop (auto: uvloop when installed)")
     _add_progress_flag(s)
-    server_settings = _server_settings()
-    if server_settings is not None:
-        add_settings_flags(s.add_argument_group("server settings (ServerSettings)"), server_settings)
-    else:  # main() lets cmd_serve say what is missing rather than refuse the flags
-        s.description = "(the server's own flags need the serve extra: pip install 'internvl-engine[serve]')"
-    add_settings_flags(s.add_argument_group("engine settings (EngineConfig)"), _engine_config())
+    add_settings_flags(s.add_argument_group("server settings (ServerSettings)"), ServerSettings)
+    add_settings_flags(s.add_argument_group("engine settings (EngineConfig)"), EngineConfig)
     s.set_defaults(func=cmd_serve)
 
 
 def _engine_config_help(name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(_engine_config()) if f.name == name)
+    return next(f.metadata["help"] for f in dataclasses.fields(EngineConfig) if f.name == name)
 
 
 def _add_progress_flag(parser) -> None:
@@ -385,7 +368,7 @@ def _add_progress_flag(parser) -> None:
 
 # ---------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="internvl-engine", description="InternVL3 inference engine.")
     parser.add_argument("--version", action="version", version=f"internvl-engine {__version__}")
@@ -406,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", metavar="PROMPT")
     _add_progress_flag(g)
     # consumer_timeout_s is AsyncLLM's (serve); generate streams from LLM
-    add_settings_flags(g.add_argument_group("engine settings (EngineConfig)"), _engine_config(),
+    add_settings_flags(g.add_argument_group("engine settings (EngineConfig)"), EngineConfig,
                        skip=("consumer_timeout_s",))
     g.set_defaults(func=cmd_generate)
 
@@ -418,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", metavar="D", help="default: cpu")
     _add_progress_flag(d)
     # the demo's own --device default (cpu) and dtype (auto) stay; these are the engine's
-    add_settings_flags(d, _engine_config(), only=("backend", "enforce_eager", "tensor_parallel_size"))
+    add_settings_flags(d, EngineConfig, only=("backend", "enforce_eager", "tensor_parallel_size"))
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions, platform, devices, compiled extension and kernel backends")
@@ -457,7 +440,7 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         args.bench_args = extra
-    elif extra and not (args.command == "serve" and _server_settings() is None):
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("generate", "demo", "serve", "bench"):  # they load checkpoints: a log line per shard
         from . import progress

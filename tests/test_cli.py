@@ -217,8 +217,8 @@ def _subparser(command: str):
 def test_every_settings_field_meant_as_a_flag_has_one_with_its_default(command):
     import dataclasses
 
-    from internvl_engine.engine.config import EngineConfig
-    from internvl_engine.server.app import ServerSettings
+    from internvl_engine.settings import EngineConfig
+    from internvl_engine.settings import ServerSettings
 
     parser = _subparser(command)
     by_dest = {a.dest: a for a in parser._actions}
@@ -253,7 +253,7 @@ def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
     """A full serve command line against the objects the hand-written flags built before issue 3.1."""
     from internvl_engine.cli import build_parser, serve_settings
     from internvl_engine.processor.media import MediaPolicy
-    from internvl_engine.server.app import ServerSettings
+    from internvl_engine.settings import ServerSettings
 
     monkeypatch.delenv("INTERNVL_ENGINE_API_KEY", raising=False)
     argv = ["serve", "--model", "random:tiny", "--host", "0.0.0.0", "--port", "9000", "--served-model-name", "m",
@@ -287,19 +287,20 @@ def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
     monkeypatch.setenv("INTERNVL_ENGINE_API_KEY", "env-key")
     settings, engine = serve_settings(build_parser().parse_args(["serve", "--model", "random:tiny"]))
     assert settings == ServerSettings(model_name="random:tiny", api_key="env-key")
-    from internvl_engine.engine.config import EngineConfig
+    from internvl_engine.settings import EngineConfig
     config = EngineConfig("random:tiny", **engine)
     assert config == EngineConfig("random:tiny", media_policy=MediaPolicy.strict())
 
 
 def test_generate_flags_give_the_engine_settings(tiny_checkpoint):
-    from internvl_engine.cli import _engine_config, build_parser, settings_from_args
+    from internvl_engine.cli import build_parser, settings_from_args
+    from internvl_engine.settings import EngineConfig
 
     args = build_parser().parse_args(["generate", "--model", "m", "--seed", "5", "--dtype", "float16", "--backend",
                                       "cpp", "--enforce-eager", "--tensor-parallel-size", "2", "Hi"])
     assert args.seed == 5  # the sampling seed, not EngineConfig.seed
-    engine = settings_from_args(_engine_config(), args)
+    engine = settings_from_args(EngineConfig, args)
     assert "seed" not in engine and "consumer_timeout_s" not in engine
-    from internvl_engine.engine.config import EngineConfig
+    from internvl_engine.settings import EngineConfig
     assert EngineConfig("m", **engine) == EngineConfig("m", dtype="float16", backend="cpp", enforce_eager=True,
                                                        tensor_parallel_size=2)

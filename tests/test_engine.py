@@ -198,7 +198,7 @@ def test_decode_is_not_starved_by_arrivals(path):
 def test_decode_graph_path_matches_eager(path, alone, monkeypatch):
     """The CUDA-graph decode path (cuda_graphs.py) with its replay emulated on the CPU: persistent buffers, batch
     and context buckets, padding rows, lazy capture of a new context bucket. Same tokens as each request alone."""
-    from internvl_engine.engine import cuda_graphs
+    from internvl_engine.worker import cuda_graphs
     monkeypatch.setattr(cuda_graphs, "FIRST_CONTEXT_TOKENS", 32)  # widths 2, 8, 32, ... blocks: prompts cross them
     eng = _engine(path, max_num_seqs=6)
     eng.runner.enable_graphs(eng.cache, 6, -(-eng.max_model_len // eng.block_size), emulate=True)
@@ -218,7 +218,7 @@ def test_vision_graph_path_matches_eager(path, monkeypatch):
     """The vision tower from graphs captured per tile count (cuda_graphs.VisionGraphs), replay emulated on the CPU:
     images of 1, 3 and 4 tiles in chunks of at most 3 tiles, so chunks of 3 and 1 repeat and replay. Same features
     and tokens as the eager tower."""
-    from internvl_engine.engine import runner as runner_mod
+    from internvl_engine.worker import runner as runner_mod
     monkeypatch.setattr(runner_mod, "VISION_CHUNK_TILES", 3)
     convs = [[{"role": "user", "content": [{"type": "image", "image": _image(400 + i, w=w, h=100)},
                                            {"type": "text", "text": f"What is in picture {i}?"}]}]

@@ -406,7 +406,7 @@ def test_awq_that_cannot_split_over_the_ranks_is_refused_before_anything_starts(
     AWQ and FP8 under tensor parallelism run in test_tensor_parallel."""
     import multiprocessing
 
-    from internvl_engine.distributed import TensorParallel
+    from internvl_engine.parallel import TensorParallel
     from internvl_engine.loader import load_model
     from internvl_engine.ops import OpTable
 

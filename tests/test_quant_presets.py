@@ -115,7 +115,7 @@ def test_quant_backend_opts_in_the_quantized_kernels_alone():
 
 
 def test_quant_backend_is_validated():
-    from internvl_engine.engine.config import EngineConfigError
+    from internvl_engine.settings import EngineConfigError
     with pytest.raises(EngineConfigError, match="quant_backend"):
         LLM("random:small-awq", dtype="float32", device="cpu", quant_backend="fast")
 

@@ -24,8 +24,8 @@ import test_model_parity as parity
 from hf_processor import make_hf_processor
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.config import ModelConfig, TextConfig
-from internvl_engine.distributed import TensorParallel, check_shardable
-from internvl_engine.engine.config import EngineConfigError
+from internvl_engine.parallel import TensorParallel, check_shardable
+from internvl_engine.settings import EngineConfigError
 from internvl_engine.engine.llm_engine import LLMEngine
 from internvl_engine.errors import EngineDeadError, ShardingError
 from reference import hf_greedy, hf_inputs, hf_logits

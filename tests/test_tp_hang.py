@@ -13,7 +13,7 @@ import time
 import pytest
 
 from internvl_engine import SamplingParams
-from internvl_engine.engine.config import EngineConfigError
+from internvl_engine.settings import EngineConfigError
 from internvl_engine.engine.llm_engine import LLMEngine
 from internvl_engine.errors import EngineDeadError
 from test_tensor_parallel import _alive, _workers_gone
@@ -105,7 +105,7 @@ def test_engine_answers_health_and_shutdown_while_a_step_hangs(monkeypatch):
     """Once the executor knows a worker is hung, check_health says so without waiting for the step that holds the
     engine lock, and shutdown() returns: the workers are killed, which ends the step. The terminated worker is
     given 60 s before it is killed, so the step stays hung meanwhile (a stopped process ignores SIGTERM)."""
-    from internvl_engine.distributed import executor as executor_module
+    from internvl_engine.worker import executor as executor_module
     monkeypatch.setattr(executor_module, "REAP_GRACE_S", 60.0)
     with _hung_step(timeout_s=2) as (engine, errors, thread):
         deadline = time.monotonic() + 30

@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..cli import add_settings_flags, settings_from_args
 from ..constants import TILE_SIZE
-from ..engine.config import EngineConfig
+from ..settings import EngineConfig
 from ..progress import bar, set_enabled
 from . import common
 from .floors import floors as compute_floors, weight_summary

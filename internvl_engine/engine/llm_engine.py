@@ -21,7 +21,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, EngineDeadError, InternVLEngineError, PromptError, RequestFailedError
-from ..distributed.executor import ParallelRunner, launch
+from ..worker.executor import ParallelRunner, launch
 from ..loader import load_model
 from ..models.internvl import InternVLForConditionalGeneration
 from ..ops import OpTable
@@ -32,11 +32,12 @@ from ..sampling import Sampler, SamplingParams, logprobs_of, seed_for
 from .block_manager import BlockManager, MediaSpan, media_key
 from .faults import FaultInjector, InjectedFatalFault
 from .output_processor import OutputProcessor
-from .config import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
-from .runner import ModelRunner
+from ..settings import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
+from ..worker.runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .step_input import decode_input, prefill_input, prompt_input
+from ..worker.step_input import prompt_input
+from .step_builder import decode_input, prefill_input
 from .features import ImageFeatures
 from .vision_cache import VisionCache
 

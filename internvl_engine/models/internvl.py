@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import ops as ops_module
 from ..config import ModelConfig
-from ..distributed import TensorParallel
+from ..parallel import TensorParallel
 from ..layers.attention import AttentionMetadata
 from ..layers.linear import lm_head
 from ..layers.norm import LayerNorm

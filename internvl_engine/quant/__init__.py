@@ -153,7 +153,7 @@ def tensor_parallel_problem(text, quant: QuantConfig, n: int) -> str | None:
     allows. The per-rank sizes are TensorParallel's (distributed/group.py), as the model builds them."""
     if quant is None or quant.method != "awq":
         return None
-    from ..distributed.group import TensorParallel
+    from ..parallel import TensorParallel
 
     split = TensorParallel(0, n)
     h, d, f, g = text.num_attention_heads, text.head_dim, text.intermediate_size, quant.group_size
@@ -178,7 +178,7 @@ def tensor_parallel_problem(text, quant: QuantConfig, n: int) -> str | None:
 def tensor_parallel_sizes(text, quant: QuantConfig | None) -> list[int]:
     """Every tensor_parallel_size the model can use: the dense split works (check_shardable: N divides the
     attention heads, so no larger N is possible) and so does the quantized one."""
-    from ..distributed.group import check_shardable
+    from ..parallel import check_shardable
     from ..errors import ShardingError
 
     sizes = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 
-from .app import OpenAIServer, ServerSettings, build_app
+from ..settings import ServerSettings
+from .app import OpenAIServer, build_app
 
 
 def serve(llm, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,

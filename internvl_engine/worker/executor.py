@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..errors import BackendError, EngineDeadError
-from .group import TensorParallel, check_shardable
-from .worker import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
+from ..parallel import TensorParallel, check_shardable
+from .loop import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
     worker_main
 
 JOIN_TIMEOUT_S = 10.0  # a worker told to shut down that is still alive after this is killed
@@ -76,7 +76,7 @@ def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor |
     if env is not None:
         rank, world, local = env
         if world != n:
-            from ..engine.config import EngineConfigError
+            from ..settings import EngineConfigError
             raise EngineConfigError(f"tensor_parallel_size {n} but torchrun started WORLD_SIZE={world} processes")
         if rank != 0:
             run_worker(WorkerSpec(cfg, rank, n, str(rank_device(device, rank, local)), dtype, None, "internvl-tp",

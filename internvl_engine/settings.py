@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import BackendError, CheckpointError, InternVLEngineError
-from ..processor.media import MediaPolicy
+from .config import ModelConfig
+from .errors import BackendError, CheckpointError, InternVLEngineError
+from .processor.media import MediaPolicy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -124,7 +124,7 @@ class EngineConfig:
     def op_table(self, device: torch.device):
         """The kernel table an engine (and each tensor-parallel worker) builds its model with; an unavailable
         backend fails here, before any weight is read."""
-        from ..ops import OpTable, resolve
+        from .ops import OpTable, resolve
         binding = resolve(self.backend, device)
         if self.quant_backend is None:
             return OpTable(binding, self.backend)
@@ -173,3 +173,65 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
         except Exception as e:  # network or repository errors, surfaced with the id
             raise CheckpointError(f"cannot download {model!r} from the hub: {e}") from None
     raise CheckpointError(f"{model}: checkpoint directory not found")
+
+
+# ------------------------------------------------------------------------------------------------ server
+MiB = 1 << 20
+
+
+_STRICT = MediaPolicy.strict()  # what the media flags open up from; their help quotes its values
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server adds to the engine's settings: the serve command's server flags (cli.py reads each field's
+    `flag`, `help` and default, `setting` above)."""
+    model_name: str = field(metadata={"flag": "--served-model-name", "metavar": "NAME", "help":
+                                      "the model name clients send and /v1/models lists (default: the --model value)"})
+    api_key: str | None = setting(
+        None, flag="--api-key", metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_ENGINE_API_KEY, else none)")
+    max_waiting: int | None = setting(
+        1024, flag="--max-waiting", metavar="N",
+        help="answer 429 when admitting a request would make more than N wait for the scheduler")
+    max_request_bytes: int = setting(64 * MiB, flag="--max-request-bytes", metavar="N",
+                                     help="413 for a larger request body")
+    default_max_tokens: int = setting(1024, flag="--default-max-tokens", metavar="N",
+                                      help="max_tokens of chat requests that give none (nor max_completion_tokens)")
+    allowed_local_media_path: str | None = setting(
+        None, flag="--allowed-local-media-path", metavar="DIR",
+        help="allow local media files (paths, file:// URLs) under DIR (default: none)")
+    allowed_media_domains: tuple[str, ...] | None = setting(
+        None, flag="--allowed-media-domains", metavar="A,B", comma_list=True,
+        help="media URLs only from these hosts and their subdomains (default: any public host)")
+    allow_private_media_networks: bool = setting(
+        False, flag="--allow-private-media-networks",
+        help="let media URLs reach loopback and private addresses (default: refused)")
+    max_media_bytes: int | None = setting(
+        None, flag="--max-media-bytes", metavar="N",
+        help=f"bytes per media download and per data: URI (default: {_STRICT.max_download_bytes // MiB} MiB)")
+    media_fetch_timeout_s: float | None = setting(
+        None, flag="--media-fetch-timeout", metavar="S",
+        help=f"seconds per media URL fetch (default: {_STRICT.fetch_timeout_s:g})")
+    max_json_depth: int = setting(64, flag="--max-json-depth", metavar="N",  # (chat: 5)
+                                  help="400 for a request body nesting arrays/objects deeper")
+    max_prompts: int = setting(256, flag="--max-prompts", metavar="N",
+                               help="400 for a completions request with more prompts")
+    max_prompt_chars: int | None = setting(
+        1_000_000, flag="--max-prompt-chars", metavar="N", zero_is_none=True,
+        help="400 for more text characters in one request, before tokenising (0: off)")
+    stream_stall_timeout_s: float | None = setting(
+        60.0, flag="--stream-stall-timeout", metavar="S", zero_is_none=True,
+        help="cut off a streaming client that takes no data for S seconds (0: never)")
+
+    def media_policy(self) -> MediaPolicy:
+        """The strict media policy (MediaPolicy.strict) opened only as far as the flags say."""
+        changes = {"local_media_root": self.allowed_local_media_path,
+                   "allow_private_networks": self.allow_private_media_networks}
+        if self.allowed_media_domains is not None:
+            changes["allowed_domains"] = tuple(self.allowed_media_domains)
+        if self.max_media_bytes is not None:
+            changes["max_download_bytes"] = changes["max_data_uri_bytes"] = self.max_media_bytes
+        if self.media_fetch_timeout_s is not None:
+            changes["fetch_timeout_s"] = self.media_fetch_timeout_s
+        return MediaPolicy.strict(**changes)

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import ShardingError
+from .errors import ShardingError
 
 # Workers wait for the driver's next step for as long as the engine lives: no deadline on their control group. Every
 # other wait (the driver's control sends, every rank's device collectives) is bounded by the engine's
@@ -38,7 +38,7 @@ def check_shardable(text, n: int, quant=None) -> None:
         raise ShardingError(f"tensor_parallel_size {n} does not divide intermediate_size {inter} "
                             f"(intermediate_size % {n} = {inter % n})")
     if quant is not None:
-        from ..quant import check_tensor_parallel
+        from .quant import check_tensor_parallel
         check_tensor_parallel(text, quant, n)
 
 

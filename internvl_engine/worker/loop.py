@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .group import TensorParallel
+from ..parallel import TensorParallel
 
 STORE_TIMEOUT = timedelta(seconds=float(os.environ.get("INTERNVL_TP_STORE_TIMEOUT_S", "600")))
 
@@ -104,8 +104,8 @@ def recv_tensors(tp: TensorParallel, metas, device) -> list[torch.Tensor]:
 def build(spec: WorkerSpec, tp: TensorParallel):
     """(model shard, runner) of this rank, as the driver builds its own."""
     from ..config import ModelConfig
-    from ..engine.config import resolve_checkpoint
-    from ..engine.runner import ModelRunner
+    from ..settings import resolve_checkpoint
+    from .runner import ModelRunner
     from ..loader import load_model
 
     cfg, device = spec.config, torch.device(spec.device)
