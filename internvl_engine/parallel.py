@@ -22,11 +22,10 @@ IDLE_TIMEOUT = timedelta(days=365)
 _HEADER = 4096  # bytes of the first control broadcast: an 8-byte length, then the message's first bytes
 
 
-def check_shardable(text, n: int, quant=None) -> None:
+def check_shardable(text, n: int) -> None:
     """Raise ShardingError, naming the dimension and N, when the language model cannot be split over n ranks.
-    The vocabulary never fails (rows are padded to ceil(V / N)); the vision tower is not split. With `quant` (a
-    quantized checkpoint's QuantConfig), also UnsupportedModelError when its packs or groups do not split
-    (quant.check_tensor_parallel)."""
+    The vocabulary never fails (rows are padded to ceil(V / N)); the vision tower is not split. A quantized
+    format's own constraints are its linear method's (quant.check_tensor_parallel)."""
     h, hk, inter = text.num_attention_heads, text.num_key_value_heads, text.intermediate_size
     if h % n:
         raise ShardingError(f"tensor_parallel_size {n} does not divide num_attention_heads {h} "
@@ -37,9 +36,6 @@ def check_shardable(text, n: int, quant=None) -> None:
     if inter % n:
         raise ShardingError(f"tensor_parallel_size {n} does not divide intermediate_size {inter} "
                             f"(intermediate_size % {n} = {inter % n})")
-    if quant is not None:
-        from .quant import check_tensor_parallel
-        check_tensor_parallel(text, quant, n)
 
 
 class TensorParallel:

@@ -1,18 +1,26 @@
 """Linear layers: packed projections, and the tensor-parallel layers of the language model (Megatron-style).
 
-Under tensor parallelism (distributed/) each rank holds a slice of a layer's weight:
-- column-parallel (PackedLinear with `local`): its rows of every packed shard (q heads H/N, k/v heads Hk/N or
-  the one KV head its query heads read, gate/up I/N); no communication, the output stays split by heads / columns.
-- RowParallelLinear (o_proj, down_proj): its columns; partial products, then one all-reduce.
+Every linear layer holds its geometry and a linear method (`quant_method`) that owns its weights. The layer says
+which features this rank keeps; the method creates the parameters for that shard (`create_weights`), checks that
+the shard fits its format (`check`), names how each parameter's dimensions run over output and input features
+(`layout`, from which the layer derives its load plan) and computes the product (`apply`). Dense weights use
+`DenseLinearMethod` below; quantized checkpoints hand the layers a method of their format (quant/awq.py,
+quant/fp8.py), chosen by the model for each layer's checkpoint names. So any model built from these layers gets
+every format and every split.
+
+Under tensor parallelism (parallel.py) each rank holds a slice of a layer's weight:
+- column-parallel (QKVParallelLinear, MergedColumnParallelLinear, or PackedLinear with `local`): its rows of every
+  packed shard (q heads H/N, k/v heads Hk/N or the one KV head its query heads read, gate/up I/N); no
+  communication, the output stays split by heads / columns.
+- RowParallelLinear (o_proj, down_proj): its columns; partial products, then one all-reduce, then the bias.
 - VocabParallelEmbedding: its rows of the vocabulary (padded to ceil(V/N)); ids outside them look up zeros, then
   one all-reduce. ParallelLMHead: its vocabulary rows; the logits are gathered on the driver only.
-With N=1 the model builds plain nn.Linear / nn.Embedding through the factories at the bottom: no communication.
+With N=1 every split is the whole layer and nothing communicates.
 
-Every sharded layer says where its parameters come from in the unsharded tensor: `load_plan(leaf, shard)` gives
-(the part of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape), which the
-loader reads with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape and
-`from_full(leaf, full)` cuts this rank's part out of it (random weights). The quantized layers (quant/layers.py)
-keep the same three hooks and reuse RowParallel's forward and packed_ranges."""
+Every layer says where its parameters come from in the unsharded tensor: `load_plan(leaf, shard)` gives (the part
+of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape), which the loader reads
+with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape and `from_full(leaf, full)` cuts
+this rank's part out of it (random weights)."""
 from __future__ import annotations
 
 import torch
@@ -20,57 +28,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _full_index(shape) -> tuple:
-    return tuple(slice(None) for _ in shape)
+class DenseLinearMethod:
+    """Plain weights: weight [out, in] (this rank's rows / columns), y = x W^T + b, as nn.Linear computes it."""
+
+    name = None  # the checkpoint's quantization format; dense weights have none
+    CHECKPOINT_DTYPES = None  # any float, cast on the way (the loader's rule for dense parameters)
+    keeps_dtypes = False  # the model's dtype applies to the weight
+
+    def check(self, layer) -> None:
+        """Every split of the dense geometry fits."""
+
+    def create_weights(self, layer) -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_local))
+
+    def layout(self, leaf: str) -> tuple[int, int, int | None, int]:
+        """(the leaf's dimension over output features, output features per index along it, its dimension over
+        input features or None, input features per index along that one)."""
+        return {"weight": (0, 1, 1, 1), "bias": (0, 1, None, 1)}[leaf]
+
+    def apply(self, layer, x: torch.Tensor, bias) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
 
 
-class PackedLinear(nn.Linear):
-    """One matmul for several projections that read the same input (q/k/v, gate/up). The checkpoint keeps them
-    apart; the loader writes each into its row range, named by `shard_names` (see loader.PACKED).
-
-    `local` (tensor parallelism): for each shard, the (start, rows) of that shard's rows this rank holds; the
-    parameter then packs only those slices, and `shard_sizes` are the local sizes."""
-
-    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str], bias: bool,
-                 local: list[tuple[int, int]] | None = None):
-        local = list(local) if local is not None else [(0, n) for n in shard_sizes]
-        super().__init__(in_features, sum(n for _, n in local), bias=bias)
-        self.full_sizes, self.local = list(shard_sizes), local
-        self.shard_sizes = [n for _, n in local]
-        self.shard_names = list(shard_names)
-
-    @property
-    def is_sharded(self) -> bool:
-        return any(local != (0, n) for local, n in zip(self.local, self.full_sizes))
-
-    def shard_range(self, name: str) -> tuple[int, int]:
-        i = self.shard_names.index(name)
-        start = sum(self.shard_sizes[:i])
-        return start, self.shard_sizes[i]
-
-    def split(self, y):
-        return y.split(self.shard_sizes, dim=-1)
-
-    def load_plan(self, leaf: str, shard: str | None):
-        """(view of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape).
-        shard None: a fused checkpoint tensor holding every shard (the original layout's vision attn.qkv)."""
-        param = getattr(self, leaf).data
-        tail = tuple(param.shape[1:])
-        if shard is None:
-            if self.is_sharded:
-                raise NotImplementedError("a fused checkpoint tensor for a sharded packed layer")
-            return param, None, (sum(self.full_sizes),) + tail
-        i = self.shard_names.index(shard)
-        start, rows = self.local[i]
-        index = None if (start, rows) == (0, self.full_sizes[i]) else (slice(start, start + rows),)
-        return param.narrow(0, *self.shard_range(shard)), index, (self.full_sizes[i],) + tail
-
-    def full_shape(self, leaf: str) -> tuple[int, ...]:
-        return (sum(self.full_sizes),) + tuple(getattr(self, leaf).shape[1:])
-
-    def from_full(self, leaf: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of the packed parameter, out of the unsharded packed tensor."""
-        return torch.cat([full[start:start + rows] for start, rows in packed_ranges(self.full_sizes, self.local)])
+DENSE = DenseLinearMethod()
 
 
 def packed_ranges(full_sizes: list[int], local: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -83,43 +63,158 @@ def packed_ranges(full_sizes: list[int], local: list[tuple[int, int]]) -> list[t
     return out
 
 
-class RowParallel(nn.Module):
-    """The forward every row-parallel layer shares, dense (RowParallelLinear) or quantized (quant/layers.py).
-    x @ W = sum_r x[:, K_r] @ W[K_r, :] over the ranks' input slices K_r: each rank computes its partial product
-    (`partial`, without the bias), one all-reduce sums them, and the bias, held whole on every rank, is added once
-    after the sum (inside `partial` it would count N times). Subclasses set tp, in_start / in_local (tp.part of the
-    input size), bias, and define partial(x): this rank's product without the bias."""
+class PackedLinear(nn.Module):
+    """One matmul for one or several projections that read the same input (q/k/v, gate/up). The checkpoint keeps
+    them apart; the loader writes each into its row range, named by `shard_names` (see loader.PACKED).
+
+    in_features: the full input size; in_part (start, n): this rank's input features (row-parallel; else all).
+    shard_sizes: each packed shard's full output size; local: per shard, the (start, n) of its output features this
+    rank keeps (column-parallel; else all); `shard_sizes` afterwards are the local n, `out_features` their sum.
+    method: the linear method (default dense); prefix: the layer's name, for error messages; ops: the kernel table
+    a quantized method calls (model.use_ops rebinds it like every other layer's)."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str] | None, bias: bool,
+                 local: list[tuple[int, int]] | None = None, in_part: tuple[int, int] | None = None,
+                 method=None, prefix: str = "", ops=None):
+        super().__init__()
+        self.quant_method = method or DENSE
+        self.prefix, self.ops = prefix, ops
+        self.in_features = in_features
+        self.in_start, self.in_local = in_part if in_part is not None else (0, in_features)
+        self.full_sizes = list(shard_sizes)
+        self.local = list(local) if local is not None else [(0, n) for n in shard_sizes]
+        self.shard_sizes = [n for _, n in self.local]
+        self.shard_names = list(shard_names or [])
+        self.out_features = sum(self.shard_sizes)
+        self.quant_method.check(self)
+        self.quant_method.create_weights(self)  # the method's parameters, then the bias (random init draws them
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None  # in this order)
+
+    @property
+    def CHECKPOINT_DTYPES(self) -> dict | None:  # noqa: N802 - the loader's name for a layer's exact file dtypes
+        return self.quant_method.CHECKPOINT_DTYPES
+
+    @property
+    def column_sharded(self) -> bool:
+        return any(part != (0, n) for part, n in zip(self.local, self.full_sizes))
+
+    @property
+    def row_sharded(self) -> bool:
+        return self.in_local != self.in_features
+
+    def shard_range(self, name: str) -> tuple[int, int]:
+        i = self.shard_names.index(name)
+        return sum(self.shard_sizes[:i]), self.shard_sizes[i]
+
+    def split(self, y):
+        return y.split(self.shard_sizes, dim=-1)
 
     def forward(self, x):
-        y = self.tp.all_reduce(self.partial(x))
-        return y if self.bias is None else y + self.bias
+        return self.quant_method.apply(self, x, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        """The loader builds the model on the meta device and casts it to the engine's dtype as a whole
+        (Module.to casts every floating tensor). A quantized format's own tensors (FP8 e4m3 weights, float32
+        scales) keep their dtypes there: they follow a move to another device, never a cast."""
+        if not self.quant_method.keeps_dtypes:
+            return super()._apply(fn, recurse)
+        bias = self.bias
 
-class RowParallelLinear(RowParallel):
-    """y = x_local @ W[:, cols]^T summed over ranks (one all-reduce), then the bias."""
+        def move_only(t):
+            if t is bias:
+                return fn(t)
+            target = fn(t.new_empty(0))  # where fn sends a tensor of t's dtype, and in which dtype
+            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
+        return super()._apply(move_only, recurse)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp):
-        super().__init__()
-        self.tp = tp
-        self.in_start, self.in_local = tp.part(in_features)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-
-    def partial(self, x):
-        return F.linear(x, self.weight)
-
-    def load_plan(self, leaf: str, shard=None):
-        if leaf == "bias":
-            return self.bias.data, None, (self.out_features,)
-        return self.weight.data, (slice(None), slice(self.in_start, self.in_start + self.in_local)), \
-            (self.out_features, self.in_features)
-
+    # ------------------------------------------------------------------ where the parameters come from
     def full_shape(self, leaf: str) -> tuple[int, ...]:
-        return (self.out_features,) if leaf == "bias" else (self.out_features, self.in_features)
+        """The shape of the unsharded tensor of `leaf` (every packed shard, every input feature)."""
+        out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
+        shape = list(getattr(self, leaf).shape)
+        shape[out_dim] = sum(self.full_sizes) // out_per
+        if in_dim is not None:
+            shape[in_dim] = self.in_features // in_per
+        return tuple(shape)
 
     def from_full(self, leaf: str, full: torch.Tensor) -> torch.Tensor:
-        return full if leaf == "bias" else full[:, self.in_start:self.in_start + self.in_local]
+        """This rank's part of `leaf` out of the unsharded tensor (full_shape(leaf)), as the loader would read it
+        from a checkpoint."""
+        if tuple(full.shape) != self.full_shape(leaf):
+            raise ValueError(f"{type(self).__name__}.from_full({leaf!r}): expected the full tensor "
+                             f"{self.full_shape(leaf)}, got {tuple(full.shape)}")
+        out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
+        if in_dim is not None and self.row_sharded:
+            full = full.narrow(in_dim, self.in_start // in_per, self.in_local // in_per)
+        if self.column_sharded:
+            full = torch.cat([full.narrow(out_dim, start // out_per, n // out_per)
+                              for start, n in packed_ranges(self.full_sizes, self.local)], dim=out_dim)
+        return full
+
+    def load_plan(self, leaf: str, shard: str | None):
+        """(view of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape).
+        shard None: one checkpoint tensor for the whole layer (o_proj, down_proj; the original layout's fused
+        vision attn.qkv)."""
+        param = getattr(self, leaf).data
+        out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
+        if shard is None:
+            if len(self.full_sizes) > 1 and self.column_sharded:
+                raise NotImplementedError("a fused checkpoint tensor for a sharded packed layer")
+            full_n, offset = sum(self.full_sizes), 0
+            start, n = self.local[0] if self.column_sharded else (0, full_n)
+        else:
+            i = self.shard_names.index(shard)
+            full_n, (start, n), offset = self.full_sizes[i], self.local[i], sum(self.shard_sizes[:i])
+        shape, index = list(param.shape), [slice(None)] * param.dim()
+        shape[out_dim] = full_n // out_per
+        if (start, n) != (0, full_n):
+            index[out_dim] = slice(start // out_per, (start + n) // out_per)
+        if in_dim is not None:
+            shape[in_dim] = self.in_features // in_per
+            if self.row_sharded:
+                index[in_dim] = slice(self.in_start // in_per, (self.in_start + self.in_local) // in_per)
+        sliced = any(s != slice(None) for s in index)
+        return param.narrow(out_dim, offset // out_per, n // out_per), tuple(index) if sliced else None, tuple(shape)
+
+
+class MergedColumnParallelLinear(PackedLinear):
+    """Column-parallel packed projections of equal split (gate/up): each rank keeps its part of every shard."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], shard_names: list[str], bias: bool, tp,
+                 method=None, prefix: str = "", ops=None):
+        local = None if tp.size == 1 else [tp.part(n) for n in shard_sizes]
+        super().__init__(in_features, shard_sizes, shard_names, bias, local, None, method, prefix, ops)
+
+
+class QKVParallelLinear(PackedLinear):
+    """q/k/v packed, column-parallel by heads: this rank's query heads and the KV heads they read
+    (TensorParallel.kv_heads)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp,
+                 method=None, prefix: str = "", ops=None):
+        d = head_dim
+        (q0, hq), (k0, hkv) = tp.part(num_heads), tp.kv_heads(num_kv_heads)
+        local = None if tp.size == 1 else [(q0 * d, hq * d), (k0 * d, hkv * d), (k0 * d, hkv * d)]
+        super().__init__(hidden_size, [num_heads * d, num_kv_heads * d, num_kv_heads * d],
+                         ["q_proj", "k_proj", "v_proj"], bias, local, None, method, prefix, ops)
+
+
+class RowParallelLinear(PackedLinear):
+    """y = sum over ranks of x[:, K_r] @ W[:, K_r]^T, then the bias: each rank computes its partial product
+    (without the bias) over its input slice K_r, one all-reduce sums them, and the bias, held whole on every rank,
+    is added once after the sum (inside the partial products it would count N times). With one rank: the plain
+    product, bias included, as nn.Linear computes it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp, method=None, prefix: str = "",
+                 ops=None):
+        super().__init__(in_features, [out_features], None, bias, None, tp.part(in_features), method, prefix, ops)
+        self.tp = tp
+
+    def forward(self, x):
+        if self.tp.size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
+        return y if self.bias is None else y + self.bias
 
 
 class _VocabParallel(nn.Module):
@@ -160,11 +255,6 @@ class ParallelLMHead(_VocabParallel):
 
 
 # -------------------------------------------------------------------------------------------------- factories
-def row_parallel(in_features: int, out_features: int, bias: bool, tp) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias) if tp.size == 1 else \
-        RowParallelLinear(in_features, out_features, bias, tp)
-
-
 def vocab_embedding(vocab_size: int, hidden_size: int, tp) -> nn.Module:
     return nn.Embedding(vocab_size, hidden_size) if tp.size == 1 else VocabParallelEmbedding(vocab_size, hidden_size, tp)
 

@@ -1,7 +1,8 @@
 """InternVL3 = InternViT -> pixel shuffle -> MLP projector -> Qwen2 (spec sections 0-4).
 Parameter names equal the checkpoint keys after the loader's prefix normalisation. Under tensor parallelism the
 language model and lm_head are sharded (qwen2.py, layers/linear.py); the vision tower and projector are whole on
-every rank, which runs its share of a step's tiles (distributed/executor.py)."""
+every rank, which runs its share of a step's tiles (worker/executor.py). A quantized checkpoint's format applies
+to the decoder linears (quant/)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from .. import ops as ops_module
 from ..config import ModelConfig
 from ..parallel import TensorParallel
+from ..quant import check_tensor_parallel
 from ..layers.attention import AttentionMetadata
 from ..layers.linear import lm_head
 from ..layers.norm import LayerNorm
@@ -38,9 +40,10 @@ class InternVLForConditionalGeneration(nn.Module):
         self.config = cfg
         self.ops = ops = ops or ops_module.current_table()
         self.tp = tp = tp or TensorParallel.single()
+        check_tensor_parallel(cfg.text, cfg.quant, tp.size)  # the whole model's sizes, before any layer's own check
         self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer, ops)
         self.multi_modal_projector = InternVLMultiModalProjector(cfg, ops)
-        self.language_model = Qwen2Model(cfg.text, ops, tp)
+        self.language_model = Qwen2Model(cfg.text, ops, tp, cfg.quant)
         self.lm_head = lm_head(cfg.text.hidden_size, cfg.text.vocab_size, tp)
 
     @property

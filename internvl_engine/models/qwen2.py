@@ -1,30 +1,35 @@
 """Qwen2 decoder (spec section 4): pre-norm blocks, GQA attention with q/k/v bias and RoPE, SiLU-gated MLP.
 Tokens of all sequences in a step are packed along one axis; the step's AttentionMetadata says where each belongs.
-Under tensor parallelism (`tp`, distributed/) each rank holds its query heads, their KV heads and its share of the
-MLP columns; o_proj and down_proj all-reduce (layers/linear.py). With tp.size 1 the layers are plain."""
+Under tensor parallelism (`tp`, parallel.py) each rank holds its query heads, their KV heads and its share of the
+MLP columns; o_proj and down_proj all-reduce (layers/linear.py). With tp.size 1 the layers are whole.
+The decoder linears take the linear method the checkpoint's quantization block picks for their names
+(quant.method_for: dense, AWQ or FP8); `prefix` is each module's name in the model (language_model.layers.N...)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..config.quant import QuantConfig
 from ..layers.attention import Attention, AttentionMetadata
-from ..layers.linear import PackedLinear, row_parallel, vocab_embedding
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, vocab_embedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
+from ..quant import method_for
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp):
+    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp,
+                 quant: QuantConfig | None, prefix: str):
         super().__init__()
         h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q0, hq = tp.part(h)        # this rank's query heads
-        k0, hkv = tp.kv_heads(hk)  # and the KV heads they read
+        hq, hkv = tp.part(h)[1], tp.kv_heads(hk)[1]  # this rank's query heads and the KV heads they read
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
-        local = None if tp.size == 1 else [(q0 * d, hq * d), (k0 * d, hkv * d), (k0 * d, hkv * d)]
-        self.qkv_proj = PackedLinear(cfg.hidden_size, [h * d, hk * d, hk * d], ["q_proj", "k_proj", "v_proj"], bias=True,
-                                     local=local)
-        self.o_proj = row_parallel(h * d, cfg.hidden_size, False, tp)
+        qkv = [f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, h, hk, True, tp, method_for(quant, qkv),
+                                          f"{prefix}.qkv_proj", ops)
+        self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, False, tp, method_for(quant, [f"{prefix}.o_proj"]),
+                                        f"{prefix}.o_proj", ops)
         self.rotary_emb = [rotary_emb]  # shared by all layers; a list keeps it out of this module's state dict
         self.attn = Attention(hq, hkv, d, layer_idx, ops)
 
@@ -39,12 +44,14 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: TextConfig, tp):
+    def __init__(self, cfg: TextConfig, ops, tp, quant: QuantConfig | None, prefix: str):
         super().__init__()
         f = cfg.intermediate_size
-        local = None if tp.size == 1 else [tp.part(f)] * 2
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], bias=False, local=local)
-        self.down_proj = row_parallel(f, cfg.hidden_size, False, tp)
+        gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], False, tp,
+                                                       method_for(quant, gate_up), f"{prefix}.gate_up_proj", ops)
+        self.down_proj = RowParallelLinear(f, cfg.hidden_size, False, tp, method_for(quant, [f"{prefix}.down_proj"]),
+                                           f"{prefix}.down_proj", ops)
 
     def forward(self, x):
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -52,10 +59,11 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp):
+    def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp,
+                 quant: QuantConfig | None, prefix: str):
         super().__init__()
-        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary_emb, ops, tp)
-        self.mlp = Qwen2MLP(cfg, tp)
+        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary_emb, ops, tp, quant, f"{prefix}.self_attn")
+        self.mlp = Qwen2MLP(cfg, ops, tp, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -71,12 +79,12 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: TextConfig, ops, tp):
+    def __init__(self, cfg: TextConfig, ops, tp, quant: QuantConfig | None = None, prefix: str = "language_model"):
         super().__init__()
         self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_type,
                                           cfg.rope_factor, ops=ops)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, self.rotary_emb, ops, tp)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, self.rotary_emb, ops, tp, quant, f"{prefix}.layers.{i}")
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 

@@ -1,5 +1,6 @@
 """AWQ W4A16 (LMDeploy / AutoAWQ GEMM layout) as a linear method: the parameters a layer holds for its shard,
-how each maps onto the checkpoint tensor, the shard checks and the matmul (ops.awq_gemm).
+how each maps onto the checkpoint tensor, the shard checks and the matmul (ops.awq_gemm). The layer that holds
+it (layers/linear.py) derives its load plan and its part of a full tensor from `layout`.
 
 Per layer: qweight int32 [in, out / 8], qzeros int32 [in / G, out / 8], scales [in / G, out] (G = 128), optional
 bias [out]; w = (q - z) * s per group of G input rows. Column-parallel ranks keep whole int32 packs of 8 output
@@ -10,6 +11,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..ops.ref import awq_gemm_ref
+from ..parallel import TensorParallel
 from .common import FLOATS, param
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # column 8c + AWQ_ORDER[i] sits in nibble i
@@ -41,7 +43,7 @@ def awq_dequantize(qweight, qzeros, scales, group_size: int = 128) -> torch.Tens
 
 
 class AWQLinearMethod:
-    """W4A16 for any linear layer (quant/layers.py holds the geometry: in_features, in_start / in_local,
+    """W4A16 for any linear layer of layers/linear.py (which holds the geometry: in_features, in_start / in_local,
     full_sizes, local, shard_names, out_features)."""
 
     name = "awq"
@@ -50,14 +52,14 @@ class AWQLinearMethod:
     CHECKPOINT_DTYPES = {"qweight": ((torch.int32,), "AWQ qweight: eight 4-bit values packed per int32"),
                          "qzeros": ((torch.int32,), "AWQ qzeros: eight 4-bit zero points packed per int32"),
                          "scales": (FLOATS, "AWQ scales"), "bias": (FLOATS, "AWQ bias")}
-    FIRST_LEAF = "qweight"  # where the dense layer's weight would be (random init draws it there)
+    keeps_dtypes = True  # scales stay float32 in a bf16 / fp16 model
 
     def __init__(self, group_size: int = 128):
         self.group_size = group_size
 
-    def check(self, layer, where: str) -> None:
+    def check(self, layer) -> None:
         """UnsupportedModelError when this rank's shard of the layer cannot hold whole packs and groups."""
-        g = self.group_size
+        g, where = self.group_size, layer.prefix or "AWQ layer"
         if layer.in_features % g or any(n % 8 for n in layer.full_sizes):
             raise UnsupportedModelError(f"{where} [{layer.in_features} -> {layer.full_sizes}]: the input size must "
                                         f"be a multiple of the group size {g} and each output a multiple of 8")
@@ -73,15 +75,37 @@ class AWQLinearMethod:
                 f"{layer.in_features}: {layer.in_local} is not a multiple of the group size {g} (each rank must keep "
                 f"whole groups: qzeros and scales hold one row per {g} inputs)")
 
-    def create_weights(self, layer, dtype: torch.dtype, device) -> None:
+    def tensor_parallel_problem(self, text, n: int) -> str | None:
+        """Why the decoder linears of a model (`text`, a TextConfig that parallel.check_shardable accepts for n)
+        cannot be split over n ranks in this format; None when they can. The per-rank sizes are TensorParallel's,
+        as the layers build them: q/k/v and gate/up keep output columns (whole packs of 8), o_proj and down_proj
+        input rows (whole groups)."""
+        split = TensorParallel(0, n)
+        h, d, f, g = text.num_attention_heads, text.head_dim, text.intermediate_size, self.group_size
+        kv, kv_per = text.num_key_value_heads * d, split.kv_heads(text.num_key_value_heads)[1] * d
+        columns = [("self_attn.q_proj", h * d, split.part(h)[1] * d), ("self_attn.k_proj", kv, kv_per),
+                   ("self_attn.v_proj", kv, kv_per), ("mlp.gate_proj", f, split.part(f)[1]),
+                   ("mlp.up_proj", f, split.part(f)[1])]
+        for sub, full, per in columns:
+            if per % 8:
+                return (f"AWQ {sub} (every decoder layer) has {full} output columns, {per} per rank, not a multiple "
+                        "of 8 (each rank must keep whole int32 packs of 8 columns)")
+        for sub, full in (("self_attn.o_proj", h * d), ("mlp.down_proj", f)):
+            per = split.part(full)[1]
+            if per % g:
+                return (f"AWQ {sub} (every decoder layer) has input size {full}, {per} per rank, not a multiple of "
+                        f"the group size {g} (each rank must keep whole groups: qzeros and scales hold one row per "
+                        f"{g} inputs)")
+        return None
+
+    def create_weights(self, layer) -> None:
         out, groups = layer.out_features, layer.in_local // self.group_size
-        layer.qweight = param((layer.in_local, out // 8), torch.int32, device)
-        layer.qzeros = param((groups, out // 8), torch.int32, device)
-        layer.scales = param((groups, out), torch.float32, device)  # fp16 / bf16 in the files: kept exactly
+        layer.qweight = param((layer.in_local, out // 8), torch.int32)
+        layer.qzeros = param((groups, out // 8), torch.int32)
+        layer.scales = param((groups, out), torch.float32)  # fp16 / bf16 in the files: kept exactly
 
     def layout(self, leaf: str) -> tuple[int, int, int | None, int]:
-        """(dim over output features, output features per index, dim over input features or None, input
-        features per index): qweight packs 8 columns per int32, qzeros / scales one row per group."""
+        """As DenseLinearMethod.layout: qweight packs 8 columns per int32, qzeros / scales one row per group."""
         g = self.group_size
         return {"qweight": (1, 8, 0, 1), "qzeros": (1, 8, 0, g), "scales": (1, 1, 0, g), "bias": (0, 1, None, 1)}[leaf]
 
@@ -90,7 +114,3 @@ class AWQLinearMethod:
         fn = awq_gemm_ref if layer.ops is None else layer.ops.awq_gemm
         y = fn(x2, layer.qweight, layer.qzeros, layer.scales, bias, self.group_size)
         return y.reshape(*x.shape[:-1], layer.out_features)
-
-    def dequantized(self, layer, dtype) -> torch.Tensor:
-        """This rank's dense weight [out, in] (nn.Linear layout)."""
-        return awq_dequantize(layer.qweight, layer.qzeros, layer.scales, self.group_size).t().to(dtype)

@@ -9,5 +9,6 @@ from torch import nn
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+def param(shape, dtype) -> nn.Parameter:
+    """A format's tensor, on the device the model is built on (the meta device, in the loader)."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)

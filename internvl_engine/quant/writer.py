@@ -1,5 +1,5 @@
 """Dense weights -> quantized tensors, and back: the engine's side of the `random:<preset>-awq` / `-fp8` presets
-(random_model.py) and of the dense twin the benchmark baseline runs (bench/hf_baseline.py).
+(loader/random_init.py) and of the dense twin the benchmark baseline runs (bench/hf_baseline.py).
 
 - AWQ: the asymmetric min/max rounding of LMDeploy's `pseudo_quantize_tensor` (what `lite auto_awq` applies after
   its smoothing search), per output channel and group of 128 input channels: s = (max - min) / 15 (at least
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import FP8_MAX, awq_pack
+from .awq import awq_dequantize, awq_pack
+from .fp8 import FP8_MAX
 
 AWQ_GROUP = 128
 AWQ_LEAVES = ("qweight", "qzeros", "scales")
@@ -47,8 +48,6 @@ def quantize_dense(method: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def dense_twin(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A quantized `-hf` state dict -> the dense one holding the dequantized weights ([out, in], `dtype`)."""
-    from . import awq_dequantize
-
     out = {}
     for key, t in state.items():
         base, _, leaf = key.rpartition(".")
