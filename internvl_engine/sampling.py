@@ -163,7 +163,7 @@ NEG_INF = float("-inf")
 TOP_P_GUESS = 1024
 
 
-def _on(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+def on_device(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A host list as a tensor on `device`. To a GPU through pinned memory and a non-blocking copy: a blocking
     host-to-device copy waits for the stream, i.e. for the step's forward, which would be a sync a call."""
     t = torch.tensor(values, dtype=dtype)
@@ -199,7 +199,7 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     top_k = [k if 0 < k < vocab else 0 for k in top_k]  # 0, -1 or the whole vocabulary: off
     if any(m > 0 for m in min_p):
         probs = x.softmax(-1)
-        floor = _on(dev, min_p, x.dtype)[:, None] * probs.amax(-1, keepdim=True)
+        floor = on_device(dev, min_p, x.dtype)[:, None] * probs.amax(-1, keepdim=True)
         x = x.masked_fill(probs < floor, NEG_INF)
     rows = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k > 0 or p < 1.0]
     if not rows:
@@ -212,9 +212,9 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
         # sorting the whole vocabulary keeps a row's nucleus independent of its batch
         size = vocab
     size = min(size, vocab)
-    sub = _on(dev, rows)
-    ks = _on(dev, [top_k[i] for i in rows])
-    ps = _on(dev, [top_p[i] for i in rows], x.dtype)
+    sub = on_device(dev, rows)
+    ks = on_device(dev, [top_k[i] for i in rows])
+    ps = on_device(dev, [top_p[i] for i in rows], x.dtype)
     kept, exact = _truncate(x[sub], ks, ps, size)
     guessed = size < vocab and any(top_k[i] == 0 for i in rows)  # CPU only: reading `exact` is free there
     if guessed and not bool(exact.all()):  # the nucleus of some top_p row goes on past the guess: sort it fully
@@ -225,112 +225,113 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     return x
 
 
-def _penalize(logits: torch.Tensor, seqs, stop_ids) -> torch.Tensor:
-    """min_tokens masks and the repetition / frequency / presence penalties of the rows that ask for them, applied
-    to a copy of logits [B, V] at the (row, token) pairs they touch: repetition over the tokens seen in prompt or
-    output (transformers' RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p), then frequency and presence
-    over the output tokens (OpenAI: l -= frequency * count + presence)."""
+@dataclass
+class SamplingInput:
+    """A step's sampling rows as plain data, row i for the step's i-th sampling sequence (engine/step_builder.py
+    builds it from the scheduled sequences). Penalties and min_tokens masks come as the (row, token) pairs they
+    touch, so the sampler never walks a token history. The seeded generators are the requests' own objects: this
+    stays in the driver's process."""
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
+    generators: list[torch.Generator | None] = field(default_factory=list)  # None: the global generator
+    logprobs: list[int | None] = field(default_factory=list)  # top-k beside the chosen token's logprob (None: none)
+    return_logits: list[bool] = field(default_factory=list)
+    masked: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # min_tokens: (row, stop token)
+    repetition: tuple[list[int], list[int], list[float]] = field(default_factory=lambda: ([], [], []))
+    # frequency / presence over the output: (row, token, times generated, frequency penalty, presence penalty)
+    counted: tuple[list[int], list[int], list[int], list[float], list[float]] = field(
+        default_factory=lambda: ([], [], [], [], []))
+
+    def __len__(self) -> int:
+        return len(self.temperature)
+
+
+def _penalize(logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
+    """min_tokens masks and the repetition / frequency / presence penalties, applied to a copy of logits [B, V] at
+    the (row, token) pairs they touch: repetition over the tokens seen in prompt or output (transformers'
+    RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p), then frequency and presence over the output tokens
+    (OpenAI: l -= frequency * count + presence)."""
     vocab = logits.shape[1]
-    masked_r, masked_t = [], []          # min_tokens: (row, token) set to -inf
-    rep_r, rep_t, rep_p = [], [], []     # repetition: (row, token, penalty)
-    pen_r, pen_t, pen_c, pen_f, pen_p = [], [], [], [], []  # frequency / presence: (row, token, count, freq, pres)
-    for i, s in enumerate(seqs):
-        if getattr(s, "plain", False):
-            continue
-        p = s.params
-        if len(s.output_ids) < p.min_tokens:
-            ends = ({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids)
-            ends = sorted(t for t in ends if t < vocab)
-            masked_r += [i] * len(ends)
-            masked_t += ends
-        if p.repetition_penalty != 1.0:
-            seen = sorted(set(s.prompt_ids) | set(s.output_ids))
-            rep_r += [i] * len(seen)
-            rep_t += seen
-            rep_p += [p.repetition_penalty] * len(seen)
-        if s.output_ids and (p.frequency_penalty or p.presence_penalty):
-            counts: dict[int, int] = {}
-            for t in s.output_ids:
-                counts[t] = counts.get(t, 0) + 1
-            pen_r += [i] * len(counts)
-            pen_t += list(counts)
-            pen_c += list(counts.values())
-            pen_f += [p.frequency_penalty] * len(counts)
-            pen_p += [p.presence_penalty] * len(counts)
-    if not (masked_r or rep_r or pen_r):
+    masked = [(r, t) for r, t in zip(*rows.masked) if t < vocab]  # a stop id past the vocabulary is never drawn
+    (rep_r, rep_t, rep_p), (pen_r, pen_t, pen_c, pen_f, pen_p) = rows.repetition, rows.counted
+    if not (masked or rep_r or pen_r):
         return logits
     logits = logits.clone()
     dev, dt = logits.device, logits.dtype
-    if masked_r:
-        logits[_on(dev, masked_r), _on(dev, masked_t)] = NEG_INF
+    if masked:
+        logits[on_device(dev, [r for r, _ in masked]), on_device(dev, [t for _, t in masked])] = NEG_INF
     if rep_r:
-        r, t = _on(dev, rep_r), _on(dev, rep_t)
-        vals, pen = logits[r, t], _on(dev, rep_p, dt)
+        r, t = on_device(dev, rep_r), on_device(dev, rep_t)
+        vals, pen = logits[r, t], on_device(dev, rep_p, dt)
         logits[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
     if pen_r:
-        r, t = _on(dev, pen_r), _on(dev, pen_t)
-        f, c = _on(dev, pen_f, dt), _on(dev, pen_c, dt)
-        logits[r, t] -= f * c + _on(dev, pen_p, dt)
+        r, t = on_device(dev, pen_r), on_device(dev, pen_t)
+        f, c = on_device(dev, pen_f, dt), on_device(dev, pen_c, dt)
+        logits[r, t] -= f * c + on_device(dev, pen_p, dt)
     return logits
 
 
 class Sampler:
-    """Samples one token per sequence from fp32 logits [B, V]; `seqs` carry params, generator, prompt and output
-    ids (engine.sequence.Sequence), `stop_ids` the token ids that end generation (masked before min_tokens).
+    """Samples one token per row of fp32 logits [B, V] as `rows` (a SamplingInput) asks.
 
     Batched over rows: penalties and masks at their (row, token) pairs, then temperature, min_p, top_k and top_p
     over all sampled rows at once (filter_logits). A seeded row draws by an exponential race, argmax(probs / E) with
     E ~ Exp(1) per token from its own generator: that is how torch.multinomial draws one sample, with the same [V]
     draw, so seeded streams are those of the per-row sampler before it, and a row's tokens depend only on its seed
     and its logits. Unseeded rows draw one batched uniform (inverse CDF). Nothing here copies to the host on a GPU;
-    the caller's copy of the tokens is the step's one sync.
+    the runner's one copy of the step's results is its sync.
     """
 
-    def __call__(self, logits: torch.Tensor, seqs, stop_ids: set[int] = frozenset()) -> torch.Tensor:
-        logits = _penalize(logits, seqs, stop_ids)
+    def __call__(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
+        logits = _penalize(logits, rows)
         out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
-        drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        drawn = [i for i, t in enumerate(rows.temperature) if t >= GREEDY_TEMPERATURE]
         if not drawn:
             return out
-        drawn.sort(key=lambda i: seqs[i].generator is not None)  # unseeded rows first: one batched draw for them
-        params = [seqs[i].params for i in drawn]
-        rows = _on(logits.device, drawn)
-        temperature = _on(logits.device, [p.temperature for p in params], logits.dtype)
-        x = logits[rows] / temperature[:, None]
-        x = filter_logits(x, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params])
+        drawn.sort(key=lambda i: rows.generators[i] is not None)  # unseeded rows first: one batched draw for them
+        dev = logits.device
+        index = on_device(dev, drawn)
+        temperature = on_device(dev, [rows.temperature[i] for i in drawn], logits.dtype)
+        x = logits[index] / temperature[:, None]
+        x = filter_logits(x, [rows.top_k[i] for i in drawn], [rows.top_p[i] for i in drawn],
+                          [rows.min_p[i] for i in drawn])
         probs = x.softmax(-1)
-        tokens = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
-        unseeded = sum(seqs[i].generator is None for i in drawn)
+        tokens = torch.empty(len(drawn), dtype=torch.long, device=dev)
+        unseeded = sum(rows.generators[i] is None for i in drawn)
         if unseeded:  # one uniform u a row from the global generator: the first token whose cumulative mass > u
             # (V exponentials a row cost a CPU 30x more). In float64, u < 1 - 2**-24 (an fp32 uniform) keeps
             # u * total below total, so the token found has a nonzero probability.
             cum = probs[:unseeded].double().cumsum(-1)
-            u = torch.rand(unseeded, 1, device=logits.device).double()
+            u = torch.rand(unseeded, 1, device=dev).double()
             tokens[:unseeded] = torch.searchsorted(cum, u * cum[:, -1:], right=True)[:, 0]
         if unseeded < len(drawn):  # seeded rows: the exponential race, each with noise from its own generator
             noise = torch.empty_like(probs[unseeded:])
             for j, i in enumerate(drawn[unseeded:]):
-                noise[j].exponential_(generator=seqs[i].generator)
+                noise[j].exponential_(generator=rows.generators[i])
             # Exp(1) may round to 0 (about 2**-53 on a CPU): 0 / 0 would be a NaN, which argmax would pick
             tokens[unseeded:] = (probs[unseeded:] / noise.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(-1)
-        return out.index_copy_(0, rows, tokens)
+        return out.index_copy_(0, index, tokens)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor | list[int], k: int) -> list[dict[int, Logprob]]:
-    """Per row: {token: Logprob} for the chosen token and the top-k of the fp32 log-softmax of the raw logits."""
+def logprob_table(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of logits [R, V], on their device: [the token's logprob, its rank (1 = the most likely), the top-k
+    logprobs, their token ids] of the fp32 log-softmax of the raw logits, [R, 2 + 2k] fp32 (ranks and token ids
+    below 2**24 are exact in fp32), so that it travels to the host with the step's other results in one copy."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    ids = [int(t) for t in (tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else tokens)]
-    tokens = _on(lp.device, ids).reshape(-1, 1)
-    chosen = lp.gather(1, tokens)
+    chosen = lp.gather(1, tokens.reshape(-1, 1))
     ranks = (lp > chosen).sum(-1) + 1
-    top = lp.topk(k, dim=-1) if k > 0 else None
-    # one device-to-host copy for all rows: ranks and token ids below 2**24 are exact in fp32
-    parts = [chosen, ranks[:, None].float()] + ([top.values, top.indices.float()] if top is not None else [])
-    host = torch.cat(parts, dim=1).tolist()
-    rows = []
-    for token, row in zip(ids, host):
-        entry = {token: Logprob(row[0], int(row[1]))}
-        for r, (v, t) in enumerate(zip(row[2:2 + k], row[2 + k:]), start=1):
-            entry.setdefault(int(t), Logprob(v, r))
-        rows.append(entry)
-    return rows
+    parts = [chosen, ranks[:, None].float()]
+    if k > 0:
+        top = lp.topk(k, dim=-1)
+        parts += [top.values, top.indices.float()]
+    return torch.cat(parts, dim=1)
+
+
+def logprob_entry(token: int, row: list[float], k: int, keep: int) -> dict[int, Logprob]:
+    """{token: Logprob} from a host row of logprob_table(..., k): the chosen token, then its top `keep` <= k."""
+    entry = {token: Logprob(row[0], int(row[1]))}
+    for r, (v, t) in enumerate(zip(row[2:2 + keep], row[2 + k:2 + k + keep]), start=1):
+        entry.setdefault(int(t), Logprob(v, r))
+    return entry

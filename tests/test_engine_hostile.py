@@ -126,15 +126,15 @@ def test_a_rerun_after_a_sampling_fault_keeps_a_seeded_requests_tokens(engine):
 def test_a_failure_inside_the_sampler_keeps_a_seeded_requests_tokens(engine, monkeypatch):
     """A sampler that raises after drawing the rows before the failing one (as a nan row does in multinomial)."""
     ref = _alone(engine, "a seeded prompt", SEEDED)
-    real = engine.sampler
+    real = engine.runner.sampler
 
-    def sampler(logits, seqs, stop_ids):
-        tokens = real(logits, seqs, stop_ids)
-        if any(s.request_id == "failing" for s in seqs):
+    def sampler(logits, rows):  # the runner samples plain rows: the failing request is the greedy one
+        tokens = real(logits, rows)
+        if GREEDY.temperature in rows.temperature:
             raise RuntimeError("planted sampler failure")
         return tokens
 
-    monkeypatch.setattr(engine, "sampler", sampler)
+    monkeypatch.setattr(engine.runner, "sampler", sampler)
     out = _run(engine, [("seeded", "a seeded prompt", SEEDED), ("failing", "a failing prompt", GREEDY)])
     assert out["failing"].finish_reason == "error" and "planted sampler failure" in str(out["failing"].error)
     assert out["seeded"].token_ids == ref.token_ids

@@ -105,8 +105,8 @@ def test_generated_image_token_is_text_after_preemption():
     def run(kv_tokens):
         llm = LLM("random:tiny", device="cpu", kv_cache_tokens=kv_tokens, enable_prefix_caching=False)
         image_id = llm.config.image_token_id
-        sampler = llm.engine.sampler
-        llm.engine.sampler = lambda logits, *rest: torch.full_like(sampler(logits, *rest), image_id)
+        sampler = llm.engine.runner.sampler
+        llm.engine.runner.sampler = lambda logits, *rest: torch.full_like(sampler(logits, *rest), image_id)
         outs = llm.generate([CONVS[0], CONVS[2]], SamplingParams(max_tokens=40, ignore_eos=True, max_num_tiles=1))
         return [o.token_ids for o in outs], llm.engine.num_preemptions
 

@@ -8,6 +8,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, RepetitionP
 
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.errors import SamplingParamsError
+from internvl_engine.engine.step_builder import sampling_input
 from internvl_engine.sampling import Sampler, _penalize, filter_logits
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
@@ -91,7 +92,7 @@ def _per_row_penalties(row, p, prompt_ids, output_ids):
 
 
 def _seq(params, prompt_ids=(), output_ids=(), seed=None):
-    """What the sampler reads of an engine Sequence."""
+    """What the step builder reads of an engine Sequence for the sampler (sampling_input)."""
     from types import SimpleNamespace
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return SimpleNamespace(params=params, prompt_ids=list(prompt_ids), output_ids=list(output_ids), generator=gen,
@@ -141,9 +142,9 @@ def test_batched_penalties_match_the_per_row_penalties():
         if len(output) < p.min_tokens:
             row[sorted(({*stop_ids} if not p.ignore_eos else set()) | {11})] = float("-inf")
         want.append(_per_row_penalties(row, p, prompt, output) if p.penalized else row)
-    assert torch.equal(_penalize(x, seqs, stop_ids), torch.stack(want))
+    assert torch.equal(_penalize(x, sampling_input(seqs, stop_ids)), torch.stack(want))
     greedy = [_seq(SamplingParams(), s.prompt_ids, s.output_ids) for s in seqs]
-    assert torch.equal(Sampler()(x, greedy), x.argmax(-1))  # plain greedy rows: the raw argmax
+    assert torch.equal(Sampler()(x, sampling_input(greedy, ())), x.argmax(-1))  # plain greedy rows: the raw argmax
 
 
 def test_seeded_draws_are_torch_multinomial_of_the_filtered_distribution():
@@ -158,7 +159,8 @@ def test_seeded_draws_are_torch_multinomial_of_the_filtered_distribution():
         for _ in range(4):
             x = torch.randn(1, vocab, generator=g) * 4
             probs = _per_row_filter(x[0] / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
-            assert int(Sampler()(x, [seq])[0]) == int(torch.multinomial(probs, 1, generator=ref_gen)[0]), (seed, p)
+            drawn = int(Sampler()(x, sampling_input([seq], ()))[0])
+            assert drawn == int(torch.multinomial(probs, 1, generator=ref_gen)[0]), (seed, p)
 
 
 def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch_of_64():
@@ -174,7 +176,7 @@ def test_a_seeded_row_draws_the_same_alone_and_in_a_mixed_batch_of_64():
         seqs[where].generator.manual_seed(seed)
         tokens = []
         for x in logits:
-            drawn = Sampler()(x[:len(seqs)], seqs, {5})
+            drawn = Sampler()(x[:len(seqs)], sampling_input(seqs, {5}))
             tokens.append(int(drawn[where]))
             for s, t in zip(seqs, drawn.tolist()):
                 s.output_ids.append(t)
@@ -198,10 +200,10 @@ def test_draw_frequencies_match_the_filtered_distribution(seeded):
     n = 6000
     if seeded:  # one row, drawn step after step from its own generator
         seq = _seq(p, seed=99)
-        draws = torch.stack([Sampler()(x, [seq])[0] for _ in range(n)])
+        draws = torch.stack([Sampler()(x, sampling_input([seq], ()))[0] for _ in range(n)])
     else:  # unseeded rows: one batched draw from the global generator
         torch.manual_seed(5)
-        draws = Sampler()(x.expand(n, -1), [_seq(p) for _ in range(n)])
+        draws = Sampler()(x.expand(n, -1), sampling_input([_seq(p) for _ in range(n)], ()))
     counts = torch.bincount(draws, minlength=40).double()
     kept = probs > 0
     assert counts[~kept].sum() == 0  # nothing outside the filtered support

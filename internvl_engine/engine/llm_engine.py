@@ -28,16 +28,17 @@ from ..ops import OpTable
 from ..outputs import RequestMetrics, RequestOutput
 from ..processor import Processor
 from ..processor.tokenizer import IncrementalDetokenizer
-from ..sampling import Sampler, SamplingParams, logprobs_of, seed_for
+from ..sampling import SamplingParams, seed_for
 from .block_manager import BlockManager, MediaSpan, media_key
 from .faults import FaultInjector, InjectedFatalFault
 from .output_processor import OutputProcessor
 from ..settings import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
 from ..worker.runner import ModelRunner
+from ..worker.step_output import StepOutput
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from ..worker.step_input import prompt_input
-from .step_builder import decode_input, prefill_input
+from .step_builder import decode_input, prefill_input, sampling_input
 from .features import ImageFeatures
 from .vision_cache import VisionCache
 
@@ -94,7 +95,6 @@ class LLMEngine:
         self.processor.tokenizer.limit_text(self.max_model_len)  # what cannot fit is refused before tokenising
         self.block_size = cfg.block_size
         self.runner = self._make_runner(cfg)
-        self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.processor.tokenizer)
         if cfg.media_policy is not None:
             self.processor.media_policy = cfg.media_policy
@@ -372,7 +372,7 @@ class LLMEngine:
         with self._lock:
             self.check_health()
             feats = self.runner.vision(seq.pixel_values) if seq.media else None
-            return self.runner.execute(prompt_input(seq.prompt_ids, seq.media, feats)).cpu()
+            return self.runner.logits(prompt_input(seq.prompt_ids, seq.media, feats))
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -412,7 +412,7 @@ class LLMEngine:
         # that failed): reruns start from these states, so a seeded request's tokens never depend on a failure.
         seeded = [(s.generator, s.generator.get_state()) for s in sampled if s.generator is not None]
         try:
-            tokens, logits = self._execute(sched, sampled)
+            out = self._execute(sched, sampled)
         except Exception as e:
             self._raise_if_fatal(e)
             for generator, state in seeded:
@@ -421,9 +421,9 @@ class LLMEngine:
                 return [self._fail(sched.sequences[0], self._stage, e)]
             self.num_isolation_splits += 1
             return [s for part in sched.halves() for s in self._run(part)]
-        self.scheduler.postprocess(sched, sampled, tokens)
+        self.scheduler.postprocess(sched, sampled, out.tokens)
         for k, s in enumerate(sampled):
-            self._emit_or_fail(s, logits, k)
+            self._emit_or_fail(s, out, k)
             if s.index == 0 and len(s.group) > 1 and len(s.output_ids) == 1:
                 self.scheduler.add_front(s.group[1:])  # their prompt blocks are cached now
         return sampled
@@ -479,8 +479,8 @@ class LLMEngine:
                 s.metrics.cached_images = len(s.cached_image_ids)
         return sched
 
-    def _execute(self, sched: SchedulerOutput, sampled: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-        """The step's forward and sampling: (a token per sampled sequence, their fp32 logits)."""
+    def _execute(self, sched: SchedulerOutput, sampled: list[Sequence]) -> StepOutput:
+        """The step on the runner: its forward, a token per sampled sequence, and the logprobs and logits asked for."""
         faults = self.faults  # falsy unless a test injected something: then it names the step's sequences
         self._stage = "step"
         if faults:
@@ -489,23 +489,18 @@ class LLMEngine:
             step = prefill_input(sched.chunks, self.block_manager, self.features(sched.chunks))
         else:
             step = decode_input(sched.decode, self.block_manager)
+        step.sampling = sampling_input(sampled, self.scheduler.eos_token_ids)
         self._stage = "prefill" if sched.is_prefill else "decode"
         if faults:
             faults.check(self._stage, sched.sequences)
         t0 = time.perf_counter()  # prefill_s excludes the vision tower (vision_s)
-        logits = self.runner.execute(step)
-        tokens = []
-        if step.prompt_rows:
-            self._prompt_logprobs(sched.chunks, step.prompt_rows, logits)
-        if sampled:  # a chunk that samples nothing does not sync: the last chunk's token copy waits for all of them
+        out = self.runner.execute(step)  # a sampler failure inside it is named by the forward's stage
+        if sampled:
             self._stage = "sample"
-            if step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
-                logits = logits[step.sample_index]  # prompt-logprob rows come first
-            drawn = self.sampler(logits, sampled, self.scheduler.eos_token_ids)
             if faults:  # after the draw: an injected sampling fault finds the generators advanced, as a real one may
                 faults.check("sample", sampled)
-            tokens = self.runner.to_host(drawn)
-            self._logprobs(sampled, logits, tokens)
+        if step.prompt_rows:
+            self._prompt_logprobs(sched.chunks, step.prompt_rows, out.prompt_logprobs)
         dt = time.perf_counter() - t0
         if sched.is_prefill:
             for s, _, _ in sched.chunks:
@@ -513,47 +508,33 @@ class LLMEngine:
         else:
             for s in sched.decode:
                 s.metrics.decode_s += dt
-        return tokens, logits
+        return out
 
-    def _logprobs(self, sampled: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
-        rows = [i for i, s in enumerate(sampled) if not s.plain and s.params.logprobs is not None]
-        if rows:
-            k = max(sampled[i].params.logprobs for i in rows)
-            for i, entry in zip(rows, logprobs_of(logits[rows], [tokens[i] for i in rows], k)):
-                keep = sampled[i].params.logprobs  # the chosen token, then its own top-k
-                sampled[i].pending_logprobs = {t: lp for t, lp in entry.items() if lp.rank <= keep or t == tokens[i]}
-
-    def _prompt_logprobs(self, chunks, prompt_rows, logits: torch.Tensor) -> None:
-        """Row j of a chunk [start, end) predicts prompt token start + j + 1; record each prompt position once."""
-        for ci, first, count in prompt_rows:
-            s, start, end = chunks[ci]
+    def _prompt_logprobs(self, chunks, prompt_rows, entries) -> None:
+        """Record each prompt position once: a recomputed chunk's rows for positions recorded already are dropped."""
+        for rows, got in zip(prompt_rows, entries):
+            s = chunks[rows.chunk][0]
             if s.prompt_logprobs is None:
                 s.prompt_logprobs = [None]
-            positions = range(max(start + 1, len(s.prompt_logprobs)), min(end + 1, len(s.prompt_ids)))
-            if not positions:
-                continue
-            rows = [first + p - start - 1 for p in positions]
-            k = s.params.prompt_logprobs
-            for p, entry in zip(positions, logprobs_of(logits[rows], [s.prompt_ids[p] for p in positions], k)):
+            for entry in got[max(0, len(s.prompt_logprobs) - rows.first):]:
                 for t, lp in entry.items():
                     lp.decoded_token = self.processor.tokenizer.decode([t], skip_special_tokens=False)
-                s.prompt_logprobs.append({t: lp for t, lp in entry.items() if lp.rank <= k or t == s.prompt_ids[p]})
+                s.prompt_logprobs.append(entry)
 
-    def _emit_or_fail(self, s: Sequence, logits: torch.Tensor | None, row: int) -> None:
+    def _emit_or_fail(self, s: Sequence, out: StepOutput, row: int) -> None:
         try:
             self.faults.check("detokenize", (s,))
-            self._emit(s, logits, row)
+            self._emit(s, out, row)
         except Exception as e:
             self._fail(s, "detokenize", e)
 
-    def _emit(self, s: Sequence, logits: torch.Tensor | None, row: int) -> None:
+    def _emit(self, s: Sequence, out: StepOutput, row: int) -> None:
         """Detokenise the token a step appended to `s` (stop strings may finish it here) and record its metrics."""
-        if s.params.return_logits:
-            s.step_logits.append(logits[row].cpu())
+        if out.logits[row] is not None:
+            s.step_logits.append(out.logits[row])
         if len(s.output_ids) == 1 and s.index == 0:
             s.metrics.ttft_s = time.perf_counter() - s.metrics.arrival_time
-        self.output_processor.token_added(s, s.pending_logprobs)
-        s.pending_logprobs = None
+        self.output_processor.token_added(s, out.logprobs[row])
         if s.finished:
             self.scheduler.remove(s)  # a stop string ends it here, after the scheduler's token rules
             self._request_done(s)

@@ -1,11 +1,12 @@
 """Turns the scheduler's choice into a StepInput (worker/step_input.py), reading block tables from their one owner,
-the BlockManager."""
+the BlockManager, and the sampled sequences into its SamplingInput (sampling.py)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..worker.step_input import StepInput
+from ..sampling import SamplingInput
+from ..worker.step_input import PromptRows, StepInput
 from .block_manager import BlockManager
 from .sequence import Sequence
 
@@ -43,7 +44,11 @@ def prefill_input(chunks: list[tuple[Sequence, int, int]], bm: BlockManager,
         step.seq_lens.append(len(toks))
         step.image_rows += image_rows(s, start, end, base)
         if s.params.prompt_logprobs is not None and s.index == 0 and start < len(s.prompt_ids):
-            step.prompt_rows.append((ci, len(step.logits_rows), end - start))  # every row predicts the next token
+            # every row predicts the next token; row j of [start, end) predicts position start + j + 1
+            first, last = start + 1, min(end + 1, len(s.prompt_ids))
+            row = len(step.logits_rows)
+            step.prompt_rows.append(PromptRows(ci, first, list(range(row, row + last - first)),
+                                               s.prompt_ids[first:last], s.params.prompt_logprobs))
             step.logits_rows += range(base, base + end - start)
             if end == len(toks):
                 step.sample_index.append(len(step.logits_rows) - 1)
@@ -68,3 +73,43 @@ def decode_input(seqs: list[Sequence], bm: BlockManager) -> StepInput:
     return StepInput(False, [s.output_ids[-1] for s in seqs], [n - 1 for n in lens],
                      [int(t[(n - 1) // bs]) * bs + (n - 1) % bs for t, n in zip(tables, lens)], [1] * len(seqs), lens,
                      lens, block_tables=padded)
+
+
+def sampling_input(seqs: list[Sequence], stop_ids) -> SamplingInput:
+    """The sampling rows of `seqs`, in order. Penalties and min_tokens masks as the (row, token) pairs they touch:
+    min_tokens masks eos (`stop_ids`, unless ignore_eos) and stop_token_ids while the output is shorter; repetition
+    reaches every token seen in prompt or output, frequency and presence every distinct output token."""
+    rows = SamplingInput()
+    masked_r, masked_t = rows.masked
+    rep_r, rep_t, rep_p = rows.repetition
+    pen_r, pen_t, pen_c, pen_f, pen_p = rows.counted
+    for i, s in enumerate(seqs):
+        p = s.params
+        rows.temperature.append(p.temperature)
+        rows.top_k.append(p.top_k)
+        rows.top_p.append(p.top_p)
+        rows.min_p.append(p.min_p)
+        rows.generators.append(s.generator)
+        rows.logprobs.append(p.logprobs)
+        rows.return_logits.append(p.return_logits)
+        if s.plain:  # nothing below applies
+            continue
+        if len(s.output_ids) < p.min_tokens:
+            ends = sorted(({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
+            masked_r += [i] * len(ends)
+            masked_t += ends
+        if p.repetition_penalty != 1.0:
+            seen = sorted(set(s.prompt_ids) | set(s.output_ids))
+            rep_r += [i] * len(seen)
+            rep_t += seen
+            rep_p += [p.repetition_penalty] * len(seen)
+        if s.output_ids and (p.frequency_penalty or p.presence_penalty):
+            counts: dict[int, int] = {}
+            for t in s.output_ids:
+                counts[t] = counts.get(t, 0) + 1
+            pen_r += [i] * len(counts)
+            pen_t += list(counts)
+            pen_c += list(counts.values())
+            pen_f += [p.frequency_penalty] * len(counts)
+            pen_p += [p.presence_penalty] * len(counts)
+    return rows

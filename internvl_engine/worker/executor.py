@@ -1,5 +1,5 @@
 """The driver's side of tensor parallelism. The driver is rank 0, in the caller's process: it keeps the scheduler,
-block manager, processor and sampler, and its ParallelRunner sends every forward to the workers before running its
+block manager and processor, samples, and its ParallelRunner sends every forward to the workers before running its
 own shard of it.
 
 Starting: `launch(cfg, device, dtype)` spawns one worker per rank beyond the driver (torch.multiprocessing, spawn)
@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from ..errors import BackendError, EngineDeadError
 from ..parallel import TensorParallel, check_shardable
+from ..quant import check_tensor_parallel
 from .loop import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
     worker_main
 
@@ -71,7 +72,8 @@ def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor |
     n = cfg.tensor_parallel_size
     if n == 1:
         return None
-    check_shardable(config.text, n, getattr(config, "quant", None))  # quantized packs / groups too
+    check_shardable(config.text, n)
+    check_tensor_parallel(config.text, config.quant, n)  # a quantized format's packs / groups
     env = torchrun_env()
     if env is not None:
         rank, world, local = env
@@ -322,8 +324,9 @@ class Executor:
 
 class ParallelRunner:
     """ModelRunner's interface on the driver of a tensor-parallel engine: each call that runs the model is sent to
-    the workers first, then run on the driver's own shard (the collectives inside meet up). Everything else (the
-    pool, to_host, kernels, ...) is the driver's ModelRunner's."""
+    the workers first, then run on the driver's own shard (the collectives inside meet up). The driver alone
+    computes logits and samples: the workers get each StepInput without its sampling rows. The pool and the
+    kernel table are the driver's ModelRunner's."""
 
     vision_mode = "spread"  # "spread": a batch's tiles split over the ranks; "driver": the driver runs every tile
 
@@ -331,8 +334,16 @@ class ParallelRunner:
         self.local, self.executor = local, executor
         self.graphs = self.vision_graphs = None  # eager under tensor parallelism
 
-    def __getattr__(self, name):
-        return getattr(self.local, name)
+    @property
+    def cache(self):
+        return self.local.cache
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        return self.local.kernels
+
+    def kv_bytes_per_token(self) -> int:
+        return self.local.kv_bytes_per_token()
 
     def _parallel(self, what: str, fn):
         executor = self.executor
@@ -356,14 +367,22 @@ class ParallelRunner:
     def enable_graphs(self, *args, **kwargs) -> None:
         raise NotImplementedError("CUDA graphs are not used under tensor parallelism (enforce_eager)")
 
-    def execute(self, step):
+    def _forward(self, step, run_local):
         self.local.check(step)  # a step the driver would refuse is never sent
         feats = () if step.image_features is None else (step.image_features,)
 
         def run():
-            self.executor.send("execute", replace(step, image_features=None), feats)
-            return self.local.execute(step)
+            self.executor.send("execute", replace(step, image_features=None, sampling=None), feats)
+            return run_local(step)
         return self._parallel("execute", run)
+
+    def execute(self, step):
+        """The step on every rank; the driver's StepOutput."""
+        return self._forward(step, self.local.execute)
+
+    def logits(self, step) -> torch.Tensor:
+        """The step's forward on every rank; the driver's host logits."""
+        return self._forward(step, self.local.logits)
 
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projector rows of a batch of tiles. A single tile cannot be split: the driver runs it alone."""

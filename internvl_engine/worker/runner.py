@@ -1,18 +1,20 @@
 """Model runner: executes a plain-data StepInput (step_input.py) as one packed forward pass over the paged KV
-pool and returns fp32 logits of the rows it asks for. The pool has the paged layout of the kernel contract
+pool, samples the rows it asks for and returns a StepOutput (step_output.py). The pool has the paged layout of the kernel contract
 ([num_blocks, block_size, Hk, D] per layer) and belongs to the runner; the BlockManager hands out its blocks.
 Decode runs from a CUDA graph when enable_graphs() was called and the step fits one (cuda_graphs.py), else eagerly.
 
 Host-to-device inputs go through pinned memory without blocking, so the only host synchronisation of a step is
-to_host(), the copy of its sampled tokens."""
+to_host(), the one copy of its results."""
 from __future__ import annotations
 
 import torch
 
 from ..layers.attention import AttentionMetadata
 from ..models.internvl import InternVLForConditionalGeneration
+from ..sampling import Sampler
 from .cuda_graphs import DecodeGraphs, VisionGraphs
 from .step_input import StepInput
+from .step_output import StepOutput, finish_step
 
 
 VISION_CHUNK_TILES = 16  # tiles per vision-tower forward (activation memory), and so the largest vision graph
@@ -39,6 +41,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.vision_graphs: VisionGraphs | None = None
         self._pinned = device.type == "cuda"
+        self.sampler = Sampler()
 
     @property
     def kernels(self) -> dict[str, str]:
@@ -65,14 +68,14 @@ class ModelRunner:
         self.graphs.capture_start()
         self.vision_graphs = VisionGraphs(self, VISION_CHUNK_TILES, emulate) if vision else None
 
-    def to_host(self, t: torch.Tensor) -> list:
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
         """The step's one synchronisation: a device-to-host copy into pinned memory, then wait for it."""
         if not self._pinned:
-            return t.tolist()
+            return t.cpu()
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return host.tolist()
+        return host
 
     @torch.inference_mode()
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -115,9 +118,19 @@ class ModelRunner:
                                  rope_seq_lens=rope, kv_gather_slots=gather)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """fp32 logits [len(logits_rows), V] of one forward (every row when logits_rows is None; None when it is
-        empty)."""
+    def execute(self, step: StepInput) -> StepOutput:
+        """One step: the forward, then its sampling rows sampled and its results on the host (StepOutput)."""
+        return finish_step(self._logits(step), step, self.sampler, self.to_host)
+
+    @torch.inference_mode()
+    def logits(self, step: StepInput) -> torch.Tensor:
+        """Host fp32 logits [len(logits_rows), V] of one forward that samples nothing (every row when logits_rows
+        is None)."""
+        return self.to_host(self._logits(step))
+
+    def _logits(self, step: StepInput) -> torch.Tensor | None:
+        """fp32 logits [len(logits_rows), V] of one forward on the device (every row when logits_rows is None;
+        None when it is empty, and on a tensor-parallel worker, which has no lm_head output)."""
         if not step.is_prefill and self.graphs is not None:
             key = self.graphs.bucket(len(step.input_ids), len(step.block_tables[0]))
             if key is not None and not (self.dynamic_rope and max(step.seq_lens) > self.max_pos):

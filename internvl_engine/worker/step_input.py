@@ -1,6 +1,8 @@
 """StepInput: one forward pass as plain data (token ids, positions, cache slots, block tables, lengths, image
-features and where they go), with no Sequence, tokenizer or generator in it. The runner executes it; a
-tensor-parallel worker on another rank receives exactly this. The engine builds it (engine/step_builder.py)."""
+features and where they go), with no Sequence or tokenizer in it, and what the driver's runner does with the logits
+(the sampling rows, prompt-logprob rows). The runner executes it; a tensor-parallel worker on another rank receives
+it without the sampling rows (their seeded generators never leave the driver's process). The engine builds it
+(engine/step_builder.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +10,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..sampling import SamplingInput
+
+
+@dataclass
+class PromptRows:
+    """Prompt logprobs of one prefill chunk: logits row rows[j] predicts prompt position first + j, whose token is
+    tokens[j]; each position gets its token's logprob and rank and the top k."""
+    chunk: int
+    first: int
+    rows: list[int]
+    tokens: list[int]
+    k: int
 
 
 @dataclass
@@ -25,9 +39,10 @@ class StepInput:
     image_features: torch.Tensor | None = None  # [R, D] projector rows of the placeholders in this step
     image_rows: list[int] | None = None       # their rows in input_ids
     write_cache: bool = True                  # False: a forward that reads and writes no cache (prompt logits)
-    # driver-side bookkeeping over the returned logits (a worker ignores it)
+    # the driver's work on the logits (a worker gets none of it)
+    sampling: SamplingInput | None = None     # one row per sampling sequence
     sample_index: list[int] | None = None     # logits row of each sampling sequence (None: row i for sequence i)
-    prompt_rows: list[tuple[int, int, int]] | None = None  # (chunk, first logits row, rows) for prompt logprobs
+    prompt_rows: list[PromptRows] | None = None
 
 
 def prompt_input(prompt_ids: list[int], spans, features: torch.Tensor | None) -> StepInput:
