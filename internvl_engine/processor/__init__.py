@@ -19,7 +19,8 @@ from .files import read_processor_settings
 from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, describe_source, image_grids_u8, load_image,
                      normalize_grids, num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
 from .media import MediaPolicy
-from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template, normalize_messages
+from .messages import normalize_messages, split_media
+from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
 from .video import (check_num_frames, load_video, normalize_frames, preprocess_video, sample_frame_indices,
                     video_frame_u8)
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "build_internvl3_tokenizer_json",
     "load_chat_template",
+    "normalize_messages",
     "load_image",
     "to_rgb_array",
     "preprocess_image",
@@ -180,7 +182,7 @@ class Processor:
 
     # ---------------------------------------------------------------- prompt
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
-        messages, _ = normalize_messages(conversation)
+        messages, _ = split_media(normalize_messages(conversation))
         return self._render(messages, add_generation_prompt)
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
@@ -227,7 +229,7 @@ class Processor:
         if conversation is not None:
             if text is not None:
                 raise PromptError("pass either a conversation or text=, not both")
-            messages, media = normalize_messages(conversation)
+            messages, media = split_media(normalize_messages(conversation))
             prompt = self._render(messages, add_generation_prompt)
             images = self._merge_media("image", [s for k, s in media if k == "image"], images)
             videos = self._merge_media("video", [s for k, s in media if k == "video"], videos)

@@ -1,5 +1,5 @@
 """Chat template loading/rendering the way transformers' apply_chat_template does (jinja2 sandbox settings
-from transformers.utils.chat_template_utils), plus message normalisation and media extraction."""
+from transformers.utils.chat_template_utils). The messages it renders come from messages.py."""
 
 from __future__ import annotations
 
@@ -23,11 +23,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-_IMAGE_KEYS = ("url", "path", "image", "base64")
-_VIDEO_KEYS = ("url", "path", "video")
-_MEDIA_MARKER = "<media>"
-
 
 def _compile(source: str):
     import jinja2
@@ -57,72 +52,13 @@ class ChatTemplate:
         self._template = _compile(self.source)
 
     def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render already-normalised messages (see normalize_messages); extra kwargs are template variables."""
+        """Render messages from messages.split_media; extra kwargs are template variables."""
         import jinja2
 
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
         except jinja2.exceptions.TemplateError as e:
             raise PromptError(f"chat template failed to render: {e}") from e
-
-
-def normalize_messages(messages) -> tuple[list[dict], list[tuple[str, object]]]:
-    """Returns (template-safe messages, media [("image"|"video", source or None)] in order of appearance).
-    A None source means the item carries no media; the caller supplies it via images=/videos=."""
-    if not isinstance(messages, (list, tuple)):
-        raise PromptError(f"conversation must be a list of messages, got {type(messages).__name__}")
-    out: list[dict] = []
-    media: list[tuple[str, object]] = []
-    for mi, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise PromptError(f"message {mi} must be a dict with 'role' and 'content', got {type(msg).__name__}")
-        if "role" not in msg:
-            raise PromptError(f"message {mi} has no 'role'")
-        new = {k: v for k, v in msg.items() if k != "content"}
-        content = msg.get("content", "")
-        if content is None:
-            content = ""
-        if isinstance(content, str):
-            new["content"] = content
-        elif isinstance(content, (list, tuple)):
-            items = []
-            for ci, item in enumerate(content):
-                if isinstance(item, str):
-                    items.append({"type": "text", "text": item})
-                    continue
-                if not isinstance(item, dict):
-                    raise PromptError(f"message {mi} content item {ci} must be a dict, got {type(item).__name__}")
-                kind = item.get("type")
-                if kind == "text":
-                    text = item.get("text", "")
-                    if not isinstance(text, str):
-                        raise PromptError(f"message {mi} content item {ci}: 'text' must be a string")
-                    items.append({"type": "text", "text": text})
-                elif kind == "image" or kind == "image_url":
-                    if kind == "image_url":
-                        iu = item.get("image_url")
-                        src = iu.get("url") if isinstance(iu, dict) else iu
-                    else:
-                        key = next((k for k in _IMAGE_KEYS if item.get(k) is not None), None)
-                        src = None if key is None else item[key]
-                        if key == "base64" and isinstance(src, str) and not src.startswith("data:"):
-                            src = "data:image/png;base64," + src
-                    media.append(("image", src))
-                    items.append({"type": "image", "image": _MEDIA_MARKER})
-                elif kind == "video":
-                    src = next((item[k] for k in _VIDEO_KEYS if item.get(k) is not None), None)
-                    media.append(("video", src))
-                    items.append({"type": "video", "video": _MEDIA_MARKER})
-                else:
-                    raise PromptError(
-                        f"message {mi} content item {ci} has unknown type {kind!r} "
-                        "(expected text, image, image_url or video)"
-                    )
-            new["content"] = items
-        else:
-            raise PromptError(f"message {mi} content must be a string or a list, got {type(content).__name__}")
-        out.append(new)
-    return out, media
 
 
 def load_chat_template(checkpoint_dir) -> str:

@@ -95,10 +95,7 @@ class Tokenizer:
         self.image_token_id = self._require(CONTEXT_IMAGE_TOKEN)
         self.start_image_token_id = self._require(START_IMAGE_TOKEN)
         self.end_image_token_id = self._require(END_IMAGE_TOKEN)
-        self.video_token_id = self.token_to_id(VIDEO_TOKEN)
         self.image_token = CONTEXT_IMAGE_TOKEN
-        self.start_image_token = START_IMAGE_TOKEN
-        self.end_image_token = END_IMAGE_TOKEN
         self.video_token = VIDEO_TOKEN
         self._max_tokens: int | None = None  # limit_text(): texts that cannot fit are refused before encoding
         self._token_bound: tuple | None = None  # token_bound(), once a long text needs it (() when there is none)
@@ -116,10 +113,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def special_token_ids(self) -> frozenset[int]:
-        return frozenset(self._special_ids)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

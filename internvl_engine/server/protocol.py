@@ -1,7 +1,8 @@
 """The OpenAI wire format and the engine's vocabulary, both ways: a request body becomes a conversation (or a raw
 prompt) plus SamplingParams; RequestOutput snapshots become response bodies and SSE chunks; exceptions become
 OpenAI-shaped errors with a status. Only renaming and reshaping happen here: every value is checked by the engine
-(SamplingParams.validate, the processor, the media policy), whose typed errors become 400s."""
+(SamplingParams.validate, the processor, the media policy), whose typed errors become 400s. Messages are read by
+the processor's normalize_messages, the same code LLM.generate runs."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
                       SamplingParamsError, SlowConsumerError)
+from ..processor import normalize_messages
 from ..sampling import SamplingParams
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
@@ -154,7 +156,6 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list | None = None
-    tool_choice: Any = None
     functions: list | None = None
     response_format: dict[str, Any] | None = None
 
@@ -223,50 +224,9 @@ def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
     return sampling_params(req, req.max_tokens, req.logprobs, 16)  # OpenAI's completions default: 16 tokens
 
 
-# OpenAI content parts -> the engine's (processor/template.py normalize_messages): text, image (url), video (url)
-def _part(part: Any, mi: int, ci: int) -> dict:
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    if not isinstance(part, dict):
-        raise PromptError(f"messages[{mi}].content[{ci}] must be an object, got {type(part).__name__}")
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text", "")
-        if not isinstance(text, str):
-            raise PromptError(f"messages[{mi}].content[{ci}].text must be a string, got {type(text).__name__}")
-        return {"type": "text", "text": text}
-    if kind in ("image_url", "video_url"):
-        ref = part.get(kind)
-        url = ref.get("url") if isinstance(ref, dict) else ref
-        if not isinstance(url, str) or not url:
-            raise PromptError(f"messages[{mi}].content[{ci}].{kind}.url must be a non-empty string")
-        return {"type": "image" if kind == "image_url" else "video", "url": url}
-    raise PromptError(f"messages[{mi}].content[{ci}] has type {kind!r}; supported: text, image_url, video_url")
-
-
-def to_conversation(messages: list[dict]) -> list[dict]:
-    """OpenAI messages -> the conversation LLM.generate takes: roles kept ("developer" is the system role), string
-    content kept, content parts as {"type": "text" | "image" | "video", ...}."""
-    conv = []
-    for mi, m in enumerate(messages):
-        role = m.get("role")
-        if role == "developer":
-            role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise PromptError(f"messages[{mi}].role must be system, developer, user or assistant, got {role!r}")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        if isinstance(content, list):
-            content = [_part(p, mi, ci) for ci, p in enumerate(content)]
-        elif not isinstance(content, str):
-            raise PromptError(f"messages[{mi}].content must be a string or a list of parts")
-        conv.append({"role": role, "content": content})
-    return conv
-
-
 def _texts(prompts: list):
-    """(where, text) of every text in conversations ({"role", "content"} lists) or raw prompts ({"prompt": text})."""
+    """(where, text) of every text in normalised conversations (processor.normalize_messages) or raw prompts
+    ({"prompt": text})."""
     for pi, p in enumerate(prompts):
         if isinstance(p, dict):
             yield f"prompt[{pi}]", p["prompt"]
@@ -295,6 +255,12 @@ def check_unicode(prompts: list) -> None:
             except UnicodeEncodeError as e:
                 raise PromptError(f"{where} has a lone surrogate {text[e.start]!r} at character {e.start}: not "
                                   "valid Unicode text") from None
+
+
+def chat_prompts(req: ChatCompletionRequest) -> list[list[dict]]:
+    """The request's one conversation, normalised as LLM.generate normalises it (a malformed message is a
+    PromptError here, before any check or queue)."""
+    return [normalize_messages(req.messages)]
 
 
 def completion_prompts(req: CompletionRequest) -> list[dict]:
@@ -457,7 +423,7 @@ class ResponseBuilder:
         return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None} for i in indices])
 
-    def chunks(self, out, prompt_index: int, streams: list[ChoiceStream]) -> list[str]:
+    def chunks(self, out, streams: list[ChoiceStream]) -> list[str]:
         """SSE chunks for what a snapshot adds over the previous ones: one chunk per sample that changed."""
         result = []
         for c, st in zip(samples(out), streams):
@@ -483,6 +449,6 @@ class ResponseBuilder:
 
 
 __all__ = ["APIError", "error_of", "error_body", "ChatCompletionRequest", "CompletionRequest", "sampling_params",
-           "chat_sampling_params", "completion_sampling_params", "to_conversation", "completion_prompts",
+           "chat_sampling_params", "completion_sampling_params", "chat_prompts", "completion_prompts",
            "ResponseBuilder", "ChoiceStream", "sse", "SSE_DONE", "dumps", "usage", "samples",
            "SamplingParamsError"]
