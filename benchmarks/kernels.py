@@ -15,7 +15,7 @@ import torch
 from internvl_engine import ops
 from internvl_engine.bench.common import backends_to_run, measure_peaks, metadata, time_fn, write_record
 from internvl_engine.layers.rotary import RotaryEmbedding
-from internvl_engine.random_model import PRESETS
+from internvl_engine.config import PRESETS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -39,19 +39,19 @@ VISION_SHAPE = dict(vision=dict(hidden_size=256, num_hidden_layers=4, num_attent
 
 
 def write(path: Path, shape: dict, dtype: torch.dtype) -> Path:
-    """A random-weight -hf checkpoint of `shape` (random_model.write_checkpoint's files, stored in `dtype`)."""
+    """A random-weight -hf checkpoint of `shape` (loader.write_checkpoint's files, stored in `dtype`)."""
     from safetensors.torch import load_file, save_file
 
-    from internvl_engine import random_model
+    from internvl_engine.config import presets
+    from internvl_engine.loader import write_checkpoint
 
     if (path / "config.json").exists():
         return path
     t = shape["text"]
     name = f"measure-{path.name}"
-    random_model.PRESETS[name] = dict(vision=shape["vision"], text=random_model._text(t["hidden"], t["layers"],
-                                                                                        t["heads"], t["kv"],
-                                                                                        t["inter"]))
-    random_model.write_checkpoint(path, name)
+    presets.PRESETS[name] = dict(vision=shape["vision"], text=presets._text(t["hidden"], t["layers"], t["heads"],
+                                                                              t["kv"], t["inter"]))
+    write_checkpoint(path, name)
     weights = path / "model.safetensors"
     save_file({k: v.to(dtype) for k, v in load_file(str(weights)).items()}, str(weights), metadata={"format": "pt"})
     return path

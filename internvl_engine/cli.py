@@ -11,11 +11,10 @@ import shutil
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
 
 from .errors import CheckpointError, InternVLEngineError
-from .settings import EngineConfig, ServerSettings
+from .settings import EngineConfig, ServerSettings, add_settings_flags, settings_from_args
 
 DEMO_PROMPT = "Describe this image in detail."
 DEMO_PRESET = "tiny"
@@ -84,7 +83,7 @@ def ensure_demo_checkpoint(directory: Path) -> tuple[Path, bool]:
             raise CheckpointError(f"{directory}: exists but is not a complete checkpoint (config.json + "
                                   "model.safetensors); remove it or pass another --cache-dir")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    from .random_model import write_checkpoint
+    from .loader import write_checkpoint
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write_checkpoint(tmp, DEMO_PRESET, seed=0)
@@ -99,62 +98,6 @@ def ensure_demo_checkpoint(directory: Path) -> tuple[Path, bool]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory, True
-
-
-# ---------------------------------------------------------------------------------------------------- settings flags
-# EngineConfig and ServerSettings carry their flags in field metadata (engine/config.py `setting`): flag, help,
-# metavar, zero_is_none, comma_list. The dataclass default is the flag's default; the parsed value lands on
-# args.<field name>, and settings_from_args turns the namespace back into the dataclass's keyword arguments.
-def _show(value) -> str:
-    if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
-        return f"{value >> 20} MiB"
-    if isinstance(value, int) and value >= 10_000:
-        return f"{value:,}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _scalar(hint) -> type:
-    """The type a flag's text is parsed as: the first of bool, int, float, str in the field's annotation."""
-    args = typing.get_args(hint) or (hint,)
-    return next((t for t in (bool, int, float, str) if t in args), str)
-
-
-def add_settings_flags(parser, cls, only=None, skip=(), defaults_in_help: bool = True) -> None:
-    """Adds a flag for every field of the settings dataclass `cls` whose metadata names one (`only`: just these
-    fields; `skip`: not these). defaults_in_help=False for a parser whose formatter adds them itself."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if "flag" not in meta or f.name in skip or (only is not None and f.name not in only):
-            continue
-        default = None if f.default is dataclasses.MISSING else f.default
-        text = meta["help"]
-        if defaults_in_help and default is not None and not isinstance(default, bool) and "default" not in text:
-            text += f" (default: {_show(default)})"
-        kind = _scalar(hints[f.name])
-        if kind is bool:  # a switch away from the default
-            if default:
-                text = f"turn off (on by default): {text}"
-            parser.add_argument(meta["flag"], dest=f.name, action="store_false" if default else "store_true",
-                                help=text.replace("%", "%%"))
-        else:
-            parser.add_argument(meta["flag"], dest=f.name, type=kind, default=default, metavar=meta.get("metavar"),
-                                help=text.replace("%", "%%"))
-
-
-def settings_from_args(cls, args) -> dict:
-    """Keyword arguments of `cls` from the flags add_settings_flags added (those the namespace holds)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if "flag" not in f.metadata or not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        if f.metadata.get("zero_is_none") and value == 0:
-            value = None
-        if f.metadata.get("comma_list") and value is not None:
-            value = tuple(part.strip() for part in value.split(",") if part.strip())
-        out[f.name] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -211,12 +154,11 @@ def _version(module: str, attr: str = "__version__"):
 
 
 def extension_info() -> dict:
-    try:
-        ext = importlib.import_module("internvl_engine._C")
-    except ModuleNotFoundError:
-        return {"built": False, "cuda_kernels": False, "archs": []}
-    except ImportError as e:  # present but not loadable (ABI / CUDA mismatch)
-        return {"built": False, "cuda_kernels": False, "archs": [], "error": str(e)}
+    from .ops import load_extension
+
+    ext, why = load_extension()
+    if ext is None:
+        return {"built": False, "cuda_kernels": False, "archs": [], "error": why}
     return {"built": True, "cuda_kernels": bool(getattr(ext, "CUDA_KERNELS", False)),
             "archs": [str(a) for a in (getattr(ext, "CUDA_ARCHS", None) or [])]}
 
@@ -257,14 +199,10 @@ def model_info(model: str, dtype: str) -> dict:
     import torch
 
     from .bench.floors import weight_summary
-    from .config import ModelConfig
-    from .settings import DTYPES, EngineConfigError, resolve_checkpoint
+    from .config import load_model_config
+    from .settings import DTYPES, EngineConfigError
 
-    if model.startswith("random:"):
-        from .random_model import preset_config
-        config = ModelConfig.from_dict(preset_config(model.split(":", 1)[1]), model)
-    else:
-        config = ModelConfig.from_pretrained(resolve_checkpoint(model))
+    config, _ = load_model_config(model)
     if dtype not in DTYPES:
         raise EngineConfigError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     quant = config.quant
@@ -428,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_convert(args) -> int:
-    from .quant.convert import convert_bin_to_safetensors
+    from .loader import convert_bin_to_safetensors
 
     written = convert_bin_to_safetensors(args.src, args.dst)
     print(f"wrote {len(written)} safetensors file(s) to {args.dst}")

@@ -1,16 +1,19 @@
 """EngineConfig: every engine setting with its one default, validated once where it is built; LLM, AsyncLLM,
-LLMEngine and the CLI pass it down instead of repeating keyword defaults. Also the resolution of what the settings
-name (device, dtype, checkpoint directory)."""
+LLMEngine and the CLI pass it down instead of repeating keyword defaults; ServerSettings, what the server adds. The
+command-line flags of both are generated from their fields (add_settings_flags). Also the resolution of what the
+settings name (device, dtype); the checkpoint a model name stands for is config's (config.load_model_config)."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
-from .errors import BackendError, CheckpointError, InternVLEngineError
+from .errors import BackendError, InternVLEngineError
+from .ops import OpTable, resolve
 from .processor.media import MediaPolicy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -30,9 +33,9 @@ def _int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
 
 
 def setting(default, *, help: str, flag: str | None = None, metavar: str | None = None, **more):
-    """A settings field with its command-line face in the field's metadata, read by cli.py (add_settings_flags):
-    `flag` (absent: not a flag), `help`, `metavar`, and `zero_is_none` (the flag's 0 means the field's None). The
-    dataclass default is the flag's default, so a default is written once, here."""
+    """A settings field with its command-line face in the field's metadata, read by add_settings_flags: `flag`
+    (absent: not a flag), `help`, `metavar`, `zero_is_none` (the flag's 0 means the field's None) and `comma_list`
+    (the flag's "a,b" is a tuple). The dataclass default is the flag's default, so a default is written once, here."""
     meta = {"help": help, "flag": flag, "metavar": metavar, **more}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
@@ -124,7 +127,6 @@ class EngineConfig:
     def op_table(self, device: torch.device):
         """The kernel table an engine (and each tensor-parallel worker) builds its model with; an unavailable
         backend fails here, before any weight is read."""
-        from .ops import OpTable, resolve
         binding = resolve(self.backend, device)
         if self.quant_backend is None:
             return OpTable(binding, self.backend)
@@ -158,21 +160,59 @@ def resolve_dtype(dtype, config: ModelConfig, device: torch.device) -> torch.dty
     return DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.bfloat16)
 
 
-def resolve_checkpoint(model: str | os.PathLike) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if isinstance(model, str) and model.count("/") == 1 and not path.exists() and not model.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(f"{model!r} is not a local directory; downloading hub ids needs the `hub` extra "
-                                  "(pip install 'internvl-engine[hub]')") from None
-        try:
-            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-        except Exception as e:  # network or repository errors, surfaced with the id
-            raise CheckpointError(f"cannot download {model!r} from the hub: {e}") from None
-    raise CheckpointError(f"{model}: checkpoint directory not found")
+# ------------------------------------------------------------------------------------------------ flags
+# The parsed value of a field's flag lands on args.<field name>; settings_from_args turns the namespace back into the
+# dataclass's keyword arguments. Used by the CLI (generate, demo, serve) and the benchmark harness.
+def _show(value) -> str:
+    if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"{value >> 20} MiB"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _scalar(hint) -> type:
+    """The type a flag's text is parsed as: the first of bool, int, float, str in the field's annotation."""
+    args = typing.get_args(hint) or (hint,)
+    return next((t for t in (bool, int, float, str) if t in args), str)
+
+
+def add_settings_flags(parser, cls, only=None, skip=(), defaults_in_help: bool = True) -> None:
+    """Adds a flag for every field of the settings dataclass `cls` whose metadata names one (`only`: just these
+    fields; `skip`: not these). defaults_in_help=False for a parser whose formatter adds them itself."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "flag" not in meta or f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = meta["help"]
+        if defaults_in_help and default is not None and not isinstance(default, bool) and "default" not in text:
+            text += f" (default: {_show(default)})"
+        kind = _scalar(hints[f.name])
+        if kind is bool:  # a switch away from the default
+            if default:
+                text = f"turn off (on by default): {text}"
+            parser.add_argument(meta["flag"], dest=f.name, action="store_false" if default else "store_true",
+                                help=text.replace("%", "%%"))
+        else:
+            parser.add_argument(meta["flag"], dest=f.name, type=kind, default=default, metavar=meta.get("metavar"),
+                                help=text.replace("%", "%%"))
+
+
+def settings_from_args(cls, args) -> dict:
+    """Keyword arguments of `cls` from the flags add_settings_flags added (those the namespace holds)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "flag" not in f.metadata or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.metadata.get("zero_is_none") and value == 0:
+            value = None
+        if f.metadata.get("comma_list") and value is not None:
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        out[f.name] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -184,8 +224,8 @@ _STRICT = MediaPolicy.strict()  # what the media flags open up from; their help 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What the server adds to the engine's settings: the serve command's server flags (cli.py reads each field's
-    `flag`, `help` and default, `setting` above)."""
+    """What the server adds to the engine's settings: the serve command's server flags (add_settings_flags reads
+    each field's `flag`, `help` and default, `setting` above)."""
     model_name: str = field(metadata={"flag": "--served-model-name", "metavar": "NAME", "help":
                                       "the model name clients send and /v1/models lists (default: the --model value)"})
     api_key: str | None = setting(

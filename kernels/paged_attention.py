@@ -11,10 +11,10 @@ With one split the program normalises and writes the output directly. With sever
 range [s*TOK_PER_SPLIT, (s+1)*TOK_PER_SPLIT) and stores its unnormalised accumulator acc_s, running max m_s and
 sum l_s (base-2 domain) in an fp32 workspace; _paged_attention_merge_kernel then combines
     M = max_s m_s,   w_s = 2^(m_s - M),   out = sum_s w_s * acc_s / sum_s w_s * l_s.
-TOK_PER_SPLIT is a fixed PAGED_SPLIT_TOKENS = 256 tokens (csrc/ops.h, rounded up to BLOCK_N), so the split count follows the block-table capacity
-only, never the batch or seq_lens (that would need a device->host sync): a sequence gets the same result in any
-batch and any table width (batch invariance). Splits past a sequence's length exit after writing an empty partial
-(l = 0, which the merge weights by exactly 0).
+TOK_PER_SPLIT is split_tokens rounded up to BLOCK_N: PAGED_SPLIT_TOKENS = 256 (csrc/ops.h), which ops/triton_ops.py
+hands over, so the split count follows the block-table capacity only, never the batch or seq_lens (that would need
+a device->host sync): a sequence gets the same result in any batch and any table width (batch invariance). Splits
+past a sequence's length exit after writing an empty partial (l = 0, which the merge weights by exactly 0).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._C import PAGED_SPLIT_TOKENS  # csrc/ops.h, shared with the CUDA kernel
 from ._tuning import INTERPRET, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
 _LOG2E = 1.4426950408889634
@@ -121,7 +120,7 @@ def _paged_attention_merge_kernel(ws_o_ptr, ws_ml_ptr, o_ptr, H, num_splits, str
              mask=dmask)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *, split_tokens: int):
     if q.dim() != 3:
         raise ValueError(f"paged_attention: q must be [B, H, D], got {tuple(q.shape)}")
     B, H, D = q.shape
@@ -157,7 +156,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     # The interpreter pays per step, so it takes bigger token steps.
     block_n = max(128 if INTERPRET else _BLOCK_N, block_size)
     capacity = max_blocks * block_size
-    tok_per_split = triton.cdiv(PAGED_SPLIT_TOKENS, block_n) * block_n
+    tok_per_split = triton.cdiv(split_tokens, block_n) * block_n
     splits = triton.cdiv(capacity, tok_per_split)
     dot_prec = "ieee" if q.dtype == torch.float32 else None
     if splits > 1:

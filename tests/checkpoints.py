@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from internvl_engine.processor.files import write_processor_files
-from internvl_engine.random_model import init_random_  # the spec's non-degenerate init, by parameter name
+from internvl_engine.loader import init_random_  # the spec's non-degenerate init, by parameter name
 
 # Tiny configs in the two vision-tower styles of the spec (section 1.4).
 VARIANTS = {

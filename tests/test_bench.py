@@ -11,7 +11,7 @@ import pytest
 
 from internvl_engine.bench import floors
 from internvl_engine.config import ModelConfig
-from internvl_engine.random_model import preset_config
+from internvl_engine.config import preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = {"matmul_flop_per_s": 798e12, "copy_bytes_per_s": 3.0e12}  # the spec's measured H100 peaks

@@ -11,7 +11,7 @@ from internvl_engine.cli import demo_image_path, main
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from internvl_engine.random_model import write_checkpoint
+    from internvl_engine.loader import write_checkpoint
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
 
 
@@ -39,7 +39,7 @@ def test_info_json(capsys):
 def test_info_model_knows_quantized_bytes(capsys, tmp_path):
     """info --model reads config.json only: a written AWQ checkpoint and its random: preset report the same bytes,
     and AWQ's decode bytes are the dense ones' share the formats predict (linears at 0.5 + 2.5/128 of 2 bytes)."""
-    from internvl_engine.random_model import write_checkpoint
+    from internvl_engine.loader import write_checkpoint
 
     write_checkpoint(tmp_path / "awq", "small-awq")
     reports = []
@@ -293,8 +293,8 @@ def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
 
 
 def test_generate_flags_give_the_engine_settings(tiny_checkpoint):
-    from internvl_engine.cli import build_parser, settings_from_args
-    from internvl_engine.settings import EngineConfig
+    from internvl_engine.cli import build_parser
+    from internvl_engine.settings import EngineConfig, settings_from_args
 
     args = build_parser().parse_args(["generate", "--model", "m", "--seed", "5", "--dtype", "float16", "--backend",
                                       "cpp", "--enforce-eager", "--tensor-parallel-size", "2", "Hi"])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from internvl_engine import (LLM, CheckpointError, ImageError, InternVLEngineError, PromptError, SamplingParams,
                              SamplingParamsError, UnsupportedModelError, VideoError)
-from internvl_engine.random_model import write_checkpoint
+from internvl_engine.loader import write_checkpoint
 
 WEIGHTS = "model.safetensors"
 

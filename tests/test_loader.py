@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from internvl_engine import LLM, SamplingParams
-from internvl_engine.random_model import write_checkpoint
+from internvl_engine.loader import write_checkpoint
 from hf_processor import make_hf_processor
 from reference import hf_inputs, hf_logits
 

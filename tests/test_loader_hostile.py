@@ -17,7 +17,8 @@ from internvl_engine import LLM, CheckpointError, InternVLEngineError, Unsupport
 from internvl_engine.config import ModelConfig
 from internvl_engine.loader import checkpoint_files, load_model
 from internvl_engine.ops import OpTable
-from internvl_engine.random_model import preset_config, write_checkpoint
+from internvl_engine.config import preset_config
+from internvl_engine.loader import write_checkpoint
 
 WEIGHTS = "model.safetensors"
 CPU = torch.device("cpu")

@@ -22,7 +22,7 @@ from internvl_engine.config import ModelConfig
 from internvl_engine.errors import CheckpointError, UnsupportedModelError
 from internvl_engine.processor import Processor
 from internvl_engine.processor.files import read_processor_settings, write_processor_files
-from internvl_engine.random_model import preset_config
+from internvl_engine.config import preset_config
 
 IMAGE = "<IMG_CONTEXT>"
 

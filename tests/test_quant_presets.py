@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.errors import UnsupportedModelError
-from internvl_engine.random_model import preset_config, preset_names, write_checkpoint
+from internvl_engine.config import preset_config, preset_names
+from internvl_engine.loader import write_checkpoint
 from test_quant import CONV, _compare, _is_decoder_linear, _twin_model, quantize_awq
 
 PROMPT_PARAMS = SamplingParams(max_tokens=4, return_logits=True, ignore_eos=True, max_num_tiles=2)

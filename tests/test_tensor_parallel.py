@@ -254,7 +254,7 @@ def test_sizes_that_cannot_shard_raise_before_anything_starts(hf_checkpoint):
 def _full_model_and_reads(path, monkeypatch):
     """(torch ops, cpu, the checkpoint's config, the N=1 model's parameters, the list of (key, index) that every
     checkpoint read from here on appends to)."""
-    from internvl_engine import loader
+    from internvl_engine.loader import checkpoint as loader  # _read, patched below, lives there
     from internvl_engine.ops import OpTable
 
     ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
@@ -529,7 +529,7 @@ def test_quantized_sizes_that_cannot_split_are_typed_errors():
     the error names the layer, its size, the size per rank and the tensor_parallel_size values that fit."""
     from internvl_engine.errors import UnsupportedModelError
     from internvl_engine.quant import AWQLinear, QuantConfig, check_tensor_parallel, tensor_parallel_sizes
-    from internvl_engine.random_model import preset_config
+    from internvl_engine.config import preset_config
 
     awq, fp8 = QuantConfig("awq"), QuantConfig("fp8", 8, 0)
     text = {name: ModelConfig.from_dict(preset_config(name)).text

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli import add_settings_flags, settings_from_args
 from ..constants import TILE_SIZE
-from ..settings import EngineConfig
+from ..llm import LLM
 from ..progress import bar, set_enabled
+from ..sampling import SamplingParams
+from ..settings import EngineConfig, add_settings_flags, settings_from_args
 from . import common
 from .floors import floors as compute_floors, weight_summary
 
@@ -247,8 +248,6 @@ def plot(record: dict, path: str) -> bool:
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None, prog: str | None = None) -> dict:
     args = build_parser(prog).parse_args(argv)
-    from .. import LLM, SamplingParams
-
     set_enabled(False if args.quiet else None)  # None: INTERNVL_ENGINE_PROGRESS decides (default on)
 
     batch_sizes = _batch_sizes(args.batch)

@@ -103,11 +103,11 @@ def lm_linear_bytes(cfg: ModelConfig, dtype_bytes: int) -> float:
         return lm_linear_params(cfg) * dtype_bytes
     if quant.method == "awq":
         return lm_linear_params(cfg) * (0.5 + 2.5 / quant.group_size)
-    from ..quant import _checkpoint_names
     total = 0
     for layer in range(cfg.text.num_hidden_layers):
         for name, (i, o) in _linear_shapes(cfg).items():
-            total += i * o * dtype_bytes if quant.ignored(_checkpoint_names(layer, name)) else i * o + 2 * o
+            dense = quant.keeps_dense(f"language_model.layers.{layer}.{name}")
+            total += i * o * dtype_bytes if dense else i * o + 2 * o
     return total
 
 

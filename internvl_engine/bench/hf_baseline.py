@@ -17,25 +17,23 @@ from pathlib import Path
 
 import torch
 
+from ..config import RANDOM_PREFIX, preset_config
 from ..constants import IMAGE_SEQ_LENGTH
+from ..loader import export_hf_state_dict
+from ..quant.writer import dense_twin
 from .common import sync
 
 
 def raw_config(model: str) -> dict:
     """config.json contents of `--model` (a random preset or a checkpoint directory)."""
-    if model.startswith("random:"):
-        from ..random_model import preset_config
-        return preset_config(model.split(":", 1)[1])
+    if model.startswith(RANDOM_PREFIX):
+        return preset_config(model[len(RANDOM_PREFIX):])
     return json.loads((Path(model) / "config.json").read_text())
 
 
 def hf_model_like(llm, raw: dict):
     """transformers' InternVLForConditionalGeneration holding exactly `llm`'s weights (same device and dtype)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    from ..loader import export_hf_state_dict
-
-    from ..quant.writer import dense_twin
 
     # a quantized model's baseline is transformers on its dense twin (the dequantized weights): transformers'
     # InternVL has no AWQ / compressed-tensors path of its own that runs these files faithfully

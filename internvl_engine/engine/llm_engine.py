@@ -19,7 +19,7 @@ from dataclasses import fields
 
 import torch
 
-from ..config import ModelConfig
+from ..config import load_model_config
 from ..errors import CheckpointError, EngineDeadError, InternVLEngineError, PromptError, RequestFailedError
 from ..worker.executor import ParallelRunner, launch
 from ..loader import load_model
@@ -27,12 +27,13 @@ from ..models.internvl import InternVLForConditionalGeneration
 from ..ops import OpTable
 from ..outputs import RequestMetrics, RequestOutput
 from ..processor import Processor
+from ..processor.tokenizer import build_internvl3_tokenizer_json
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import SamplingParams, seed_for
 from .block_manager import BlockManager, MediaSpan, media_key
 from .faults import FaultInjector, InjectedFatalFault
 from .output_processor import OutputProcessor
-from ..settings import EngineConfig, EngineConfigError, resolve_checkpoint, resolve_device, resolve_dtype
+from ..settings import EngineConfig, EngineConfigError, resolve_device, resolve_dtype
 from ..worker.runner import ModelRunner
 from ..worker.step_output import StepOutput
 from .scheduler import Scheduler, SchedulerOutput
@@ -125,13 +126,10 @@ class LLMEngine:
     @staticmethod
     def _load_config(cfg: EngineConfig):
         """(model config, processor, checkpoint dir or None for random:<preset>)."""
-        if cfg.is_random:
-            from ..processor.tokenizer import build_internvl3_tokenizer_json
-            from ..random_model import preset_config
-            config = ModelConfig.from_dict(preset_config(cfg.model.split(":", 1)[1]), cfg.model)
+        config, checkpoint = load_model_config(cfg.model)
+        if checkpoint is None:  # a random preset: the InternVL3 tokenizer, built without files
             return config, Processor.from_parts(build_internvl3_tokenizer_json(), None, model_config=config), None
-        checkpoint = resolve_checkpoint(cfg.model)
-        config = ModelConfig.from_pretrained(checkpoint)  # the processor follows the model and must agree with it
+        # the processor follows the model and must agree with it
         return config, Processor.from_pretrained(checkpoint, model_config=config), checkpoint
 
     def _load_model(self, checkpoint, ops: OpTable, seed: int) -> InternVLForConditionalGeneration:

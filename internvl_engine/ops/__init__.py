@@ -24,6 +24,7 @@ import torch
 from ..errors import BackendError
 from . import checks
 from .checks import fail
+from .ext_ops import load_extension, paged_split_tokens
 from .ref import (awq_gemm_ref, flash_attention_ref, fp8_gemm_ref, layer_norm_ref, paged_attention_ref,
                   pixel_shuffle_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
 
@@ -189,4 +190,5 @@ def use_backend(name: str, device="cpu"):
 
 __all__ = (list(OPS) + [f"{op}_ref" for op in OPS]
            + ["OpTable", "use", "use_backend", "current_table", "current_backend", "current_binding",
-              "available_backends", "unavailable_reason", "resolve", "BACKENDS"])
+              "available_backends", "unavailable_reason", "resolve", "BACKENDS", "load_extension",
+              "paged_split_tokens"])

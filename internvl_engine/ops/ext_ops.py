@@ -4,17 +4,21 @@ on torch's current stream so that CUDA graphs capture them). Arguments were vali
 what is checked here is only what differs between the two targets."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 
+from ..errors import BackendError
 from .checks import fail
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+@functools.cache
 def load_extension():
-    """(module, None) or (None, why it is unavailable)."""
+    """(module, None) or (None, why it is unavailable): the one place the package imports its C++ extension (the
+    kernel backends here, the processor's image resize, `internvl-engine info`)."""
     try:
         return importlib.import_module("internvl_engine._C"), None
     except ImportError as e:
@@ -128,7 +132,16 @@ def num_kv_splits(capacity: int) -> int:
     """Split-KV decode: one split per PAGED_SPLIT_TOKENS (csrc/ops.h) of block-table capacity. The
     partition depends on neither the batch nor seq_lens (that would need a sync), so a sequence's output is the
     same in any batch; splits past a sequence's length exit at once."""
-    return max(1, -(-capacity // importlib.import_module("internvl_engine._C").PAGED_SPLIT_TOKENS))
+    return max(1, -(-capacity // paged_split_tokens()))
+
+
+def paged_split_tokens() -> int:
+    """Tokens of block-table capacity per split of split-KV decode: PAGED_SPLIT_TOKENS of csrc/ops.h, which the
+    extension exports; the CUDA kernel and the Triton one (handed it by triton_ops) split alike."""
+    ext, why = load_extension()
+    if ext is None:
+        raise BackendError(why)
+    return ext.PAGED_SPLIT_TOKENS
 
 
 def _check_cu_seqlens(cu, total, name):

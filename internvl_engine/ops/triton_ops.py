@@ -3,10 +3,13 @@ tensors under the Triton interpreter (TRITON_INTERPRET=1, set before the first i
 check it."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
+
+from .ext_ops import paged_split_tokens
 
 
 def unavailable() -> str | None:
@@ -26,4 +29,7 @@ def __getattr__(name):
               "paged_attention": "paged_attention", "awq_gemm": "awq_gemm", "fp8_gemm": "fp8_gemm"}.get(name)
     if family is None:
         raise AttributeError(name)
-    return getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)
+    kernel = getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)
+    if name == "paged_attention":  # the kernels import nothing of the package: the split size comes from here
+        return functools.partial(kernel, split_tokens=paged_split_tokens())
+    return kernel

@@ -26,6 +26,7 @@ import torch
 
 from ..constants import MAX_TILES, MIN_TILES, TILE_SIZE
 from ..errors import ImageError, MediaTooLargeError, PromptError
+from ..ops import load_extension
 from .media import MediaPolicy, fetch_url
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -327,11 +328,7 @@ def _native_module():
     """(`_C.images`, Pillow's pass order) once a probe resize matched the installed Pillow byte for byte, else
     (None, None). Pillow 13 runs the vertical pass first when the height shrinks by more than twice what the width
     does, older Pillow never; on the probe the two orders give different bytes, so the probe tells them apart."""
-    try:
-        from .. import _C
-    except ImportError:
-        return None, None
-    ext = getattr(_C, "images", None)
+    ext = getattr(load_extension()[0], "images", None)
     if ext is None:
         return None, None
     rng = np.random.default_rng(0)

@@ -27,7 +27,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import load_model_config
+from ..loader import load_model
 from ..parallel import TensorParallel
+from .runner import ModelRunner
 
 STORE_TIMEOUT = timedelta(seconds=float(os.environ.get("INTERNVL_TP_STORE_TIMEOUT_S", "600")))
 
@@ -103,21 +106,11 @@ def recv_tensors(tp: TensorParallel, metas, device) -> list[torch.Tensor]:
 
 def build(spec: WorkerSpec, tp: TensorParallel):
     """(model shard, runner) of this rank, as the driver builds its own."""
-    from ..config import ModelConfig
-    from ..settings import resolve_checkpoint
-    from .runner import ModelRunner
-    from ..loader import load_model
-
     cfg, device = spec.config, torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ops = cfg.op_table(device)
-    if cfg.is_random:
-        from ..random_model import preset_config
-        config, checkpoint = ModelConfig.from_dict(preset_config(cfg.model.split(":", 1)[1]), cfg.model), None
-    else:
-        checkpoint = resolve_checkpoint(cfg.model)
-        config = ModelConfig.from_pretrained(checkpoint)
+    config, checkpoint = load_model_config(cfg.model)
     model = load_model(config, checkpoint, ops, device, spec.dtype, cfg.seed, tp)
     return ModelRunner(model, device, spec.dtype, cfg.block_size)
 

@@ -7,15 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..errors import CheckpointError
+from .files import BinFile, bin_files
 
 
 def convert_bin_to_safetensors(src: str | Path, dst: str | Path, log=print) -> list[Path]:
     """Writes DST (which must not hold weights yet); returns the safetensors files written, one per `.bin` shard."""
-    from safetensors.torch import save_file
-
-    from ..loader import _bin_files, _BinFile
-
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a checkpoint directory")
@@ -23,7 +22,7 @@ def convert_bin_to_safetensors(src: str | Path, dst: str | Path, log=print) -> l
         raise CheckpointError("convert: SRC and DST must be different directories")
     if list(src.glob("*.safetensors")):
         raise CheckpointError(f"{src}: already holds safetensors weights; nothing to convert")
-    files = _bin_files(src)
+    files = bin_files(src)
     if dst.exists() and (list(dst.glob("*.safetensors")) or list(dst.glob("*.bin"))):
         raise CheckpointError(f"{dst}: already holds weights; choose an empty directory")
     dst.mkdir(parents=True, exist_ok=True)
@@ -31,7 +30,7 @@ def convert_bin_to_safetensors(src: str | Path, dst: str | Path, log=print) -> l
     weight_map, written = {}, []
     for i, file in enumerate(files):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        with _BinFile(file) as f:
+        with BinFile(file) as f:
             # clone: tied or sliced tensors share storage in a pickle, which safetensors refuses
             tensors = {k: f.get_tensor(k).detach().clone().contiguous() for k in f.keys()}
         save_file(tensors, str(dst / name), metadata={"format": "pt"})

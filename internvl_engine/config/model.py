@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import IMAGE_TOKEN_ID, TILE_SIZE
-from .errors import CheckpointError, UnsupportedModelError
+from ..constants import IMAGE_TOKEN_ID, TILE_SIZE
+from ..errors import CheckpointError, UnsupportedModelError
+from .quant import QuantConfig, parse_quant_config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 
@@ -76,8 +77,8 @@ class ModelConfig:
     # say, and the processor files or the defaults decide.
     min_tiles: int | None = None
     max_tiles: int | None = None
-    # quantization_config (top level, llm_config or text_config): quant.QuantConfig, None for a dense checkpoint
-    quant: object = None
+    # quantization_config (top level, llm_config or text_config); None for a dense checkpoint
+    quant: QuantConfig | None = None
 
     @property
     def image_seq_length(self) -> int:
@@ -412,8 +413,6 @@ def _original_tiling(f: _Fields) -> tuple[int | None, int | None]:
 
 def _quant_config(f: _Fields):
     """The quantization block, wherever the producer put it (LMDeploy: llm_config; transformers: top level)."""
-    from .quant import parse_quant_config
-
     blocks = [f.get("quantization_config"), f.sub("llm_config").get("quantization_config"),
               f.sub("text_config").get("quantization_config")]
     blocks = [b for b in blocks if b]

@@ -1,26 +1,18 @@
-"""Seeded random-weight InternVL3 models with real shapes (`random:<preset>`), for benchmarks, the demo and tests.
-
-Initialisation follows the spec's advice (section 10) so that logits do not tie: linears N(0, 1/fan_in), norm
-weights near 1, layer scale near 0.5, non-zero biases, CLS and positions, embeddings N(0, 0.01). A tensor-parallel
-rank draws each sharded parameter whole, in the same order, and keeps its slice: every N gives the same model.
+"""The config.json of each `random:<preset>` model: InternVL3's real shapes, for benchmarks, the demo and tests
+(the loader draws their seeded weights: loader/random_init.py).
 
 The internvl3-14b/38b/78b presets (spec 1.4: InternViT-300M + Qwen2.5-14B, InternViT-6B + Qwen2.5-32B and
 Qwen2.5-72B) are for floors and benchmarks, sharded with tensor_parallel_size; far too big to build in tests.
 
 Every preset has quantized variants, `<preset>-awq` (W4A16, the block OpenGVLab's AWQ builds carry) and `<preset>-fp8`
-(compressed-tensors FP8 W8A8): the decoder linears are drawn exactly as the dense preset draws them (same seed,
-same order) and quantized on the spot (quant/writer.py), so `random:X-awq` is the AWQ quantization of `random:X`.
+(compressed-tensors FP8 W8A8): the same config.json plus its quantization_config block.
 AWQ needs every quantized input size to be a multiple of 128: `small` is the least preset that has that."""
 from __future__ import annotations
 
 import copy
-import json
-import math
-from pathlib import Path
 
-import torch
-
-from .constants import DOWNSAMPLE_RATIO, IMAGE_SEQ_LENGTH, IMAGE_TOKEN_ID, PATCH_SIZE, TILE_SIZE
+from ..constants import DOWNSAMPLE_RATIO, IMAGE_SEQ_LENGTH, IMAGE_TOKEN_ID, PATCH_SIZE, TILE_SIZE
+from ..errors import UnsupportedModelError
 
 _VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                     attention_bias=True, use_qk_norm=False, norm_type="layer_norm")
@@ -78,7 +70,6 @@ def preset_names() -> list[str]:
 
 def preset_config(name: str) -> dict:
     """config.json contents (the transformers `-hf` form) of a preset."""
-    from .errors import UnsupportedModelError
     base, quant = split_preset(name)
     if base not in PRESETS:
         raise UnsupportedModelError(f"unknown random preset {name!r}; choose one of {sorted(PRESETS)}, each also "
@@ -92,88 +83,3 @@ def preset_config(name: str) -> dict:
                 projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
                 tie_word_embeddings=p["text"]["tie_word_embeddings"], dtype="bfloat16",
                 **({"quantization_config": copy.deepcopy(QUANT_BLOCKS[quant])} if quant else {}))
-
-
-@torch.no_grad()
-def init_random_(model: torch.nn.Module, seed: int = 0) -> None:
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(shape):
-        return torch.randn(shape, generator=gen, device=device)
-
-    for name, p in model.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        method = _quant_method(module)
-        if method is not None and leaf != "bias":
-            if leaf == QUANT_FIRST_LEAF[method]:  # where the dense layer draws its weight
-                _init_quantized_(module, method, randn)
-            continue
-        shape = module.full_shape(leaf) if hasattr(module, "full_shape") else tuple(p.shape)  # sharded: the whole
-        if "norm" in name and leaf == "weight":
-            values = 1.0 + 0.1 * randn(shape)
-        elif leaf in ("lambda_1", "lambda_2"):
-            values = 0.5 + 0.1 * randn(shape)
-        elif leaf == "bias" or leaf in ("cls_token", "position_embeddings"):
-            values = 0.02 * randn(shape)
-        elif "embed_tokens" in name:
-            values = 0.01 * randn(shape)
-        else:  # linear and conv weights
-            fan_in = math.prod(shape[1:])
-            values = randn(shape) * fan_in ** -0.5
-        if hasattr(module, "from_full"):
-            values = module.from_full(leaf, values)
-        p.copy_(values.to(p.dtype))
-
-
-# the dtypes the producers store these leaves in (AWQ scales: fp16; FP8 weight_scale: the model dtype, bf16)
-FILE_DTYPES = {"scales": torch.float16, "weight_scale": torch.bfloat16}
-QUANT_FIRST_LEAF = {"awq": "qweight", "fp8": "weight"}
-
-
-def _quant_method(module) -> str | None:
-    """The format of a quantized layer's linear method (quant/awq.py, quant/fp8.py); None for a dense one."""
-    method = getattr(module, "quant_method", None)
-    return None if method is None else method.name
-
-
-def _init_quantized_(module, method: str, randn) -> None:
-    """Draw the dense weight [out, in] whole, as the dense layer would, quantize it, keep this rank's part."""
-    from .quant.writer import quantize_dense
-
-    first = QUANT_FIRST_LEAF[method]
-    full = module.full_shape(first) if hasattr(module, "full_shape") else tuple(getattr(module, first).shape)
-    out, inp = (full[1] * 8, full[0]) if method == "awq" else full
-    for leaf, values in quantize_dense(method, randn((out, inp)) * inp ** -0.5).items():
-        if hasattr(module, "from_full"):
-            values = module.from_full(leaf, values)
-        param = getattr(module, leaf)
-        param.copy_(values.to(param.dtype))
-
-
-def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a complete `-hf` checkpoint directory (config, safetensors, tokenizer, chat template, processor configs)."""
-    from safetensors.torch import save_file
-
-    from .config import ModelConfig
-    from .models.internvl import InternVLForConditionalGeneration
-    from .loader import export_hf_state_dict
-    from .processor.files import write_processor_files
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    raw = preset_config(preset)
-    config = ModelConfig.from_dict(raw)
-    model = InternVLForConditionalGeneration(config)
-    if config.quant is not None:
-        from .quant import quantize_model
-        quantize_model(model, config.quant, torch.float32, torch.device("cpu"))
-    init_random_(model, seed)
-    state = {k: v.to(FILE_DTYPES.get(k.rpartition(".")[2], v.dtype)) for k, v in export_hf_state_dict(model).items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    raw["dtype"] = "float32"
-    (path / "config.json").write_text(json.dumps(raw, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151645}))
-    write_processor_files(path)
-    return path
