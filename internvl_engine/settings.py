@@ -133,10 +133,6 @@ class EngineConfig:
         quant = resolve(self.quant_backend, device)
         return OpTable(binding | {op: quant[op] for op in ("awq_gemm", "fp8_gemm")})
 
-    @property
-    def is_random(self) -> bool:
-        return isinstance(self.model, str) and self.model.startswith("random:")
-
 
 def resolve_device(device) -> torch.device:
     if device is None:
