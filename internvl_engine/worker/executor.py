@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from ..errors import BackendError, EngineDeadError
 from ..parallel import TensorParallel, check_shardable
+from ..settings import EngineConfigError
 from ..quant import check_tensor_parallel
 from .loop import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
     worker_main
@@ -78,7 +79,6 @@ def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor |
     if env is not None:
         rank, world, local = env
         if world != n:
-            from ..settings import EngineConfigError
             raise EngineConfigError(f"tensor_parallel_size {n} but torchrun started WORLD_SIZE={world} processes")
         if rank != 0:
             run_worker(WorkerSpec(cfg, rank, n, str(rank_device(device, rank, local)), dtype, None, "internvl-tp",
