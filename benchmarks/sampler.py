@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from internvl_engine import SamplingParams  # noqa: E402
+from internvl_engine.engine.step_builder import sampling_input  # noqa: E402
 from internvl_engine.sampling import Sampler  # noqa: E402
 
 VOCAB = 151_674
@@ -37,7 +38,8 @@ STOP_IDS = {151_645, 151_643}  # <|im_end|>, <|endoftext|>
 
 
 def sampler_at(rev: str):
-    """`Sampler` of internvl_engine/sampling.py at git revision `rev`, loaded as internvl_engine.sampling_<rev>."""
+    """`Sampler` of internvl_engine/sampling.py at git revision `rev`, loaded as internvl_engine.sampling_<rev>: a
+    per-row sampler called as sampler(logits, sequences, stop ids)."""
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:internvl_engine/sampling.py"], check=True,
                          capture_output=True, text=True).stdout
     name = f"internvl_engine.sampling_{rev}"
@@ -46,6 +48,13 @@ def sampler_at(rev: str):
     sys.modules[name] = module  # dataclasses look their module up here
     exec(compile(src, f"{rev}:internvl_engine/sampling.py", "exec"), module.__dict__)
     return module.Sampler()
+
+
+def batched():
+    """This checkout's sampler, called as the per-row one was: building its rows (engine/step_builder.py, the
+    penalties' token pairs included) is part of each timed call."""
+    sampler = Sampler()
+    return lambda logits, seqs, stop_ids: sampler(logits, sampling_input(seqs, stop_ids))
 
 
 def mix(batch: int) -> list[SamplingParams]:
@@ -105,7 +114,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    before, after = sampler_at(args.before), Sampler()
+    before, after = sampler_at(args.before), batched()
     params = mix(args.batch)
     g = torch.Generator().manual_seed(1)
     # peaked: logits ~ N(0, 1) * 8 put ~all the mass on a few tokens; flat: N(0, 1) * 1 spreads it over thousands
@@ -133,11 +142,12 @@ def main() -> None:
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "internvl_engine/sampling.py"],
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "internvl_engine/sampling.py",
+                            "internvl_engine/engine/step_builder.py"],
                            capture_output=True, text=True).stdout.strip()
     device = f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"sampler alone, batch {args.batch}, vocabulary {VOCAB}, {device}; before {args.before}, after {commit}"
-          + (" (sampling.py modified)" if dirty else ""))
+          + (" (sampler modified)" if dirty else ""))
     print(f"command: python {' '.join(sys.argv)}")
     for name, r in results.items():
         before_ms, after_ms = r["before"]["median_step_ms"], r["after"]["median_step_ms"]
