@@ -1,6 +1,6 @@
 """Host cost of one engine step with the model stubbed out: what the engine itself spends per decode step
-(scheduling, block manager, step-input building, host-to-device copies, sampling a tiny vocabulary, detokenising,
-outputs), i.e. the overhead a GPU cannot hide, in CPU seconds of the measuring process. The model's forward returns zeros and its lm_head a [rows, 1024]
+(scheduling, block manager, step-input and sampling-row building, host-to-device copies, the runner sampling a tiny
+vocabulary and its copy back, detokenising, outputs), i.e. the overhead a GPU cannot hide, in CPU seconds of the measuring process. The model's forward returns zeros and its lm_head a [rows, 1024]
 zero matrix, so the measurement holds no matmul and no vocabulary-sized sampling.
 
     python benchmarks/step_overhead.py --batch 1,64 --steps 200 --json out.json
@@ -39,8 +39,9 @@ def measure(batch: int, steps: int, prompt_words: int = 0, output_kind: str | No
     engine = LLMEngine("random:tiny", device="cpu", kv_cache_tokens=batch * (steps + prompt_words + 64) * 2,
                        max_num_seqs=batch, max_num_batched_tokens=max(8192, prompt_words + 64))
     hidden_size = engine.config.text.hidden_size
-    engine.model.forward = lambda ids, *rest, **kw: torch.zeros(ids.shape[0], hidden_size)
-    engine.model.compute_logits = lambda h: torch.zeros(h.shape[0], STUB_VOCAB)
+    model = engine.runner.model  # the runner's forward and lm_head are stubbed; its sampling and copies are not
+    model.forward = lambda ids, *rest, **kw: torch.zeros(ids.shape[0], hidden_size)
+    model.compute_logits = lambda h: torch.zeros(h.shape[0], STUB_VOCAB)
     # output_kind (SamplingParams, newer revisions only): None keeps the default, so older revisions run unchanged
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True,
                             **({"output_kind": output_kind} if output_kind else {}))
