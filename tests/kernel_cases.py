@@ -58,7 +58,3 @@ def packed_qkv(tokens, heads, kv_heads, head_dim, dtype, device, seed=0):
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(device)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     return (q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim))
-
-
-def fp32(*tensors):
-    return [t.float() for t in tensors]

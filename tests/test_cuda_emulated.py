@@ -15,7 +15,7 @@ from internvl_engine import ops
 from internvl_engine.layers.rotary import RotaryEmbedding
 from internvl_engine.ops import checks
 from internvl_engine.ops.ext_ops import ExtensionOps
-from kernel_cases import assert_attention_close, assert_close, fp32, packed_qkv
+from kernel_cases import assert_attention_close, assert_close, attention_refs, packed_qkv
 from test_flash_attention import HEADS, SEQS
 from test_norm import _inputs as norm_inputs
 from test_paged_attention import _cache
@@ -154,12 +154,10 @@ def _flash(impl, dtype, lq, lk, heads, kv_heads, head_dim, causal):
     cu_q = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     args = (cu_q, cu_k, max(lq), max(lk), causal, head_dim ** -0.5)
-    ref32 = ops.flash_attention_ref(*fp32(q, k, v), *args)
-    with ops.use_backend("torch"):
-        torch_lowp = ops.flash_attention(q, k, v, *args)
+    ref, lowp = attention_refs(ops.flash_attention_ref, q, k, v, *args)
     out = run(impl, "flash_attention", q, k, v, *args)
     assert out.shape == q.shape and out.is_contiguous()
-    assert_attention_close(out, ref32, torch_lowp, dtype)
+    assert_attention_close(out, ref, lowp, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,12 +219,10 @@ def _paged(impl, dtype, heads, kv_heads, head_dim, block_size, lens):
     k_cache, v_cache, tables, seq_lens = _cache(lens, block_size, kv_heads, head_dim, dtype, "cpu", seed=len(lens))
     q, _, _ = packed_qkv(len(lens), heads, kv_heads, head_dim, dtype, "cpu", seed=5)  # a token-strided view
     scale = head_dim ** -0.5
-    ref32 = ops.paged_attention_ref(*fp32(q, k_cache, v_cache), tables, seq_lens, scale)
-    with ops.use_backend("torch"):
-        torch_lowp = ops.paged_attention(q, k_cache, v_cache, tables, seq_lens, scale)
+    ref, lowp = attention_refs(ops.paged_attention_ref, q, k_cache, v_cache, tables, seq_lens, scale)
     out = run(impl, "paged_attention", q, k_cache, v_cache, tables, seq_lens, scale)
     assert out.shape == q.shape
-    assert_attention_close(out, ref32, torch_lowp, dtype)
+    assert_attention_close(out, ref, lowp, dtype)
 
 
 def test_paged_attention_is_batch_invariant(emu_lib):
