@@ -16,7 +16,8 @@ import checkpoints
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.config import ModelConfig
 from internvl_engine.errors import CheckpointError, UnsupportedModelError
-from internvl_engine.quant import awq_dequantize, awq_pack, awq_unpack, fp8_matmul_ref
+from internvl_engine.ops.ref import fp8_gemm_ref
+from internvl_engine.quant.awq import awq_dequantize, awq_pack, awq_unpack
 from hf_processor import make_hf_processor
 from reference import hf_greedy, hf_inputs, hf_logits
 from test_loader import _copy_side_files, to_original
@@ -95,9 +96,32 @@ def dense(tmp_path_factory):
     return path
 
 
+# The triton backend runs on the CPU through Triton's interpreter, a Python loop over every program and block: its
+# AWQ case took 100-200 s on 2 cores at 448-pixel tiles. It runs on a checkpoint with 224-pixel tiles instead (64
+# image tokens a tile against 256): the same kernels on the same paths (the prefill still runs the tiled AWQ GEMM,
+# past GEMV_MAX_M rows, and every decode step the GEMV; checked in the test) on a quarter of the tokens.
+TRITON_IMAGE_SIZE = 224
+
+
+@pytest.fixture(scope="module")
+def dense_224(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant-dense-224")
+    checkpoints.build_hf_checkpoint(path, "quant", seed=1, image_size=TRITON_IMAGE_SIZE)
+    return path
+
+
 @pytest.fixture(scope="module")
 def awq(dense, tmp_path_factory):
     """(AWQ tensors in the -hf key layout, the twin model, the twin's path)."""
+    return _awq_and_twin(dense, tmp_path_factory.mktemp("awq"))
+
+
+@pytest.fixture(scope="module")
+def awq_224(dense_224, tmp_path_factory):
+    return _awq_and_twin(dense_224, tmp_path_factory.mktemp("awq-224"))
+
+
+def _awq_and_twin(dense, tmp_path):
     files = _dense_files(dense)
     quant, twin = {}, {}
     for key, t in files.items():
@@ -109,7 +133,7 @@ def awq(dense, tmp_path_factory):
         else:
             quant[key] = t
             twin[key] = t.float()
-    model, twin_path = _twin_model(twin, dense, tmp_path_factory.mktemp("awq"))
+    model, twin_path = _twin_model(twin, dense, tmp_path)
     return quant, model, twin_path
 
 
@@ -147,12 +171,12 @@ def test_awq_dequantize_matches_the_writer():
     assert (twin - w.float()).abs().max() < 0.5
 
 
-def test_fp8_matmul_ref_emulates_per_token_quantization():
+def test_fp8_gemm_ref_emulates_per_token_quantization():
     x, w = torch.randn(5, 64), torch.randn(32, 64)
     q, scale, twin = quantize_fp8(w)
     sx = x.abs().amax(-1, keepdim=True) / 448
     xq = (x / sx).to(torch.float8_e4m3fn).float() * sx
-    assert torch.allclose(fp8_matmul_ref(x, q, scale), xq @ twin.t(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fp8_gemm_ref(x, q, scale), xq @ twin.t(), atol=1e-5, rtol=1e-5)
 
 
 def _original_config(block_at, block):
@@ -225,8 +249,12 @@ def _awq_safetensors(dense, quant, path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_awq_safetensors_hf_layout_matches_dense_twin(dense, awq, tmp_path, backend):
-    quant, hf_model, twin_path = awq
+def test_awq_safetensors_hf_layout_matches_dense_twin(request, tmp_path, backend):
+    suffix = "_224" if backend == "triton" else ""  # see TRITON_IMAGE_SIZE
+    dense, (quant, hf_model, twin_path) = (request.getfixturevalue(f"{name}{suffix}") for name in ("dense", "awq"))
+    if backend == "triton":  # the prefill's rows take the tiled GEMM (decode steps: the GEMV)
+        from internvl_engine.kernels.awq_gemm import GEMV_MAX_M
+        assert hf_inputs(make_hf_processor(twin_path), CONV, 2)["input_ids"].shape[1] > GEMV_MAX_M
     path = _awq_safetensors(dense, quant, tmp_path / "awq-st")
     llm = _compare(path, hf_model, twin_path, atol=1e-3, backend=backend)
     assert llm.model.language_model.layers[0].mlp.gate_up_proj.ops.binding["awq_gemm"] == backend

@@ -87,8 +87,9 @@ def test_each_rank_holds_its_heads(engines):
     attn = two.model.language_model.layers[0].self_attn
     assert attn.num_heads == t.num_attention_heads // 2
     assert two.model.lm_head.weight.shape[0] == -(-t.vocab_size // 2)
-    assert type(one.model.lm_head) is torch.nn.Linear  # N=1: plain layers
-    assert type(one.model.language_model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert type(one.model.lm_head) is torch.nn.Linear  # N=1: plain layers, whole
+    o_proj = one.model.language_model.layers[0].self_attn.o_proj
+    assert o_proj.tp.size == 1 and not o_proj.row_sharded and o_proj.weight.shape == (t.hidden_size, t.hidden_size)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_batching_preemption_and_chunked_prefill_match_one_rank(sched):
     for i, conv in enumerate(convs):
         two.add_request(f"b{i}", conv, _params(n))
     final = _drain(two)
-    assert two.num_preemptions > 0
+    assert two.stats().num_preemptions > 0
     assert [final[f"b{i}"].token_ids for i in range(8)] == [reference(c, n, f"r{i}") for i, c in enumerate(convs)]
     assert two.block_manager.num_free_blocks == two.block_manager.num_blocks
 
@@ -422,11 +423,11 @@ def quant_dense(tmp_path_factory):
 def _fp8_per_rank_reference(llm, n=2):
     """Make an N=1 engine compute what FP8 at N ranks computes: each row-parallel layer (o_proj, down_proj) splits
     its input features into n slices, quantizes each slice's activations per token with its own scale (as each
-    rank does, quant/layers.py Fp8RowParallelLinear) and sums the n products. The column-parallel layers see the
+    rank does, quant/fp8.py Fp8LinearMethod.apply) and sums the n products. The column-parallel layers see the
     whole input on every rank, so they already quantize as N=1 does."""
     import types
 
-    from internvl_engine.quant import Fp8Linear
+    from internvl_engine.quant.fp8 import Fp8LinearMethod
 
     def forward(m, x):
         k, x2 = m.in_local // n, x.reshape(-1, m.in_local)
@@ -438,7 +439,7 @@ def _fp8_per_rank_reference(llm, n=2):
     patched = 0
     for layer in llm.model.language_model.layers:
         for m in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            if isinstance(m, Fp8Linear):
+            if isinstance(m.quant_method, Fp8LinearMethod):
                 m.forward = types.MethodType(forward, m)
                 patched += 1
     return patched
@@ -475,8 +476,9 @@ def test_quantized_logits_and_greedy_match_one_rank(quant_engines, kind):
 
 
 def test_quantized_layers_hold_their_slices(quant_engines):
-    from internvl_engine.layers.linear import RowParallelLinear
-    from internvl_engine.quant import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear
+    from internvl_engine.layers.linear import DENSE, QKVParallelLinear, RowParallelLinear
+    from internvl_engine.quant.awq import AWQLinearMethod
+    from internvl_engine.quant.fp8 import Fp8LinearMethod
 
     method, one, two = quant_engines
     layers = two.model.language_model.layers
@@ -484,16 +486,20 @@ def test_quantized_layers_hold_their_slices(quant_engines):
     # hidden 256 = 4 heads x 64, 2 KV heads, intermediate 512: per rank q 128, k/v 64, gate/up 256 columns and
     # o_proj 128, down_proj 256 input rows
     assert attn.qkv_proj.shard_sizes == [128, 64, 64] and mlp.gate_up_proj.shard_sizes == [256, 256]
+    # the layers are the dense model's, column- and row-parallel; the checkpoint's format is their method
+    assert type(attn.qkv_proj) is QKVParallelLinear and type(attn.o_proj) is RowParallelLinear
+    assert attn.qkv_proj.column_sharded and attn.o_proj.row_sharded and attn.o_proj.tp.size == 2
+    format_method = AWQLinearMethod if method == "awq" else Fp8LinearMethod
+    assert all(type(m.quant_method) is format_method for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                               mlp.down_proj, layers[1].self_attn.o_proj))
     if method == "awq":
-        assert type(attn.qkv_proj) is AWQLinear and type(attn.o_proj) is AWQRowParallelLinear
         assert attn.qkv_proj.qweight.shape == (256, 32) and attn.qkv_proj.scales.shape == (2, 256)
         assert attn.o_proj.qweight.shape == (128, 32) and attn.o_proj.qzeros.shape == (1, 32)
         assert mlp.down_proj.qweight.shape == (256, 32) and mlp.down_proj.scales.shape == (2, 256)
     else:
-        assert type(attn.qkv_proj) is Fp8Linear and type(attn.o_proj) is Fp8RowParallelLinear
         assert attn.qkv_proj.weight.shape == (256, 256) and attn.qkv_proj.weight_scale.shape == (256, 1)
         assert attn.o_proj.weight.shape == (256, 128) and attn.o_proj.weight_scale.shape == (256, 1)
-        assert type(layers[1].mlp.down_proj) is RowParallelLinear  # in the ignore list: dense
+        assert layers[1].mlp.down_proj.quant_method is DENSE  # in the ignore list: dense
         assert layers[1].mlp.down_proj.weight.dtype == torch.float32
 
 
@@ -527,8 +533,11 @@ def test_each_rank_reads_only_its_quantized_slices(quant_dense, tmp_path, monkey
 def test_quantized_sizes_that_cannot_split_are_typed_errors():
     """AWQ: a rank keeps whole groups of 128 input rows of o_proj / down_proj and whole packs of 8 output columns;
     the error names the layer, its size, the size per rank and the tensor_parallel_size values that fit."""
+    from internvl_engine.config.quant import QuantConfig
     from internvl_engine.errors import UnsupportedModelError
-    from internvl_engine.quant import AWQLinear, QuantConfig, check_tensor_parallel, tensor_parallel_sizes
+    from internvl_engine.layers.linear import PackedLinear
+    from internvl_engine.quant import check_tensor_parallel, tensor_parallel_sizes
+    from internvl_engine.quant.awq import AWQLinearMethod
     from internvl_engine.config import preset_config
 
     awq, fp8 = QuantConfig("awq"), QuantConfig("fp8", 8, 0)
@@ -546,11 +555,12 @@ def test_quantized_sizes_that_cannot_split_are_typed_errors():
     assert sizes == {"internvl3-1b": [1], "internvl3-2b": [1, 2], "internvl3-8b": [1, 2, 4],
                      "internvl3-14b": [1, 2, 4], "internvl3-38b": [1, 2, 4, 8], "internvl3-78b": [1]}
     assert tensor_parallel_sizes(text["internvl3-78b"], fp8) == [1, 2, 4, 8, 16, 32, 64]
-    # the layers' own guard: a rank's columns of a packed AWQ layer must be whole packs of 8
+    # the layers' own guard (AWQ's method checks the shard as the layer is built): a rank's columns of a packed
+    # AWQ layer must be whole packs of 8
     with pytest.raises(UnsupportedModelError, match=r"layer 0 mlp: gate_proj keeps output columns \[0, 132\) of "
-                                                    r"256 on this rank: 132 is not a multiple of 8"):
-        AWQLinear(256, [256, 256], ["gate_proj", "up_proj"], False, torch.float32, "meta",
-                  local=[(0, 132), (0, 132)], where="layer 0 mlp")
+                                                    r"256 on this rank: 132 is not a multiple of 8"), torch.device("meta"):
+        PackedLinear(256, [256, 256], ["gate_proj", "up_proj"], False, local=[(0, 132), (0, 132)],
+                     method=AWQLinearMethod(), prefix="layer 0 mlp")
 
 
 class _RankOfTwo(TensorParallel):
@@ -565,42 +575,40 @@ class _RankOfTwo(TensorParallel):
 
 
 def test_row_parallel_layers_sum_partials_and_add_the_bias_once():
-    """Dense, AWQ and FP8 row-parallel layers share RowParallel's forward: all_reduce(partial) + bias. With an
-    identity all_reduce, rank r returns partial_r + bias, so the N=1 product is out_0 + out_1 - bias (a bias inside
-    the partial products would count twice). Each rank's parameters come from the full tensors via from_full."""
+    """RowParallelLinear with the dense, AWQ and FP8 methods: all_reduce(partial) + bias. With an identity
+    all_reduce, rank r returns partial_r + bias, so the N=1 product is out_0 + out_1 - bias (a bias inside the
+    partial products would count twice). Each rank's parameters come from the full tensors via from_full."""
     import test_quant as tq
-    from internvl_engine.layers.linear import RowParallelLinear
-    from internvl_engine.quant import AWQLinear, AWQRowParallelLinear, Fp8Linear, Fp8RowParallelLinear
+    from internvl_engine.layers.linear import DENSE, RowParallelLinear
+    from internvl_engine.quant.awq import AWQLinearMethod
+    from internvl_engine.quant.fp8 import Fp8LinearMethod
 
     torch.manual_seed(0)
     x, bias = torch.randn(3, 256), 0.1 * torch.randn(64)
     w = (torch.randn(64, 256) / 16).half()
     qw, qz, s, w_awq = tq.quantize_awq(w)
     q8, s8, _ = tq.quantize_fp8(w)
-    cases = [
-        (torch.nn.Linear(256, 64), lambda tp: RowParallelLinear(256, 64, True, tp),
-         {"weight": w.float(), "bias": bias}),
-        (AWQLinear(256, [64], None, True, torch.float32, "cpu"),
-         lambda tp: AWQRowParallelLinear(256, 64, True, torch.float32, "cpu", tp),
-         {"qweight": qw, "qzeros": qz, "scales": s.float(), "bias": bias}),
-        (Fp8Linear(256, [64], None, True, torch.float32, "cpu"),
-         lambda tp: Fp8RowParallelLinear(256, 64, True, torch.float32, "cpu", tp),
-         {"weight": q8, "weight_scale": s8.float(), "bias": bias}),
-    ]
+    cases = [(DENSE, {"weight": w.float(), "bias": bias}),
+             (AWQLinearMethod(), {"qweight": qw, "qzeros": qz, "scales": s.float(), "bias": bias}),
+             (Fp8LinearMethod(), {"weight": q8, "weight_scale": s8.float(), "bias": bias})]
+    wholes = []
     with torch.no_grad():
-        for whole, make, tensors in cases:
+        for method, tensors in cases:
+            whole = RowParallelLinear(256, 64, True, TensorParallel.single(), method)  # N=1: the plain product
             for leaf, t in tensors.items():
                 getattr(whole, leaf).copy_(t)
             outs = []
             for r in (0, 1):
-                layer = make(_RankOfTwo(r))
+                layer = RowParallelLinear(256, 64, True, _RankOfTwo(r), method)
                 for leaf, t in tensors.items():
                     getattr(layer, leaf).copy_(layer.from_full(leaf, t))
                 outs.append(layer(x[:, 128 * r:128 * (r + 1)]))
-            if isinstance(whole, Fp8Linear):  # each rank quantizes its half of x with its own per-token scale
-                want = sum(tq.fp8_matmul_ref(x[:, 128 * r:128 * (r + 1)], q8[:, 128 * r:128 * (r + 1)], s8)
+            if isinstance(method, Fp8LinearMethod):  # each rank quantizes its half of x with its own per-token scale
+                want = sum(tq.fp8_gemm_ref(x[:, 128 * r:128 * (r + 1)], q8[:, 128 * r:128 * (r + 1)], s8)
                            for r in (0, 1)) + bias
             else:
                 want = whole(x)
-            assert torch.allclose(outs[0] + outs[1] - bias, want, atol=1e-5, rtol=0), type(whole).__name__
-    assert torch.allclose(x @ w_awq.t() + bias, cases[1][0](x), atol=1e-5)  # the AWQ layer is the dense twin's
+            assert torch.allclose(outs[0] + outs[1] - bias, want, atol=1e-5, rtol=0), type(method).__name__
+            wholes.append(whole)
+        assert torch.equal(wholes[0](x), torch.nn.functional.linear(x, w.float(), bias))  # as nn.Linear computes it
+        assert torch.allclose(x @ w_awq.t() + bias, wholes[1](x), atol=1e-5)  # the AWQ layer is the dense twin's
