@@ -363,7 +363,7 @@ def test_unknown_content_type(llm, serves):
     ([], r"non-empty"),
     (None, r"conversation"),
     (42, r"conversation"),
-    ([[{"content": "hi"}]], r"message 0 has no 'role'"),
+    ([[{"content": "hi"}]], r"messages\[0\] has no 'role'"),
     ([{"role": "user", "content": 7}], r"content must be a string or a list"),
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], r"'text' must be a string"),
 ])

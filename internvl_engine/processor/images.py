@@ -32,7 +32,6 @@ from .media import MediaPolicy, fetch_url
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TILES_LIMIT = 64
-URL_TIMEOUT_S = 10.0  # the default MediaPolicy.fetch_timeout_s
 DEFAULT_POLICY = MediaPolicy()  # the Python API's: trusts its caller (any local file, any host, no caps)
 
 
