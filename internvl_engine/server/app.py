@@ -433,7 +433,7 @@ class OpenAIServer:
                 yield builder.role_chunk(range(len(subs) * builder.n))
             async for item in merged:
                 i, out = (0, item) if single else item
-                for chunk in builder.chunks(out, i, choices[i]):
+                for chunk in builder.chunks(out, choices[i]):
                     yield chunk
                 if out.finished:
                     finals[i] = out
@@ -459,7 +459,7 @@ class OpenAIServer:
             if kind == "chat":
                 req = self.parse(P.ChatCompletionRequest, await self.read_json(request))
                 self.check_model(req.model)
-                prompts = [P.to_conversation(req.messages)]
+                prompts = P.chat_prompts(req)
                 self.check_size(prompts, "messages")
                 params = P.chat_sampling_params(req, self.settings.default_max_tokens)
             else:
