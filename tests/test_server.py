@@ -284,6 +284,9 @@ def test_greedy_tokens_equal_llm_generate(server, offline):
         ([{"role": "system", "content": "Be brief."}] + image_message(image, "What is here?"),
          [{"role": "system", "content": "Be brief."},
           {"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": "What is here?"}]}]),
+        # LLM.generate reads OpenAI's messages with the server's own normaliser
+        ([{"role": "developer", "content": "Be short."}] + image_message(image, "What is this?"),
+         [{"role": "developer", "content": "Be short."}] + image_message(image, "What is this?")),
     ]
     client = server.client()
     for messages, conversation in cases:
