@@ -87,9 +87,6 @@ class Tokenizer:
                 raise InternVLEngineError(f"tokenizer file not found: {path}")
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         self.model_max_length = model_max_length
-        self._special_ids = {
-            tid for tid, tok in self._tok.get_added_tokens_decoder().items() if getattr(tok, "special", False)
-        }
         self.eos_token_id = self._require(EOS_TOKEN)
         self.pad_token_id = self._require(PAD_TOKEN)
         self.image_token_id = self._require(CONTEXT_IMAGE_TOKEN)
