@@ -264,6 +264,7 @@ class Soak:
             time.sleep(0.05)
         eng, bm = self.engine.engine, self.engine.engine.block_manager
         bm.check_invariants()
+        stats = eng.stats()
         rss_after = rss_mb()
         counts: dict[str, int] = {}
         for o in self.outcomes.values():
@@ -276,8 +277,8 @@ class Soak:
             "hostile": sum(k == "hostile" for _, k, _, _ in self.plan),
             "hostile_callers": {k: sum(x == k for _, x, _, _ in self.plan)
                                 for k in ("collide", "stall", "media", "stoplist")},
-            "preemptions": eng.num_preemptions, "request_errors": eng.num_request_errors,
-            "isolation_splits": eng.num_isolation_splits,
+            "preemptions": stats.num_preemptions, "request_errors": stats.num_request_errors,
+            "isolation_splits": stats.num_isolation_splits,
             "lost": len(self.plan) - len(self.outcomes) + int(eng.has_unfinished_requests()),
             "leaked_blocks": bm.num_blocks - bm.num_free_blocks,
             "dead_threads": sum(t.is_alive() for t in workers) + int(not self.engine._loop._thread.is_alive()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,8 @@ from typing import Iterator
 
 import torch
 
-from .engine.async_llm import carries_media
+from .engine.async_llm import carries_media, merge_deltas
+from .engine.llm_engine import LLMEngine
 from .engine.sequence import Sequence
 from .errors import PromptError
 from .outputs import RequestOutput
@@ -41,12 +43,16 @@ class TextStream:
 
 
 class LLM:
-    """Synchronous front end over one LLMEngine (`.engine`), for one caller at a time: concurrent callers share an
-    engine through AsyncLLM. Settings are EngineConfig's fields (engine/config.py), validated there."""
+    """Synchronous front end over one LLMEngine (`.engine`). Calls from several threads are safe (each call's
+    outputs reach it whichever call stepped the engine), but concurrent serving is AsyncLLM's. Settings are
+    EngineConfig's fields (settings.py), validated there."""
 
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, **settings):
-        from .engine.llm_engine import LLMEngine
         self.engine = LLMEngine(model, dtype, device, **settings)
+        self._inboxes: dict[str, list[RequestOutput]] = {}  # request id -> its outputs not yet taken by its call
+        # held through a step and the sorting of its outputs into the inboxes, so a request's outputs reach its
+        # inbox in the order the steps made them (else another call's step could land after a later one)
+        self._step_lock = threading.RLock()
 
     # read-only views of the engine: what it loaded and how it runs
     config = property(lambda self: self.engine.config, doc="ModelConfig of the checkpoint")
@@ -89,26 +95,20 @@ class LLM:
             raise PromptError("expected a conversation (a list of messages) or a non-empty list of conversations")
         return list(conversations)
 
-    def _make_sequence(self, conversation, params: SamplingParams, arrival: float, index: int,
-                       add_generation_prompt: bool = True, check_capacity: bool = True) -> Sequence:
-        rid = f"req-{index}-{uuid.uuid4().hex[:8]}"
-        return self.engine.make_sequence(rid, conversation, params, arrival, f"request {index}", add_generation_prompt,
-                                         check_capacity)
-
-    def _sequences(self, conversations, params) -> list[Sequence]:
+    def _sequences(self, conversations, params, output_kind: str | None = None) -> list[Sequence]:
+        """The batch's sequences (the engine's intake checks each request and its SamplingParams); output_kind: what
+        this call reads of them."""
         batch = self._as_batch(conversations)
         if params is None:
             params = SamplingParams()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(batch)
         if len(plist) != len(batch):
             raise PromptError(f"{len(plist)} SamplingParams for {len(batch)} conversations")
-        for p in plist:
-            if not isinstance(p, SamplingParams):
-                raise PromptError(f"expected SamplingParams, got {type(p).__name__}")
-            p.validate()
         arrival = time.perf_counter()
+
         def make(i):
-            return self._make_sequence(batch[i], plist[i], arrival, i)
+            return self.engine.make_sequence(f"req-{i}-{uuid.uuid4().hex[:8]}", batch[i], plist[i], arrival,
+                                             f"request {i}", output_kind=output_kind)
         if len(batch) == 1:
             return [make(0)]
         # preprocessing is host work on each request's critical path (image decode, resize, normalise, hash), and
@@ -123,23 +123,34 @@ class LLM:
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:
-        """Adds the sequences to the engine and steps it until they finish, yielding after each step. Their outputs
-        are read off the sequences (`engine.output`), so they are "final_only": the engine builds no snapshot of
-        them on the steps in between. Closing the iterator early aborts whatever is unfinished."""
-        ids = {s.request_id for s in seqs}
-        added = []
+        """Adds the sequences to the engine and steps it until their final outputs are out, yielding their outputs
+        after each step. Each step's outputs go to the inbox of the call whose request they belong to, so none is
+        lost when another thread's call steps the engine. Closing the iterator early aborts whatever is
+        unfinished."""
+        ids = [s.request_id for s in seqs]
+        inboxes = [self._inboxes.setdefault(rid, []) for rid in ids]
+        pending, added = set(ids), []
         try:
             for s in seqs:
-                for x in s.group or [s]:
-                    x.output_kind = "final_only"
                 self.engine.add_sequence(s)
-                added.append(s)
-            while not all(self.engine.request_finished(s) for s in seqs):
-                yield [o for o in self.engine.step() if o.request_id in ids]
-        finally:
-            for s in added:
-                if not self.engine.request_finished(s):
-                    self.engine.abort(s.request_id)
+                added.append(s.request_id)
+            while pending:
+                with self._step_lock:
+                    for o in self.engine.step():
+                        inbox = self._inboxes.get(o.request_id)
+                        if inbox is not None:
+                            inbox.append(o)
+                    mine = [o for inbox in inboxes for o in inbox]
+                    for inbox in inboxes:
+                        inbox.clear()
+                pending.difference_update(o.request_id for o in mine if o.finished)
+                yield mine
+        finally:  # also run by the garbage collector for an abandoned stream, maybe inside a step: no lock of ours
+            for rid in ids:  # (a dict's setdefault and pop are atomic)
+                self._inboxes.pop(rid, None)
+            for rid in added:
+                if rid in pending:
+                    self.engine.abort(rid)
 
     # ------------------------------------------------------------------ public API
     def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None
@@ -147,34 +158,29 @@ class LLM:
         """One conversation or a list of them -> one RequestOutput each, in order. Bad input raises before anything
         runs; a request that fails while running comes back with finish_reason "error" and `.error`, and the others
         are unaffected."""
-        seqs = self._sequences(conversations, params)
-        for _ in self._run(seqs):
-            pass
-        # read from the sequences: another thread stepping the same engine may have produced the final outputs
-        return [self.engine.output(s) for s in seqs]
+        seqs = self._sequences(conversations, params, "final_only")  # the engine snapshots each request once
+        final = {o.request_id: o for outputs in self._run(seqs) for o in outputs}
+        return [final[s.request_id] for s in seqs]
 
     def stream(self, conversation, params: SamplingParams | None = None) -> TextStream:
-        """Text deltas of one conversation as they are produced; the stream's `.output` is set at the end.
-        Bad input raises here, before the first delta. Deltas are read off the request's text, so none is lost when
-        another thread's call steps the engine in between."""
-        seqs = self._sequences(conversation, params)
+        """Text deltas of one conversation as they are produced (the request's "delta" outputs); the stream's
+        `.output` (all of them merged) is set at the end. Bad input raises here, before the first delta."""
+        seqs = self._sequences(conversation, params, "delta")
         if len(seqs) != 1:
             raise PromptError("stream() takes one conversation")
         if seqs[0].params.n > 1:
             raise PromptError("stream() streams one sample; for n > 1 use generate() or AsyncLLM.generate()")
-        seq = seqs[0]
 
-        def steps():  # seq.text[:seq.sent] is what may be shown (the rest could start a stop string)
-            sent = 0
-            for _ in self._run(seqs):
-                if seq.sent > sent:
-                    yield seq.text[sent:seq.sent]
-                    sent = seq.sent
-            if seq.sent > sent:  # the step that finished it may have been another caller's
-                yield seq.text[sent:seq.sent]
-            stream.output = self.engine.output(seq)
-            if seq.error is not None:  # it failed while running: RequestFailedError naming the stage
-                raise seq.error
+        def steps():
+            merged = None
+            for outputs in self._run(seqs):
+                for o in outputs:
+                    merged = o if merged is None else merge_deltas(merged, o)
+                    if o.text:
+                        yield o.text
+            stream.output = merged
+            if merged.error is not None:  # it failed while running: RequestFailedError naming the stage
+                raise merged.error
 
         stream = TextStream(steps())
         return stream

@@ -108,7 +108,7 @@ def test_generated_image_token_is_text_after_preemption():
         sampler = llm.engine.runner.sampler
         llm.engine.runner.sampler = lambda logits, *rest: torch.full_like(sampler(logits, *rest), image_id)
         outs = llm.generate([CONVS[0], CONVS[2]], SamplingParams(max_tokens=40, ignore_eos=True, max_num_tiles=1))
-        return [o.token_ids for o in outs], llm.engine.num_preemptions
+        return [o.token_ids for o in outs], llm.engine.stats().num_preemptions
 
     roomy, _ = run(4096)
     tight, preemptions = run(2 * 16 * 19)  # two ~300-token sequences cannot both grow: one is preempted

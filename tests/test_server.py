@@ -169,8 +169,9 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     """The default server: strict media policy, no key."""
-    llm = AsyncLLM(MODEL, **ENGINE)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL))
+    settings = ServerSettings(model_name=MODEL)
+    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     yield srv
     srv.stop()
     llm.shutdown()
@@ -199,9 +200,10 @@ def image_http():
 @pytest.fixture(scope="module")
 def open_server(media_dir):
     """Local files under media_dir, URLs from 127.0.0.1 (a private address, so explicitly allowed), an API key."""
-    llm = AsyncLLM(MODEL, **ENGINE)
-    srv = ThreadServer(llm, ServerSettings(model_name="tiny", api_key="sekrit", allowed_local_media_path=str(media_dir),
-                                           allowed_media_domains=("127.0.0.1",), allow_private_media_networks=True))
+    settings = ServerSettings(model_name="tiny", api_key="sekrit", allowed_local_media_path=str(media_dir),
+                              allowed_media_domains=("127.0.0.1",), allow_private_media_networks=True)
+    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     yield srv
     srv.stop()
     llm.shutdown()
@@ -210,10 +212,11 @@ def open_server(media_dir):
 @pytest.fixture(scope="module")
 def small_server():
     """One sequence at a time, one waiting at most, small body and media caps, only example.com for URLs."""
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, max_waiting=1, max_request_bytes=200_000,
-                                           max_media_bytes=20_000, allowed_media_domains=("example.com",),
-                                           allow_private_media_networks=True))
+    settings = ServerSettings(model_name=MODEL, max_waiting=1, max_request_bytes=200_000,
+                              max_media_bytes=20_000, allowed_media_domains=("example.com",),
+                              allow_private_media_networks=True)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     yield srv
     srv.stop()
     llm.shutdown()
@@ -233,6 +236,15 @@ def test_models_health_version(server):
     assert v["name"] == "internvl-engine" and v["version"]
     r = httpx.get(server.url + "/nope")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_the_engine_carries_the_servers_media_policy(server):
+    """The server reads the media policy off the engine (EngineConfig.media_policy) and never sets it: an engine
+    built with another policy than the settings describe is refused, not silently served with."""
+    from internvl_engine.settings import EngineConfigError
+    assert server.llm.engine.processor.media_policy == ServerSettings(model_name=MODEL).media_policy()
+    with pytest.raises(EngineConfigError, match="media_policy"):
+        build_app(server.llm, ServerSettings(model_name=MODEL, allowed_local_media_path="/"))
 
 
 def test_chat_image_nonstreaming_and_streaming(server):

@@ -36,8 +36,9 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(media_dir):
     """Default limits; local files under media_dir (so a path reaches the media intake)."""
-    llm = AsyncLLM(MODEL, **ENGINE)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, allowed_local_media_path=str(media_dir)))
+    settings = ServerSettings(model_name=MODEL, allowed_local_media_path=str(media_dir))
+    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     yield srv
     srv.stop()
     llm.shutdown()
@@ -248,8 +249,9 @@ def test_stream_clients_that_never_read_are_cut_off():
     """Two streams with logprobs=20 whose clients never read grew the server to GBs: the server's writes wait on
     the client (nothing buffers for it unboundedly), and a client that takes nothing for
     stream_stall_timeout_s is cut off, its requests aborted and their blocks freed; others are served meanwhile."""
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=8)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, stream_stall_timeout_s=1.0), sndbuf=8192)
+    settings = ServerSettings(model_name=MODEL, stream_stall_timeout_s=1.0)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=8, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings, sndbuf=8192)
     socks = []
     try:
         before = outcomes(srv)
@@ -279,8 +281,10 @@ def test_server_takes_no_more_than_a_stalled_client_reads():
     """Without the server's own cut-off: the server pulls outputs only as the client takes them (the merged queue
     of a many-prompt stream used to drain every output into memory), so AsyncLLM sees the stalled consumer and
     aborts its requests after consumer_timeout_s."""
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=8, consumer_timeout_s=1.0)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, stream_stall_timeout_s=None), sndbuf=8192)
+    settings = ServerSettings(model_name=MODEL, stream_stall_timeout_s=None)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=8, consumer_timeout_s=1.0,
+                   media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings, sndbuf=8192)
     sock = None
     try:
         before = outcomes(srv)
@@ -310,8 +314,10 @@ def test_prompts_waiting_for_each_other_are_not_slow_consumers(stream):
     """The server answers once every prompt has its first output; meanwhile it left the prompts that had started
     unread, and AsyncLLM aborted them as stalled consumers: a 408 for a client that did nothing wrong (here the
     second prompt waits for the first to finish, max_num_seqs=1; with the defaults, any prompt queued 60 s)."""
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=0.25)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL))
+    settings = ServerSettings(model_name=MODEL)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=0.25,
+                   media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     try:
         r = post(srv, "/v1/completions", {"prompt": ["one", "two"], "max_tokens": 200, "ignore_eos": True,
                                           "stream": stream}, timeout=120)
@@ -339,8 +345,9 @@ def test_prompts_waiting_for_each_other_are_not_slow_consumers(stream):
 def test_requests_cut_at_shutdown_get_503_and_streams_end_properly():
     """Requests outliving --shutdown-timeout got uvicorn's plain-text 500, streams ended without an error event or
     [DONE]: now a 503 in OpenAI's shape, and an error event then [DONE]."""
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=4)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL), grace=1)
+    settings = ServerSettings(model_name=MODEL)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=65536, max_num_seqs=4, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings, grace=1)
     long = {"messages": HI, "max_tokens": 60000, "ignore_eos": True}
     results, streaming = {}, threading.Event()
 

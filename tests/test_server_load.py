@@ -42,8 +42,10 @@ def _templates():
 
 @pytest.fixture(scope="module")
 def loaded():
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=CONCURRENCY)
-    srv = ThreadServer(llm, ServerSettings(model_name=MODEL, max_waiting=4 * CONCURRENCY))
+    settings = ServerSettings(model_name=MODEL, max_waiting=4 * CONCURRENCY)
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=CONCURRENCY,
+                   media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
     yield srv
     srv.stop()
     llm.shutdown()

@@ -56,7 +56,7 @@ def carries_media(conversation) -> bool:
     return False
 
 
-def _merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     """One "delta" output saying what `old` and `new` say together. `old` is unread (nobody else holds it), so it
     grows in place: merging stays O(new), not O(everything unread)."""
     for a, b in zip(old.outputs, new.outputs):
@@ -119,7 +119,7 @@ class _Channel:
             elif self.pending is None:
                 self.pending = item
             else:
-                self.pending = (_merge_deltas if self._delta else _supersede)(self.pending, item)
+                self.pending = (merge_deltas if self._delta else _supersede)(self.pending, item)
             if self.waiting_since is None:
                 self.waiting_since = time.monotonic()
             if self._wake_scheduled:
@@ -189,10 +189,10 @@ class _EngineLoop:
             self._requests[request_id] = req
         return req
 
-    def start(self, req: _Request, conversation, params) -> None:
+    def start(self, req: _Request, conversation, params, output_kind: str | None = None) -> None:
         """Adds a registered request to the engine (bad input raises here, to the caller, and unregisters it)."""
         try:
-            self.engine.add_request(req.request_id, conversation, params)
+            self.engine.add_request(req.request_id, conversation, params, output_kind)
         except BaseException:
             self._unregister(req)
             raise
@@ -298,7 +298,7 @@ class _EngineLoop:
                 self._fail_all(e)
                 return
             except BaseException as e:  # a fault outside any request's stages: the engine cannot vouch for itself
-                self._fail_all(self.engine._die(f"engine loop: {type(e).__name__}: {e}"))
+                self._fail_all(self.engine.fail(f"engine loop: {type(e).__name__}: {e}"))
                 return
             for out in outputs:
                 self._deliver(out)
@@ -382,11 +382,8 @@ class AsyncLLM:
         the future aborts the request."""
         future: Future = Future()
         request_id = request_id or uuid.uuid4().hex
-        params = SamplingParams() if params is None else params
-        if isinstance(params, SamplingParams) and params.output_kind == "cumulative":
-            # the future keeps only the final output, which "final_only" builds alone (a cumulative one would copy
-            # the whole text, ids and logprobs on every step for nobody)
-            params = dataclasses.replace(params, output_kind="final_only")
+        # the future keeps only the final output, which "final_only" builds alone (a cumulative or delta one would
+        # copy text, ids and logprobs on every step for nobody)
 
         def sink(item):
             if future.done():
@@ -399,7 +396,7 @@ class AsyncLLM:
                 future.set_result(item)
 
         req = self._loop.register(request_id, sink)
-        self._loop.start(req, conversation, params)
+        self._loop.start(req, conversation, params, "final_only")
         future.add_done_callback(lambda f: f.cancelled() and self._loop.abort_request(req))
         return future
 

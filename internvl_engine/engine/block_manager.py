@@ -65,21 +65,6 @@ def media_key(content: torch.Tensor | bytes, **tiling) -> bytes:
     return h.digest()
 
 
-def media_spans(token_ids: Sequence[int], placeholder_id: int, keys: Sequence[bytes]) -> list[MediaSpan]:
-    """The runs of placeholder_id in token_ids, one per key, in order (the processor puts <img>/</img> around each
-    image's run and each video frame's run, so runs never touch)."""
-    runs, start = [], None
-    for i, t in enumerate(list(token_ids) + [None]):
-        if t == placeholder_id and start is None:
-            start = i
-        elif t != placeholder_id and start is not None:
-            runs.append((start, i))
-            start = None
-    if len(runs) != len(keys):
-        raise ValueError(f"{len(runs)} placeholder runs of token {placeholder_id} but {len(keys)} media keys")
-    return [MediaSpan(s, e, k) for (s, e), k in zip(runs, keys)]
-
-
 class NoFreeBlocksError(RuntimeError):
     """allocate() found too few free blocks. Nothing was changed; the scheduler preempts a sequence or waits."""
 
@@ -162,12 +147,6 @@ class BlockManager:
         time at batch 64."""
         return self._seqs[seq_id].array()
 
-    def slot(self, seq_id, position: int) -> int:
-        if position < 0:
-            raise IndexError(f"negative position {position}")
-        bs = self.block_size
-        return self._seqs[seq_id].table[position // bs] * bs + position % bs
-
     def _cdiv(self, n: int) -> int:
         return -(-n // self.block_size)
 
@@ -195,10 +174,6 @@ class BlockManager:
         """How many leading tokens allocate() would find cached now (no side effects; the scheduler can size the
         prefill work with it)."""
         return len(self._match(token_ids, tuple(sorted(media, key=lambda s: s.start)))) * self.block_size
-
-    def can_allocate(self, token_ids: Sequence[int], media: Sequence[MediaSpan] = (), reserve: int = 0) -> bool:
-        hits = self._match(token_ids, tuple(sorted(media, key=lambda s: s.start)))
-        return self._blocks_needed(hits, len(token_ids) + reserve) <= self.num_free_blocks
 
     # ---------------------------------------------------------------- mutations
     def _take_fresh(self) -> int:

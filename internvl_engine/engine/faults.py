@@ -69,3 +69,25 @@ class FaultInjector:
             with self._lock:
                 for key in [k for k in self._faults if k[0] == request_id]:
                     del self._faults[key]
+
+
+class Stage:
+    """`with stage("decode", seqs): ...` (or a bare `stage("sample", seqs)`) marks what the engine is doing, which
+    a failed request's RequestFailedError and a fatal fault's death message name, and fires the faults injected
+    for that stage and any of those sequences as it begins (one falsy check when nothing is injected)."""
+    __slots__ = ("faults", "name")
+
+    def __init__(self, faults: FaultInjector):
+        self.faults, self.name = faults, ""
+
+    def __call__(self, name: str, requests) -> "Stage":
+        self.name = name
+        if self.faults:
+            self.faults.check(name, requests)
+        return self
+
+    def __enter__(self) -> "Stage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None

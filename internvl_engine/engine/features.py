@@ -35,7 +35,7 @@ class ImageFeatures:
         return out
 
     def _from_vision_cache(self, s: Sequence, i: int) -> bool:
-        hit = self.vision_cache.get(s.media_keys[i]) if self.vision_cache is not None else None
+        hit = self.vision_cache.get(s.media[i].key) if self.vision_cache is not None else None
         if hit is None:
             return False
         s.image_feats[i] = hit
@@ -58,6 +58,6 @@ class ImageFeatures:
         for (s, i), f in zip(todo, torch.split(feats, rows)):
             s.image_feats[i] = f = f.clone()
             if self.vision_cache is not None:
-                self.vision_cache.put(s.media_keys[i], f)
+                self.vision_cache.put(s.media[i].key, f)
         for s in {id(s): s for s, _ in todo}.values():
             s.metrics.vision_s += dt

@@ -4,10 +4,13 @@ tokens, and the RequestOutput snapshot of a request and all its samples."""
 from __future__ import annotations
 
 import functools
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import Logprob
 from .sequence import Sequence
 
@@ -64,79 +67,141 @@ class StopMatcher:
         return max(self.state)
 
 
+@dataclass(eq=False, slots=True)
+class OutputState:
+    """What callers have seen of one sample (Sequence.out): its text and how much of it was released, its stop
+    strings' progress, its logprobs, and for "delta" outputs how much was handed out. Only the output processor
+    reads and writes it."""
+    detokenizer: IncrementalDetokenizer
+    kind: str = "cumulative"    # SamplingParams.output_kind, or what the front end reads (LLM: final_only, delta)
+    text: str = ""
+    sent: int = 0               # characters of text released to callers (the rest may start a stop string)
+    delta: str = ""             # text released by the current step
+    stop_reason: str | None = None
+    stop_matcher: StopMatcher | None = None  # over params.stop, made at the first token
+    logprobs: list = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares
+    prompt_logprobs: list | None = None  # [None, {token id: Logprob}, ...] (the request's first sample only)
+    step_logits: list = field(default_factory=list)  # raw fp32 [V] per generated token, with return_logits
+    ids_sent: int = 0           # "delta": output ids (and logprobs) already handed out
+    text_sent: int = 0          # "delta": characters of text already handed out
+
+
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def token_added(self, s: Sequence, logprobs: dict[int, Logprob] | None = None) -> None:
-        """Detokenise s's newest token and apply its stop strings (which may finish it with "stop")."""
-        p = s.params
+    def token_added(self, s: Sequence, logprobs: dict[int, Logprob] | None = None,
+                    logits: torch.Tensor | None = None) -> None:
+        """Record s's newest token (its logprobs, its logits with return_logits, the request's time to first token),
+        detokenise it and apply the stop strings (which may finish s with "stop")."""
+        p, o = s.params, s.out
+        if logits is not None:
+            o.step_logits.append(logits)
+        if len(s.output_ids) == 1 and s.index == 0:
+            s.metrics.ttft_s = time.perf_counter() - s.metrics.arrival_time
         if logprobs is not None:
             for t, lp in logprobs.items():
                 lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
-            s.logprobs.append(logprobs)
-            s.cumulative_logprob += logprobs[s.output_ids[-1]].logprob
-        delta = s.detokenizer.add(s.output_ids[-1:])
+            o.logprobs.append(logprobs)
+            o.cumulative_logprob += logprobs[s.output_ids[-1]].logprob
+        delta = o.detokenizer.add(s.output_ids[-1:])
         if s.finished:
-            delta += s.detokenizer.flush()
+            delta += o.detokenizer.flush()
         if not p.stop:  # the common case, on every token of every sequence: no search, nothing held back
-            s.text += delta
-            s.delta, s.sent = delta, len(s.text)
+            o.text += delta
+            o.delta, o.sent = delta, len(o.text)
             return
-        if s.stop_matcher is None:
-            s.stop_matcher = StopMatcher(p.stop)
-        before = len(s.text)
-        s.text += delta
-        hit = s.stop_matcher.feed(delta, match=len(s.output_ids) >= p.min_tokens)
+        if o.stop_matcher is None:
+            o.stop_matcher = StopMatcher(p.stop)
+        before = len(o.text)
+        o.text += delta
+        hit = o.stop_matcher.feed(delta, match=len(s.output_ids) >= p.min_tokens)
         if hit is not None:
             i, stop = before + hit[0], hit[1]
-            s.text = s.text[:i + len(stop)] if p.include_stop_str_in_output else s.text[:i]
-            s.finish_reason, s.stop_reason = "stop", stop
+            o.text = o.text[:i + len(stop)] if p.include_stop_str_in_output else o.text[:i]
+            s.finish_reason, o.stop_reason = "stop", stop
         self.release(s)
+
+    def prompt_logprobs(self, chunks, prompt_rows, entries) -> None:
+        """Record each prompt position once: a recomputed chunk's rows for positions recorded already are dropped."""
+        for rows, got in zip(prompt_rows, entries):
+            o = chunks[rows.chunk][0].out
+            if o.prompt_logprobs is None:
+                o.prompt_logprobs = [None]
+            for entry in got[max(0, len(o.prompt_logprobs) - rows.first):]:
+                for t, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
+                o.prompt_logprobs.append(entry)
+
+    def aborted(self, s: Sequence) -> None:
+        """An unfinished sample was aborted: the text held in the detokenizer and behind stop strings goes out."""
+        s.out.text += s.out.detokenizer.flush()
+        self.release(s)
+
+    @staticmethod
+    def request_done(head: Sequence) -> None:
+        """The request whose first sample is `head` has ended: its closing metrics."""
+        m = head.metrics
+        m.tpot_s = m.decode_s / max(1, len(head.output_ids) - 1)
+        m.e2e_s = time.perf_counter() - m.arrival_time
 
     @staticmethod
     def release(s: Sequence) -> None:
         """Advance what callers may see: all of a finished text, else all but what could start a stop string."""
-        end = len(s.text)
-        if not s.finished and s.stop_matcher is not None:
-            end -= s.stop_matcher.held()
-        s.delta = s.text[s.sent:end] if end > s.sent else ""
-        s.sent = max(s.sent, end)
+        o = s.out
+        end = len(o.text)
+        if not s.finished and o.stop_matcher is not None:
+            end -= o.stop_matcher.held()
+        o.delta = o.text[o.sent:end] if end > o.sent else ""
+        o.sent = max(o.sent, end)
 
     @staticmethod
     def completion(s: Sequence) -> CompletionOutput:
-        if s.output_kind == "delta":  # what is new since this sample's previous output: O(1) a step, not O(length)
-            start, s.ids_sent = s.ids_sent, len(s.output_ids)
-            text, s.text_sent = s.text[s.text_sent:s.sent], s.sent
-            return CompletionOutput(s.index, text, s.output_ids[start:], s.finish_reason, s.delta,
-                                    s.logprobs[start:] if s.params.logprobs is not None else None,
-                                    s.cumulative_logprob, s.stop_reason, s.error)
-        return CompletionOutput(s.index, s.text[:s.sent], list(s.output_ids), s.finish_reason, s.delta,
-                                list(s.logprobs) if s.params.logprobs is not None else None,
-                                s.cumulative_logprob, s.stop_reason, s.error)
+        o = s.out
+        if o.kind == "delta":  # what is new since this sample's previous output: O(1) a step, not O(length)
+            start, o.ids_sent = o.ids_sent, len(s.output_ids)
+            text, o.text_sent = o.text[o.text_sent:o.sent], o.sent
+            return CompletionOutput(s.index, text, s.output_ids[start:], s.finish_reason, o.delta,
+                                    o.logprobs[start:] if s.params.logprobs is not None else None,
+                                    o.cumulative_logprob, o.stop_reason, s.error)
+        return CompletionOutput(s.index, o.text[:o.sent], list(s.output_ids), s.finish_reason, o.delta,
+                                list(o.logprobs) if s.params.logprobs is not None else None,
+                                o.cumulative_logprob, o.stop_reason, s.error)
+
+    def outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
+        """One snapshot per request a step touched (a request's samples share one; "final_only" requests only when
+        they end); then their step deltas are spent."""
+        heads = {id(h): h for h in (s.head for s in touched)}
+        outputs = [self.output(h) for h in heads.values() if h.out.kind != "final_only" or h.request_finished]
+        for h in heads.values():  # a sample's delta belongs to the step that made it
+            for s in h.group or [h]:
+                s.out.delta = ""
+        return outputs
 
     def output(self, head: Sequence) -> RequestOutput:
         """The snapshot of the request whose first sample is `head` (all its samples; flat fields mirror the
         first sample). Its snapshots share one copy of the prompt ids, made once: copying a multi-tile prompt (3k+
         ids) for every request on every step cost more than the rest of the snapshot; a caller that edits it
         changes only what it was handed, never the engine's own list."""
-        m = head.metrics
-        if head.prompt_copy is None:
-            head.prompt_copy = list(head.prompt_ids)
+        m, o = head.metrics, head.out
+        if o.prompt_copy is None:
+            o.prompt_copy = list(head.prompt_ids)
         if not head.group:  # n = 1, the hot path
             first = self.completion(head)
             m.generated_tokens = len(head.output_ids)
-            logits = torch.stack(head.step_logits) if head.step_logits and head.finish_reason else None
-            return RequestOutput(head.request_id, first.text, first.token_ids, head.prompt_copy,
+            logits = torch.stack(o.step_logits) if o.step_logits and head.finish_reason else None
+            return RequestOutput(head.request_id, first.text, first.token_ids, o.prompt_copy,
                                  first.finish_reason, RequestMetrics(**m.as_dict()), logits, first.delta,
-                                 head.error, [first], head.prompt_logprobs)
+                                 head.error, [first], o.prompt_logprobs)
         samples = head.group
         finished = all(x.finished for x in samples)
         m.generated_tokens = sum(len(x.output_ids) for x in samples)
         outs = [self.completion(x) for x in samples]
-        logits = torch.stack(head.step_logits) if head.step_logits and finished else None
+        logits = torch.stack(o.step_logits) if o.step_logits and finished else None
         first = outs[0]
         error = next((x.error for x in samples if x.error is not None), None)
-        return RequestOutput(head.request_id, first.text, first.token_ids, head.prompt_copy,
+        return RequestOutput(head.request_id, first.text, first.token_ids, o.prompt_copy,
                              first.finish_reason if finished else None, RequestMetrics(**m.as_dict()), logits,
-                             first.delta, error, outs, head.prompt_logprobs)
+                             first.delta, error, outs, o.prompt_logprobs)

@@ -11,10 +11,13 @@ After the forward, postprocess() advances what each sequence has computed, regis
 reuse, appends the sampled tokens, applies the finish rules and drops finished sequences."""
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..settings import EngineConfigError
 from .block_manager import BlockManager, NoFreeBlocksError
+from .input_processor import CapacityError
 from .sequence import Sequence
 
 
@@ -59,6 +62,12 @@ class Scheduler:
         self._last_was_prefill = False
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
 
+    def set_eos_token_ids(self, ids) -> None:
+        ids = set(ids)
+        if any(not isinstance(i, int) or i < 0 for i in ids):
+            raise EngineConfigError(f"eos_token_ids must be non-negative integers, got {sorted(ids, key=str)}")
+        self.eos_token_ids = ids
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -86,6 +95,23 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        if out.empty and not out.failed and self.waiting and not self.running:
+            # checked at add time already; should it happen, the request fails, not the engine
+            s = self.waiting[0]
+            self.remove(s)
+            out.failed.append((s, CapacityError(f"request {s.request_id} does not fit in the KV pool")))
+        now = time.perf_counter()
+        for s in out.admitted:
+            if s.first_scheduled is None:  # first admission; a preempted sequence is re-admitted later
+                s.first_scheduled = now
+                s.metrics.queue_s = now - s.metrics.arrival_time
+                s.metrics.cached_prompt_tokens = s.num_computed
+                s.cached_image_ids |= {i for i, sp in enumerate(s.media) if sp.end <= s.num_computed}
+                s.metrics.cached_images = len(s.cached_image_ids)
+        return out
+
+    def _schedule(self) -> SchedulerOutput:
         # Prefill first, but never twice in a row while sequences wait to decode: a steady stream of arrivals
         # would otherwise stall every running request (at worst, decode runs every other step).
         if self._last_was_prefill and any(s.prefilled for s in self.running):
@@ -106,8 +132,8 @@ class Scheduler:
         for s in self.running:
             if budget <= 0:
                 break
-            if not s.prefilled and s.num_computed < s.prefill_target:
-                end = min(s.prefill_target, s.num_computed + budget)
+            if not s.prefilled and s.num_computed < s.num_tokens:
+                end = min(s.num_tokens, s.num_computed + budget)
                 out.chunks.append((s, s.num_computed, end))
                 budget -= end - s.num_computed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -124,9 +150,9 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             self.running.append(s)
-            s.num_computed, s.prefill_target, s.prefilled = alloc.num_cached_tokens, len(tokens), False
+            s.num_computed, s.prefilled = alloc.num_cached_tokens, False
             out.admitted.append(s)
-            end = min(s.prefill_target, s.num_computed + budget)
+            end = min(len(tokens), s.num_computed + budget)
             out.chunks.append((s, s.num_computed, end))
             budget -= end - s.num_computed
         return out
@@ -163,7 +189,7 @@ class Scheduler:
         """The sequences that sample a token in this step: every decoding one, and the chunks that end a prompt."""
         if not out.is_prefill:
             return out.decode
-        return [s for s, _, end in out.chunks if end == s.prefill_target]
+        return [s for s, _, end in out.chunks if end == s.num_tokens]  # no token is appended while prefilling
 
     def postprocess(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int]) -> None:
         """Record a step's progress: computed counts, prefix registration of filled blocks, the sampled token of each
@@ -183,6 +209,16 @@ class Scheduler:
             s.finish_reason = self.finish_reason(s, token)
             if s.finished:
                 self.remove(s)
+
+    @staticmethod
+    def charge(out: SchedulerOutput, seconds: float) -> None:
+        """A step's forward time, charged in full to every sequence in it (RequestMetrics.prefill_s / decode_s)."""
+        if out.is_prefill:
+            for s, _, _ in out.chunks:
+                s.metrics.prefill_s += seconds
+        else:
+            for s in out.decode:
+                s.metrics.decode_s += seconds
 
     def finish_reason(self, s: Sequence, token: int) -> str | None:
         p = s.params

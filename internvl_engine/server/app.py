@@ -26,7 +26,6 @@ import dataclasses
 import hmac
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,9 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .._version import __version__
-from ..settings import ServerSettings
+from ..settings import EngineConfigError, ServerSettings
 from ..errors import EngineDeadError
-from ..processor import MediaPolicy
 from . import protocol as P
 from .metrics import STATUS_OUTCOME, ServerMetrics
 
@@ -257,9 +255,11 @@ class OpenAIServer:
         self.created = int(time.time())
         self.pending = 0  # requests submitted that have no first output yet (preprocessing, waiting, prefilling)
         self.active: set[str] = set()  # engine request ids in flight
-        tokenizer = llm.engine.processor.tokenizer
+        tokenizer = llm.engine.tokenizer
         self.decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)
-        llm.engine.processor.media_policy = settings.media_policy()
+        if llm.engine.engine_config.media_policy != settings.media_policy():  # what the media flags promise
+            raise EngineConfigError("the engine's media_policy is not the one the server settings describe: build "
+                                    "it with media_policy=settings.media_policy()")
 
     # -- request plumbing
     def error_response(self, e: BaseException, count: bool = True, headers: dict | None = None):
@@ -327,7 +327,7 @@ class OpenAIServer:
         self.llm.check_health()  # EngineDeadError -> 503
         cap = self.settings.max_waiting
         if cap is not None:
-            waiting = max(len(self.llm.engine.scheduler.waiting), self.pending)
+            waiting = max(self.llm.engine.stats().waiting, self.pending)
             if waiting + count > cap:
                 raise P.APIError(429, f"{waiting} requests are waiting, the limit is {cap} (--max-waiting); "
                                       "retry later", "rate_limit_error", "queue_full")
@@ -488,7 +488,7 @@ class OpenAIServer:
     async def models(self, request: Request):
         engine = self.llm.engine
         # the longest sequence one request can have: the model's context, or less when the KV pool holds less
-        pool = engine.block_manager.num_blocks * engine.block_size
+        pool = engine.stats().kv_pool_tokens
         return JSONResponse({"object": "list", "data": [
             {"id": self.settings.model_name, "object": "model", "created": self.created,
              "owned_by": "internvl-engine", "root": str(engine.engine_config.model),
@@ -535,8 +535,8 @@ class _APIKeyMiddleware:
 
 
 def build_app(llm, settings: ServerSettings) -> FastAPI:
-    """The ASGI app over `llm` (an AsyncLLM the caller owns). It sets the engine processor's media policy to the
-    strict one the settings describe."""
+    """The ASGI app over `llm` (an AsyncLLM the caller owns, built with media_policy=settings.media_policy(): an
+    engine whose media policy differs from the settings' is an EngineConfigError)."""
     server = OpenAIServer(llm, settings)
 
     @contextlib.asynccontextmanager

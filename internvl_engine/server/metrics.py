@@ -1,7 +1,7 @@
 """GET /metrics in the Prometheus text format (version 0.0.4), written by hand: counters the server keeps for the
-requests it answered, histograms of each finished request's RequestMetrics (TTFT, TPOT, end to end), and gauges read
-from the engine at scrape time (running and waiting requests, KV pool, caches, preemptions). Updated only from the
-server's event loop."""
+requests it answered, histograms of each finished request's RequestMetrics (TTFT, TPOT, end to end), and gauges from
+the engine's stats() snapshot at scrape time (running and waiting requests, KV pool, caches, preemptions). Updated
+only from the server's event loop."""
 from __future__ import annotations
 
 import time
@@ -90,17 +90,14 @@ class ServerMetrics:
                 self.finished[c.finish_reason] += 1
 
     def render(self, llm, model_name: str) -> str:
-        engine = llm.engine
         try:
             llm.check_health()
             healthy = 1
         except Exception:
             healthy = 0
-        bm = engine.block_manager
-        sched = engine.scheduler
-        free, total = bm.num_free_blocks, bm.num_blocks
-        vc = engine.vision_cache
-        v_hits, v_misses = (vc.hits, vc.misses) if vc is not None else (0, 0)
+        stats = llm.engine.stats()
+        free, total = stats.kv_blocks_free, stats.kv_blocks_total
+        v_hits, v_misses = stats.vision_cache_hits, stats.vision_cache_misses
         lines = []
         lines += _metric("gauge", "model_info", "The served model.", [({"model_name": model_name}, 1)])
         lines += _metric("gauge", "engine_healthy", "1 while the engine is alive, 0 once it is dead.",
@@ -114,9 +111,9 @@ class ServerMetrics:
         lines += _metric("counter", "generation_tokens_total", "Generated tokens of finished requests.",
                          [(None, self.generation_tokens)])
         lines += _metric("gauge", "num_requests_running", "Requests the scheduler is running.",
-                         [(None, len(sched.running))])
+                         [(None, stats.running)])
         lines += _metric("gauge", "num_requests_waiting", "Requests waiting to be scheduled.",
-                         [(None, len(sched.waiting))])
+                         [(None, stats.waiting)])
         lines += _metric("gauge", "kv_cache_blocks_total", "Blocks in the paged KV pool.", [(None, total)])
         lines += _metric("gauge", "kv_cache_blocks_free", "Free KV blocks (unused or cached, evictable).",
                          [(None, free)])
@@ -135,7 +132,7 @@ class ServerMetrics:
         lines += _metric("gauge", "vision_cache_hit_rate", "Vision cache hits / lookups (0 without lookups or cache).",
                          [(None, v_hits / (v_hits + v_misses) if v_hits + v_misses else 0.0)])
         lines += _metric("counter", "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
-                         [(None, engine.num_preemptions)])
+                         [(None, stats.num_preemptions)])
         # render() runs on the event loop's thread: its CPU time is the whole HTTP layer's (and submissions')
         lines += _metric("counter", "server_loop_cpu_seconds_total",
                          "CPU time of the server's event loop thread (HTTP, translation, SSE, request submission).",
