@@ -39,3 +39,15 @@ def test_llm_does_not_proxy_the_engine():
     llm = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LLM")
     names = {n.name for n in llm.body if isinstance(n, ast.FunctionDef)}
     assert not names & {"__getattr__", "__setattr__", "__getattribute__"}
+
+
+def test_engine_class_and_sequence_stay_narrow():
+    """Issue 3.1: LLMEngine at most 250 lines (intake, health, metrics and outputs live in their own rooms), Sequence
+    at most 20 fields (what callers have seen of a sample is the output processor's OutputState)."""
+    tree = ast.parse((PKG / "engine" / "llm_engine.py").read_text())
+    engine = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LLMEngine")
+    assert engine.end_lineno - engine.lineno + 1 <= 250
+    tree = ast.parse((PKG / "engine" / "sequence.py").read_text())
+    seq = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Sequence")
+    fields = [n for n in seq.body if isinstance(n, ast.AnnAssign)]
+    assert len(fields) <= 20, [ast.unparse(f.target) for f in fields]
