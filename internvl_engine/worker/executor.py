@@ -367,7 +367,7 @@ class ParallelRunner:
     def enable_graphs(self, *args, **kwargs) -> None:
         raise NotImplementedError("CUDA graphs are not used under tensor parallelism (enforce_eager)")
 
-    def _forward(self, step, run_local):
+    def _step(self, step, run_local):
         self.local.check(step)  # a step the driver would refuse is never sent
         feats = () if step.image_features is None else (step.image_features,)
 
@@ -378,11 +378,11 @@ class ParallelRunner:
 
     def execute(self, step):
         """The step on every rank; the driver's StepOutput."""
-        return self._forward(step, self.local.execute)
+        return self._step(step, self.local.execute)
 
     def logits(self, step) -> torch.Tensor:
         """The step's forward on every rank; the driver's host logits."""
-        return self._forward(step, self.local.logits)
+        return self._step(step, self.local.logits)
 
     def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projector rows of a batch of tiles. A single tile cannot be split: the driver runs it alone."""

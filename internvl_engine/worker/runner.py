@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UnsupportedModelError
 from ..layers.attention import AttentionMetadata
 from ..models.internvl import InternVLForConditionalGeneration
 from ..sampling import Sampler
 from .cuda_graphs import DecodeGraphs, VisionGraphs
 from .step_input import StepInput
-from .step_output import StepOutput, finish_step
+from .step_output import MAX_EXACT_ID, StepOutput, finish_step
 
 
 VISION_CHUNK_TILES = 16  # tiles per vision-tower forward (activation memory), and so the largest vision graph
@@ -35,6 +36,9 @@ class ModelRunner:
                  block_size: int):
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
         t = model.config.text
+        if t.vocab_size >= MAX_EXACT_ID:
+            raise UnsupportedModelError(f"a vocabulary of {t.vocab_size} tokens: sampled ids travel to the host as "
+                                        f"fp32, exact below {MAX_EXACT_ID}")
         self.max_pos = t.max_position_embeddings
         self.dynamic_rope = t.rope_type == "dynamic"
         self.cache: KVCache | None = None

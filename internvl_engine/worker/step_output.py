@@ -11,7 +11,7 @@ import torch
 from ..sampling import Logprob, Sampler, logprob_entry, logprob_table, on_device
 from .step_input import StepInput
 
-# token ids and ranks travel as fp32 in the one copy: exact below 2**24
+# token ids and ranks travel as fp32 in the one copy: exact below 2**24 (the runner refuses a larger vocabulary)
 MAX_EXACT_ID = 2 ** 24
 
 
@@ -30,8 +30,6 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
     n = 0 if rows is None else len(rows)
     if logits is None or not (n or prompt):  # a worker rank, or a chunk that ends no sequence
         return StepOutput([], [None] * n, [None] * n, [])
-    if logits.shape[1] >= MAX_EXACT_ID:
-        raise ValueError(f"a vocabulary of {logits.shape[1]} ids cannot travel exactly as fp32")
     dev = logits.device
     sampled = logits
     if n and step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
@@ -52,7 +50,7 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
     kept = [i for i, r in enumerate(rows.return_logits) if r] if n else []
     if kept:
         parts.append(sampled[on_device(dev, kept)].flatten())
-    host = to_host(torch.cat(parts))
+    host = to_host(torch.cat(parts) if len(parts) > 1 else parts[0])
     out = StepOutput(host[:n].long().tolist(), [None] * n, [None] * n, [])
     width = 2 + 2 * k
     table = host[n:n + width * (len(asked) + len(prompt_rows))].view(-1, width).tolist()
