@@ -1,4 +1,5 @@
-"""SamplingParams (vLLM's names and semantics) and the sampler.
+"""SamplingParams (vLLM's names and semantics), a step's sampling rows as plain data (SamplingInput) and the
+sampler, which the runner (worker/runner.py) calls on the logits' device.
 
 Per row, in vLLM's order: the raw logits' fp32 log-softmax gives the logprobs; min_tokens masks the stop tokens;
 repetition (prompt and output), frequency and presence (output) penalties; then greedy argmax (ties to the lowest
