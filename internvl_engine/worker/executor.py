@@ -372,7 +372,9 @@ class ParallelRunner:
         feats = () if step.image_features is None else (step.image_features,)
 
         def run():
-            self.executor.send("execute", replace(step, image_features=None, sampling=None), feats)
+            # the driver alone reads the logits: the workers get none of the sampling or logprob rows
+            self.executor.send("execute", replace(step, image_features=None, sampling=None, sample_index=None,
+                                                  prompt_rows=None), feats)
             return run_local(step)
         return self._parallel("execute", run)
 
