@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
-from ..config.quant import QuantConfig
+from ..config import QuantConfig, TextConfig
 from ..layers.attention import Attention, AttentionMetadata
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, vocab_embedding
 from ..layers.norm import RMSNorm

@@ -20,7 +20,7 @@ group). `check_tensor_parallel` refuses other sizes before any worker starts (wo
 rank builds its model, and names the sizes that fit; each layer's method checks its own shard as it is built."""
 from __future__ import annotations
 
-from ..config.quant import QuantConfig
+from ..config import QuantConfig
 from ..errors import ShardingError, UnsupportedModelError
 from ..layers.linear import DENSE
 from ..parallel import check_shardable
