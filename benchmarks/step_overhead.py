@@ -1,7 +1,8 @@
 """Host cost of one engine step with the model stubbed out: what the engine itself spends per decode step
 (scheduling, block manager, step-input and sampling-row building, host-to-device copies, the runner sampling a tiny
-vocabulary and its copy back, detokenising, outputs), i.e. the overhead a GPU cannot hide, in CPU seconds of the measuring process. The model's forward returns zeros and its lm_head a [rows, 1024]
-zero matrix, so the measurement holds no matmul and no vocabulary-sized sampling.
+vocabulary and its copy back, detokenising, outputs), i.e. the overhead a GPU cannot hide, in CPU seconds of the
+measuring process. The model's forward returns zeros and its lm_head a [rows, 1024] zero matrix, so the measurement
+holds no matmul and no vocabulary-sized sampling.
 
     python benchmarks/step_overhead.py --batch 1,64 --steps 200 --json out.json
     python benchmarks/step_overhead.py --batch 1,64 --compare 10bf286 --json out.json   # before vs after, one run

@@ -10,6 +10,8 @@ from internvl_engine import LLM, SamplingParams
 from internvl_engine.errors import SamplingParamsError
 from internvl_engine.engine.step_builder import sampling_input
 from internvl_engine.sampling import Sampler, _penalize, filter_logits
+from internvl_engine.worker.step_input import PromptRows, StepInput
+from internvl_engine.worker.step_output import finish_step
 
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 OTHER = "List some rivers of the world, please."
@@ -213,6 +215,36 @@ def test_draw_frequencies_match_the_filtered_distribution(seeded):
     # chi-square critical values at p = 0.001 (dof 1..11); a correct sampler fails this one time in a thousand seeds
     critical = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26][dof - 1]
     assert 1 <= dof <= 11 and chi2 < critical, (chi2, dof)
+
+
+def test_a_step_hands_back_its_results_in_one_copy():
+    """The runner's end of a step (worker/step_output.py): the sampled tokens, the logprobs of the rows that asked,
+    the prompt logprobs and the return_logits rows come back through one device-to-host copy, each equal to what it
+    is alone; a chunk whose rows predict no prompt token and sample nothing copies nothing."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(7, 300, generator=g) * 3
+    params = [SamplingParams(logprobs=3, return_logits=True), SamplingParams(temperature=0.8, seed=11)]
+    prompt = PromptRows(chunk=0, first=1, rows=[0, 1, 2, 3], tokens=[5, 6, 7, 8], k=2)
+    step = StepInput(True, [], [], [], [], [], [], sampling=sampling_input([_seq(p, seed=p.seed) for p in params], ()),
+                     sample_index=[4, 6], prompt_rows=[prompt])
+    copies = []
+    out = finish_step(logits, step, Sampler(), lambda t: copies.append(t) or t.cpu())
+    assert len(copies) == 1
+    want = Sampler()(logits[[4, 6]], sampling_input([_seq(p, seed=p.seed) for p in params], ()))
+    assert out.tokens == want.tolist()
+    assert torch.equal(out.logits[0], logits[4]) and out.logits[1] is None and out.logprobs[1] is None
+    lp = torch.log_softmax(logits, -1)
+    tok = out.tokens[0]
+    assert out.logprobs[0][tok].logprob == pytest.approx(float(lp[4, tok]), abs=1e-6)
+    assert out.logprobs[0][tok].rank == int((lp[4] > lp[4, tok]).sum()) + 1
+    assert {t for t, e in out.logprobs[0].items() if e.rank <= 3} == set(lp[4].topk(3).indices.tolist())
+    assert len(out.prompt_logprobs) == 1 and len(out.prompt_logprobs[0]) == 4
+    for j, entry in enumerate(out.prompt_logprobs[0]):
+        assert entry[prompt.tokens[j]].logprob == pytest.approx(float(lp[j, prompt.tokens[j]]), abs=1e-6)
+        assert {t for t, e in entry.items() if e.rank <= 2} == set(lp[j].topk(2).indices.tolist())
+    idle = StepInput(True, [], [], [], [], [], [], sampling=sampling_input([], ()), sample_index=[],
+                     prompt_rows=[PromptRows(chunk=0, first=9, rows=[], tokens=[], k=2)])
+    assert finish_step(logits[:1], idle, Sampler(), copies.append).prompt_logprobs == [[]] and len(copies) == 1
 
 
 def test_logprobs_are_the_raw_log_softmax(llm):

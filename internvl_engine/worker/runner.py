@@ -1,6 +1,7 @@
 """Model runner: executes a plain-data StepInput (step_input.py) as one packed forward pass over the paged KV
-pool, samples the rows it asks for and returns a StepOutput (step_output.py). The pool has the paged layout of the kernel contract
-([num_blocks, block_size, Hk, D] per layer) and belongs to the runner; the BlockManager hands out its blocks.
+pool, samples the rows it asks for and returns a StepOutput (step_output.py). The pool has the paged layout of the
+kernel contract ([num_blocks, block_size, Hk, D] per layer) and belongs to the runner; the BlockManager hands out
+its blocks.
 Decode runs from a CUDA graph when enable_graphs() was called and the step fits one (cuda_graphs.py), else eagerly.
 
 Host-to-device inputs go through pinned memory without blocking, so the only host synchronisation of a step is

@@ -28,8 +28,8 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
     to_host(tensor) -> host tensor is the one copy."""
     rows, prompt = step.sampling, step.prompt_rows or []
     n = 0 if rows is None else len(rows)
-    if logits is None or not (n or prompt):  # a worker rank, or a chunk that ends no sequence
-        return StepOutput([], [None] * n, [None] * n, [])
+    if logits is None or not (n or any(g.rows for g in prompt)):  # a worker rank, or a chunk that ends no sequence
+        return StepOutput([], [None] * n, [None] * n, [[] for _ in prompt])
     dev = logits.device
     sampled = logits
     if n and step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
