@@ -10,7 +10,7 @@ persistent device buffers, and a step only copies its inputs into those buffers 
   kernels walk only seq_len tokens, so width only decides split-KV; the torch backend's gather reads the whole
   width, which is why there is more than one bucket.
 - Inputs travel as one asynchronous copy per dtype from pinned host staging. The staging is overwritten only at the
-  next step, after the engine has waited for this step's sampled tokens (stream order), so it is never in use.
+  next step, after the runner has waited for this step's results (stream order), so it is never in use.
 - Graphs of the batch ladder at the first context bucket are captured at start; other buckets at their first use.
 
 The vision tower is the same story at TTFT: 24 layers of about a dozen kernels each, around 350 launches per image
