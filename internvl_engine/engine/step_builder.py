@@ -79,21 +79,17 @@ def sampling_input(seqs: list[Sequence], stop_ids) -> SamplingInput:
     """The sampling rows of `seqs`, in order. Penalties and min_tokens masks as the (row, token) pairs they touch:
     min_tokens masks eos (`stop_ids`, unless ignore_eos) and stop_token_ids while the output is shorter; repetition
     reaches every token seen in prompt or output, frequency and presence every distinct output token."""
-    rows = SamplingInput()
+    params = [s.params for s in seqs]
+    rows = SamplingInput([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                         [p.min_p for p in params], [s.generator for s in seqs], [p.logprobs for p in params],
+                         [p.return_logits for p in params])
     masked_r, masked_t = rows.masked
     rep_r, rep_t, rep_p = rows.repetition
     pen_r, pen_t, pen_c, pen_f, pen_p = rows.counted
     for i, s in enumerate(seqs):
-        p = s.params
-        rows.temperature.append(p.temperature)
-        rows.top_k.append(p.top_k)
-        rows.top_p.append(p.top_p)
-        rows.min_p.append(p.min_p)
-        rows.generators.append(s.generator)
-        rows.logprobs.append(p.logprobs)
-        rows.return_logits.append(p.return_logits)
         if s.plain:  # nothing below applies
             continue
+        p = s.params
         if len(s.output_ids) < p.min_tokens:
             ends = sorted(({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
             masked_r += [i] * len(ends)
