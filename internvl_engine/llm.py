@@ -2,9 +2,9 @@
 with a paged KV cache -> sampler -> text, for one conversation or a batch (continuously batched by the engine)."""
 from __future__ import annotations
 
+import collections
 import functools
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +49,6 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike, dtype="auto", device=None, **settings):
         self.engine = LLMEngine(model, dtype, device, **settings)
-        self._inboxes: dict[str, list[RequestOutput]] = {}  # request id -> its outputs not yet taken by its call
-        # held through a step and the sorting of its outputs into the inboxes, so a request's outputs reach its
-        # inbox in the order the steps made them (else another call's step could land after a later one)
-        self._step_lock = threading.RLock()
 
     # read-only views of the engine: what it loaded and how it runs
     config = property(lambda self: self.engine.config, doc="ModelConfig of the checkpoint")
@@ -124,30 +120,21 @@ class LLM:
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence]) -> Iterator[list[RequestOutput]]:
         """Adds the sequences to the engine and steps it until their final outputs are out, yielding their outputs
-        after each step. Each step's outputs go to the inbox of the call whose request they belong to, so none is
-        lost when another thread's call steps the engine. Closing the iterator early aborts whatever is
-        unfinished."""
-        ids = [s.request_id for s in seqs]
-        inboxes = [self._inboxes.setdefault(rid, []) for rid in ids]
-        pending, added = set(ids), []
+        after each step. Their outputs reach this call's inbox in order whichever thread steps the engine (another
+        call's, an AsyncLLM loop over the same engine), so none is lost. Closing the iterator early aborts whatever
+        is unfinished."""
+        inbox: collections.deque[RequestOutput] = collections.deque()  # appended under the engine's lock
+        pending, added = {s.request_id for s in seqs}, []
         try:
             for s in seqs:
-                self.engine.add_sequence(s)
+                self.engine.add_sequence(s, inbox.append)
                 added.append(s.request_id)
             while pending:
-                with self._step_lock:
-                    for o in self.engine.step():
-                        inbox = self._inboxes.get(o.request_id)
-                        if inbox is not None:
-                            inbox.append(o)
-                    mine = [o for inbox in inboxes for o in inbox]
-                    for inbox in inboxes:
-                        inbox.clear()
+                self.engine.step()  # what it returns belongs to requests without a sink
+                mine = [inbox.popleft() for _ in range(len(inbox))]
                 pending.difference_update(o.request_id for o in mine if o.finished)
                 yield mine
-        finally:  # also run by the garbage collector for an abandoned stream, maybe inside a step: no lock of ours
-            for rid in ids:  # (a dict's setdefault and pop are atomic)
-                self._inboxes.pop(rid, None)
+        finally:
             for rid in added:
                 if rid in pending:
                     self.engine.abort(rid)

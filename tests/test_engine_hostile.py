@@ -20,7 +20,7 @@ def engine():
 
 
 def _clean(engine):
-    assert not engine.is_dead
+    engine.check_health()
     assert not engine._requests
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.block_manager.check_invariants()

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -182,8 +183,6 @@ class LLMEngine:
         """Raises EngineDeadError, saying why, once the engine has hit a fault it cannot recover from."""
         self.health.check()
 
-    is_dead = property(lambda self: self.health.dead is not None)
-
     def inject_fault(self, request_id: str, stage: str, error: BaseException | None = None, times: int | None = None,
                      fatal: bool = False) -> None:
         """Test hook: raise `error` (default: faults.InjectedFault) whenever a step reaches `stage` for `request_id`
@@ -225,8 +224,10 @@ class LLMEngine:
         return self.inputs.make_sequence(request_id, conversation, params, arrival, what, add_generation_prompt,
                                          check_capacity, output_kind)
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence, sink: Callable[[RequestOutput], None] | None = None) -> None:
+        """sink(output) takes the request's outputs, not step()'s caller (under the lock: never blocks or raises)."""
         with self._lock:
+            seq.out.sink = sink
             self.check_health()
             if seq.request_id in self._requests:
                 raise DuplicateRequestError(f"request id {seq.request_id!r} is already in the engine")

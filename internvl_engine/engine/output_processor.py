@@ -84,6 +84,7 @@ class OutputState:
     prompt_copy: list | None = None  # the prompt ids every snapshot of the request shares
     prompt_logprobs: list | None = None  # [None, {token id: Logprob}, ...] (the request's first sample only)
     step_logits: list = field(default_factory=list)  # raw fp32 [V] per generated token, with return_logits
+    sink: object = None         # the request's outputs go here, not to step()'s caller (LLMEngine.add_sequence)
     ids_sent: int = 0           # "delta": output ids (and logprobs) already handed out
     text_sent: int = 0          # "delta": characters of text already handed out
 
@@ -172,11 +173,12 @@ class OutputProcessor:
 
     def outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         """One snapshot per request a step touched (a request's samples share one; "final_only" requests only when
-        they end); then their step deltas are spent."""
-        heads = {id(h): h for h in (s.head for s in touched)}
-        outputs = [self.output(h) for h in heads.values() if h.out.kind != "final_only" or h.request_finished]
-        for h in heads.values():  # a sample's delta belongs to the step that made it
-            for s in h.group or [h]:
+        they end), handed to the request's sink if it has one, else returned; then their step deltas are spent."""
+        outputs = []
+        for h in {id(h): h for h in (s.head for s in touched)}.values():
+            if h.out.kind != "final_only" or h.request_finished:
+                (outputs.append if h.out.sink is None else h.out.sink)(self.output(h))
+            for s in h.group or [h]:  # a sample's delta belongs to the step that made it
                 s.out.delta = ""
         return outputs
 

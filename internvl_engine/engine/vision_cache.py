@@ -55,7 +55,3 @@ class VisionCache:
         t = self._entries.pop(key, None)
         if t is not None:
             self.nbytes -= t.numel() * t.element_size()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
