@@ -70,8 +70,8 @@ class StopMatcher:
 @dataclass(eq=False, slots=True)
 class OutputState:
     """What callers have seen of one sample (Sequence.out): its text and how much of it was released, its stop
-    strings' progress, its logprobs, and for "delta" outputs how much was handed out. Only the output processor
-    reads and writes it."""
+    strings' progress, its logprobs, and for "delta" outputs how much was handed out. The output processor alone
+    reads and writes it (the engine sets `sink` when the request is added)."""
     detokenizer: IncrementalDetokenizer
     kind: str = "cumulative"    # SamplingParams.output_kind, or what the front end reads (LLM: final_only, delta)
     text: str = ""
