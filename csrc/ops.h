@@ -21,7 +21,7 @@ using stream_t = std::uintptr_t;  // a cudaStream_t
 
 // Split-KV decode splits the block-table capacity into ranges of this many tokens, whatever the batch, so a
 // sequence's output does not depend on what it is batched with (the one home of this number: the bindings export
-// it as _C.PAGED_SPLIT_TOKENS to the Python wrappers and the Triton kernel).
+// it as _C.PAGED_SPLIT_TOKENS, which ops.paged_split_tokens() reads for the Python wrappers and the Triton kernel).
 constexpr int64_t kPagedSplitTokens = 256;
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
