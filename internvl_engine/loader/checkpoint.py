@@ -74,7 +74,7 @@ def _read(f, key: str, index, shape: tuple, file: Path) -> torch.Tensor:
 
 
 # safetensors' header dtype names
-_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # what a dense (floating) parameter may be stored in; it is cast on the way
@@ -95,7 +95,7 @@ def _catalog(path: Path) -> list[tuple[Path, list[tuple[str, tuple, object]]]]:
                     shape, dtype = tuple(part.get_shape()), part.get_dtype()
                 except (SafetensorError, RuntimeError) as e:
                     raise CheckpointError(f"{file.name}: tensor {key!r} cannot be read ({e})") from None
-                entries.append((key, shape, _FILE_DTYPES.get(dtype, dtype)))
+                entries.append((key, shape, _HEADER_DTYPES.get(dtype, dtype)))
         out.append((file, entries))
     return out
 
