@@ -34,12 +34,13 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
     sampled = logits
     if n and step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
         sampled = logits[on_device(dev, step.sample_index)]  # prompt-logprob rows come first
-    parts, tokens = [], None
-    if n:
-        tokens = sampler(sampled, rows)
-        parts.append(tokens.float())
-    # logprobs of the sampled rows that asked, then of every prompt-logprob row: one log-softmax, one top-k
+    tokens = sampler(sampled, rows) if n else None
     asked = [i for i, k in enumerate(rows.logprobs) if k is not None] if n else []
+    kept = [i for i, r in enumerate(rows.return_logits) if r] if n else []
+    if not (asked or kept or prompt):  # the usual decode step: the tokens alone, as they are
+        return StepOutput(to_host(tokens).tolist(), [None] * n, [None] * n, [])
+    parts = [tokens.float()] if n else []
+    # logprobs of the sampled rows that asked, then of every prompt-logprob row: one log-softmax, one top-k
     prompt_rows = [r for g in prompt for r in g.rows]
     k = max([rows.logprobs[i] for i in asked] + [g.k for g in prompt if g.rows], default=0)
     if asked or prompt_rows:
@@ -47,7 +48,6 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
         src = torch.cat([sampled[where], logits[on_device(dev, prompt_rows)]])
         ids = torch.cat([tokens[where] if asked else where, on_device(dev, [t for g in prompt for t in g.tokens])])
         parts.append(logprob_table(src, ids, k).flatten())
-    kept = [i for i, r in enumerate(rows.return_logits) if r] if n else []
     if kept:
         parts.append(sampled[on_device(dev, kept)].flatten())
     host = to_host(torch.cat(parts) if len(parts) > 1 else parts[0])
