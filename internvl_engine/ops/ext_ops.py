@@ -1,7 +1,8 @@
 """Marshalling for the C++ extension's launchers (csrc/ops.h): tensors become addresses, sizes and token strides.
 The `cpp` backend binds it to `_C.cpu` (CPU tensors) and the `cuda` backend to `_C.cuda` (CUDA tensors, launched
 on torch's current stream so that CUDA graphs capture them). Arguments were validated by ops.checks already;
-what is checked here is only what differs between the two targets."""
+what is checked here is only what differs between the two targets. The extension itself is imported here alone
+(load_extension), for the whole package."""
 from __future__ import annotations
 
 import functools
