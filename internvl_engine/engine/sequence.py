@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ class Sequence:
     prefilled: bool = False     # the last prefill chunk ran; decodable
     first_scheduled: float | None = None  # set at the first admission (queue time, cached-prompt metrics)
 
-    @property
+    @functools.cached_property  # read for every row of every step; params are fixed once the intake checked them
     def plain(self) -> bool:
         """No penalties, min_tokens or logprobs: the sampler's and logprobs' fast path."""
         p = self.params
