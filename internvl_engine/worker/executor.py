@@ -86,18 +86,23 @@ def launch(cfg, config, device: torch.device, dtype: torch.dtype) -> "Executor |
     return Executor(cfg, device, dtype, torchrun=env is not None)
 
 
-def _reap(procs: list, grace_s: float | None = None) -> None:
-    """Terminate, then kill after grace_s (None: REAP_GRACE_S), whichever spawned workers are still alive, and join
-    them all."""
-    for p in procs:
-        if p.is_alive():
+def _reap(procs: list, waiting, grace_s: float | None = None) -> None:
+    """Terminate, then kill after grace_s (None: REAP_GRACE_S; 0: at once), whichever spawned workers are still
+    alive, and join them all. The signals go at once, from any thread; the waits, one thread at a time (`waiting`):
+    of two threads in waitpid on one child, the one that loses gets ECHILD and returns before the other has set
+    the exit code, so a caller could find the worker neither alive nor exited."""
+    for p in procs:  # no-ops for a worker reaped already
+        if grace_s == 0:
+            p.kill()
+        else:
             p.terminate()
-    deadline = time.monotonic() + (REAP_GRACE_S if grace_s is None else grace_s)
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()  # SIGKILL also ends a stopped process, which SIGTERM does not
-            p.join()
+    with waiting:
+        deadline = time.monotonic() + (REAP_GRACE_S if grace_s is None else grace_s)
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()  # SIGKILL also ends a stopped process, which SIGTERM does not
+                p.join()
 
 
 class _Closer:
@@ -108,6 +113,7 @@ class _Closer:
     def __init__(self, procs: list):
         self.procs, self.tp, self.live = procs, None, True
         self.grace_s: float | None = None  # 0: kill at once (the workers are mid-call, perhaps hung)
+        self.waiting = threading.RLock()   # held by whoever waits on the workers' exit (_reap)
 
     def __call__(self) -> None:
         if self.live and self.tp is not None:
@@ -117,9 +123,13 @@ class _Closer:
                 self.tp.send_object(("shutdown", None, []), timeout=timedelta(seconds=JOIN_TIMEOUT_S))
             except Exception:  # a worker gone or hung: reaped below
                 pass
-            for p in self.procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-        _reap(self.procs, self.grace_s)
+            with self.waiting:
+                for p in self.procs:
+                    p.join(max(0.0, deadline - time.monotonic()))
+        self.reap(self.grace_s)
+
+    def reap(self, grace_s: float | None = None) -> None:
+        _reap(self.procs, self.waiting, grace_s)
 
 
 def _watch(executor_ref, sentinels: dict) -> None:
@@ -229,7 +239,11 @@ class Executor:
         what = f"tensor-parallel worker rank {rank}"
         p = self.procs.get(rank)
         if p is not None:
-            p.join(0.5)
+            if self._closer.waiting.acquire(timeout=0.5):  # else another thread is reaping it
+                try:
+                    p.join(0.5)
+                finally:
+                    self._closer.waiting.release()
             what += f" (pid {p.pid})"
             if p.exitcode is not None and p.exitcode < 0:
                 what += f" was killed by {signal.Signals(-p.exitcode).name}"
@@ -257,7 +271,7 @@ class Executor:
             self._closer.live = False  # nothing more is sent: the ranks are out of step
         if self.device.type == "cuda" and hasattr(self, "tp"):
             self.tp.abort()  # NCCL collectives do not notice a dead peer by themselves
-        _reap(list(self.procs.values()))  # a hung worker too: its sockets close, so the driver's call ends
+        self._closer.reap()  # a hung worker too: its sockets close, so the driver's call ends
 
     @property
     def dead_reason(self) -> str | None:
