@@ -247,6 +247,16 @@ def test_a_step_hands_back_its_results_in_one_copy():
     assert finish_step(logits[:1], idle, Sampler(), copies.append).prompt_logprobs == [[]] and len(copies) == 1
 
 
+def test_prompt_logits_are_not_staged_in_pinned_memory(llm, monkeypatch):
+    """runner.to_host stages a step's results in pinned memory, which torch's host allocator keeps (locked) once
+    used; prompt_logits' [prompt_len, V] fp32 (gigabytes for a long prompt) is a plain copy instead."""
+    staged = []
+    real = llm.engine.runner.to_host
+    monkeypatch.setattr(llm.engine.runner, "to_host", lambda t: staged.append(t.shape) or real(t))
+    logits = llm.prompt_logits(PROMPT)
+    assert logits.shape[1] == llm.config.text.vocab_size and staged == []
+
+
 def test_logprobs_are_the_raw_log_softmax(llm):
     out, raw = _greedy_with(llm, logprobs=3)
     lp = torch.log_softmax(raw.double(), -1)

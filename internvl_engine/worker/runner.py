@@ -130,8 +130,9 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, step: StepInput) -> torch.Tensor:
         """Host fp32 logits [len(logits_rows), V] of one forward that samples nothing (every row when logits_rows
-        is None)."""
-        return self.to_host(self._logits(step))
+        is None). A plain copy, not to_host's pinned staging: [prompt_len, V] fp32 is gigabytes for a long prompt,
+        which the pinned-memory cache would keep locked for the life of the process."""
+        return self._logits(step).cpu()
 
     def _logits(self, step: StepInput) -> torch.Tensor | None:
         """fp32 logits [len(logits_rows), V] of one forward on the device (every row when logits_rows is None;
