@@ -235,6 +235,20 @@ def test_llm_text_batch_does_not_queue_behind_another_callers_stalled_image_urls
     _wait_idle(llm)
 
 
+def test_an_llm_stepping_the_shared_engine_does_not_take_async_requests_outputs(llm):
+    """An LLM over AsyncLLM's engine steps it too: the outputs of the AsyncLLM's requests that such a step makes
+    still reach their futures (step() used to hand them to the LLM's thread, which dropped them: the futures never
+    completed)."""
+    from internvl_engine import LLM
+    sync = LLM.__new__(LLM)
+    sync.engine = llm.engine
+    futures = [llm.submit(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True)) for _ in range(8)]
+    sync.generate(["Hi", "Hello"], SamplingParams(max_tokens=40, ignore_eos=True))
+    outs = [f.result(timeout=30) for f in futures]
+    assert [len(o.token_ids) for o in outs] == [12] * 8
+    _wait_idle(llm)
+
+
 # ------------------------------------------------------------------------------------- shutdown
 def test_shutdown_fails_requests_in_flight_and_refuses_later_ones():
     """shutdown() with a generate() consumer and a submit() future waiting: both get EngineDeadError saying it was

@@ -192,7 +192,9 @@ class _EngineLoop:
     def start(self, req: _Request, conversation, params, output_kind: str | None = None) -> None:
         """Adds a registered request to the engine (bad input raises here, to the caller, and unregisters it)."""
         try:
-            self.engine.add_request(req.request_id, conversation, params, output_kind)
+            # its outputs reach _deliver whichever thread steps the engine (an LLM may share it): step() would hand
+            # them to that thread's caller, which drops what is not its own
+            self.engine.add_request(req.request_id, conversation, params, output_kind, self._deliver)
         except BaseException:
             self._unregister(req)
             raise

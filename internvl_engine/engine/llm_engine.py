@@ -236,14 +236,14 @@ class LLMEngine:
             self._publish_stats()
 
     def add_request(self, request_id: str, conversation, params: SamplingParams | None = None,
-                    output_kind: str | None = None) -> None:
+                    output_kind: str | None = None, sink: Callable[[RequestOutput], None] | None = None) -> None:
         if not isinstance(request_id, str):
             raise PromptError(f"request_id must be a string, got {type(request_id).__name__}")
         with self._lock:
             if request_id in self._requests:
                 raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
         self.add_sequence(self.make_sequence(request_id, conversation, SamplingParams() if params is None else params,
-                                             time.perf_counter(), f"request {request_id}", output_kind=output_kind))
+                                             time.perf_counter(), f"request {request_id}", output_kind=output_kind), sink)
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
