@@ -79,7 +79,7 @@ class EngineConfig:
         help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
     tensor_parallel_size: int = setting(
         1, flag="--tensor-parallel-size", metavar="N",
-        help="ranks the language model is sharded over (distributed/); one process per rank, or torchrun's "
+        help="ranks the language model is sharded over (parallel.py, worker/); one process per rank, or torchrun's "
              "processes (README: tensor parallelism)")
     tensor_parallel_timeout_s: float = setting(  # a hung worker, not a slow step
         300.0, flag="--tensor-parallel-timeout", metavar="S",

@@ -249,6 +249,22 @@ def test_every_settings_field_meant_as_a_flag_has_one_with_its_default(command):
     assert not (unflagged - {"model", "seed", "max_prompt_chars"}) & set(by_dest)
 
 
+def test_flag_help_names_only_files_that_exist():
+    """A setting's help that points into the code (a module, a room) points at one that exists: the package's
+    rooms moved in issue 3.1 (--tensor-parallel-size named distributed/, which is gone)."""
+    import dataclasses
+    import re
+
+    from internvl_engine.settings import EngineConfig, ServerSettings
+
+    root = Path(__file__).resolve().parents[1]
+    for cls in (EngineConfig, ServerSettings):
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            for ref in re.findall(r"(?<![\w./:-])((?:\w+/)+|\w+\.py)(?![\w/])", text):
+                assert any((base / ref).exists() for base in (root / "internvl_engine", root)), (f.name, ref)
+
+
 def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
     """A full serve command line against the objects the hand-written flags built before issue 3.1."""
     from internvl_engine.cli import build_parser, serve_settings
