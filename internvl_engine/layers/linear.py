@@ -102,10 +102,6 @@ class PackedLinear(nn.Module):
     def row_sharded(self) -> bool:
         return self.in_local != self.in_features
 
-    def shard_range(self, name: str) -> tuple[int, int]:
-        i = self.shard_names.index(name)
-        return sum(self.shard_sizes[:i]), self.shard_sizes[i]
-
     def split(self, y):
         return y.split(self.shard_sizes, dim=-1)
 
