@@ -179,6 +179,64 @@ def test_fp8_gemm_ref_emulates_per_token_quantization():
     assert torch.allclose(fp8_gemm_ref(x, q, scale), xq @ twin.t(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_quantized_tensors_keep_their_dtypes_through_casts_and_moves(method):
+    """A format's own tensors (int32 packs, e4m3 weights, float32 scales) keep their dtype and bits through the
+    casts and moves a model goes through (the loader's .to(dtype) on the meta device and to_empty, .half(),
+    .to(device, dtype)); the bias follows the model's dtype like any dense parameter."""
+    from internvl_engine.layers.linear import PackedLinear
+    from internvl_engine.quant.awq import AWQLinearMethod
+    from internvl_engine.quant.fp8 import Fp8LinearMethod
+
+    def build():
+        layer = PackedLinear(256, [128, 128], ["gate_proj", "up_proj"], True,
+                             method=AWQLinearMethod() if method == "awq" else Fp8LinearMethod())
+        with torch.no_grad():
+            for p in layer.parameters():
+                bits = torch.randint(0, 256, (p.numel() * p.element_size(),), dtype=torch.uint8)
+                p.copy_(bits.view(p.dtype).reshape(p.shape) if p.dtype in (torch.int32, torch.float8_e4m3fn)
+                        else torch.randn(p.shape, dtype=p.dtype))
+        return layer
+
+    own = {"awq": {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float32},
+           "fp8": {"weight": torch.float8_e4m3fn, "weight_scale": torch.float32}}[method]
+    for cast, dtype in [(lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.to("cpu", torch.float16), torch.float16), (lambda m: m.double(), torch.float64),
+                        (lambda m: m.to("cpu"), torch.float32)]:
+        layer = build()
+        before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+        cast(layer)
+        for name, want in own.items():
+            p = getattr(layer, name)
+            assert p.dtype == want and torch.equal(p.view(torch.uint8), before[name].view(torch.uint8)), name
+        assert layer.bias.dtype == dtype and torch.equal(layer.bias, before["bias"].to(dtype))
+    with torch.device("meta"):  # as the loader builds and casts it
+        layer = PackedLinear(256, [128, 128], ["gate_proj", "up_proj"], True,
+                             method=AWQLinearMethod() if method == "awq" else Fp8LinearMethod()).to(torch.bfloat16)
+    layer.to_empty(device="cpu")
+    assert {n: p.dtype for n, p in layer.named_parameters()} == {**own, "bias": torch.bfloat16}
+
+
+def test_ignore_list_leaving_part_of_a_packed_layer_dense_is_refused():
+    """q/k/v (and gate/up) share one matmul: the ignore list leaves all of them dense or none. Names are matched
+    in every layout the loader reads (language_model.model.layers.N..., model.layers.N..., ...)."""
+    from internvl_engine.config.quant import QuantConfig
+    from internvl_engine.layers.linear import DENSE
+    from internvl_engine.quant import method_for
+    from internvl_engine.quant.fp8 import Fp8LinearMethod
+
+    qkv = [f"language_model.layers.1.self_attn.{s}" for s in ("q_proj", "k_proj", "v_proj")]
+    assert type(method_for(QuantConfig("fp8", 8, 0), qkv)) is Fp8LinearMethod
+    assert method_for(None, qkv) is DENSE
+    whole = QuantConfig("fp8", 8, 0, [r"re:.*layers\.1\.self_attn\.[qkv]_proj"])
+    assert method_for(whole, qkv) is DENSE
+    assert type(method_for(whole, [q.replace("layers.1", "layers.0") for q in qkv])) is Fp8LinearMethod
+    part = QuantConfig("fp8", 8, 0, ["model.layers.1.self_attn.k_proj"])
+    with pytest.raises(UnsupportedModelError, match=r"layers\.1\.self_attn\.q_proj, .*k_proj, .*v_proj: the "
+                                                    r"ignore list leaves only some of these dense"):
+        method_for(part, qkv)
+
+
 def _original_config(block_at, block):
     llm_config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128,
                   "num_attention_heads": 4}
