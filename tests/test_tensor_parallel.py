@@ -212,6 +212,31 @@ def test_killed_worker_kills_the_engine_within_seconds():
     assert _workers_gone(engine)
 
 
+def test_a_sampler_failure_is_its_requests_not_the_ranks():
+    """The driver samples after the parallel forward: a sampler failure fails its request alone (the step is rerun
+    in halves, as with one rank) and leaves the workers serving; inside the parallel call it killed the engine."""
+    llm = LLM("random:tiny", dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        local = llm.engine.runner.local
+        real = local.sampler
+
+        def sampler(logits, rows):
+            if 0.5 in rows.temperature:
+                raise RuntimeError("planted sampler failure")
+            return real(logits, rows)
+
+        local.sampler = sampler
+        outs = llm.generate([_text(0), _text(1)], [SamplingParams(max_tokens=4, temperature=0.5, seed=1),
+                                                   _params(4)])
+        assert outs[0].finish_reason == "error" and "planted sampler failure" in str(outs[0].error)
+        assert outs[1].finish_reason == "length"
+        llm.engine.check_health()
+        assert len(llm.generate(_text(2), _params(3))[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+    assert _workers_gone(llm.engine)
+
+
 def test_raising_worker_kills_the_engine_and_fails_pending_requests():
     """AsyncLLM over an N=2 engine: a worker that raises mid-step fails every request in flight with
     EngineDeadError naming what it raised, and stops the workers."""

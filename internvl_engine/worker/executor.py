@@ -41,6 +41,7 @@ from ..settings import EngineConfigError
 from ..quant import check_tensor_parallel
 from .loop import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
     worker_main
+from .step_output import finish_step
 
 JOIN_TIMEOUT_S = 10.0  # a worker told to shut down that is still alive after this is killed
 REAP_GRACE_S = 2.0     # a terminated worker still alive after this is killed
@@ -392,9 +393,11 @@ class ParallelRunner:
             return run_local(step)
         return self._parallel("execute", run)
 
+    @torch.inference_mode()
     def execute(self, step):
-        """The step on every rank; the driver's StepOutput."""
-        return self._step(step, self.local.execute)
+        """The step's forward on every rank; then the driver alone samples, after the parallel call: a sampler
+        failure is its requests' (rerun in halves), not the ranks' (the workers are past the step)."""
+        return finish_step(self._step(step, self.local._logits), step, self.local.sampler, self.local.to_host)
 
     def logits(self, step) -> torch.Tensor:
         """The step's forward on every rank; the driver's host logits."""
