@@ -249,6 +249,37 @@ def test_an_llm_stepping_the_shared_engine_does_not_take_async_requests_outputs(
     _wait_idle(llm)
 
 
+def test_an_engine_killed_from_another_thread_fails_the_requests_in_flight():
+    """engine.fail(why) (or a shared LLM's step meeting a fatal fault) while the loop thread waits for the lock in
+    has_unfinished_requests(): the dead engine holds no request, so the loop went idle and the request's future
+    waited forever; it gets the EngineDeadError."""
+    import sys
+    e = AsyncLLM("random:tiny", device="cpu")
+    try:
+        future = e.submit(PROMPT, SamplingParams(max_tokens=8000, ignore_eos=True))
+        loop_thread = e._loop._thread.ident
+
+        def loop_waits_in(name):
+            f = sys._current_frames().get(loop_thread)
+            while f is not None and f.f_code.co_name != name:
+                f = f.f_back
+            return f is not None
+
+        for _ in range(500):
+            with e.engine._lock:
+                time.sleep(0.02)
+                if loop_waits_in("has_unfinished_requests"):
+                    e.engine.fail("a front end met a fault")
+                    break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the loop thread was never caught waiting in has_unfinished_requests")
+        with pytest.raises(EngineDeadError, match="a front end met a fault"):
+            future.result(timeout=10)
+    finally:
+        e.shutdown()
+
+
 # ------------------------------------------------------------------------------------- shutdown
 def test_shutdown_fails_requests_in_flight_and_refuses_later_ones():
     """shutdown() with a generate() consumer and a submit() future waiting: both get EngineDeadError saying it was

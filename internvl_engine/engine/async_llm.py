@@ -284,6 +284,11 @@ class _EngineLoop:
     def _run(self) -> None:
         while not self._stopped:
             if not self.engine.has_unfinished_requests() and not self._poke:
+                try:  # another thread may have killed it (engine.fail, a shared LLM's step): its requests are gone
+                    self.engine.check_health()
+                except EngineDeadError as e:
+                    self._fail_all(e)
+                    return
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
