@@ -68,7 +68,7 @@ def test_lm_head_share_1b():
     ("internvl3-2b", 1.94e-3, 24.1e-3, 1.04e-3, 1.66e-3),
     ("internvl3-8b", 5.64e-3, 69.8e-3, 4.73e-3, 5.97e-3)])
 def test_floor_table_matches_spec(name, ttft1, ttft13, tpot1, tpot64):
-    """The H100 floor table of shared/design/performance.md (1 tile = 256 image + 30 text tokens, 1k context)."""
+    """The H100 floor table of the project's design notes (1 tile = 256 image + 30 text tokens, 1k context)."""
     cfg = _cfg(name)
     one = floors.floors(cfg, H100, tiles_per_request=1, prompt_tokens=[286], output_tokens=0, dtype_bytes=2)
     thirteen = floors.floors(cfg, H100, tiles_per_request=13, prompt_tokens=[13 * 256 + 30], output_tokens=0,

@@ -20,7 +20,7 @@ transformers (--baseline hf), the same conversations in the same groups, in the 
 TPOT = (e2e - TTFT) / (N - 1); left padding for B > 1. Ratios: latency hf / ours, throughput ours / hf (> 1: we are
 faster). Greedy ids are compared per request.
 
-Floors (bench/floors.py, shared/design/performance.md): max(FLOPs / matmul peak, bytes / copy bandwidth) per stage
+Floors (bench/floors.py, its counting rules): max(FLOPs / matmul peak, bytes / copy bandwidth) per stage
 with the peaks measured at the start of the run; vs_floor = measured / floor."""
 from __future__ import annotations
 

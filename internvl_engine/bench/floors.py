@@ -1,4 +1,4 @@
-"""Physical floors of each stage, from the model's shape (shared/design/performance.md, "Model arithmetic").
+"""Physical floors of each stage, from the model's shape (counting rules below).
 
 A stage's floor is max(FLOPs / matmul peak, bytes / copy bandwidth), with both peaks measured in the same run
 (`common.measure_peaks`). Counting rules:

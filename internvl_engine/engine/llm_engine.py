@@ -128,7 +128,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    set(self.config.eos_token_ids) | {self.tokenizer.eos_token_id}, self.max_model_len)
         self.enforce_eager = cfg.enforce_eager or self.device.type != "cuda" or cfg.tensor_parallel_size > 1
-        if not self.enforce_eager:  # decode graphs for the batch ladder, over this pool (cuda_graphs.py)
+        if not self.enforce_eager:  # decode graphs for the batch ladder, over this pool (worker/cuda_graphs.py)
             self.runner.enable_graphs(self.cache, cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size),
                                       vision=cfg.vision_graphs)
         self.vision_cache = _vision_cache(cfg, self.device)

@@ -1,5 +1,5 @@
-"""Quantized checkpoints (formats: shared/design/quantization.md), as linear methods the layers of
-layers/linear.py hold.
+"""Quantized checkpoints, in the layouts their producers write (below; details in awq.py, fp8.py), as linear
+methods the layers of layers/linear.py hold.
 
 - AWQ W4A16 as OpenGVLab/LMDeploy ship it (`quant_method: awq, version: gemm, bits: 4, group_size: 128,
   zero_point: true`): only the Qwen2 decoder linears are quantized; per layer `qweight` int32 [in, out/8],

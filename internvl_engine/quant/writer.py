@@ -16,8 +16,6 @@ from .awq import awq_dequantize, awq_pack
 from .fp8 import FP8_MAX
 
 AWQ_GROUP = 128
-AWQ_LEAVES = ("qweight", "qzeros", "scales")
-FP8_LEAVES = ("weight", "weight_scale")
 
 
 def awq_quantize(w: torch.Tensor, group_size: int = AWQ_GROUP) -> dict[str, torch.Tensor]:

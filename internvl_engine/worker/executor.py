@@ -39,8 +39,7 @@ from ..errors import BackendError, EngineDeadError
 from ..parallel import TensorParallel, check_shardable
 from ..settings import EngineConfigError
 from ..quant import check_tensor_parallel
-from .loop import STORE_TIMEOUT, WorkerSpec, peak_rss_bytes, rss_bytes, run_worker, split_tiles, vision_share, \
-    worker_main
+from .loop import STORE_TIMEOUT, WorkerSpec, run_worker, split_tiles, vision_share, worker_main
 from .step_output import finish_step
 
 JOIN_TIMEOUT_S = 10.0  # a worker told to shut down that is still alive after this is killed
@@ -416,6 +415,3 @@ class ParallelRunner:
             return vision_share(self.executor.tp, self.local, counts, shape, dtype, pixel_values)
         return self._parallel("vision", run)
 
-
-def driver_memory() -> dict:
-    return dict(pid=os.getpid(), rss_bytes=rss_bytes(), peak_rss_bytes=peak_rss_bytes())
