@@ -43,7 +43,8 @@ def _room(module: str) -> str:
 def _imports():
     """(importer, imported module, inside a function, line, has a comment) for every intra-package import. A
     `from pkg import name` names the submodule when one exists, else the package (its face, `__init__.py`). The
-    faces a submodule import runs on the way are not counted: a room's face is in the room."""
+    faces a submodule import runs on the way are not listed: a room's face is in the room, and the file-cycle
+    check adds them."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     found = []
     for module, path in files.items():
