@@ -28,6 +28,12 @@ class RequestMetrics:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def copy(self) -> RequestMetrics:
+        """A snapshot (every field is a number); every output of every step takes one, so it skips __init__."""
+        new = object.__new__(RequestMetrics)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 @dataclass
 class CompletionOutput:

@@ -288,9 +288,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
         logits = _penalize(logits, rows)
         out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
-        drawn = [i for i, t in enumerate(rows.temperature) if t >= GREEDY_TEMPERATURE]
-        if not drawn:
+        if max(rows.temperature, default=0.0) < GREEDY_TEMPERATURE:
             return out
+        drawn = [i for i, t in enumerate(rows.temperature) if t >= GREEDY_TEMPERATURE]
         drawn.sort(key=lambda i: rows.generators[i] is not None)  # unseeded rows first: one batched draw for them
         dev = logits.device
         index = on_device(dev, drawn)

@@ -77,7 +77,7 @@ class InputProcessor:
         if params.n > 1:  # the other samples join the scheduler once the first has prefilled (they share its blocks)
             # every sample carries the caller's id as its label; the engine keys them by Sequence.seq_id
             seq.group = [seq] + [self._sample(request_id, seq.prompt_ids, params,
-                                              RequestMetrics(**metrics.as_dict()), i, kind) for i in range(1, params.n)]
+                                              metrics.copy(), i, kind) for i in range(1, params.n)]
             for child in seq.group[1:]:
                 child.group = seq.group  # every sample finds its request (outputs go out under the first's id)
                 child.pixel_values, child.num_patches, child.media = seq.pixel_values, seq.num_patches, seq.media

@@ -308,11 +308,11 @@ class LLMEngine:
         self.scheduler.postprocess(sched, sampled, out.tokens)
         for k, s in enumerate(sampled):
             try:
-                with self._stage("detokenize", (s,)):
-                    self.output_processor.token_added(s, out.logprobs[k], out.logits[k])
-                    if s.finished:
-                        self.scheduler.remove(s)  # a stop string ends it here, after the scheduler's token rules
-                        self._request_done(s)
+                self._stage("detokenize", (s,))
+                self.output_processor.token_added(s, out.logprobs[k], out.logits[k])
+                if s.finish_reason is not None:
+                    self.scheduler.remove(s)  # a stop string ends it here, after the scheduler's token rules
+                    self._request_done(s)
             except Exception as e:
                 self._fail(s, "detokenize", e)
             if s.index == 0 and len(s.group) > 1 and len(s.output_ids) == 1:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..outputs import CompletionOutput, RequestOutput
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import Logprob
 from .sequence import Sequence
@@ -174,12 +174,17 @@ class OutputProcessor:
     def outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         """One snapshot per request a step touched (a request's samples share one; "final_only" requests only when
         they end), handed to the request's sink if it has one, else returned; then their step deltas are spent."""
-        outputs = []
-        for h in {id(h): h for h in (s.head for s in touched)}.values():
-            if h.out.kind != "final_only" or h.request_finished:
-                (outputs.append if h.out.sink is None else h.out.sink)(self.output(h))
-            for s in h.group or [h]:  # a sample's delta belongs to the step that made it
-                s.out.delta = ""
+        outputs, output = [], self.output
+        heads = {id(h): h for h in [s.head if s.group else s for s in touched]}.values()  # once per request
+        for h in heads:
+            o = h.out
+            if o.kind != "final_only" or h.request_finished:
+                (outputs.append if o.sink is None else o.sink)(output(h))
+            if h.group:  # a sample's delta belongs to the step that made it
+                for s in h.group:
+                    s.out.delta = ""
+            else:
+                o.delta = ""
         return outputs
 
     def output(self, head: Sequence) -> RequestOutput:
@@ -195,7 +200,7 @@ class OutputProcessor:
             m.generated_tokens = len(head.output_ids)
             logits = torch.stack(o.step_logits) if o.step_logits and head.finish_reason else None
             return RequestOutput(head.request_id, first.text, first.token_ids, o.prompt_copy,
-                                 first.finish_reason, RequestMetrics(**m.as_dict()), logits, first.delta,
+                                 first.finish_reason, m.copy(), logits, first.delta,
                                  head.error, [first], o.prompt_logprobs)
         samples = head.group
         finished = all(x.finished for x in samples)
@@ -205,5 +210,5 @@ class OutputProcessor:
         first = outs[0]
         error = next((x.error for x in samples if x.error is not None), None)
         return RequestOutput(head.request_id, first.text, first.token_ids, o.prompt_copy,
-                             first.finish_reason if finished else None, RequestMetrics(**m.as_dict()), logits,
+                             first.finish_reason if finished else None, m.copy(), logits,
                              first.delta, error, outs, o.prompt_logprobs)

@@ -159,8 +159,9 @@ class Scheduler:
 
     def _schedule_decode(self) -> SchedulerOutput:
         out = SchedulerOutput(False)
+        preempted = set()  # ids of the sequences this pass preempted (a set: `in self.running` made the pass O(B^2))
         for s in [s for s in self.running if s.prefilled]:
-            if s not in self.running:  # preempted below by an older sequence's growth
+            if id(s) in preempted:  # preempted below by an older sequence's growth
                 continue
             try:
                 grown = self.bm.append_slot(s.seq_id, s.num_tokens)
@@ -170,12 +171,14 @@ class Scheduler:
             while not grown:
                 victim = self.running[-1]
                 self.preempt(victim)
+                preempted.add(id(victim))
                 if victim is s:
                     break
                 grown = self.bm.append_slot(s.seq_id, s.num_tokens)
             else:
                 out.decode.append(s)
-        out.decode = [s for s in out.decode if s in self.running]
+        if preempted:
+            out.decode = [s for s in out.decode if id(s) not in preempted]
         return out
 
     def _drop(self, s: Sequence, error: Exception, out: SchedulerOutput) -> None:

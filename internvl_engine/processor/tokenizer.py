@@ -193,7 +193,7 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -217,7 +217,7 @@ class IncrementalDetokenizer:
     def add(self, token_ids) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        self.ids.extend(int(t) for t in token_ids)
+        self.ids.extend(map(int, token_ids))
         if len(self.ids) == self.read_offset:
             return ""
         text = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)

@@ -35,10 +35,10 @@ def finish_step(logits: torch.Tensor | None, step: StepInput, sampler: Sampler, 
     if n and step.sample_index is not None and len(step.sample_index) != logits.shape[0]:
         sampled = logits[on_device(dev, step.sample_index)]  # prompt-logprob rows come first
     tokens = sampler(sampled, rows) if n else None
+    if not (prompt or (n and (rows.logprobs.count(None) != n or True in rows.return_logits))):
+        return StepOutput(to_host(tokens).tolist(), [None] * n, [None] * n, [])  # the usual decode step: tokens alone
     asked = [i for i, k in enumerate(rows.logprobs) if k is not None] if n else []
     kept = [i for i, r in enumerate(rows.return_logits) if r] if n else []
-    if not (asked or kept or prompt):  # the usual decode step: the tokens alone, as they are
-        return StepOutput(to_host(tokens).tolist(), [None] * n, [None] * n, [])
     parts = [tokens.float()] if n else []
     # logprobs of the sampled rows that asked, then of every prompt-logprob row: one log-softmax, one top-k
     prompt_rows = [r for g in prompt for r in g.rows]
