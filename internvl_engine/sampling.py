@@ -286,7 +286,8 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
-        logits = _penalize(logits, rows)
+        if rows.masked[0] or rows.repetition[0] or rows.counted[0]:
+            logits = _penalize(logits, rows)
         out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
         if max(rows.temperature, default=0.0) < GREEDY_TEMPERATURE:
             return out

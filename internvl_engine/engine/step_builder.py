@@ -82,7 +82,7 @@ def sampling_input(seqs: list[Sequence], stop_ids) -> SamplingInput:
     params = [s.params for s in seqs]
     rows = SamplingInput([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                          [p.min_p for p in params], [s.generator for s in seqs], [p.logprobs for p in params],
-                         [p.return_logits for p in params])
+                         [p.return_logits for p in params], ([], []), ([], [], []), ([], [], [], [], []))
     masked_r, masked_t = rows.masked
     rep_r, rep_t, rep_p = rows.repetition
     pen_r, pen_t, pen_c, pen_f, pen_p = rows.counted
