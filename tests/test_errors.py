@@ -212,12 +212,16 @@ def test_unsupported_model_type(ckpt, tmp_path, serves):
     serves()
 
 
-def test_unsupported_language_model(ckpt, tmp_path, serves):
+@pytest.mark.parametrize("model_type,arch", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("gpt_oss", "GptOssForCausalLM"),
+                                             ("internlm2", "InternLM2ForCausalLM")])
+def test_unsupported_language_model(ckpt, tmp_path, serves, model_type, arch):
+    """A decoder family this engine does not implement names the field and lists the ones it does."""
     def edit(raw):
-        raw["text_config"]["model_type"] = "llama"
-        raw["text_config"]["architectures"] = ["LlamaForCausalLM"]
-    d = _with_config(ckpt, tmp_path / "llama", edit)
-    expect(UnsupportedModelError, r"config\.json.*'llama'", load, d)
+        raw["text_config"]["model_type"] = model_type
+        raw["text_config"]["architectures"] = [arch]
+    d = _with_config(ckpt, tmp_path / model_type, edit)
+    expect(UnsupportedModelError, rf"config\.json: text_config\.model_type '{model_type}' .*implemented are "
+           r"qwen2 \(Qwen2ForCausalLM\), llama \(LlamaForCausalLM\), qwen3 \(Qwen3ForCausalLM\)", load, d)
     serves()
 
 

@@ -41,6 +41,9 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    """The decoder, in what its families (TEXT_FAMILIES) differ by: all of them are pre-norm RMSNorm blocks with
+    GQA attention, NeoX RoPE and a SiLU-gated MLP (transformers' Qwen2, Llama and Qwen3 modeling code)."""
+    model_type: str = "qwen2"  # "qwen2" | "llama" | "qwen3"
     vocab_size: int = 151674
     hidden_size: int = 896
     intermediate_size: int = 4864
@@ -57,6 +60,10 @@ class TextConfig:
     tie_word_embeddings: bool | None = None
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
+    qkv_bias: bool = True  # Qwen2 always; Llama and Qwen3 as attention_bias says
+    o_proj_bias: bool = False  # Llama and Qwen3: attention_bias covers o_proj too
+    mlp_bias: bool = False  # Llama's mlp_bias (gate, up and down)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before RoPE
 
 
 @dataclass
@@ -261,28 +268,57 @@ class _Fields:
         return list(v) if isinstance(v, list) else [v]
 
 
+# The decoder families this engine implements: text_config.model_type -> the architectures their configs name, and
+# the defaults of the keys where transformers' config classes differ (Qwen2Config, LlamaConfig, Qwen3Config; a key
+# the file states wins). Qwen2 puts a bias on q/k/v only; Llama and Qwen3 have `attention_bias` for q/k/v/o (false by
+# default); Qwen3 adds q_norm/k_norm and states head_dim (128 when absent), which Llama may state too.
+TEXT_FAMILIES = {
+    "qwen2": ("Qwen2ForCausalLM",),
+    "llama": ("LlamaForCausalLM",),
+    "qwen3": ("Qwen3ForCausalLM",),
+}
+_FAMILY_DEFAULTS = {
+    "qwen2": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645),
+    "llama": dict(head_dim=None, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "qwen3": dict(head_dim=128, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
+}
+
+
+def _supported_families() -> str:
+    return ", ".join(f"{mt} ({'/'.join(archs)})" for mt, archs in TEXT_FAMILIES.items())
+
+
 def _text_config(t: _Fields) -> TextConfig:
     mt = t.get("model_type", "qwen2")
     archs = t.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise t.fail("architectures", f"must be a list of strings, got {_show(archs)}")
-    if mt != "qwen2" or any(a not in ("Qwen2ForCausalLM",) for a in archs):
+    if mt not in TEXT_FAMILIES:
         raise UnsupportedModelError(
-            f"{t.where}: language model {mt!r} {archs} is not supported; only Qwen2 (InternVL3 1B-78B) is "
-            "implemented")
+            f"{t.where}: {t.path}model_type {mt!r} (architectures {archs}) is not supported; the language models "
+            f"implemented are {_supported_families()}")
+    unknown = [a for a in archs if a not in TEXT_FAMILIES[mt]]
+    if unknown:
+        raise UnsupportedModelError(
+            f"{t.where}: {t.path}architectures {unknown} is not a {mt!r} decoder this engine implements; the "
+            f"language models implemented are {_supported_families()}")
+    defaults = _FAMILY_DEFAULTS[mt]
     # transformers >= 5 writes rope_parameters; 4.x files carry rope_theta + rope_scaling.
     rope, scaling = t.sub("rope_parameters"), t.sub("rope_scaling")
     theta = rope.number("rope_theta", None) if "rope_theta" in rope.raw else t.number("rope_theta", 10000.0)
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     factor = rope.number("factor", None) if "factor" in rope.raw else scaling.number("factor", 1.0)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(f"{t.where}: rope type {rope_type!r} is not supported ({SUPPORTED_ROPE_TYPES})")
+        key = "rope_parameters" if rope.get("rope_type") else "rope_scaling"
+        raise UnsupportedModelError(f"{t.where}: {t.path}{key} rope type {rope_type!r} is not supported "
+                                    f"({', '.join(SUPPORTED_ROPE_TYPES)})")
     if t.get("use_sliding_window"):
-        raise UnsupportedModelError(f"{t.where}: sliding-window attention is not supported")
+        raise UnsupportedModelError(f"{t.where}: {t.path}use_sliding_window: sliding-window attention is not "
+                                    "supported")
     hidden, heads = t.integer("hidden_size", 896), t.integer("num_attention_heads", 14)
     kv_heads = t.integer("num_key_value_heads", heads)
-    head_dim = t.integer("head_dim", None, optional=True)
-    if head_dim is None:  # Qwen2: hidden_size / heads unless the file says otherwise
+    head_dim = t.integer("head_dim", defaults["head_dim"], optional=True)
+    if head_dim is None:  # Qwen2 and Llama: hidden_size / heads unless the file states head_dim
         if hidden % heads:
             raise t.fail("num_attention_heads", f"{heads} does not divide {t.path}hidden_size {hidden}")
         head_dim = hidden // heads
@@ -290,14 +326,16 @@ def _text_config(t: _Fields) -> TextConfig:
         raise t.fail("num_key_value_heads", f"{kv_heads} does not divide {t.path}num_attention_heads {heads}")
     if head_dim % 2:
         raise t.fail("head_dim", f"is {head_dim}; rotary embeddings need an even head size")
-    max_pos = t.integer("max_position_embeddings", 32768)
+    max_pos = t.integer("max_position_embeddings", defaults["max_position_embeddings"])
     if max_pos * (factor if rope_type in ("linear", "dynamic") else 1.0) > CONFIG_LIMITS["max_model_len"]:
         raise t.fail("max_position_embeddings", f"{max_pos} x RoPE factor {factor} is over the "
                      f"{CONFIG_LIMITS['max_model_len']} positions limit "
                      "(internvl_engine.config.CONFIG_LIMITS['max_model_len'])")
-    eos = t.token_ids("eos_token_id", 151645)
-    bos = t.token_ids("bos_token_id", 151643)
+    eos = t.token_ids("eos_token_id", defaults["eos_token_id"])
+    bos = t.token_ids("bos_token_id", defaults["bos_token_id"])
+    attention_bias = mt != "qwen2" and t.flag("attention_bias", False)
     return TextConfig(
+        model_type=mt,
         vocab_size=t.integer("vocab_size", 151674),
         hidden_size=hidden,
         intermediate_size=t.integer("intermediate_size", 4864),
@@ -314,6 +352,10 @@ def _text_config(t: _Fields) -> TextConfig:
         tie_word_embeddings=t.flag("tie_word_embeddings", None, optional=True),
         bos_token_id=bos[0] if bos else None,
         eos_token_id=eos if len(eos) > 1 else eos[0] if eos else None,
+        qkv_bias=mt == "qwen2" or attention_bias,
+        o_proj_bias=attention_bias,
+        mlp_bias=mt == "llama" and t.flag("mlp_bias", False),
+        qk_norm=mt == "qwen3",
     )
 
 
