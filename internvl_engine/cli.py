@@ -205,8 +205,12 @@ def model_info(model: str, dtype: str) -> dict:
     config, _ = load_model_config(model)
     if dtype not in DTYPES:
         raise EngineConfigError(f"--dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    quant = config.quant
+    quant, t = config.quant, config.text
     return {"model": model,
+            "decoder": {"family": t.model_type, "layers": t.num_hidden_layers, "hidden_size": t.hidden_size,
+                        "heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+                        "qk_norm": t.qk_norm, "tied_lm_head": config.lm_head_may_tie, "vocab_size": t.vocab_size,
+                        "max_model_len": config.max_model_len, "image_token_id": config.image_token_id},
             "quantization": None if quant is None else {"method": quant.method, "bits": quant.bits,
                                                         "group_size": quant.group_size or None,
                                                         "ignore": list(quant.ignore)},
@@ -235,6 +239,11 @@ def cmd_info(args) -> int:
     if "model" in info:
         m, w = info["model"], info["model"]["weights"]
         print(f"model:             {m['model']} ({(m['quantization'] or {}).get('method', 'dense')})")
+        dec = m["decoder"]
+        print(f"  decoder: {dec['family']}, {dec['layers']} layers x {dec['hidden_size']}, {dec['heads']} heads / "
+              f"{dec['kv_heads']} KV heads of {dec['head_dim']}{', q/k norm' if dec['qk_norm'] else ''}, "
+              f"{'tied' if dec['tied_lm_head'] else 'untied'} lm_head, vocabulary {dec['vocab_size']}, "
+              f"max_model_len {dec['max_model_len']}")
         print(f"  LM bytes a decode step reads: {w['lm_decode_bytes'] / 1e9:.3f} GB "
               f"(dense at {w['activation_dtype_bytes']} bytes: {w['lm_decode_bytes_dense'] / 1e9:.3f} GB)")
         print(f"  vision bytes per forward:     {w['vision_bytes'] / 1e9:.3f} GB")

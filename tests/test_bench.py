@@ -63,6 +63,40 @@ def test_lm_head_share_1b():
     assert floors.lm_head_params(cfg) / floors.lm_weight_params(cfg) == pytest.approx(0.275, abs=0.002)
 
 
+@pytest.mark.parametrize("name, extra", [("tiny", {}), ("tiny-llama", {}), ("tiny-qwen3", {}),
+                                         ("tiny-llama", {"attention_bias": True, "mlp_bias": True}),
+                                         ("tiny-qwen3", {"attention_bias": True})])
+def test_decoder_layer_params_equal_transformers(name, extra):
+    """Every family's layer weights (biases by attention_bias / mlp_bias, Qwen3's q/k norms, q/o widths of
+    heads x head_dim) counted as transformers' own model holds them, built on the meta device."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    raw = preset_config(name)
+    raw["text_config"].update(extra)
+    with torch.device("meta"):
+        hf = InternVLForConditionalGeneration(InternVLConfig.from_dict(raw))
+    layers = sum(p.numel() for k, p in hf.named_parameters() if ".language_model.layers." in k)
+    assert floors.lm_layer_params(ModelConfig.from_dict(raw)) == layers
+    assert floors.lm_head_params(ModelConfig.from_dict(raw)) == hf.lm_head.weight.numel()
+
+
+@pytest.mark.parametrize("name, billions", [("internvl3_5-1b", 0.44), ("internvl3_5-2b", 1.4), ("internvl3_5-4b", 3.6),
+                                            ("internvl3_5-8b", 6.95), ("internvl3_5-14b", 13.2),
+                                            ("internvl3_5-38b", 31.2)])
+def test_qwen3_decoder_params_match_the_model_cards(name, billions):
+    """Qwen/Qwen3-0.6B ... Qwen3-32B model cards: "Number of Parameters (Non-Embedding)"."""
+    assert floors.lm_layer_params(_cfg(name)) == pytest.approx(billions * 1e9, rel=0.01)
+
+
+def test_internvl3_9b_total_params_match_the_release():
+    """InternVL3-9B: 9.1B parameters (internvl.readthedocs.io, InternVL 3.0 quick start): the InternViT-300M
+    tower and projector, InternLM3-8B's 48 layers and its untied 128512-row embedding and lm_head."""
+    cfg = _cfg("internvl3-9b")
+    total = floors.vision_params(cfg) + floors.lm_layer_params(cfg) + 2 * floors.lm_head_params(cfg)
+    assert total == pytest.approx(9.1e9, rel=0.01)
+    assert floors.kv_bytes_per_token(cfg, 2) == 48 * 2 * 2 * 128 * 2  # two KV heads: 24 KiB a token
+
+
 @pytest.mark.parametrize("name, ttft1, ttft13, tpot1, tpot64", [
     ("internvl3-1b", 1.24e-3, 15.4e-3, 0.333e-3, 0.60e-3),
     ("internvl3-2b", 1.94e-3, 24.1e-3, 1.04e-3, 1.66e-3),

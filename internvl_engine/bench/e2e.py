@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import PRESETS
 from ..constants import TILE_SIZE
 from ..llm import LLM
 from ..progress import bar, set_enabled
@@ -43,8 +44,7 @@ from . import common
 from .floors import floors as compute_floors, weight_summary
 
 SCHEMA = "internvl-engine/e2e/1"
-MODELS = ("random:tiny", "random:internvl3-1b", "random:internvl3-2b", "random:internvl3-8b", "random:internvl3-14b",
-          "random:internvl3-38b", "random:internvl3-78b")
+MODELS = tuple(f"random:{name}" for name in PRESETS)  # each also -awq / -fp8
 WORDS = ("red", "blue", "green", "house", "river", "mountain", "cat", "dog", "bird", "tree", "car", "road", "city",
          "light", "shadow", "window", "table", "chair", "book", "paper", "music", "sound", "water", "stone", "cloud",
          "storm", "morning", "evening", "winter", "summer", "garden", "flower", "market", "bridge", "train", "ship",

@@ -81,10 +81,15 @@ def lm_linear_params(cfg: ModelConfig) -> int:
 
 
 def lm_layer_params(cfg: ModelConfig) -> int:
-    """Decoder-layer weights of the language model (attention + MLP + q/k/v biases), all layers."""
+    """Decoder-layer weights of the language model, all layers: the linears, the two RMSNorms, and what the family
+    adds (text config): q/k/v biases (Qwen2; Llama/Qwen3 with attention_bias, which also biases o_proj), Llama's
+    mlp_bias on gate/up/down, Qwen3's q_norm and k_norm ([head_dim] each)."""
     t = cfg.text
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    return lm_linear_params(cfg) + t.num_hidden_layers * ((q + 2 * kv) + 2 * t.hidden_size)
+    per_layer = 2 * t.hidden_size
+    per_layer += (q + 2 * kv) * t.qkv_bias + t.hidden_size * t.o_proj_bias
+    per_layer += (2 * t.intermediate_size + t.hidden_size) * t.mlp_bias + 2 * t.head_dim * t.qk_norm
+    return lm_linear_params(cfg) + t.num_hidden_layers * per_layer
 
 
 def lm_head_params(cfg: ModelConfig) -> int:
