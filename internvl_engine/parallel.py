@@ -23,19 +23,27 @@ _HEADER = 4096  # bytes of the first control broadcast: an 8-byte length, then t
 
 
 def check_shardable(text, n: int) -> None:
-    """Raise ShardingError, naming the dimension and N, when the language model cannot be split over n ranks.
-    The vocabulary never fails (rows are padded to ceil(V / N)); the vision tower is not split. A quantized
-    format's own constraints are its linear method's (quant.check_tensor_parallel)."""
+    """Raise ShardingError, naming the dimension, N and the sizes that fit, when the language model cannot be split
+    over n ranks. Ranks hold whole heads (q/o widths are heads x head_dim, so head_dim never matters here). The
+    vocabulary never fails (rows are padded to ceil(V / N)); the vision tower is not split. A quantized format's
+    own constraints are its linear method's (quant.check_tensor_parallel)."""
+    problem = _shard_problem(text, n)
+    if problem is not None:
+        fit = [m for m in range(1, text.num_attention_heads + 1) if _shard_problem(text, m) is None]
+        raise ShardingError(f"{problem}; tensor_parallel_size that fit this model: {', '.join(map(str, fit))}")
+
+
+def _shard_problem(text, n: int) -> str | None:
     h, hk, inter = text.num_attention_heads, text.num_key_value_heads, text.intermediate_size
     if h % n:
-        raise ShardingError(f"tensor_parallel_size {n} does not divide num_attention_heads {h} "
-                            f"(num_attention_heads % {n} = {h % n})")
+        return f"tensor_parallel_size {n} does not divide num_attention_heads {h} (num_attention_heads % {n} = {h % n})"
     if hk % n and n % hk:
-        raise ShardingError(f"tensor_parallel_size {n} cannot shard num_key_value_heads {hk}: neither "
-                            f"num_key_value_heads % {n} = {hk % n} nor {n} % num_key_value_heads = {n % hk} is 0")
+        return (f"tensor_parallel_size {n} cannot shard num_key_value_heads {hk}: neither "
+                f"num_key_value_heads % {n} = {hk % n} nor {n} % num_key_value_heads = {n % hk} is 0")
     if inter % n:
-        raise ShardingError(f"tensor_parallel_size {n} does not divide intermediate_size {inter} "
-                            f"(intermediate_size % {n} = {inter % n})")
+        return (f"tensor_parallel_size {n} does not divide intermediate_size {inter} "
+                f"(intermediate_size % {n} = {inter % n})")
+    return None
 
 
 class TensorParallel:

@@ -588,6 +588,30 @@ def test_quantized_sizes_that_cannot_split_are_typed_errors():
                      method=AWQLinearMethod(), prefix="layer 0 mlp")
 
 
+def test_shard_checks_on_the_new_decoders_name_the_sizes_that_fit():
+    """InternLM3 (InternVL3-9B: 32 heads, 2 KV heads) and Qwen3 (InternVL3.5: head_dim 128, so o_proj's input is
+    heads x 128, not hidden): the sizes each can use, dense and AWQ (o_proj / down_proj keep whole groups of 128
+    input rows per rank), worked out by hand from the presets' shapes."""
+    from internvl_engine.config.quant import QuantConfig
+    from internvl_engine.quant import tensor_parallel_sizes
+    from internvl_engine.config import preset_config
+
+    text = {name: ModelConfig.from_dict(preset_config(name)).text
+            for name in ("internvl3-9b", "internvl3_5-1b", "internvl3_5-4b", "internvl3_5-14b", "internvl3_5-38b")}
+    with pytest.raises(ShardingError, match=r"num_attention_heads 32 .*% 3 = 2\); tensor_parallel_size that fit "
+                                            r"this model: 1, 2, 4, 8, 16, 32$"):
+        check_shardable(text["internvl3-9b"], 3)
+    with pytest.raises(ShardingError, match=r"num_key_value_heads 8.*fit this model: 1, 2, 4, 8$"):
+        check_shardable(text["internvl3_5-14b"], 5)  # 40 heads: 5, 10, 20 split the heads but not the 8 KV heads
+    awq = QuantConfig("awq")
+    assert {name: tensor_parallel_sizes(t, awq) for name, t in text.items()} == {
+        "internvl3-9b": [1, 2, 4, 8, 16],  # down_proj: 10240 / 32 = 320 rows
+        "internvl3_5-1b": [1, 2, 4, 8],  # o_proj 16 x 128 = 2048 inputs (hidden is 1024); down_proj 3072 / 16 = 192
+        "internvl3_5-4b": [1, 2, 4],  # down_proj 9728 / 8 = 1216
+        "internvl3_5-14b": [1, 2, 4, 8],
+        "internvl3_5-38b": [1, 2, 4, 8]}  # down_proj 25600 / 16 = 1600
+
+
 class _RankOfTwo(TensorParallel):
     """Rank r of 2's split, without a process group: all_reduce leaves each rank's partial product alone, and the
     test sums the ranks' outputs itself."""
