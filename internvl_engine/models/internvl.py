@@ -1,6 +1,7 @@
-"""InternVL3 = InternViT -> pixel shuffle -> MLP projector -> Qwen2 (spec sections 0-4).
+"""InternVL = InternViT -> pixel shuffle -> MLP projector -> a Qwen2, Llama or Qwen3 decoder (spec sections 0-4;
+decoder.py).
 Parameter names equal the checkpoint keys after the loader's prefix normalisation. Under tensor parallelism the
-language model and lm_head are sharded (qwen2.py, layers/linear.py); the vision tower and projector are whole on
+language model and lm_head are sharded (decoder.py, layers/linear.py); the vision tower and projector are whole on
 every rank, which runs its share of a step's tiles (worker/executor.py). A quantized checkpoint's format applies
 to the decoder linears (quant/)."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..layers.attention import AttentionMetadata
 from ..layers.linear import lm_head
 from ..layers.norm import LayerNorm
 from .intern_vit import InternVisionModel
-from .qwen2 import Qwen2Model
+from .decoder import DecoderModel
 
 
 class InternVLMultiModalProjector(nn.Module):
@@ -43,7 +44,7 @@ class InternVLForConditionalGeneration(nn.Module):
         check_tensor_parallel(cfg.text, cfg.quant, tp.size)  # the whole model's sizes, before any layer's own check
         self.vision_tower = InternVisionModel(cfg.vision, cfg.vision_feature_layer, ops)
         self.multi_modal_projector = InternVLMultiModalProjector(cfg, ops)
-        self.language_model = Qwen2Model(cfg.text, ops, tp, cfg.quant)
+        self.language_model = DecoderModel(cfg.text, ops, tp, cfg.quant)
         self.lm_head = lm_head(cfg.text.hidden_size, cfg.text.vocab_size, tp)
 
     @property

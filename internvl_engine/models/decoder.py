@@ -1,4 +1,9 @@
-"""Qwen2 decoder (spec section 4): pre-norm blocks, GQA attention with q/k/v bias and RoPE, SiLU-gated MLP.
+"""The language model (spec section 4): pre-norm RMSNorm blocks, GQA attention with RoPE, a SiLU-gated MLP. One
+decoder for every family TextConfig describes (config/model.py TEXT_FAMILIES), which differ only in data: Qwen2 has a
+bias on q/k/v; Llama and Qwen3 on q/k/v/o when attention_bias says so, Llama on the MLP when mlp_bias does; Qwen3
+normalises each head of q and k (q_norm, k_norm: RMSNorm over head_dim, before RoPE, as transformers'
+Qwen3Attention); Llama and Qwen3 may state a head_dim other than hidden_size / heads (q_proj then has
+heads * head_dim outputs, o_proj as many inputs). Module names are the checkpoints' (transformers' names).
 Tokens of all sequences in a step are packed along one axis; the step's AttentionMetadata says where each belongs.
 Under tensor parallelism (`tp`, parallel.py) each rank holds its query heads, their KV heads and its share of the
 MLP columns; o_proj and down_proj all-reduce (layers/linear.py). With tp.size 1 the layers are whole.
@@ -17,7 +22,7 @@ from ..layers.rotary import RotaryEmbedding
 from ..quant import method_for
 
 
-class Qwen2Attention(nn.Module):
+class DecoderAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp,
                  quant: QuantConfig | None, prefix: str):
         super().__init__()
@@ -25,10 +30,13 @@ class Qwen2Attention(nn.Module):
         hq, hkv = tp.part(h)[1], tp.kv_heads(hk)[1]  # this rank's query heads and the KV heads they read
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
         qkv = [f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")]
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, h, hk, True, tp, method_for(quant, qkv),
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, h, hk, cfg.qkv_bias, tp, method_for(quant, qkv),
                                           f"{prefix}.qkv_proj", ops)
-        self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, False, tp, method_for(quant, [f"{prefix}.o_proj"]),
-                                        f"{prefix}.o_proj", ops)
+        self.o_proj = RowParallelLinear(h * d, cfg.hidden_size, cfg.o_proj_bias, tp,
+                                        method_for(quant, [f"{prefix}.o_proj"]), f"{prefix}.o_proj", ops)
+        # weights [head_dim], the same on every rank; the norm kernels take contiguous rows, hence the copies below
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary_emb = [rotary_emb]  # shared by all layers; a list keeps it out of this module's state dict
         self.attn = Attention(hq, hkv, d, layer_idx, ops)
 
@@ -38,31 +46,33 @@ class Qwen2Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         self.rotary_emb[0](positions, q, k, meta.rope_seq_lens)
         return self.o_proj(self.attn(q, k, v, meta).reshape(t, -1))
 
 
-class Qwen2MLP(nn.Module):
+class DecoderMLP(nn.Module):
     def __init__(self, cfg: TextConfig, ops, tp, quant: QuantConfig | None, prefix: str):
         super().__init__()
         f = cfg.intermediate_size
         gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], False, tp,
-                                                       method_for(quant, gate_up), f"{prefix}.gate_up_proj", ops)
-        self.down_proj = RowParallelLinear(f, cfg.hidden_size, False, tp, method_for(quant, [f"{prefix}.down_proj"]),
-                                           f"{prefix}.down_proj", ops)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [f, f], ["gate_proj", "up_proj"], cfg.mlp_bias,
+                                                       tp, method_for(quant, gate_up), f"{prefix}.gate_up_proj", ops)
+        self.down_proj = RowParallelLinear(f, cfg.hidden_size, cfg.mlp_bias, tp,
+                                           method_for(quant, [f"{prefix}.down_proj"]), f"{prefix}.down_proj", ops)
 
     def forward(self, x):
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
 
-class Qwen2DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops, tp,
                  quant: QuantConfig | None, prefix: str):
         super().__init__()
-        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary_emb, ops, tp, quant, f"{prefix}.self_attn")
-        self.mlp = Qwen2MLP(cfg, ops, tp, quant, f"{prefix}.mlp")
+        self.self_attn = DecoderAttention(cfg, layer_idx, rotary_emb, ops, tp, quant, f"{prefix}.self_attn")
+        self.mlp = DecoderMLP(cfg, ops, tp, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -77,13 +87,13 @@ class Qwen2DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen2Model(nn.Module):
+class DecoderModel(nn.Module):
     def __init__(self, cfg: TextConfig, ops, tp, quant: QuantConfig | None = None, prefix: str = "language_model"):
         super().__init__()
         self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_type,
                                           cfg.rope_factor, ops=ops)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, self.rotary_emb, ops, tp, quant, f"{prefix}.layers.{i}")
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary_emb, ops, tp, quant, f"{prefix}.layers.{i}")
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
