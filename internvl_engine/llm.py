@@ -91,9 +91,21 @@ class LLM:
             raise PromptError("expected a conversation (a list of messages) or a non-empty list of conversations")
         return list(conversations)
 
-    def _sequences(self, conversations, params, output_kind: str | None = None) -> list[Sequence]:
+    def _rendered(self, conversation, chat_template_kwargs, add_generation_prompt: bool = True):
+        """The request as the engine takes it: a conversation rendered with chat_template_kwargs becomes the raw
+        prompt it encodes to (Processor.render_request), since the engine's intake renders without variables."""
+        if chat_template_kwargs is None:
+            return conversation
+        if isinstance(conversation, dict):
+            raise PromptError("chat_template_kwargs apply to a conversation, not to a raw prompt")
+        if isinstance(conversation, str):
+            conversation = [{"role": "user", "content": conversation}]
+        return self.engine.processor.render_request(conversation, chat_template_kwargs, add_generation_prompt)
+
+    def _sequences(self, conversations, params, output_kind: str | None = None,
+                   chat_template_kwargs: dict | None = None) -> list[Sequence]:
         """The batch's sequences (the engine's intake checks each request and its SamplingParams); output_kind: what
-        this call reads of them."""
+        this call reads of them; chat_template_kwargs: template variables for every conversation of the batch."""
         batch = self._as_batch(conversations)
         if params is None:
             params = SamplingParams()
@@ -103,7 +115,8 @@ class LLM:
         arrival = time.perf_counter()
 
         def make(i):
-            return self.engine.make_sequence(f"req-{i}-{uuid.uuid4().hex[:8]}", batch[i], plist[i], arrival,
+            return self.engine.make_sequence(f"req-{i}-{uuid.uuid4().hex[:8]}",
+                                             self._rendered(batch[i], chat_template_kwargs), plist[i], arrival,
                                              f"request {i}", output_kind=output_kind)
         if len(batch) == 1:
             return [make(0)]
@@ -140,19 +153,22 @@ class LLM:
                     self.engine.abort(rid)
 
     # ------------------------------------------------------------------ public API
-    def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
+                 chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation or a list of them -> one RequestOutput each, in order. Bad input raises before anything
         runs; a request that fails while running comes back with finish_reason "error" and `.error`, and the others
-        are unaffected."""
-        seqs = self._sequences(conversations, params, "final_only")  # the engine snapshots each request once
+        are unaffected. chat_template_kwargs: the chat template's variables (vLLM's LLM.chat argument), e.g.
+        {"enable_thinking": True} for InternVL3.5's thinking mode (Processor.thinking_mode)."""
+        # "final_only": the engine snapshots each request once
+        seqs = self._sequences(conversations, params, "final_only", chat_template_kwargs)
         final = {o.request_id: o for outputs in self._run(seqs) for o in outputs}
         return [final[s.request_id] for s in seqs]
 
-    def stream(self, conversation, params: SamplingParams | None = None) -> TextStream:
+    def stream(self, conversation, params: SamplingParams | None = None,
+               chat_template_kwargs: dict | None = None) -> TextStream:
         """Text deltas of one conversation as they are produced (the request's "delta" outputs); the stream's
         `.output` (all of them merged) is set at the end. Bad input raises here, before the first delta."""
-        seqs = self._sequences(conversation, params, "delta")
+        seqs = self._sequences(conversation, params, "delta", chat_template_kwargs)
         if len(seqs) != 1:
             raise PromptError("stream() takes one conversation")
         if seqs[0].params.n > 1:
@@ -173,6 +189,7 @@ class LLM:
         return stream
 
     def prompt_logits(self, conversation, add_generation_prompt: bool = True,
-                      params: SamplingParams | None = None) -> torch.Tensor:
+                      params: SamplingParams | None = None, chat_template_kwargs: dict | None = None) -> torch.Tensor:
         """fp32 [prompt_len, vocab] logits of every prompt position, from one forward pass (no KV cache)."""
-        return self.engine.prompt_logits(conversation, add_generation_prompt, params)
+        return self.engine.prompt_logits(self._rendered(conversation, chat_template_kwargs, add_generation_prompt),
+                                         add_generation_prompt, params)

@@ -20,7 +20,9 @@ from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, describe_sourc
                      normalize_grids, num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
 from .media import MediaPolicy
 from .messages import normalize_messages, split_media
-from .template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
+from .reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
+from .template import (DEFAULT_CHAT_TEMPLATE, THINKING_SWITCH, THINKING_SYSTEM_PROMPT, ChatTemplate,
+                       load_chat_template)
 from .tokenizer import IncrementalDetokenizer, Tokenizer, build_internvl3_tokenizer_json
 from .video import (check_num_frames, load_video, normalize_frames, preprocess_video, sample_frame_indices,
                     video_frame_u8)
@@ -38,6 +40,10 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "build_internvl3_tokenizer_json",
     "load_chat_template",
+    "THINKING_SYSTEM_PROMPT",
+    "ReasoningParser",
+    "prompt_opens_thinking",
+    "split_reasoning",
     "normalize_messages",
     "load_image",
     "to_rgb_array",
@@ -181,17 +187,63 @@ class Processor:
                    media_policy=media_policy, **settings)
 
     # ---------------------------------------------------------------- prompt
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
-        messages, _ = split_media(normalize_messages(conversation))
-        return self._render(messages, add_generation_prompt)
+    @property
+    def thinking_mode(self) -> str | None:
+        """How this model's thinking is switched on: "template" (its chat template reads enable_thinking),
+        "system_prompt" (a Qwen3 decoder, i.e. InternVL3.5, whose switch is THINKING_SYSTEM_PROMPT as the system
+        message), or None (no thinking mode: InternVL3 and 2.5 were not trained to think)."""
+        if self.template.has_thinking_switch:
+            return "template"
+        if self.model_config is not None and self.model_config.text.model_type == "qwen3":
+            return "system_prompt"
+        return None
 
-    def _render(self, messages, add_generation_prompt: bool) -> str:
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True,
+                            chat_template_kwargs: Mapping | None = None) -> str:
+        """The rendered prompt; chat_template_kwargs: template variables (vLLM's and transformers' name), with
+        enable_thinking as the model's thinking switch (thinking_mode)."""
+        messages, _ = split_media(normalize_messages(conversation))
+        return self._render(messages, add_generation_prompt, chat_template_kwargs)
+
+    def render_request(self, conversation, chat_template_kwargs: Mapping | None = None,
+                       add_generation_prompt: bool = True) -> dict:
+        """The raw request {"prompt", "images", "videos"} that encodes exactly as the conversation rendered with
+        chat_template_kwargs (the same placeholders, the media in the same order): how a front end hands template
+        variables to the engine, whose intake renders conversations without any."""
+        messages, media = split_media(normalize_messages(conversation))
+        return {"prompt": self._render(messages, add_generation_prompt, chat_template_kwargs),
+                "images": self._merge_media("image", [s for k, s in media if k == "image"], []),
+                "videos": self._merge_media("video", [s for k, s in media if k == "video"], [])}
+
+    def _render(self, messages, add_generation_prompt: bool, chat_template_kwargs: Mapping | None = None) -> str:
+        messages, variables = self._thinking(messages, _template_variables(chat_template_kwargs))
         return self.template.render(
             messages,
             add_generation_prompt=add_generation_prompt,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
+            **{"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **variables},
         )
+
+    def _thinking(self, messages: list[dict], variables: dict) -> tuple[list[dict], dict]:
+        """enable_thinking as this model switches thinking: a template that reads it gets it; InternVL3.5 gets its
+        thinking system prompt when true; a model without a thinking mode refuses true (a request for what the
+        model cannot do is an error, not a silent no-op) and takes false as what it does anyway."""
+        thinking = variables.get(THINKING_SWITCH)
+        if thinking is None:
+            return messages, variables
+        if not isinstance(thinking, bool):
+            raise PromptError(f"chat_template_kwargs.{THINKING_SWITCH} must be true or false, got {thinking!r}")
+        mode = self.thinking_mode
+        if mode == "template" or not thinking:
+            return messages, variables
+        if mode is None:
+            text = self.model_config.text.model_type if self.model_config is not None else "unknown"
+            raise PromptError(f"chat_template_kwargs.{THINKING_SWITCH}: this model has no thinking mode (its "
+                              f"decoder is {text!r} and its chat template reads no {THINKING_SWITCH}); thinking is "
+                              "InternVL3.5's (a qwen3 decoder)")
+        if messages and messages[0]["role"] == "system":
+            raise PromptError(f"chat_template_kwargs.{THINKING_SWITCH}: InternVL3.5 thinks under its own system "
+                              "prompt, and the conversation already has a system message; drop one of the two")
+        return [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages], variables
 
     # ---------------------------------------------------------------- main entry
     def __call__(
@@ -384,6 +436,18 @@ class Processor:
         params = (tuple(self.video_mean), tuple(self.video_std))
         digests = [content_digest(f.numpy(), *params) for f in u8]
         return normalize_frames(u8, self.video_mean, self.video_std), digests
+
+
+def _template_variables(kwargs) -> dict:
+    """chat_template_kwargs as template variables: a dict of names, none of them one the processor itself sets."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise PromptError(f"chat_template_kwargs must be a dict of variable names, got {type(kwargs).__name__}")
+    reserved = sorted(set(kwargs) & {"messages", "add_generation_prompt"})
+    if reserved:
+        raise PromptError(f"chat_template_kwargs may not set {reserved}: the conversation and the request set them")
+    return dict(kwargs)
 
 
 def _image_size(image) -> tuple[int, int] | None:

@@ -24,7 +24,23 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-def _compile(source: str):
+# InternVL3.5's thinking switch (its model cards, "Thinking Mode"; the vLLM recipe InternVL/InternVL3_5.md): this
+# system prompt, verbatim as the model was trained with it; its -HF chat template has no enable_thinking variable
+# (the same template as InternVL3's), so the switch is this message, not a template branch.
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and "
+    "reason through the problem step-by-step. Enclose this entire thinking process within <think> and </think> "
+    "tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and direct answer to the user's question. Separate "
+    "the answer from the think section with a newline.\n\n"
+    "Ensure that the thinking process is thorough but remains focused on the query. The final answer should be "
+    "standalone and not reference the thinking section."
+)
+THINKING_SWITCH = "enable_thinking"  # the template variable Qwen3-style templates branch on (vLLM passes it the same)
+
+
+def _environment():
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -43,13 +59,23 @@ def _compile(source: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
+    return env
 
 
 class ChatTemplate:
     def __init__(self, source: str | None = None):
+        import jinja2.meta
+
         self.source = source if source is not None else DEFAULT_CHAT_TEMPLATE
-        self._template = _compile(self.source)
+        env = _environment()
+        self._template = env.from_string(self.source)
+        # the variables the template reads (messages, add_generation_prompt, ...): a switch it has is among them
+        self.variables = frozenset(jinja2.meta.find_undeclared_variables(env.parse(self.source)))
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the template itself turns thinking on and off (it reads enable_thinking)."""
+        return THINKING_SWITCH in self.variables
 
     def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render messages from messages.split_media; extra kwargs are template variables."""
