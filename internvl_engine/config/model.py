@@ -312,6 +312,11 @@ def _text_config(t: _Fields) -> TextConfig:
         key = "rope_parameters" if rope.get("rope_type") else "rope_scaling"
         raise UnsupportedModelError(f"{t.where}: {t.path}{key} rope type {rope_type!r} is not supported "
                                     f"({', '.join(SUPPORTED_ROPE_TYPES)})")
+    for block, where_key in ((rope, "rope_parameters."), (scaling, "rope_scaling."), (t, "")):
+        # transformers' rope init rotates only the first head_dim x partial_rotary_factor features; these rotate all
+        if block.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError(f"{t.where}: {t.path}{where_key}partial_rotary_factor "
+                                        f"{block.get('partial_rotary_factor')!r} is not supported (only 1.0)")
     if t.get("use_sliding_window"):
         raise UnsupportedModelError(f"{t.where}: {t.path}use_sliding_window: sliding-window attention is not "
                                     "supported")
@@ -408,8 +413,67 @@ def _from_hf(f: _Fields) -> ModelConfig:
     )
 
 
+# OpenGVLab's language models that transformers reads as a Llama (convert_internvl_weights_to_hf.py,
+# LM_TYPE_CORRESPONDENCE "llama": InternVL2.5 2B/8B/26B on InternLM2.5, InternVL3-9B on InternLM3), by the
+# architecture their llm_config names, with the defaults of the config classes their checkpoints ship
+# (InternLM2Config in OpenGVLab's internvl_chat code; transformers' InternLM3Config) where they differ from
+# LlamaConfig's; a key the file states wins.
+_ORIGINAL_AS_LLAMA = {
+    "InternLM2ForCausalLM": ("internlm2", dict(vocab_size=103168, hidden_size=4096, intermediate_size=11008,
+                                               num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
+                                               tie_word_embeddings=False)),
+    "InternLM3ForCausalLM": ("internlm3", dict(vocab_size=128512, hidden_size=4096, intermediate_size=10240,
+                                               num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=2,
+                                               head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                                               tie_word_embeddings=False)),
+}
+# <IMG_CONTEXT>'s id where the original config.json leaves img_context_token_id out (OpenGVLab's model reads it
+# from the tokenizer at run time): the converter writes 151667 for Qwen2 and 92546 for the InternLM decoders; the
+# InternVL3.5 -HF configs (Qwen3 tokenizer, <think> and </think> added before it) 151671.
+_ORIGINAL_IMAGE_TOKEN_IDS = {"qwen2": IMAGE_TOKEN_ID, "llama": 92546, "qwen3": 151671}
+
+
+def _original_llm(llm: _Fields) -> _Fields:
+    """llm_config as the -hf text_config transformers' converter writes for it: InternLM2 and InternLM3 configs
+    become Llama ones (InternLM2's one `bias` switch covers wqkv and wo: Llama's attention_bias); Qwen2, Qwen3 and
+    Llama ones are read as they are. Any other architecture is an UnsupportedModelError naming it."""
+    archs = llm.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise llm.fail("architectures", f"must be a list of strings, got {_show(archs)}")
+    known = {a: mt for mt, names in TEXT_FAMILIES.items() for a in names}
+    by_type = {family: a for a, (family, _) in _ORIGINAL_AS_LLAMA.items()}
+    arch = archs[0] if archs else by_type.get(llm.get("model_type"))
+    if arch is None:  # no architectures: its model_type decides, as in a text_config
+        return llm
+    if arch not in known and arch not in _ORIGINAL_AS_LLAMA or len(set(archs)) > 1:
+        supported = sorted(known) + sorted(_ORIGINAL_AS_LLAMA)
+        raise UnsupportedModelError(f"{llm.where}: {llm.path}architectures {archs} is not supported; the original "
+                                    f"(InternVLChatModel) language models implemented are {', '.join(supported)}")
+    if arch in known:
+        return llm if "model_type" in llm.raw else _Fields({**llm.raw, "model_type": known[arch]}, llm.where,
+                                                              llm.path)
+    family, defaults = _ORIGINAL_AS_LLAMA[arch]
+    if llm.get("model_type", family) != family:
+        raise UnsupportedModelError(f"{llm.where}: {llm.path}model_type {llm.get('model_type')!r} with "
+                                    f"architectures {archs} (expected {family!r})")
+    raw = {**defaults, **llm.raw, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    if family == "internlm2":
+        raw["attention_bias"] = llm.flag("bias", True)  # InternLM2Config's default
+    else:
+        raw["attention_bias"] = llm.flag("qkv_bias", False)
+        if llm.flag("bias", False):
+            # transformers' InternLM3Config reads `bias` as the MLP's bias, vLLM's Llama as o_proj's; no InternLM3
+            # release sets it
+            raise UnsupportedModelError(f"{llm.where}: {llm.path}bias true (InternLM3) is not supported")
+    raw.pop("mlp_bias", None)  # neither InternLM config has one; their MLPs carry no bias
+    out = _Fields(raw, llm.where, llm.path)
+    out.spelled = {"attention_bias": "bias" if family == "internlm2" else "qkv_bias"}
+    return out
+
+
 def _from_original(f: _Fields) -> ModelConfig:
-    """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config)."""
+    """OpenGVLab's InternVLChatConfig: vision_config (InternVisionConfig) + llm_config (Qwen2Config, Qwen3Config,
+    LlamaConfig, InternLM2Config or InternLM3Config, named by its architectures)."""
     v = f.sub("vision_config")
     v.spelled = {new: old for old, new in _ORIGINAL_VISION_KEYS.items() if old in v.raw}  # errors name qkv_bias
     v.raw = {_ORIGINAL_VISION_KEYS.get(k, k): val for k, val in v.raw.items()}
@@ -424,10 +488,12 @@ def _from_original(f: _Fields) -> ModelConfig:
                                     "supported")
     llm = f.sub("llm_config")
     min_tiles, max_tiles = _original_tiling(f)
+    text = _text_config(_original_llm(llm))
+    image_token = f.integer("img_context_token_id", None, lo=0, optional=True)
     return ModelConfig(
         vision=vision,
-        text=_text_config(llm),
-        image_token_id=f.integer("img_context_token_id", None, lo=0, optional=True) or IMAGE_TOKEN_ID,
+        text=text,
+        image_token_id=_ORIGINAL_IMAGE_TOKEN_IDS[text.model_type] if image_token is None else image_token,
         downsample_ratio=f.number("downsample_ratio", 0.5),
         vision_feature_layer=f.integer("select_layer", -1, lo=-CONFIG_LIMITS["num_hidden_layers"]),
         tie_word_embeddings=f.flag("tie_word_embeddings", None, optional=True),

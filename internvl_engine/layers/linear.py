@@ -182,6 +182,11 @@ class MergedColumnParallelLinear(PackedLinear):
         super().__init__(in_features, shard_sizes, shard_names, bias, local, None, method, prefix, ops)
 
 
+# The shard name of a checkpoint tensor that holds q, k and v together, grouped by KV head (see
+# QKVParallelLinear.grouped_load_plan): it fills all three shards of the layer at once.
+QKV_GROUPED = "qkv_grouped"
+
+
 class QKVParallelLinear(PackedLinear):
     """q/k/v packed, column-parallel by heads: this rank's query heads and the KV heads they read
     (TensorParallel.kv_heads)."""
@@ -193,6 +198,43 @@ class QKVParallelLinear(PackedLinear):
         local = None if tp.size == 1 else [(q0 * d, hq * d), (k0 * d, hkv * d), (k0 * d, hkv * d)]
         super().__init__(hidden_size, [num_heads * d, num_kv_heads * d, num_kv_heads * d],
                          ["q_proj", "k_proj", "v_proj"], bias, local, None, method, prefix, ops)
+        self.head_dim, self.num_heads, self.num_kv_heads = d, num_heads, num_kv_heads
+        self.q_heads, self.kv_heads = (q0, hq), (k0, hkv)
+
+    def grouped_load_plan(self, leaf: str):
+        """The load plan of one checkpoint tensor holding q, k and v grouped by KV head (QKV_GROUPED): for each KV
+        head h, its g = H / Hk query heads, then its key head, then its value head, head_dim rows each (InternLM2's
+        `wqkv`; transformers' convert_internvl_weights_to_hf.py splits it with
+        rearrange("(h gs d) z -> h gs d z", gs=g + 2)). This rank's heads are whole groups, or part of one group
+        when KV heads are replicated: one contiguous run of groups is read, and `regroup` reorders it into this
+        rank's [q; k; v]. Returns (the parameter, index into the checkpoint tensor or None, its full shape,
+        regroup)."""
+        param = getattr(self, leaf).data
+        out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
+        d, g = self.head_dim, self.num_heads // self.num_kv_heads
+        if d % out_per:
+            raise NotImplementedError(f"{self.prefix}.{leaf}: grouped q/k/v with head_dim {d} not a multiple of "
+                                      f"the {out_per} output features its format packs per element")
+        unit = d // out_per  # elements along out_dim per head
+        (q0, hq), (k0, hkv) = self.q_heads, self.kv_heads
+        shape, index = list(param.shape), [slice(None)] * param.dim()
+        shape[out_dim] = (self.num_heads + 2 * self.num_kv_heads) * unit
+        if (k0, hkv) != (0, self.num_kv_heads):
+            index[out_dim] = slice(k0 * (g + 2) * unit, (k0 + hkv) * (g + 2) * unit)
+        if in_dim is not None:
+            shape[in_dim] = self.in_features // in_per
+        j0 = q0 - k0 * g  # this rank's first query head inside the groups read
+
+        def regroup(t: torch.Tensor) -> torch.Tensor:
+            t = t.movedim(out_dim, 0)
+            rest = t.shape[1:]
+            groups = t.reshape(hkv, g + 2, unit, *rest)
+            q = groups[:, :g].reshape(hkv * g, unit, *rest)[j0:j0 + hq].reshape(hq * unit, *rest)
+            k, v = groups[:, g].reshape(hkv * unit, *rest), groups[:, g + 1].reshape(hkv * unit, *rest)
+            return torch.cat([q, k, v]).movedim(0, out_dim)
+
+        sliced = any(s != slice(None) for s in index)
+        return param, tuple(index) if sliced else None, tuple(shape), regroup
 
 
 class RowParallelLinear(PackedLinear):

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import CheckpointError
+from ..layers.linear import QKV_GROUPED
 from ..models.internvl import InternVLForConditionalGeneration
 from ..progress import checkpoint_shards
 from .files import checkpoint_files, open_weights
@@ -44,12 +45,17 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
 
 
 def _plan(model: torch.nn.Module, name: str, shard: str | None, param: torch.Tensor):
-    """(part of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape)."""
+    """(part of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape, what
+    reorders the tensor read into that part or None). Only q/k/v grouped by KV head (InternLM2's wqkv) reorders."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if shard == QKV_GROUPED:
+        if not hasattr(module, "grouped_load_plan"):
+            raise CheckpointError(f"{name}: a grouped q/k/v tensor for a layer that is not a q/k/v projection")
+        return module.grouped_load_plan(leaf)
     if hasattr(module, "load_plan"):
-        return module.load_plan(leaf, shard)
-    return param.data, None, tuple(param.shape)
+        return (*module.load_plan(leaf, shard), None)
+    return param.data, None, tuple(param.shape), None
 
 
 def _read(f, key: str, index, shape: tuple, file: Path) -> torch.Tensor:
@@ -155,11 +161,15 @@ def _plan_load(model: torch.nn.Module, catalog, path: Path):
             param = params.get(name)
             if param is None:
                 raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
-            if (name, shard) in seen:
-                raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
-                                      f"{f' ({shard})' if shard else ''}, already loaded from {seen[name, shard]}")
-            seen[name, shard] = f"{file.name}: {key!r}"
-            target, _, shape = _plan(model, name, shard, param)
+            owner = model.get_submodule(name.rpartition(".")[0])
+            grouped = shard == QKV_GROUPED and hasattr(owner, "grouped_load_plan")
+            fills = owner.shard_names if grouped else [shard]  # InternLM2's wqkv fills q, k and v at once
+            for part in fills:
+                if (name, part) in seen:
+                    raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
+                                          f"{f' ({part})' if part else ''}, already loaded from {seen[name, part]}")
+                seen[name, part] = f"{file.name}: {key!r}"
+            target, _, shape, _ = _plan(model, name, shard, param)
             if found != tuple(shape):
                 raise CheckpointError(f"{file.name}: tensor {key!r} has shape {found}, the model expects "
                                       f"{tuple(shape)}")
@@ -200,8 +210,9 @@ def _fill(model: torch.nn.Module, plan, device: torch.device) -> None:
         for file, reads in files:
             with open_weights(file, str(device)) as f:
                 for key, name, shard in reads:
-                    target, index, shape = _plan(model, name, shard, params[name])
-                    target.copy_(_read(f, key, index, shape, file).to(target.dtype))
+                    target, index, shape, regroup = _plan(model, name, shard, params[name])
+                    tensor = _read(f, key, index, shape, file)
+                    target.copy_((tensor if regroup is None else regroup(tensor)).to(target.dtype))
             shard_done(file)
     if tie:
         model.tie_lm_head()

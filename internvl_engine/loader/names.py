@@ -2,19 +2,26 @@
   -hf files:        vision_tower.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.weight
   model.-prefixed:  model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.weight
   original:         vision_model.* (fused attn.qkv), mlp1.{0,1,3}.*, language_model.model.*, language_model.lm_head.*
+                    (Qwen2, Qwen3, Llama and InternLM3 language models: transformers' names), or InternLM2's
+                    language_model.model.{tok_embeddings, layers.N.attention.wqkv / wo, feed_forward.w1 / w2 / w3,
+                    attention_norm, ffn_norm, norm}, language_model.output
 Every key is renamed once to the module names of models/internvl.py; q/k/v and gate/up name their shard of a
-packed matmul. export_hf_state_dict is the way back, to the -hf layout."""
+packed matmul (InternLM2's wqkv fills all three: QKV_GROUPED). export_hf_state_dict is the way back, to the -hf
+layout."""
 from __future__ import annotations
 
 import re
 
 import torch
 
+from ..layers.linear import QKV_GROUPED
+
 # Prefix renames, first match wins. Original-layout names are mapped to the -hf names here.
 _RENAMES = [
     (r"^model\.(vision_tower|multi_modal_projector|language_model)\.", r"\1."),
     (r"^language_model\.model\.", "language_model."),
     (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.output\.", "lm_head."),  # InternLM2
     (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
     (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
     (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
@@ -28,6 +35,14 @@ _ORIGINAL_VISION_LAYER = {"attn.qkv.": "attention.qkv.", "attn.q_norm.": "attent
                           "attn.k_norm.": "attention.k_norm.", "attn.proj.": "attention.projection_layer.",
                           "norm1.": "layernorm_before.", "norm2.": "layernorm_after.", "ls1": "lambda_1",
                           "ls2": "lambda_2"}
+# Inside the language model, InternLM2's names -> transformers' Llama names, as convert_internvl_weights_to_hf.py
+# renames them (ORIGINAL_TO_CONVERTED_KEY_MAPPING_TEXT_LLAMA; its `output` -> lm_head is the prefix rename above).
+# wqkv holds q, k and v grouped by KV head and is read as one tensor (QKV_GROUPED).
+_INTERNLM2 = [(r"^language_model\.tok_embeddings\.", "language_model.embed_tokens."),
+              (r"\.attention\.wo\.", ".self_attn.o_proj."), (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
+              (r"\.feed_forward\.w2\.", ".mlp.down_proj."), (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+              (r"\.attention_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm.")]
+_INTERNLM2_WQKV = re.compile(r"^(language_model\.layers\.\d+\.)attention\.wqkv\.(\w+)$")
 # Separate projections in the checkpoint -> (packed module, shard name).
 PACKED = {"attention.q_proj": ("attention.qkv", "q_proj"), "attention.k_proj": ("attention.qkv", "k_proj"),
           "attention.v_proj": ("attention.qkv", "v_proj"),
@@ -50,6 +65,12 @@ def normalize_key(key: str) -> tuple[str, str | None]:
                 rest = new + rest[len(old):]
                 break
         name = f"{head}.encoder.layer.{idx}.{rest}"
+    elif name.startswith("language_model."):
+        wqkv = _INTERNLM2_WQKV.match(name)
+        if wqkv:
+            return f"{wqkv.group(1)}self_attn.qkv_proj.{wqkv.group(2)}", QKV_GROUPED
+        for pattern, repl in _INTERNLM2:
+            name = re.sub(pattern, repl, name)
     module, _, leaf = name.rpartition(".")
     for suffix, (packed, shard) in PACKED.items():
         if module.endswith(suffix):
