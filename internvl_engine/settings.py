@@ -259,6 +259,11 @@ class ServerSettings:
     stream_stall_timeout_s: float | None = setting(
         60.0, flag="--stream-stall-timeout", metavar="S", zero_is_none=True,
         help="cut off a streaming client that takes no data for S seconds (0: never)")
+    reasoning_parser: str = setting(
+        "auto", flag="--reasoning-parser", metavar="P",
+        help="split a chat answer's <think>...</think> block into reasoning_content: auto (for models with a "
+             "thinking mode: InternVL3.5, or a chat template with enable_thinking), think (always; vLLM's names "
+             "qwen3 and deepseek_r1 mean the same), none (never: the block stays in content)")
 
     def media_policy(self) -> MediaPolicy:
         """The strict media policy (MediaPolicy.strict) opened only as far as the flags say."""

@@ -172,3 +172,129 @@ def test_llm_generate_takes_chat_template_kwargs(llm):
             llm.generate({"prompt": "hi"}, params, chat_template_kwargs={"enable_thinking": True})
     finally:
         proc.model_config = saved
+
+
+# ------------------------------------------------------------------------------------------------ the server
+SCRIPT = ["<thi", "nk>\nThe user", " greets.</th", "ink>", "\n\nHel", "lo!"]  # one piece per generated token
+
+
+@pytest.fixture(scope="module")
+def served():
+    """An AsyncLLM whose outputs carry a scripted text (state["script"], one piece per generated token, so the tags
+    arrive cut across stream chunks), and a server over it that always splits reasoning."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from test_server import ThreadServer
+
+    from internvl_engine.engine.async_llm import AsyncLLM
+    from internvl_engine.server import ServerSettings
+
+    settings = ServerSettings(model_name=MODEL, reasoning_parser="think")
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=4096, media_policy=settings.media_policy())
+    state = {"script": SCRIPT}
+    real = llm.generate
+
+    async def generate(conversation, params=None, request_id=None):
+        inner = real(conversation, params, request_id)
+        try:
+            async for out in inner:
+                samples = [dataclasses.replace(c, text="".join(state["script"][:len(c.token_ids)]))
+                           for c in out.outputs]
+                yield dataclasses.replace(out, text=samples[0].text, outputs=samples)
+        finally:
+            await inner.aclose()
+
+    llm.generate = generate
+    srv = ThreadServer(llm, settings)
+    yield srv, state
+    srv.stop()
+    llm.shutdown()
+
+
+def chat(srv, stream: bool, max_tokens: int, **kw):
+    return srv.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=max_tokens, temperature=0,
+        stream=stream, extra_body={"ignore_eos": True, **kw})
+
+
+def streamed(response) -> list[tuple[str | None, str | None, str | None]]:
+    """(reasoning_content, content, finish_reason) of each chunk after the role chunk."""
+    chunks = [(getattr(c.choices[0].delta, "reasoning_content", None), c.choices[0].delta.content,
+               c.choices[0].finish_reason) for c in response if c.choices]
+    assert chunks[0][:2] == (None, "")  # the role chunk
+    return chunks[1:]
+
+
+def test_server_reasoning_content(served):
+    srv, state = served
+    state["script"] = SCRIPT
+    msg = chat(srv, False, len(SCRIPT)).choices[0].message
+    assert (msg.reasoning_content, msg.content) == ("\nThe user greets.", "\n\nHello!")
+    chunks = streamed(chat(srv, True, len(SCRIPT)))
+    reasoning = [r for r, _, _ in chunks if r]
+    assert "".join(reasoning) == "\nThe user greets." and len(reasoning) >= 2  # sent as it came, not at the end
+    assert "".join(c for _, c, _ in chunks if c) == "\n\nHello!"
+    last_reasoning = max(i for i, (r, _, _) in enumerate(chunks) if r)
+    assert all(not c for _, c, _ in chunks[:last_reasoning + 1]) and chunks[-1][2] == "length"
+
+
+def test_server_unterminated_thinking_is_all_reasoning(served):
+    srv, state = served
+    state["script"] = SCRIPT
+    r = chat(srv, False, 3)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("\nThe user greets.</th", None)
+    chunks = streamed(chat(srv, True, 3))
+    assert "".join(r for r, _, _ in chunks if r) == "\nThe user greets.</th"  # the cut tag, flushed at the end
+    assert not any(c for _, c, _ in chunks)
+
+
+def test_server_thinking_on_a_model_without_it_is_400(served):
+    import openai
+    srv, state = served
+    with pytest.raises(openai.BadRequestError, match="no thinking mode"):
+        chat(srv, False, 2, chat_template_kwargs={"enable_thinking": True})
+    state["script"] = ["plain", " answer"]
+    msg = chat(srv, False, 2, chat_template_kwargs={"enable_thinking": False}).choices[0].message
+    assert (msg.reasoning_content, msg.content) == (None, "plain answer")
+
+
+def test_server_template_switch_and_parser_choice(served):
+    """A template with the switch: enable_thinking reaches it, and the think block its prompt opens makes a lone
+    </think> end the reasoning. --reasoning-parser auto splits only for a model with a thinking mode; none never."""
+    from test_server import ThreadServer
+
+    from internvl_engine.server import ServerSettings, build_app
+    from internvl_engine.settings import EngineConfigError
+
+    srv, state = served
+    llm, proc = srv.llm, srv.llm.engine.processor
+    assert build_app(llm, ServerSettings(model_name=MODEL)).state.server.split_reasoning is False  # qwen2, no switch
+    with pytest.raises(EngineConfigError, match="reasoning_parser"):
+        build_app(llm, ServerSettings(model_name=MODEL, reasoning_parser="bogus"))
+    saved = proc.template
+    proc.template = ChatTemplate(SWITCH_TEMPLATE)
+    auto = ThreadServer(llm, ServerSettings(model_name=MODEL))
+    plain = ThreadServer(llm, ServerSettings(model_name=MODEL, reasoning_parser="none"))
+    try:
+        assert auto.app.state.server.split_reasoning
+        state["script"] = ["weigh", " it</think>", "\n\n9.8"]
+        on = chat(auto, False, 3, chat_template_kwargs={"enable_thinking": True})
+        assert (on.choices[0].message.reasoning_content, on.choices[0].message.content) == ("weigh it", "\n\n9.8")
+        chunks = streamed(chat(auto, True, 3, chat_template_kwargs={"enable_thinking": True}))
+        assert "".join(r for r, _, _ in chunks if r) == "weigh it" and \
+            "".join(c for _, c, _ in chunks if c) == "\n\n9.8"
+        state["script"] = ["9.8", " is larger."]
+        off = chat(auto, False, 2, chat_template_kwargs={"enable_thinking": False})
+        assert (off.choices[0].message.reasoning_content, off.choices[0].message.content) == (None, "9.8 is larger.")
+        # the closed empty block ("<think>\n\n</think>\n\n" after "<think>\n") is what the prompt tokens grew by
+        tok = proc.tokenizer
+        assert off.usage.prompt_tokens - on.usage.prompt_tokens == \
+            len(tok.encode("<think>\n\n</think>\n\n")) - len(tok.encode("<think>\n"))
+        state["script"] = SCRIPT
+        kept = chat(plain, False, len(SCRIPT)).choices[0].message
+        assert kept.content == "".join(SCRIPT) and getattr(kept, "reasoning_content", None) is None
+    finally:
+        auto.stop()
+        plain.stop()
+        proc.template = saved

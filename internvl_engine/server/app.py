@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from .._version import __version__
 from ..settings import EngineConfigError, ServerSettings
 from ..errors import EngineDeadError
+from ..processor import prompt_opens_thinking
 from . import protocol as P
 from .metrics import STATUS_OUTCOME, ServerMetrics
 
@@ -248,6 +249,11 @@ class _ClientGone(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ the server
+# --reasoning-parser: when a chat answer's think block goes out as reasoning_content (vLLM's parser names for the
+# <think> format are taken as "think")
+REASONING_PARSERS = {"auto": "auto", "think": "think", "qwen3": "think", "deepseek_r1": "think", "none": "none"}
+
+
 class OpenAIServer:
     def __init__(self, llm, settings: ServerSettings):
         self.llm, self.settings = llm, settings
@@ -260,6 +266,12 @@ class OpenAIServer:
         if llm.engine.engine_config.media_policy != settings.media_policy():  # what the media flags promise
             raise EngineConfigError("the engine's media_policy is not the one the server settings describe: build "
                                     "it with media_policy=settings.media_policy()")
+        parser = REASONING_PARSERS.get(settings.reasoning_parser)
+        if parser is None:
+            raise EngineConfigError(f"reasoning_parser must be one of {sorted(REASONING_PARSERS)}, got "
+                                    f"{settings.reasoning_parser!r}")
+        self.split_reasoning = parser == "think" or (parser == "auto"
+                                                     and llm.engine.processor.thinking_mode is not None)
 
     # -- request plumbing
     def error_response(self, e: BaseException, count: bool = True, headers: dict | None = None):
@@ -338,6 +350,15 @@ class OpenAIServer:
         is a label, echoed back) can name, collide with or abort another request in the engine."""
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
+    def render_chat(self, req: P.ChatCompletionRequest, prompts: list) -> tuple[list, bool | None]:
+        """(prompts, reasoning): a conversation with template variables, or whose answer's think block is to be
+        split (which needs to know whether the prompt opened one), is rendered here and handed to the engine as the
+        raw prompt it encodes to (Processor.render_request); reasoning as ResponseBuilder takes it."""
+        if req.chat_template_kwargs is None and not self.split_reasoning:
+            return prompts, None
+        raw = self.llm.engine.processor.render_request(prompts[0], req.chat_template_kwargs)
+        return [raw], (prompt_opens_thinking(raw["prompt"]) if self.split_reasoning else None)
+
     def submit(self, request_id: str, prompt, params) -> _Submitted:
         """Starts one request: a task takes its generator's first step (AsyncLLM.generate submits it there) and
         waits for its first output; until then it counts as waiting."""
@@ -350,7 +371,8 @@ class OpenAIServer:
     def _first_done(self, _) -> None:
         self.pending -= 1
 
-    async def generate(self, request: Request, kind: str, req, prompts: list, params, headers: dict):
+    async def generate(self, request: Request, kind: str, req, prompts: list, params, headers: dict,
+                       reasoning: bool | None = None):
         """Submits the request's prompts and waits for each one's first output before answering, so whatever the
         engine refuses (bad input, refused media, a failure before the first token) gets its own status rather than
         an error inside a 200 stream; a client that leaves meanwhile aborts them."""
@@ -375,7 +397,7 @@ class OpenAIServer:
                 await s.close()
             raise
         builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, params.n,
-                                    params.logprobs, req.include_usage, self.decode, req.return_token_ids)
+                                    params.logprobs, req.include_usage, self.decode, req.return_token_ids, reasoning)
         if req.stream:
             result: dict = {}
 
@@ -424,7 +446,7 @@ class OpenAIServer:
         """The SSE events; result["outcome"] is set once the stream reaches its end (finished, aborted by the engine,
         or an error), not when it is cut (SSEResponse tells then)."""
         finals = [None] * len(subs)
-        choices = [[P.ChoiceStream(p * builder.n + j) for j in range(builder.n)] for p in range(len(subs))]
+        choices = builder.streams(len(subs))
         single = len(subs) == 1  # the usual case: one generator fewer on every token's way
         merged = subs[0].outputs() if single else _merged(subs)
         self.active.update(s.request_id for s in subs)
@@ -462,13 +484,15 @@ class OpenAIServer:
                 prompts = P.chat_prompts(req)
                 self.check_size(prompts, "messages")
                 params = P.chat_sampling_params(req, self.settings.default_max_tokens)
+                prompts, reasoning = self.render_chat(req, prompts)
             else:
                 req = self.parse(P.CompletionRequest, await self.read_json(request))
                 self.check_model(req.model)
                 prompts = P.completion_prompts(req)
                 self.check_size(prompts, "prompt")
                 params = P.completion_sampling_params(req)
-            return await self.generate(request, kind, req, prompts, params, headers)
+                reasoning = None
+            return await self.generate(request, kind, req, prompts, params, headers, reasoning)
         except asyncio.CancelledError:
             # uvicorn cancels the handlers still running at --shutdown-timeout (client disconnects never cancel
             # this task): the engine requests are aborted already; the client gets a 503 rather than uvicorn's

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
                       SamplingParamsError, SlowConsumerError)
-from ..processor import normalize_messages
+from ..processor import ReasoningParser, normalize_messages, split_reasoning
 from ..sampling import SamplingParams
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
@@ -158,6 +158,7 @@ class ChatCompletionRequest(_Request):
     tools: list | None = None
     functions: list | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: template variables, enable_thinking among them
 
 
 class CompletionRequest(_Request):
@@ -347,11 +348,13 @@ def samples(out) -> list:
 
 
 class ChoiceStream:
-    """What one sample has sent so far; turns each cumulative snapshot into the new text, tokens and logprobs."""
-    __slots__ = ("index", "text_sent", "tokens_sent", "finished")
+    """What one sample has sent so far; turns each cumulative snapshot into the new text, tokens and logprobs.
+    parser: its ReasoningParser when the answer's think block goes out as reasoning_content."""
+    __slots__ = ("index", "text_sent", "tokens_sent", "finished", "parser")
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, parser: ReasoningParser | None = None):
         self.index, self.text_sent, self.tokens_sent, self.finished = index, 0, 0, False
+        self.parser = parser
 
     def advance(self, sample) -> tuple[str, int, str | None] | None:
         """(new text, first new token index, finish reason if it just finished) or None when nothing changed."""
@@ -369,13 +372,16 @@ class ChoiceStream:
 
 
 class ResponseBuilder:
-    """Response bodies and SSE chunks of one HTTP request (chat or completions)."""
+    """Response bodies and SSE chunks of one HTTP request (chat or completions). reasoning (chat): None to send the
+    text as content, else whether the prompt opened a think block (processor.prompt_opens_thinking): the think block
+    goes out as reasoning_content (streamed: delta.reasoning_content), as vLLM's reasoning parsers send it."""
 
     def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str,
-                 n: int, logprobs: int | None, include_usage: bool, decode, token_ids: bool = False):
+                 n: int, logprobs: int | None, include_usage: bool, decode, token_ids: bool = False,
+                 reasoning: bool | None = None):
         self.kind, self.id, self.created, self.model = kind, response_id, created, model
         self.n, self.logprobs, self.include_usage, self.decode = n, logprobs, include_usage, decode
-        self.token_ids = token_ids
+        self.token_ids, self.reasoning = token_ids, reasoning
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         # a chunk is "data: " + head + its choices + tail: the constant parts are encoded once
@@ -399,8 +405,8 @@ class ResponseBuilder:
                 index = p * self.n + c.index
                 lps = self._logprobs(c.token_ids, c.logprobs)
                 if self.kind == "chat":
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lps, "finish_reason": c.finish_reason})
+                    choices.append({"index": index, "message": self._message(c.text), "logprobs": lps,
+                                    "finish_reason": c.finish_reason})
                 else:
                     choices.append({"index": index, "text": c.text, "logprobs": lps,
                                     "finish_reason": c.finish_reason})
@@ -415,7 +421,29 @@ class ResponseBuilder:
             body["prompt_logprobs"] = prompt_logprobs_json(outputs[0].prompt_logprobs)  # vLLM: beside the choices
         return body
 
+    def _message(self, text: str) -> dict:
+        if self.reasoning is None:
+            return {"role": "assistant", "content": text}
+        reasoning, content = split_reasoning(text, self.reasoning)
+        return {"role": "assistant", "content": content, "reasoning_content": reasoning}
+
     # -- streams
+    def streams(self, prompts: int) -> list[list[ChoiceStream]]:
+        """The ChoiceStreams of every sample of every prompt (choice index = prompt * n + sample)."""
+        return [[ChoiceStream(p * self.n + j, None if self.reasoning is None else ReasoningParser(self.reasoning))
+                 for j in range(self.n)] for p in range(prompts)]
+
+    def _delta(self, st: ChoiceStream, text: str, finished: bool) -> dict:
+        """A chat chunk's delta: the new text as content, or split by the sample's ReasoningParser (which holds a
+        possibly cut tag until the next text, or the end, decides it)."""
+        if st.parser is None:
+            return {"content": text} if text else {}
+        reasoning, content = st.parser.feed(text)
+        if finished:
+            more = st.parser.finish()
+            reasoning, content = reasoning + more[0], content + more[1]
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
+
     def _chunk(self, choices: list) -> str:
         return self._head + dumps(choices) + self._tail
 
@@ -434,7 +462,7 @@ class ResponseBuilder:
             text, start, finish = change
             lps = self._logprobs(c.token_ids[start:], c.logprobs[start:], offset) if c.logprobs is not None else None
             if self.kind == "chat":
-                choice = {"index": st.index, "delta": {"content": text} if text else {}, "logprobs": lps,
+                choice = {"index": st.index, "delta": self._delta(st, text, finish is not None), "logprobs": lps,
                           "finish_reason": finish}
             else:
                 choice = {"index": st.index, "text": text, "logprobs": lps, "finish_reason": finish}
