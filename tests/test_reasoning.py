@@ -65,6 +65,13 @@ def test_a_template_with_the_switch_gets_it():
     assert off == on[:-len("<think>\n")] + "<think>\n\n</think>\n\n" and not prompt_opens_thinking(off)
     assert p.apply_chat_template(CONV) == on  # the template's own default
     assert SYSTEM not in on  # the template switches; no system prompt is added
+    # as transformers renders it with the same variable (apply_chat_template's extra kwargs)
+    from transformers.utils.chat_template_utils import render_jinja_template
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Which is larger?"}]}]
+    for thinking in (True, False):
+        (reference,), _ = render_jinja_template(conversations=[conv], chat_template=SWITCH_TEMPLATE,
+                                                add_generation_prompt=True, enable_thinking=thinking)
+        assert p.apply_chat_template(conv, chat_template_kwargs={"enable_thinking": thinking}) == reference
 
 
 def test_a_model_without_thinking_refuses_it():
