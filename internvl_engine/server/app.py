@@ -6,11 +6,13 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /he
 
 Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400, nesting bounded before
 the parser recurses), the model name checked (404), the request's size checked before any work (400: more prompts
-than --max-prompts or than could ever wait, more text than --max-prompt-chars), the engine's health (503) and
-waiting queue (429) checked, then the request is submitted (AsyncLLM.generate) under a fresh engine request id (the
-caller's X-Request-Id is a label, echoed back) and the server waits for its first output before answering, so
-whatever the engine refuses (a bad conversation, refused media, bad sampling values: 400 or 413) or fails before
-the first token (500, 503) gets its own status. Then the outputs stream as SSE or are collected into one body.
+than --max-prompts or than could ever wait, more text than --max-prompt-chars), a chat conversation rendered here
+when it carries chat_template_kwargs or its answer's think block is to go out as reasoning_content (the engine then
+gets the raw prompt it encodes to), the engine's health (503) and waiting queue (429) checked, then the request is
+submitted (AsyncLLM.generate) under a fresh engine request id (the caller's X-Request-Id is a label, echoed back)
+and the server waits for its first output before answering, so whatever the engine refuses (a bad conversation,
+refused media, bad sampling values: 400 or 413) or fails before the first token (500, 503) gets its own status.
+Then the outputs stream as SSE or are collected into one body.
 
 Nothing buffers for a client: the server takes an output from the engine only when the previous one is written,
 so a client that stops reading stalls its requests' AsyncLLM consumers (which abort them after consumer_timeout_s),
