@@ -151,44 +151,39 @@ def test_prompt_opens_thinking():
 
 
 # ------------------------------------------------------------------------------------------------ LLM
+THINKING_MODEL = "random:tiny-qwen3"  # a Qwen3-decoder InternVL: InternVL3.5's thinking switch
+
+
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(MODEL, device="cpu", kv_cache_tokens=4096)
+    return LLM(THINKING_MODEL, device="cpu", kv_cache_tokens=4096)
 
 
 def test_llm_generate_takes_chat_template_kwargs(llm):
     params = SamplingParams(max_tokens=2)
-    with pytest.raises(PromptError, match="no thinking mode"):
-        llm.generate(CONV[0]["content"][1]["text"], params, chat_template_kwargs={"enable_thinking": True})
-    proc = llm.processor
-    saved = proc.model_config
-    proc.model_config = dataclasses.replace(saved, text=dataclasses.replace(saved.text, model_type="qwen3"))
-    try:  # the processor of an InternVL3.5 checkpoint (a qwen3 decoder); the weights play no part in the prompt
-        conv = [{"role": "user", "content": "Which is larger, 9.11 or 9.8?"}]
-        on, off = llm.generate([conv, conv], params, chat_template_kwargs={"enable_thinking": True}), \
-            llm.generate(conv, params)
-        explicit = llm.generate([{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *conv], params)
-        assert on[0].prompt_token_ids == on[1].prompt_token_ids == explicit[0].prompt_token_ids
-        assert on[0].token_ids == explicit[0].token_ids
-        assert off[0].prompt_token_ids == proc(conv).input_ids != on[0].prompt_token_ids
-        streamed = llm.stream(conv, params, chat_template_kwargs={"enable_thinking": True})
-        assert "".join(streamed) == on[0].text and streamed.output.prompt_token_ids == on[0].prompt_token_ids
-        assert llm.prompt_logits(conv, chat_template_kwargs={"enable_thinking": True}).shape[0] == \
-            len(on[0].prompt_token_ids)
-        with pytest.raises(PromptError, match="not to a raw prompt"):
-            llm.generate({"prompt": "hi"}, params, chat_template_kwargs={"enable_thinking": True})
-    finally:
-        proc.model_config = saved
+    assert llm.processor.thinking_mode == "system_prompt"
+    conv = [{"role": "user", "content": "Which is larger, 9.11 or 9.8?"}]
+    on, off = llm.generate([conv, conv], params, chat_template_kwargs={"enable_thinking": True}), \
+        llm.generate(conv, params)
+    explicit = llm.generate([{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *conv], params)
+    assert on[0].prompt_token_ids == on[1].prompt_token_ids == explicit[0].prompt_token_ids
+    assert on[0].token_ids == explicit[0].token_ids
+    assert off[0].prompt_token_ids == llm.processor(conv).input_ids != on[0].prompt_token_ids
+    streamed = llm.stream(conv, params, chat_template_kwargs={"enable_thinking": True})
+    assert "".join(streamed) == on[0].text and streamed.output.prompt_token_ids == on[0].prompt_token_ids
+    assert llm.prompt_logits(conv, chat_template_kwargs={"enable_thinking": True}).shape[0] == \
+        len(on[0].prompt_token_ids)
+    with pytest.raises(PromptError, match="not to a raw prompt"):
+        llm.generate({"prompt": "hi"}, params, chat_template_kwargs={"enable_thinking": True})
 
 
 # ------------------------------------------------------------------------------------------------ the server
 SCRIPT = ["<thi", "nk>\nThe user", " greets.</th", "ink>", "\n\nHel", "lo!"]  # one piece per generated token
 
 
-@pytest.fixture(scope="module")
-def served():
+def scripted_server(model: str, **settings):
     """An AsyncLLM whose outputs carry a scripted text (state["script"], one piece per generated token, so the tags
-    arrive cut across stream chunks), and a server over it that always splits reasoning."""
+    arrive cut across stream chunks), and a server over it."""
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     from test_server import ThreadServer
@@ -196,8 +191,8 @@ def served():
     from internvl_engine.engine.async_llm import AsyncLLM
     from internvl_engine.server import ServerSettings
 
-    settings = ServerSettings(model_name=MODEL, reasoning_parser="think")
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=4096, media_policy=settings.media_policy())
+    settings = ServerSettings(model_name=MODEL, **settings)
+    llm = AsyncLLM(model, device="cpu", kv_cache_tokens=4096, media_policy=settings.media_policy())
     state = {"script": SCRIPT}
     real = llm.generate
 
@@ -212,10 +207,16 @@ def served():
             await inner.aclose()
 
     llm.generate = generate
-    srv = ThreadServer(llm, settings)
+    return ThreadServer(llm, settings), state
+
+
+@pytest.fixture(scope="module")
+def served():
+    """InternVL3 (no thinking mode) under --reasoning-parser think: the think block split whatever the model."""
+    srv, state = scripted_server(MODEL, reasoning_parser="think")
     yield srv, state
     srv.stop()
-    llm.shutdown()
+    srv.llm.shutdown()
 
 
 def chat(srv, stream: bool, max_tokens: int, **kw):
@@ -305,3 +306,25 @@ def test_server_template_switch_and_parser_choice(served):
         auto.stop()
         plain.stop()
         proc.template = saved
+
+
+def test_server_internvl3_5_thinks_on_request():
+    """A Qwen3-decoder model under the default --reasoning-parser auto: enable_thinking puts its thinking system
+    prompt before the conversation, and the answer's think block comes back as reasoning_content."""
+    srv, state = scripted_server(THINKING_MODEL)
+    try:
+        assert srv.app.state.server.split_reasoning
+        on = chat(srv, False, len(SCRIPT), chat_template_kwargs={"enable_thinking": True})
+        assert (on.choices[0].message.reasoning_content, on.choices[0].message.content) == \
+            ("\nThe user greets.", "\n\nHello!")
+        state["script"] = ["Hello", "!"]
+        off = chat(srv, False, 2)
+        assert (off.choices[0].message.reasoning_content, off.choices[0].message.content) == (None, "Hello!")
+        proc = srv.llm.engine.processor
+        conv = [{"role": "user", "content": "Hi"}]
+        assert on.usage.prompt_tokens == len(proc(conv).input_ids) + \
+            len(proc.tokenizer.encode("<|im_start|>system\n" + THINKING_SYSTEM_PROMPT + "<|im_end|>\n"))
+        assert off.usage.prompt_tokens == len(proc(conv).input_ids)
+    finally:
+        srv.stop()
+        srv.llm.shutdown()
