@@ -244,6 +244,16 @@ def test_server_reasoning_content(served):
     assert "".join(c for _, c, _ in chunks if c) == "\n\nHello!"
     last_reasoning = max(i for i, (r, _, _) in enumerate(chunks) if r)
     assert all(not c for _, c, _ in chunks[:last_reasoning + 1]) and chunks[-1][2] == "length"
+    # n samples: each its own parser
+    both = chat(srv, False, len(SCRIPT), n=2, seed=1)
+    assert [(c.message.reasoning_content, c.message.content) for c in both.choices] == \
+        [("\nThe user greets.", "\n\nHello!")] * 2
+    per_choice = {0: ["", ""], 1: ["", ""]}
+    for c in chat(srv, True, len(SCRIPT), n=2, seed=1):
+        for choice in c.choices:
+            per_choice[choice.index][0] += getattr(choice.delta, "reasoning_content", None) or ""
+            per_choice[choice.index][1] += choice.delta.content or ""
+    assert per_choice == {0: ["\nThe user greets.", "\n\nHello!"], 1: ["\nThe user greets.", "\n\nHello!"]}
 
 
 def test_server_unterminated_thinking_is_all_reasoning(served):
