@@ -10,18 +10,53 @@ from internvl_engine.processor.files import write_processor_files
 from internvl_engine.loader import init_random_  # the spec's non-degenerate init, by parameter name
 
 # Tiny configs in the two vision-tower styles of the spec (section 1.4).
+_VISION_300M = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    attention_bias=True, use_qk_norm=False, norm_type="layer_norm")
+_VISION_6B = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=320,
+                  attention_bias=False, use_qk_norm=True, norm_type="rms_norm")
 VARIANTS = {
     "300m": dict(
-        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    attention_bias=True, use_qk_norm=False, norm_type="layer_norm"),
+        vision=_VISION_300M,
         text=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
                   intermediate_size=160, tie_word_embeddings=False),
     ),
     "6b": dict(
-        vision=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=320,
-                    attention_bias=False, use_qk_norm=True, norm_type="rms_norm"),
+        vision=_VISION_6B,
         text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                   intermediate_size=192, tie_word_embeddings=True),
+    ),
+    # Llama decoders (InternVL3-9B's InternLM3 and InternVL2.5's InternLM2.5 as transformers' converter writes them):
+    # GQA, no biases, a head_dim other than hidden_size / heads (24, not a power of two: the kernels' masked tails).
+    "llama-300m": dict(
+        vision=_VISION_300M,
+        text=dict(model_type="llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=24, intermediate_size=160, tie_word_embeddings=False),
+    ),
+    "llama-6b": dict(
+        vision=_VISION_6B,
+        text=dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, intermediate_size=192, tie_word_embeddings=False),
+    ),
+    # Llama's optional biases (attention_bias: q/k/v/o; mlp_bias: gate/up/down), which no InternVL release sets
+    "llama-biases-300m": dict(
+        vision=_VISION_300M,
+        text=dict(model_type="llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=24, intermediate_size=160, tie_word_embeddings=False,
+                  attention_bias=True, mlp_bias=True),
+    ),
+    # Qwen3 decoders (InternVL3.5 dense): q_norm / k_norm, no biases, head_dim above hidden_size / heads as in 3.5
+    # (128 where hidden / heads is 64), plain RoPE with base 1e6; untied with one tower, tied with the other.
+    "qwen3-300m": dict(
+        vision=_VISION_300M,
+        text=dict(model_type="qwen3", hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=160, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "qwen3-6b": dict(
+        vision=_VISION_6B,
+        text=dict(model_type="qwen3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, intermediate_size=192, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     ),
     "internvl3-1b": dict(
         vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -38,7 +73,7 @@ def hf_config(variant: str, max_position_embeddings: int = 32768, image_size: in
     v = VARIANTS[variant]
     text = dict(model_type="qwen2", vocab_size=151674, rms_norm_eps=1e-6, max_position_embeddings=max_position_embeddings,
                 rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0},
-                bos_token_id=151643, eos_token_id=151645, **v["text"])
+                bos_token_id=151643, eos_token_id=151645) | v["text"]  # a variant's own keys win
     vision = dict(layer_norm_eps=1e-6, image_size=image_size, patch_size=14, hidden_act="gelu", **v["vision"])
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667,
                           tie_word_embeddings=v["text"]["tie_word_embeddings"])
