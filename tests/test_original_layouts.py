@@ -12,13 +12,32 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 from internvl_engine import LLM
 from internvl_engine.config import ModelConfig
 from internvl_engine.errors import UnsupportedModelError
 from internvl_engine.parallel import TensorParallel
+from hf_processor import make_hf_processor
+from reference import hf_inputs, hf_logits
 from test_loader import CONV, PARAMS, _copy_side_files, to_original
 
 TEXT_CONV = [{"role": "user", "content": "Tell me a story about a dragon and a knight."}]
+# InternLM2 states no head_dim (hidden_size / heads): Llama decoders of that shape, GQA (3 and 2 query heads per KV
+# head), with InternLM2's one bias switch on (wqkv and wo biased) and off. Registered beside helper A's variants.
+checkpoints.VARIANTS.setdefault("internlm2-300m", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(model_type="llama", hidden_size=96, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+              head_dim=16, intermediate_size=160, tie_word_embeddings=False, attention_bias=True)))
+checkpoints.VARIANTS.setdefault("internlm2-6b", dict(
+    vision=checkpoints.VARIANTS["6b"]["vision"],
+    text=dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, intermediate_size=192, tie_word_embeddings=False)))
+# (original style, -hf variant); for the Llama ones, max_position_embeddings 512 puts the image prompt (783 tokens)
+# past it: dynamic NTK RoPE (the variants' scaling, factor 2) rescales, and a mistranslated rope_scaling would show.
+# The Qwen3 variants have plain RoPE (as InternVL3.5) and their default 32768 positions.
+CASES = [("internlm2", "internlm2-300m"), ("internlm2", "internlm2-6b"), ("internlm3", "llama-300m"),
+         ("internlm3", "llama-6b"), ("qwen3", "qwen3-300m"), ("qwen3", "qwen3-6b")]
+MAX_POS = 512
 # the image token id OpenGVLab's config.json leaves out, per decoder family (what _from_original assumes)
 FAMILY_IMAGE_TOKEN = {"qwen2": 151667, "llama": 92546, "qwen3": 151671}
 
@@ -107,6 +126,11 @@ def write_original(hf_path, dst, style: str):
     if style == "internlm2":
         tensors = to_internlm2_names(tensors, text)
     orig["llm_config"] = original_llm_config(text, style)
+    if style == "qwen3" and text["tie_word_embeddings"]:
+        # OpenGVLab's InternVL3.5 config class sets tie_word_embeddings false for every size (sglang's copy,
+        # python/sglang/srt/configs/internvl.py): the original files hold the lm_head, a copy of the embeddings
+        tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
+        orig["tie_word_embeddings"] = orig["llm_config"]["tie_word_embeddings"] = False
     family = {"internlm2": "llama", "internlm3": "llama", "qwen3": "qwen3"}[style]
     if config["image_token_id"] != FAMILY_IMAGE_TOKEN[family]:  # the test tokenizer's; OpenGVLab's files omit it
         orig["img_context_token_id"] = config["image_token_id"]
@@ -127,3 +151,113 @@ def test_pack_wqkv_is_what_the_converter_splits():
     assert wqkv.shape == (10 * 4, 5)
     for got, want in zip(converter_split(wqkv, 6, 2, 4), (q, k, v)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("style,variant", CASES)
+def test_original_layout_loads_to_the_same_logits(hf_checkpoint, tmp_path, style, variant):
+    path, hf_model = (hf_checkpoint(variant) if style == "qwen3" else
+                      hf_checkpoint(variant, max_position_embeddings=MAX_POS))
+    original = write_original(path, tmp_path / style, style)
+    tensors = load_file(str(original / "model.safetensors"))
+    if style == "internlm2":
+        assert any(k.endswith("attention.wqkv.weight") for k in tensors) and "language_model.output.weight" in tensors
+        assert not any("q_proj" in k or "embed_tokens" in k for k in tensors)
+    cfg = ModelConfig.from_pretrained(original)
+    assert cfg.source_format == "original" and cfg.text.model_type == {"qwen3": "qwen3"}.get(style, "llama")
+    hf, orig = LLM(path, dtype="float32", device="cpu"), LLM(original, dtype="float32", device="cpu")
+    for conv in (CONV, TEXT_CONV):
+        reference = hf.prompt_logits(conv, params=PARAMS)
+        assert torch.equal(orig.prompt_logits(conv, params=PARAMS), reference), (style, variant, conv[0]["content"])
+    if style != "qwen3":
+        assert reference.shape[0] < MAX_POS < hf.prompt_logits(CONV, params=PARAMS).shape[0]
+    # and the -hf form is transformers' own model (the parity tests' tolerance)
+    ref = hf_logits(hf_model, hf_inputs(make_hf_processor(path), CONV, 2))
+    assert (hf.prompt_logits(CONV, params=PARAMS) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_each_rank_reads_only_its_groups_of_wqkv(hf_checkpoint, tmp_path, monkeypatch, n):
+    """Ranks of N=2 (one KV head each: whole groups) and N=4 (the KV head replicated on two ranks: half a group's
+    query heads each), built without a process group: every parameter equals its part of the N=1 model loaded from
+    the -hf files, and wqkv is read through get_slice, never whole."""
+    from internvl_engine.loader import checkpoint as loader  # _read, patched below, lives there
+    from internvl_engine.ops import OpTable
+
+    path, _ = hf_checkpoint("internlm2-6b", max_position_embeddings=MAX_POS)
+    original = write_original(path, tmp_path / "internlm2", "internlm2")
+    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
+    full = dict(loader.load_model(ModelConfig.from_pretrained(path), path, ops, cpu, torch.float32).named_parameters())
+    config = ModelConfig.from_pretrained(original)
+    reads = []
+    real_read = loader._read
+    monkeypatch.setattr(loader, "_read", lambda f, key, index, shape, file: (reads.append((key, index)),
+                                                                              real_read(f, key, index, shape, file))[1])
+    for rank in range(n):
+        reads.clear()
+        model = loader.load_model(config, original, ops, cpu, torch.float32, tp=TensorParallel(rank, n))
+        for name, p in model.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            want = module.from_full(leaf, full[name]) if hasattr(module, "from_full") else full[name]
+            assert torch.equal(p, want), (n, rank, name)
+        wqkv = [index for key, index in reads if key.endswith("attention.wqkv.weight")]
+        assert len(wqkv) == 2 and all(index is not None for index in wqkv), (n, rank, wqkv)
+        rows = wqkv[0][0]
+        assert rows.stop - rows.start == (2 + 2) * 32  # one KV head's group, (H/Hk + 2) x head_dim rows, either way
+
+
+def test_packed_original_at_two_ranks_matches_one(hf_checkpoint, tmp_path):
+    """The packed original layout served at N=2 over gloo: the same prompt logits as the -hf files at N=1 (up to
+    the all-reduce's summation order, the tensor-parallel tests' tolerance)."""
+    path, _ = hf_checkpoint("internlm2-300m", max_position_embeddings=MAX_POS)
+    original = write_original(path, tmp_path / "internlm2", "internlm2")
+    one = LLM(path, dtype="float32", device="cpu").prompt_logits(CONV, params=PARAMS)
+    llm = LLM(original, dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        two = llm.prompt_logits(CONV, params=PARAMS)
+    finally:
+        llm.engine.shutdown()
+    assert (two - one).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- config.json
+def _original(llm: dict, **top) -> dict:
+    return {"model_type": "internvl_chat", "vision_config": {}, "ps_version": "v2", "llm_config": llm, **top}
+
+
+def test_internlm_configs_read_as_the_converters_llama():
+    cfg = ModelConfig.from_dict(_original({
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "hidden_size": 4096,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "vocab_size": 92553, "rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 32768, "bias": False, "rms_norm_eps": 1e-5}))
+    t = cfg.text
+    assert (t.model_type, t.head_dim, t.qkv_bias, t.o_proj_bias, t.mlp_bias) == ("llama", 128, False, False, False)
+    assert (t.rope_type, t.rope_factor, t.rope_theta, t.vocab_size) == ("dynamic", 2.0, 1e6, 92553)
+    assert cfg.image_token_id == 92546  # the converter's <IMG_CONTEXT> for the InternLM decoders
+    # InternLM2Config's default bias is true: q/k/v and o biased, as its wqkv and wo are
+    t = ModelConfig.from_dict(_original({"architectures": ["InternLM2ForCausalLM"], "hidden_size": 256,
+                                         "num_attention_heads": 4})).text
+    assert (t.qkv_bias, t.o_proj_bias, t.head_dim, t.vocab_size) == (True, True, 64, 103168)
+    t = ModelConfig.from_dict(_original({"architectures": ["InternLM3ForCausalLM"], "model_type": "internlm3",
+                                         "rope_theta": 5e7, "rope_scaling": {"rope_type": "dynamic", "factor": 6.0},
+                                         "qkv_bias": False, "bias": False})).text
+    assert (t.model_type, t.head_dim, t.num_key_value_heads, t.rope_factor, t.qkv_bias) == ("llama", 128, 2, 6.0,
+                                                                                            False)
+    cfg = ModelConfig.from_dict(_original({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                                           "hidden_size": 1024, "num_attention_heads": 16}))
+    assert (cfg.text.model_type, cfg.text.head_dim, cfg.text.qk_norm, cfg.image_token_id) == ("qwen3", 128, True,
+                                                                                             151671)
+
+
+@pytest.mark.parametrize("llm,match", [
+    ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, r"llm_config\.architectures "
+                                                                              r"\['Qwen3MoeForCausalLM'\].*InternLM2ForCausalLM"),
+    ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}, r"llm_config\.architectures.*Qwen3ForCausalLM"),
+    ({"architectures": ["Phi3ForCausalLM"]}, r"llm_config\.architectures \['Phi3ForCausalLM'\]"),
+    ({"architectures": ["InternLM2ForCausalLM"], "model_type": "llama"}, r"llm_config\.model_type 'llama'"),
+    ({"architectures": ["InternLM3ForCausalLM"], "bias": True}, r"llm_config\.bias true"),
+])
+def test_unsupported_original_language_models_name_the_field(llm, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        ModelConfig.from_dict(_original(llm))
