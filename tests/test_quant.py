@@ -22,11 +22,23 @@ from hf_processor import make_hf_processor
 from reference import hf_greedy, hf_inputs, hf_logits
 from test_loader import _copy_side_files, to_original
 
-# AWQ needs every quantized input size to be a multiple of 128 (hidden and intermediate)
+# AWQ needs every quantized input size to be a multiple of 128 (hidden, heads x head_dim and intermediate)
 checkpoints.VARIANTS.setdefault("quant", dict(
     vision=checkpoints.VARIANTS["300m"]["vision"],
     text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=256, tie_word_embeddings=False)))
+# The same on the Llama (InternLM3 as converted) and Qwen3 (InternVL3.5) decoders: no biases, head_dim 64 where
+# hidden / heads is 32 (q_proj 128 -> 256, o_proj 256 -> 128), Qwen3's q/k norms and tied lm_head.
+checkpoints.VARIANTS.setdefault("quant-llama", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64, intermediate_size=256, tie_word_embeddings=False)))
+checkpoints.VARIANTS.setdefault("quant-qwen3", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(model_type="qwen3", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64, intermediate_size=256, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6})))
+FAMILY_SUFFIX = {"qwen2": "", "llama": "_llama", "qwen3": "_qwen3"}  # the fixtures of each decoder family
 
 IMAGE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 260, 3), dtype=np.uint8))
 CONV = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is it?"}]}]
@@ -96,6 +108,20 @@ def dense(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def dense_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant-dense-llama")
+    checkpoints.build_hf_checkpoint(path, "quant-llama", seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_qwen3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant-dense-qwen3")
+    checkpoints.build_hf_checkpoint(path, "quant-qwen3", seed=1)
+    return path
+
+
 # The triton backend runs on the CPU through Triton's interpreter, a Python loop over every program and block: its
 # AWQ case took 100-200 s on 2 cores at 448-pixel tiles. It runs on a checkpoint with 224-pixel tiles instead (64
 # image tokens a tile against 256): the same kernels on the same paths (the prefill still runs the tiled AWQ GEMM,
@@ -119,6 +145,16 @@ def awq(dense, tmp_path_factory):
 @pytest.fixture(scope="module")
 def awq_224(dense_224, tmp_path_factory):
     return _awq_and_twin(dense_224, tmp_path_factory.mktemp("awq-224"))
+
+
+@pytest.fixture(scope="module")
+def awq_llama(dense_llama, tmp_path_factory):
+    return _awq_and_twin(dense_llama, tmp_path_factory.mktemp("awq-llama"))
+
+
+@pytest.fixture(scope="module")
+def awq_qwen3(dense_qwen3, tmp_path_factory):
+    return _awq_and_twin(dense_qwen3, tmp_path_factory.mktemp("awq-qwen3"))
 
 
 def _awq_and_twin(dense, tmp_path):
@@ -306,9 +342,10 @@ def _awq_safetensors(dense, quant, path):
     return path
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_awq_safetensors_hf_layout_matches_dense_twin(request, tmp_path, backend):
-    suffix = "_224" if backend == "triton" else ""  # see TRITON_IMAGE_SIZE
+@pytest.mark.parametrize("backend, family", [("torch", "qwen2"), ("triton", "qwen2"), ("torch", "llama"),
+                                             ("torch", "qwen3")])
+def test_awq_safetensors_hf_layout_matches_dense_twin(request, tmp_path, backend, family):
+    suffix = "_224" if backend == "triton" else FAMILY_SUFFIX[family]  # see TRITON_IMAGE_SIZE
     dense, (quant, hf_model, twin_path) = (request.getfixturevalue(f"{name}{suffix}") for name in ("dense", "awq"))
     if backend == "triton":  # the prefill's rows take the tiled GEMM (decode steps: the GEMV)
         from internvl_engine.kernels.awq_gemm import GEMV_MAX_M
@@ -398,9 +435,11 @@ def _feed_engine_activations(hf_model, seen, atol):
     return handles, used
 
 
-def test_fp8_compressed_tensors_matches_dense_twin(dense, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILY_SUFFIX))
+def test_fp8_compressed_tensors_matches_dense_twin(request, tmp_path, family):
     import re
 
+    dense = request.getfixturevalue(f"dense{FAMILY_SUFFIX[family]}")
     files = _dense_files(dense)
     quant, twin, fp8_modules = {}, {}, []
     for key, t in files.items():

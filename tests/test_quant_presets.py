@@ -29,11 +29,16 @@ def quantize_fp8_bf16(w: torch.Tensor):
     return q, scale, q.float() * scale.float()
 
 
-@pytest.fixture(scope="module")
-def dense_small(tmp_path_factory):
-    path = tmp_path_factory.mktemp("small-dense")
-    write_checkpoint(path, "small", seed=0)
-    return path, load_file(str(path / "model.safetensors"))
+# the least preset of each decoder family whose sizes AWQ can hold: Qwen2, Llama (explicit head_dim), Qwen3
+SMALL = ["small", "small-llama", "small-qwen3"]
+
+
+@pytest.fixture(scope="module", params=SMALL)
+def dense_small(request, tmp_path_factory):
+    """(preset, its dense checkpoint, the checkpoint's tensors)."""
+    path = tmp_path_factory.mktemp(f"{request.param}-dense")
+    write_checkpoint(path, request.param, seed=0)
+    return request.param, path, load_file(str(path / "model.safetensors"))
 
 
 def _expected(method, dense_tensors):
@@ -56,8 +61,8 @@ def _expected(method, dense_tensors):
 
 @pytest.mark.parametrize("method", ["awq", "fp8"])
 def test_preset_is_the_quantized_dense_preset_bit_for_bit(dense_small, tmp_path, method):
-    dense_path, dense_tensors = dense_small
-    path = write_checkpoint(tmp_path / method, f"small-{method}", seed=0)
+    base, dense_path, dense_tensors = dense_small
+    path = write_checkpoint(tmp_path / method, f"{base}-{method}", seed=0)
     ours = load_file(str(path / "model.safetensors"))
     expected, _ = _expected(method, dense_tensors)
     assert sorted(ours) == sorted(expected)
@@ -66,30 +71,33 @@ def test_preset_is_the_quantized_dense_preset_bit_for_bit(dense_small, tmp_path,
         assert torch.equal(ours[key].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else ours[key],
                            t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t), key
     config = json.loads((path / "config.json").read_text())
-    assert config["quantization_config"] == preset_config(f"small-{method}")["quantization_config"]
+    assert config["quantization_config"] == preset_config(f"{base}-{method}")["quantization_config"]
     assert {k: v for k, v in config.items() if k != "quantization_config"} == \
         json.loads((dense_path / "config.json").read_text())
 
 
+@pytest.mark.parametrize("base", SMALL)
 @pytest.mark.parametrize("method", ["awq", "fp8"])
-def test_random_preset_equals_its_written_checkpoint(tmp_path, method):
+def test_random_preset_equals_its_written_checkpoint(tmp_path, method, base):
     """The in-memory preset (weights quantized as they are drawn) and the checkpoint it writes run identically."""
-    path = write_checkpoint(tmp_path / method, f"small-{method}", seed=0)
-    a = LLM(f"random:small-{method}", dtype="float32", device="cpu")
+    path = write_checkpoint(tmp_path / method, f"{base}-{method}", seed=0)
+    a = LLM(f"random:{base}-{method}", dtype="float32", device="cpu")
     b = LLM(path, dtype="float32", device="cpu")
     assert torch.equal(a.prompt_logits(CONV, params=PROMPT_PARAMS), b.prompt_logits(CONV, params=PROMPT_PARAMS))
 
 
 def test_awq_preset_matches_transformers_on_the_dense_twin(dense_small, tmp_path):
-    dense_path, dense_tensors = dense_small
+    base, dense_path, dense_tensors = dense_small
     _, twin = _expected("awq", dense_tensors)
     hf_model, twin_path = _twin_model(twin, dense_path, tmp_path)
-    _compare("random:small-awq", hf_model, twin_path, atol=1e-3)
+    llm = _compare(f"random:{base}-awq", hf_model, twin_path, atol=1e-3)
+    assert llm.config.text.model_type == {"small": "qwen2", "small-llama": "llama", "small-qwen3": "qwen3"}[base]
 
 
 def test_every_preset_has_quantized_variants():
     names = preset_names()
-    for base in ("tiny", "small", "internvl3-1b", "internvl3-78b"):
+    for base in ("tiny", "small", "internvl3-1b", "internvl3-78b", "internvl3-9b", "internvl3_5-1b", "internvl3_5-38b",
+                 "small-llama", "small-qwen3"):
         assert {base, f"{base}-awq", f"{base}-fp8"} <= set(names)
     assert preset_config("internvl3-8b-awq")["quantization_config"]["quant_method"] == "awq"
     with pytest.raises(UnsupportedModelError, match="-awq"):

@@ -89,7 +89,30 @@ def test_each_rank_holds_its_heads(engines):
     assert two.model.lm_head.weight.shape[0] == -(-t.vocab_size // 2)
     assert type(one.model.lm_head) is torch.nn.Linear  # N=1: plain layers, whole
     o_proj = one.model.language_model.layers[0].self_attn.o_proj
-    assert o_proj.tp.size == 1 and not o_proj.row_sharded and o_proj.weight.shape == (t.hidden_size, t.hidden_size)
+    width = t.num_attention_heads * t.head_dim  # hidden_size in Qwen2; Llama and Qwen3 may state another head_dim
+    assert o_proj.tp.size == 1 and not o_proj.row_sharded and o_proj.weight.shape == (t.hidden_size, width)
+    assert two.model.language_model.layers[0].self_attn.o_proj.weight.shape == (t.hidden_size, width // 2)
+
+
+# The Llama (InternLM3 as converted) and Qwen3 (InternVL3.5) decoders at N=2, one tower style each (the towers are
+# not split, and the 300m / 6b pair above covers both): an explicit head_dim, q/k norms over each rank's own heads,
+# Qwen3 with a tied lm_head split over the vocabulary. Text and one image: the decoders' paths (prefill, decode,
+# image tokens); the other conversations exercise nothing family-specific.
+@pytest.fixture(scope="module", params=["llama-300m", "qwen3-6b"])
+def family_engines(request, hf_checkpoint):
+    path, hf_model = hf_checkpoint(request.param)
+    one = LLM(path, dtype="float32", device="cpu")
+    two = LLM(path, dtype="float32", device="cpu", tensor_parallel_size=2)
+    assert two.config.text.model_type == request.param.split("-")[0]
+    yield one, two, hf_model, make_hf_processor(path)
+    two.engine.shutdown()
+    assert _workers_gone(two.engine)
+
+
+@pytest.mark.parametrize("kind", ["text", "one_image"])
+def test_new_decoders_match_one_rank_and_transformers(family_engines, kind):
+    _check_parity(*family_engines, parity.CONVERSATIONS[kind], parity.MAX_TILES)
+    test_each_rank_holds_its_heads(family_engines)
 
 
 @pytest.fixture(scope="module")
@@ -436,13 +459,28 @@ def _write_quantized(dense_path, method, path, layout="hf"):
     return path
 
 
+# The Llama and Qwen3 decoders quantized: head_dim 128 (twice hidden / heads), so each rank's o_proj keeps
+# 2 heads x 128 = 256 input rows, two whole AWQ groups; Qwen3 tied.
+QUANT_TEXT_FAMILIES = {
+    "llama": dict(QUANT_TEXT, model_type="llama", head_dim=128),
+    "qwen3": dict(QUANT_TEXT, model_type="qwen3", head_dim=128, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+}
+
+
+def _build_quant_dense(tmp_path_factory, family):
+    import checkpoints
+    variant = "quant-tp" + ("" if family == "qwen2" else f"-{family}")
+    text = QUANT_TEXT if family == "qwen2" else QUANT_TEXT_FAMILIES[family]
+    checkpoints.VARIANTS.setdefault(variant, dict(vision=checkpoints.VARIANTS["300m"]["vision"], text=text))
+    path = tmp_path_factory.mktemp(f"{variant}-dense")
+    checkpoints.build_hf_checkpoint(path, variant, seed=1)
+    return path
+
+
 @pytest.fixture(scope="module")
 def quant_dense(tmp_path_factory):
-    import checkpoints
-    checkpoints.VARIANTS.setdefault("quant-tp", dict(vision=checkpoints.VARIANTS["300m"]["vision"], text=QUANT_TEXT))
-    path = tmp_path_factory.mktemp("quant-tp-dense")
-    checkpoints.build_hf_checkpoint(path, "quant-tp", seed=1)
-    return path
+    return _build_quant_dense(tmp_path_factory, "qwen2")
 
 
 def _fp8_per_rank_reference(llm, n=2):
@@ -470,14 +508,18 @@ def _fp8_per_rank_reference(llm, n=2):
     return patched
 
 
-@pytest.fixture(scope="module", params=["awq", "fp8"])
-def quant_engines(request, quant_dense, tmp_path_factory):
+@pytest.fixture(scope="module", params=[("awq", "qwen2"), ("fp8", "qwen2"), ("awq", "llama"), ("fp8", "qwen3")],
+                ids=lambda p: "-".join(p))
+def quant_engines(request, tmp_path_factory):
     """(method, N=1 engine, N=2 engine) on the quantized checkpoint: AWQ in OpenGVLab's shipping form (original
-    layout, .bin shards), FP8 as compressed-tensors safetensors (its ignore list leaves layer 1's down_proj
-    dense). FP8's N=1 engine quantizes the row-parallel layers' activations per rank slice (see above)."""
-    method = request.param
-    path = _write_quantized(quant_dense, method, tmp_path_factory.mktemp(f"quant-tp-{method}"),
-                            "bin" if method == "awq" else "hf")
+    layout, .bin shards; the Llama decoder's in the -hf layout), FP8 as compressed-tensors safetensors (its ignore
+    list leaves layer 1's down_proj dense). FP8's N=1 engine quantizes the row-parallel layers' activations per
+    rank slice (see above). Each new decoder family with one format: the formats' split is the family's layers'."""
+    method, family = request.param
+    dense = (request.getfixturevalue("quant_dense") if family == "qwen2"
+             else _build_quant_dense(tmp_path_factory, family))
+    path = _write_quantized(dense, method, tmp_path_factory.mktemp(f"quant-tp-{method}-{family}"),
+                            "bin" if (method, family) == ("awq", "qwen2") else "hf")
     one = LLM(path, dtype="float32", device="cpu")
     if method == "fp8":
         assert _fp8_per_rank_reference(one) == 3  # o_proj x2, down_proj of layer 0 (layer 1's is dense)
@@ -508,22 +550,27 @@ def test_quantized_layers_hold_their_slices(quant_engines):
     method, one, two = quant_engines
     layers = two.model.language_model.layers
     attn, mlp = layers[0].self_attn, layers[0].mlp
-    # hidden 256 = 4 heads x 64, 2 KV heads, intermediate 512: per rank q 128, k/v 64, gate/up 256 columns and
-    # o_proj 128, down_proj 256 input rows
-    assert attn.qkv_proj.shard_sizes == [128, 64, 64] and mlp.gate_up_proj.shard_sizes == [256, 256]
+    # Qwen2: hidden 256 = 4 heads x 64, 2 KV heads, intermediate 512: per rank q 128, k/v 64, gate/up 256 columns
+    # and o_proj 128, down_proj 256 input rows. Llama / Qwen3 at head_dim 128: q 256, k/v 128, o_proj 256 rows.
+    t = two.config.text
+    h, q, kv, f = t.hidden_size, t.num_attention_heads // 2 * t.head_dim, t.num_key_value_heads // 2 * t.head_dim, \
+        t.intermediate_size // 2
+    assert (h, f) == (256, 256) and (q, kv) == ((128, 64) if t.model_type == "qwen2" else (256, 128))
+    assert attn.qkv_proj.shard_sizes == [q, kv, kv] and mlp.gate_up_proj.shard_sizes == [f, f]
     # the layers are the dense model's, column- and row-parallel; the checkpoint's format is their method
     assert type(attn.qkv_proj) is QKVParallelLinear and type(attn.o_proj) is RowParallelLinear
     assert attn.qkv_proj.column_sharded and attn.o_proj.row_sharded and attn.o_proj.tp.size == 2
     format_method = AWQLinearMethod if method == "awq" else Fp8LinearMethod
     assert all(type(m.quant_method) is format_method for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                                mlp.down_proj, layers[1].self_attn.o_proj))
-    if method == "awq":
-        assert attn.qkv_proj.qweight.shape == (256, 32) and attn.qkv_proj.scales.shape == (2, 256)
-        assert attn.o_proj.qweight.shape == (128, 32) and attn.o_proj.qzeros.shape == (1, 32)
-        assert mlp.down_proj.qweight.shape == (256, 32) and mlp.down_proj.scales.shape == (2, 256)
+    qkv = q + 2 * kv
+    if method == "awq":  # 8 columns an int32, one row of zeros / scales per 128 inputs
+        assert attn.qkv_proj.qweight.shape == (h, qkv // 8) and attn.qkv_proj.scales.shape == (h // 128, qkv)
+        assert attn.o_proj.qweight.shape == (q, h // 8) and attn.o_proj.qzeros.shape == (q // 128, h // 8)
+        assert mlp.down_proj.qweight.shape == (f, h // 8) and mlp.down_proj.scales.shape == (f // 128, h)
     else:
-        assert attn.qkv_proj.weight.shape == (256, 256) and attn.qkv_proj.weight_scale.shape == (256, 1)
-        assert attn.o_proj.weight.shape == (256, 128) and attn.o_proj.weight_scale.shape == (256, 1)
+        assert attn.qkv_proj.weight.shape == (qkv, h) and attn.qkv_proj.weight_scale.shape == (qkv, 1)
+        assert attn.o_proj.weight.shape == (h, q) and attn.o_proj.weight_scale.shape == (h, 1)
         assert layers[1].mlp.down_proj.quant_method is DENSE  # in the ignore list: dense
         assert layers[1].mlp.down_proj.weight.dtype == torch.float32
 
