@@ -261,3 +261,26 @@ def test_internlm_configs_read_as_the_converters_llama():
 def test_unsupported_original_language_models_name_the_field(llm, match):
     with pytest.raises(UnsupportedModelError, match=match):
         ModelConfig.from_dict(_original(llm))
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+@pytest.mark.parametrize("ships,match", [
+    (("tokenizer.model",), r"SentencePiece only \(tokenizer\.model.*converted -hf form"),
+    (("vocab.json", "merges.txt"), r"only vocab\.json \+ merges\.txt.*save_pretrained"),
+    ((), r"tokenizer file not found: .*tokenizer\.json"),
+])
+def test_a_checkpoint_without_tokenizer_json_names_what_to_use(hf_checkpoint, tmp_path, ships, match):
+    """OpenGVLab's InternLM-based originals ship only a SentencePiece tokenizer.model; no maintained reader of it
+    is installed, so the error names the converted form, which ships tokenizer.json."""
+    from internvl_engine.errors import CheckpointError
+    from internvl_engine.processor import Processor
+
+    path, _ = hf_checkpoint("internlm2-300m", max_position_embeddings=MAX_POS)
+    original = write_original(path, tmp_path / "internlm2", "internlm2")
+    (original / "tokenizer.json").unlink()
+    for name in ships:
+        (original / name).write_bytes(b"\0")
+    with pytest.raises(CheckpointError, match=match):
+        Processor.from_pretrained(original, model_config=ModelConfig.from_pretrained(original))
+    with pytest.raises(CheckpointError, match=match):
+        LLM(original, dtype="float32", device="cpu")

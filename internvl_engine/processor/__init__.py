@@ -74,6 +74,22 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
+def _missing_tokenizer(d: Path) -> CheckpointError:
+    """A checkpoint without tokenizer.json (the one form read here, with the `tokenizers` library), named by what it
+    ships instead: OpenGVLab's InternLM-based originals only a SentencePiece tokenizer.model (read by their remote
+    code; no maintained reader is installed), the Qwen-based ones may ship vocab.json + merges.txt."""
+    if (d / "tokenizer.model").is_file():
+        return CheckpointError(
+            f"{d}: the tokenizer is SentencePiece only (tokenizer.model, read by OpenGVLab's remote code), and this "
+            "engine reads tokenizer.json: serve the checkpoint's converted -hf form (OpenGVLab's <name>-hf, or "
+            "transformers' convert_internvl_weights_to_hf.py), which ships one")
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return CheckpointError(
+            f"{d}: no tokenizer.json (only vocab.json + merges.txt), which this engine reads: write it once with "
+            "transformers (AutoTokenizer.from_pretrained(path).save_pretrained(path)), or serve the -hf form")
+    return CheckpointError(f"tokenizer file not found: {d / 'tokenizer.json'}")
+
+
 class Processor:
     """Conversation or raw prompt + media -> Encoding. Built from a checkpoint's files (from_pretrained) or from
     parts (from_parts). Given the model's config (model_config=), the settings no file states follow the model
@@ -178,7 +194,7 @@ class Processor:
         d = Path(path)
         tok_path = d / "tokenizer.json"
         if not tok_path.is_file():
-            raise CheckpointError(f"tokenizer file not found: {tok_path}")
+            raise _missing_tokenizer(d)
         s = read_processor_settings(d)
         tokenizer = Tokenizer(tok_path, model_max_length=s.model_max_length)
         settings = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in ("model_max_length", "where")}
