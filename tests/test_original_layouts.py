@@ -115,10 +115,11 @@ def original_llm_config(text: dict, style: str) -> dict:
     return llm
 
 
-def write_original(hf_path, dst, style: str):
-    """The -hf checkpoint at hf_path rewritten in the original layout of `style` ("internlm2", "internlm3",
-    "qwen3") under dst, side files (tokenizer, template, processor) copied."""
-    tensors = load_file(str(hf_path / "model.safetensors"))
+def write_original(hf_path, dst, style: str, tensors: dict | None = None, quantize=None):
+    """The -hf checkpoint at hf_path (or its `tensors`, given) rewritten in the original layout of `style`
+    ("internlm2", "internlm3", "qwen3") under dst, side files (tokenizer, template, processor) copied. quantize:
+    (original tensors, llm_config) -> original tensors, applied before writing."""
+    tensors = load_file(str(hf_path / "model.safetensors")) if tensors is None else tensors
     config = json.loads((hf_path / "config.json").read_text())
     text = config["text_config"]
     tensors, orig = to_original(tensors, {**config, "text_config": {**text, "rope_parameters": {
@@ -134,8 +135,10 @@ def write_original(hf_path, dst, style: str):
     family = {"internlm2": "llama", "internlm3": "llama", "qwen3": "qwen3"}[style]
     if config["image_token_id"] != FAMILY_IMAGE_TOKEN[family]:  # the test tokenizer's; OpenGVLab's files omit it
         orig["img_context_token_id"] = config["image_token_id"]
+    if quantize is not None:
+        tensors = quantize(tensors, orig["llm_config"])
     _copy_side_files(hf_path, dst)
-    save_file(tensors, str(dst / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
     (dst / "config.json").write_text(json.dumps(orig))
     return dst
 
@@ -218,6 +221,79 @@ def test_packed_original_at_two_ranks_matches_one(hf_checkpoint, tmp_path):
     finally:
         llm.engine.shutdown()
     assert (two - one).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- quantized
+# AWQ groups 128 inputs: hidden 128 = 4 heads x head_dim 32 (InternLM2: no head_dim of its own), intermediate 256
+checkpoints.VARIANTS.setdefault("internlm2-quant", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, intermediate_size=256, tie_word_embeddings=False)))
+_INTERNLM2_LINEAR = r"language_model\.model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.weight"
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_quantized_packed_wqkv_matches_the_quantized_hf_form(hf_checkpoint, tmp_path, method):
+    """OpenGVLab's AWQ builds of the InternLM2 models quantize the packed wqkv as one matrix (LMDeploy); AWQ and
+    per-channel FP8 quantize each output feature on its own, so wqkv quantized whole is q, k and v quantized apart,
+    interleaved: the original checkpoint loads to exactly the logits of the -hf one quantized per projection.
+    test_quant's independent writers make both."""
+    import re
+
+    import test_quant as tq
+
+    dense, _ = hf_checkpoint("internlm2-quant")
+    files = tq._dense_files(dense)  # fp16, as the quantized checkpoints store the rest
+    if method == "awq":
+        hf = {}
+        for key, t in files.items():
+            if tq._is_decoder_linear(key):
+                base = key[: -len(".weight")]
+                qw, qz, sc, _ = tq.quantize_awq(t)
+                hf.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
+            else:
+                hf[key] = t
+
+        def quantize(tensors, llm):  # the original's linears quantized as they are stored: wqkv whole
+            out = {}
+            for key, t in tensors.items():
+                if re.fullmatch(_INTERNLM2_LINEAR, key):
+                    base = key[: -len(".weight")]
+                    qw, qz, sc, _ = tq.quantize_awq(t)
+                    out.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
+                else:
+                    out[key] = t
+            llm["quantization_config"] = tq.AWQ_BLOCK  # where LMDeploy writes it
+            return out
+        original = write_original(dense, tmp_path / "original", "internlm2", files, quantize)
+        block = tq.AWQ_BLOCK
+    else:
+        hf = {}
+        for key, t in files.items():
+            base = key[: -len(".weight")]
+            if tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
+                q, sc, _ = tq.quantize_fp8(t)
+                hf.update({key: q, f"{base}.weight_scale": sc})
+            else:
+                hf[key] = t
+
+        def quantize(tensors, llm):
+            llm["quantization_config"] = tq.FP8_BLOCK
+            return tensors
+        # per-row FP8 is packed as it is: wqkv's rows (and their scales) are q's, k's and v's, interleaved
+        original = write_original(dense, tmp_path / "original", "internlm2", hf, quantize)
+        block = tq.FP8_BLOCK
+    hf_path = tmp_path / "hf"
+    _copy_side_files(dense, hf_path)
+    config = json.loads((dense / "config.json").read_text())
+    (hf_path / "config.json").write_text(json.dumps({**config, "quantization_config": block}))
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(hf_path / "model.safetensors"))
+    stored = load_file(str(original / "model.safetensors"))
+    wqkv = "language_model.model.layers.0.attention.wqkv." + ("qweight" if method == "awq" else "weight")
+    assert stored[wqkv].dtype == (torch.int32 if method == "awq" else torch.float8_e4m3fn)
+    a, b = LLM(hf_path, dtype="float32", device="cpu"), LLM(original, dtype="float32", device="cpu")
+    assert b.config.quant.method == method
+    assert torch.equal(b.prompt_logits(CONV, params=PARAMS), a.prompt_logits(CONV, params=PARAMS))
 
 
 # ---------------------------------------------------------------------------------------------- config.json
