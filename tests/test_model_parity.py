@@ -1,6 +1,6 @@
 """fp32 parity with transformers' InternVLForConditionalGeneration on random-weight checkpoints it wrote itself:
-prompt logits, 16 greedy tokens and every step's logits, for both vision-tower styles, four kinds of prompt and
-every CPU kernel backend."""
+prompt logits, 16 greedy tokens and every step's logits, for both vision-tower styles, each decoder family (Qwen2,
+Llama, Qwen3: tests/checkpoints.py VARIANTS), four kinds of prompt and every CPU kernel backend."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,7 +56,12 @@ def reference(hf_model, hf_proc, path, kind):
     return _references[key]
 
 
-@pytest.fixture(scope="module", params=[(v, b) for b in ("torch", "cpp", "triton") for v in ("300m", "6b")],
+# Both tower styles of each decoder family: Qwen2 ("300m", "6b"), Llama (GQA, no biases, head_dim 24 / 64 against
+# hidden / heads 16 / 32, dynamic NTK) and Qwen3 (q/k norm, head_dim 32 / 64 against 16 / 32; untied / tied).
+VARIANTS = ("300m", "6b", "llama-300m", "llama-6b", "qwen3-300m", "qwen3-6b")
+
+
+@pytest.fixture(scope="module", params=[(v, b) for b in ("torch", "cpp", "triton") for v in VARIANTS],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, hf_checkpoint):
     """The same checks on every CPU kernel backend (triton through its interpreter)."""
@@ -86,9 +91,11 @@ def test_prompt_logits_and_greedy_match_transformers(pair, kind):
     assert out.finish_reason == "length" and out.metrics.generated_tokens == 16
 
 
-def test_dynamic_ntk_rope_past_max_position_embeddings(hf_checkpoint):
-    """max_position_embeddings 160 with a ~290-token prompt: both prefill and decode use the rescaled base."""
-    path, hf_model = hf_checkpoint("300m", max_position_embeddings=160)
+@pytest.mark.parametrize("variant", ["300m", "llama-300m"])
+def test_dynamic_ntk_rope_past_max_position_embeddings(hf_checkpoint, variant):
+    """max_position_embeddings 160 with a ~290-token prompt: both prefill and decode use the rescaled base (for the
+    Llama decoder, over its own head_dim of 24)."""
+    path, hf_model = hf_checkpoint(variant, max_position_embeddings=160)
     llm = LLM(path, dtype="float32", device="cpu")
     conv = [{"role": "user", "content": [{"type": "image", "image": _image(64, 64, 5)},
                                          {"type": "text", "text": "Describe this image in detail."}]}]
@@ -102,8 +109,9 @@ def test_dynamic_ntk_rope_past_max_position_embeddings(hf_checkpoint):
     assert (out.logits - ref_step_logits).abs().max().item() <= ATOL
 
 
-def test_batch_matches_single_requests(hf_checkpoint):
-    path, _ = hf_checkpoint("300m")
+@pytest.mark.parametrize("variant", ["300m", "llama-300m", "qwen3-6b"])
+def test_batch_matches_single_requests(hf_checkpoint, variant):
+    path, _ = hf_checkpoint(variant)
     llm = LLM(path, dtype="float32", device="cpu")
     batch = [CONVERSATIONS["text"], CONVERSATIONS["one_image"], CONVERSATIONS["two_images"]]
     params = SamplingParams(max_tokens=16, ignore_eos=True, return_logits=True, max_num_tiles=MAX_TILES)
