@@ -120,3 +120,26 @@ def test_llama_biases_match_transformers(hf_checkpoint):
         ref_ids, ref_step_logits = hf_greedy(hf_model, inputs, 16)
         assert out.token_ids == ref_ids
         assert (out.logits - ref_step_logits).abs().max().item() <= ATOL
+
+
+def test_llm_reads_eos_from_text_config_and_generation_config(hf_checkpoint, tmp_path):
+    """LLM("path") of a Llama-decoder checkpoint stops on every eos id the text config and generation_config.json
+    name (InternVL3-9B-hf: the Llama config's eos and <|im_end|> in generation_config)."""
+    import json
+    import shutil
+
+    from test_model_parity import CONVERSATIONS
+
+    src, _ = hf_checkpoint("llama-300m")
+    path = shutil.copytree(src, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(path, dtype="float32", device="cpu")
+    free = llm.generate(CONVERSATIONS["text"], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, free[2]]}))
+    llm = LLM(path, dtype="float32", device="cpu")
+    assert set(llm.eos_token_ids) == {2, 151645, free[2]}
+    out = llm.generate(CONVERSATIONS["text"], SamplingParams(max_tokens=4))[0]
+    stop = min(i for i, t in enumerate(free) if t in llm.eos_token_ids)
+    assert out.token_ids == free[:stop + 1] and out.finish_reason == "stop"
