@@ -20,6 +20,7 @@ import torch
 from ..config import RANDOM_PREFIX, preset_config
 from ..constants import IMAGE_SEQ_LENGTH
 from ..loader import export_hf_state_dict
+from ..processor.tokenizer import builtin_tokenizer_json
 from ..quant.writer import dense_twin
 from .common import sync
 
@@ -56,8 +57,9 @@ def hf_model_like(llm, raw: dict):
     return model.eval()
 
 
-def make_processor(max_patches: int):
-    """InternVLProcessor (PIL image processor) built offline from the files the engine writes for a checkpoint."""
+def make_processor(max_patches: int, tokenizer_json: dict | None = None):
+    """InternVLProcessor (PIL image processor) built offline from the files the engine writes for a checkpoint
+    (with `tokenizer_json`, that tokenizer: a random preset's)."""
     from transformers import AutoTokenizer
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.processing_internvl import InternVLProcessor
@@ -66,7 +68,7 @@ def make_processor(max_patches: int):
     from ..processor.files import write_processor_files
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_processor_files(tmp)
+        write_processor_files(tmp, tokenizer_json=tokenizer_json)
         d = Path(tmp)
         tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         image_processor = GotOcr2ImageProcessorPil.from_pretrained(tmp, local_files_only=True)
@@ -87,7 +89,8 @@ class HFBaseline:
     def __init__(self, llm, model: str, max_patches: int):
         self.device, self.dtype = llm.device, llm.dtype
         self.model = hf_model_like(llm, raw_config(model))
-        self.processor = make_processor(max_patches)
+        random = model.startswith(RANDOM_PREFIX)  # the engine's built-in tokenizer, InternVL3's or 3.5's
+        self.processor = make_processor(max_patches, builtin_tokenizer_json(llm.config) if random else None)
 
     def _texts(self, conversations) -> tuple[list[str], list]:
         texts, images = [], []

@@ -28,7 +28,7 @@ from ..models.internvl import InternVLForConditionalGeneration
 from ..ops import OpTable
 from ..outputs import RequestOutput
 from ..processor import Processor
-from ..processor.tokenizer import build_internvl3_tokenizer_json
+from ..processor.tokenizer import builtin_tokenizer_json
 from ..sampling import SamplingParams
 from ..settings import EngineConfig, EngineConfigError, resolve_device, resolve_dtype
 from ..worker.executor import ParallelRunner, launch
@@ -148,8 +148,8 @@ class LLMEngine:
     def _load_config(cfg: EngineConfig):
         """(model config, processor, checkpoint dir or None for random:<preset>)."""
         config, checkpoint = load_model_config(cfg.model)
-        if checkpoint is None:  # a random preset: the InternVL3 tokenizer, built without files
-            return config, Processor.from_parts(build_internvl3_tokenizer_json(), None, model_config=config), None
+        if checkpoint is None:  # a random preset: the InternVL3 or 3.5 tokenizer, built without files
+            return config, Processor.from_parts(builtin_tokenizer_json(config), None, model_config=config), None
         # the processor follows the model and must agree with it
         return config, Processor.from_pretrained(checkpoint, model_config=config), checkpoint
 

@@ -29,12 +29,13 @@ def _dump(path: Path, data) -> None:
 
 
 def write_processor_files(dst_dir, tile_size: int = TILE_SIZE, image_seq_length: int = IMAGE_SEQ_LENGTH,
-                          model_max_length: int = 8192) -> None:
+                          model_max_length: int = 8192, tokenizer_json: dict | None = None) -> None:
     """The transformers 4 layout: image and video settings in preprocessor_config.json and
-    video_preprocessor_config.json, image_seq_length alone in processor_config.json."""
+    video_preprocessor_config.json, image_seq_length alone in processor_config.json. The tokenizer is InternVL3's
+    unless `tokenizer_json` is given (tokenizer.builtin_tokenizer_json: a random preset's own)."""
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    tok = build_internvl3_tokenizer_json()
+    tok = build_internvl3_tokenizer_json() if tokenizer_json is None else tokenizer_json
     _dump(dst / "tokenizer.json", tok)
 
     named = {

@@ -9,11 +9,14 @@ import os
 import unicodedata
 from pathlib import Path
 
-from ..errors import InternVLEngineError, PromptError
+from ..errors import InternVLEngineError, PromptError, UnsupportedModelError
 
 # InternVL3 tokens appended after the Qwen2.5 specials (ids 151665..151674, in this order).
 INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>")
 FIRST_INTERNVL_ID = 151665
+# InternVL3.5 appends them after Qwen3's specials, which end with <think> 151667 and </think> 151668 (its -HF
+# configs' image_token_id is 151671).
+FIRST_INTERNVL3_5_ID = 151669
 
 START_IMAGE_TOKEN = "<img>"
 END_IMAGE_TOKEN = "</img>"
@@ -49,28 +52,44 @@ def _qwen_tokenizer_json_path() -> Path:
     )
 
 
-def build_internvl3_tokenizer_json() -> dict:
-    """The InternVL3 tokenizer.json: Qwen3-flavour file minus ids > 151664, plus the ten InternVL tokens."""
+def build_internvl3_tokenizer_json(first_internvl_id: int = FIRST_INTERNVL_ID) -> dict:
+    """The InternVL3 tokenizer.json: Qwen3-flavour file minus ids > 151664, plus the ten InternVL tokens. With
+    first_internvl_id=FIRST_INTERNVL3_5_ID, InternVL3.5's: the file's specials up to </think>, then the same ten."""
     global _BASE_CACHE
     if _BASE_CACHE is None:
         with open(_qwen_tokenizer_json_path(), encoding="utf-8") as f:
-            data = json.load(f)
-        added = [t for t in data["added_tokens"] if t["id"] <= FIRST_INTERNVL_ID - 1]
-        for i, content in enumerate(INTERNVL_TOKENS):
-            added.append(
-                {
-                    "id": FIRST_INTERNVL_ID + i,
-                    "content": content,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": True,
-                }
-            )
-        data["added_tokens"] = added
-        _BASE_CACHE = data
-    return copy.deepcopy(_BASE_CACHE)
+            _BASE_CACHE = json.load(f)
+    data = copy.deepcopy(_BASE_CACHE)
+    added = [t for t in data["added_tokens"] if t["id"] < first_internvl_id]
+    for i, content in enumerate(INTERNVL_TOKENS):
+        added.append(
+            {
+                "id": first_internvl_id + i,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
+    data["added_tokens"] = added
+    return data
+
+
+def builtin_tokenizer_json(model_config) -> dict:
+    """The tokenizer a model without tokenizer files (a random preset; `model_config` its ModelConfig) runs with:
+    InternVL3's or InternVL3.5's, whichever has <IMG_CONTEXT> at the model's image_token_id; UnsupportedModelError
+    naming the model for any other vocabulary (InternLM's: random:internvl3-9b is for floors and `info --model`)."""
+    image_token_id = model_config.image_token_id
+    first = image_token_id - INTERNVL_TOKENS.index(CONTEXT_IMAGE_TOKEN)
+    if first not in (FIRST_INTERNVL_ID, FIRST_INTERNVL3_5_ID):
+        raise UnsupportedModelError(
+            f"{model_config.source}: image_token_id {image_token_id} is <IMG_CONTEXT> in neither built-in tokenizer (InternVL3's "
+            f"Qwen2.5 vocabulary: {FIRST_INTERNVL_ID + 2}, InternVL3.5's Qwen3 vocabulary: "
+            f"{FIRST_INTERNVL3_5_ID + 2}); a model with another vocabulary runs from a checkpoint with its "
+            "tokenizer.json")
+    return build_internvl3_tokenizer_json(first)
 
 
 class Tokenizer:
