@@ -38,7 +38,7 @@ checkpoints.VARIANTS.setdefault("internlm2-6b", dict(
 CASES = [("internlm2", "internlm2-300m"), ("internlm2", "internlm2-6b"), ("internlm3", "llama-300m"),
          ("internlm3", "llama-6b"), ("qwen3", "qwen3-300m"), ("qwen3", "qwen3-6b")]
 MAX_POS = 512
-# the image token id OpenGVLab's config.json leaves out, per decoder family (what _from_original assumes)
+# <IMG_CONTEXT>'s id per decoder family, where neither config.json nor a tokenizer.json says (_from_original)
 FAMILY_IMAGE_TOKEN = {"qwen2": 151667, "llama": 92546, "qwen3": 151671}
 
 
@@ -132,9 +132,7 @@ def write_original(hf_path, dst, style: str, tensors: dict | None = None, quanti
         # python/sglang/srt/configs/internvl.py): the original files hold the lm_head, a copy of the embeddings
         tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"].clone()
         orig["tie_word_embeddings"] = orig["llm_config"]["tie_word_embeddings"] = False
-    family = {"internlm2": "llama", "internlm3": "llama", "qwen3": "qwen3"}[style]
-    if config["image_token_id"] != FAMILY_IMAGE_TOKEN[family]:  # the test tokenizer's; OpenGVLab's files omit it
-        orig["img_context_token_id"] = config["image_token_id"]
+    # no img_context_token_id, as OpenGVLab's files: the tokenizer's <IMG_CONTEXT> (151667 in the test tokenizer)
     if quantize is not None:
         tensors = quantize(tensors, orig["llm_config"])
     _copy_side_files(hf_path, dst)
@@ -167,6 +165,9 @@ def test_original_layout_loads_to_the_same_logits(hf_checkpoint, tmp_path, style
         assert not any("q_proj" in k or "embed_tokens" in k for k in tensors)
     cfg = ModelConfig.from_pretrained(original)
     assert cfg.source_format == "original" and cfg.text.model_type == {"qwen3": "qwen3"}.get(style, "llama")
+    # read from tokenizer.json, not the family's id, where config.json leaves it out
+    assert "img_context_token_id" not in json.loads((original / "config.json").read_text())
+    assert cfg.image_token_id == 151667 != FAMILY_IMAGE_TOKEN[cfg.text.model_type]
     hf, orig = LLM(path, dtype="float32", device="cpu"), LLM(original, dtype="float32", device="cpu")
     for conv in (CONV, TEXT_CONV):
         reference = hf.prompt_logits(conv, params=PARAMS)
@@ -310,7 +311,7 @@ def test_internlm_configs_read_as_the_converters_llama():
     t = cfg.text
     assert (t.model_type, t.head_dim, t.qkv_bias, t.o_proj_bias, t.mlp_bias) == ("llama", 128, False, False, False)
     assert (t.rope_type, t.rope_factor, t.rope_theta, t.vocab_size) == ("dynamic", 2.0, 1e6, 92553)
-    assert cfg.image_token_id == 92546  # the converter's <IMG_CONTEXT> for the InternLM decoders
+    assert cfg.image_token_id == FAMILY_IMAGE_TOKEN["llama"]  # the converter's <IMG_CONTEXT> for InternLM decoders
     # InternLM2Config's default bias is true: q/k/v and o biased, as its wqkv and wo are
     t = ModelConfig.from_dict(_original({"architectures": ["InternLM2ForCausalLM"], "hidden_size": 256,
                                          "num_attention_heads": 4})).text
@@ -322,8 +323,10 @@ def test_internlm_configs_read_as_the_converters_llama():
                                                                                             False)
     cfg = ModelConfig.from_dict(_original({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
                                            "hidden_size": 1024, "num_attention_heads": 16}))
-    assert (cfg.text.model_type, cfg.text.head_dim, cfg.text.qk_norm, cfg.image_token_id) == ("qwen3", 128, True,
-                                                                                             151671)
+    assert (cfg.text.model_type, cfg.text.head_dim, cfg.text.qk_norm) == ("qwen3", 128, True)
+    assert cfg.image_token_id == FAMILY_IMAGE_TOKEN["qwen3"]  # InternVL3.5's, after <think> and </think>
+    stated = ModelConfig.from_dict(_original({"architectures": ["Qwen3ForCausalLM"]}, img_context_token_id=7))
+    assert stated.image_token_id == 7
 
 
 @pytest.mark.parametrize("llm,match", [

@@ -128,6 +128,8 @@ class ModelConfig:
         cfg_file = path / "config.json"
         raw = read_json(cfg_file)
         cfg = cls.from_dict(raw, str(cfg_file))
+        if cfg.source_format == "original" and raw.get("img_context_token_id") is None:
+            cfg.image_token_id = _original_image_token(path, cfg.image_token_id)
         gen_file = path / "generation_config.json"
         eos = [cfg.text.eos_token_id]
         if gen_file.exists():
@@ -469,6 +471,18 @@ def _original_llm(llm: _Fields) -> _Fields:
     out = _Fields(raw, llm.where, llm.path)
     out.spelled = {"attention_bias": "bias" if family == "internlm2" else "qkv_bias"}
     return out
+
+
+def _original_image_token(path: Path, default: int) -> int:
+    """<IMG_CONTEXT>'s id in the checkpoint's tokenizer.json, which OpenGVLab's model looks up at run time where
+    config.json does not state img_context_token_id; the family's id (_ORIGINAL_IMAGE_TOKEN_IDS) without one."""
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        return default
+    added = read_json(tok).get("added_tokens")
+    ids = [t.get("id") for t in added if isinstance(t, dict) and t.get("content") == "<IMG_CONTEXT>"] \
+        if isinstance(added, list) else []
+    return ids[0] if len(ids) == 1 and isinstance(ids[0], int) and not isinstance(ids[0], bool) else default
 
 
 def _from_original(f: _Fields) -> ModelConfig:
