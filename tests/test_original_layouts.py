@@ -363,3 +363,26 @@ def test_a_checkpoint_without_tokenizer_json_names_what_to_use(hf_checkpoint, tm
         Processor.from_pretrained(original, model_config=ModelConfig.from_pretrained(original))
     with pytest.raises(CheckpointError, match=match):
         LLM(original, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("change,match", [
+    ("short", r"attention\.wqkv\.weight' has shape \(96, 128\), the model expects \(256, 128\)"),  # (4 + 2 x 2) x 32 rows
+    ("twice", r"fills parameter 'language_model\.layers\.0\.self_attn\.qkv_proj\.weight' \(q_proj\), already loaded"),
+    ("no_wqkv", r"missing tensors for language_model\.layers\.0\.self_attn\.qkv_proj\.weight"),
+])
+def test_a_bad_wqkv_is_a_checkpoint_error(hf_checkpoint, tmp_path, change, match):
+    from internvl_engine.errors import CheckpointError
+
+    path, _ = hf_checkpoint("internlm2-6b", max_position_embeddings=MAX_POS)
+    original = write_original(path, tmp_path / "internlm2", "internlm2")
+    tensors = load_file(str(original / "model.safetensors"))
+    key = "language_model.model.layers.0.attention.wqkv.weight"
+    if change == "short":
+        tensors[key] = tensors[key][:96].clone()
+    elif change == "twice":  # InternLM2's packed tensor beside transformers' q_proj for the same layer
+        tensors["language_model.model.layers.0.self_attn.q_proj.weight"] = tensors[key][:128].clone()
+    else:
+        del tensors[key]
+    save_file(tensors, str(original / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=match):
+        LLM(original, dtype="float32", device="cpu")
