@@ -1,6 +1,7 @@
-"""Rotary position embedding tables (NeoX rotate-half layout), matching transformers' Qwen2 rotary numerics:
-inverse frequencies and angles in fp32; dynamic NTK rescales the base per sequence once it outgrows
-max_position_embeddings (spec section 4)."""
+"""Rotary position embedding tables (NeoX rotate-half layout), matching transformers' rotary numerics, the same code
+in its Qwen2, Llama and Qwen3 models: inverse frequencies and angles in fp32 over the config's head_dim (which
+Llama and Qwen3 may state apart from hidden_size / heads); dynamic NTK rescales the base per sequence once it
+outgrows max_position_embeddings (spec section 4)."""
 from __future__ import annotations
 
 import torch
