@@ -233,57 +233,51 @@ checkpoints.VARIANTS.setdefault("internlm2-quant", dict(
 _INTERNLM2_LINEAR = r"language_model\.model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.weight"
 
 
-@pytest.mark.parametrize("method", ["awq", "fp8"])
-def test_quantized_packed_wqkv_matches_the_quantized_hf_form(hf_checkpoint, tmp_path, method):
-    """OpenGVLab's AWQ builds of the InternLM2 models quantize the packed wqkv as one matrix (LMDeploy); AWQ and
-    per-channel FP8 quantize each output feature on its own, so wqkv quantized whole is q, k and v quantized apart,
-    interleaved: the original checkpoint loads to exactly the logits of the -hf one quantized per projection.
-    test_quant's independent writers make both."""
+# and the same at N=2 and N=4: AWQ splits o_proj's and down_proj's inputs into whole groups of 128 per rank
+checkpoints.VARIANTS.setdefault("internlm2-quant-tp", dict(
+    vision=checkpoints.VARIANTS["300m"]["vision"],
+    text=dict(model_type="llama", hidden_size=512, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=2,
+              head_dim=32, intermediate_size=1024, tie_word_embeddings=False)))
+
+
+def _quantized_pair(dense, tmp_path, method):
+    """(the -hf checkpoint quantized per projection, the InternLM2 original quantized as it is stored), both by
+    test_quant's independent writers. AWQ and per-channel FP8 quantize each output feature on its own, so wqkv
+    quantized whole (as LMDeploy quantizes OpenGVLab's InternLM2 builds) is q, k and v quantized apart,
+    interleaved; FP8's rows and their scales are packed as they are."""
     import re
 
     import test_quant as tq
 
-    dense, _ = hf_checkpoint("internlm2-quant")
     files = tq._dense_files(dense)  # fp16, as the quantized checkpoints store the rest
-    if method == "awq":
-        hf = {}
-        for key, t in files.items():
-            if tq._is_decoder_linear(key):
+    hf = {}
+    for key, t in files.items():
+        base = key[: -len(".weight")]
+        if method == "awq" and tq._is_decoder_linear(key):
+            qw, qz, sc, _ = tq.quantize_awq(t)
+            hf.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
+        elif method == "fp8" and tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
+            q, sc, _ = tq.quantize_fp8(t)
+            hf.update({key: q, f"{base}.weight_scale": sc})
+        else:
+            hf[key] = t
+    block = tq.AWQ_BLOCK if method == "awq" else tq.FP8_BLOCK
+
+    def quantize(tensors, llm):
+        llm["quantization_config"] = block  # where LMDeploy writes it
+        if method == "fp8":
+            return tensors
+        out = {}
+        for key, t in tensors.items():
+            if re.fullmatch(_INTERNLM2_LINEAR, key):
                 base = key[: -len(".weight")]
                 qw, qz, sc, _ = tq.quantize_awq(t)
-                hf.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
+                out.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
             else:
-                hf[key] = t
-
-        def quantize(tensors, llm):  # the original's linears quantized as they are stored: wqkv whole
-            out = {}
-            for key, t in tensors.items():
-                if re.fullmatch(_INTERNLM2_LINEAR, key):
-                    base = key[: -len(".weight")]
-                    qw, qz, sc, _ = tq.quantize_awq(t)
-                    out.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
-                else:
-                    out[key] = t
-            llm["quantization_config"] = tq.AWQ_BLOCK  # where LMDeploy writes it
-            return out
-        original = write_original(dense, tmp_path / "original", "internlm2", files, quantize)
-        block = tq.AWQ_BLOCK
-    else:
-        hf = {}
-        for key, t in files.items():
-            base = key[: -len(".weight")]
-            if tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
-                q, sc, _ = tq.quantize_fp8(t)
-                hf.update({key: q, f"{base}.weight_scale": sc})
-            else:
-                hf[key] = t
-
-        def quantize(tensors, llm):
-            llm["quantization_config"] = tq.FP8_BLOCK
-            return tensors
-        # per-row FP8 is packed as it is: wqkv's rows (and their scales) are q's, k's and v's, interleaved
-        original = write_original(dense, tmp_path / "original", "internlm2", hf, quantize)
-        block = tq.FP8_BLOCK
+                out[key] = t
+        return out
+    original = write_original(dense, tmp_path / "original", "internlm2", files if method == "awq" else hf,
+                              quantize)
     hf_path = tmp_path / "hf"
     _copy_side_files(dense, hf_path)
     config = json.loads((dense / "config.json").read_text())
@@ -292,9 +286,40 @@ def test_quantized_packed_wqkv_matches_the_quantized_hf_form(hf_checkpoint, tmp_
     stored = load_file(str(original / "model.safetensors"))
     wqkv = "language_model.model.layers.0.attention.wqkv." + ("qweight" if method == "awq" else "weight")
     assert stored[wqkv].dtype == (torch.int32 if method == "awq" else torch.float8_e4m3fn)
+    return hf_path, original
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_quantized_packed_wqkv_matches_the_quantized_hf_form(hf_checkpoint, tmp_path, method):
+    """The quantized original loads to exactly the logits of the quantized -hf form."""
+    hf_path, original = _quantized_pair(hf_checkpoint("internlm2-quant")[0], tmp_path, method)
     a, b = LLM(hf_path, dtype="float32", device="cpu"), LLM(original, dtype="float32", device="cpu")
     assert b.config.quant.method == method
     assert torch.equal(b.prompt_logits(CONV, params=PARAMS), a.prompt_logits(CONV, params=PARAMS))
+
+
+@pytest.mark.parametrize("method", ["awq", "fp8"])
+def test_each_rank_reads_its_groups_of_a_quantized_wqkv(hf_checkpoint, tmp_path, method):
+    """At N=2 (whole KV groups) and N=4 (a KV head replicated on two ranks), each rank's quantized tensors
+    (AWQ's qweight / qzeros / scales, whose output features run along columns, 8 to an int32 in qweight; FP8's
+    rows and scales) equal its part of the N=1 model's loaded from the -hf form."""
+    from internvl_engine.loader import load_model
+    from internvl_engine.ops import OpTable
+
+    hf_path, original = _quantized_pair(hf_checkpoint("internlm2-quant-tp")[0], tmp_path, method)
+    ops, cpu = OpTable.resolve("torch", "cpu"), torch.device("cpu")
+    full = dict(load_model(ModelConfig.from_pretrained(hf_path), hf_path, ops, cpu, torch.float32).named_parameters())
+    config = ModelConfig.from_pretrained(original)
+    for n in (2, 4):
+        for rank in range(n):
+            model = load_model(config, original, ops, cpu, torch.float32, tp=TensorParallel(rank, n))
+            qkv = model.language_model.layers[0].self_attn.qkv_proj
+            assert qkv.quant_method.name == method and qkv.column_sharded
+            for name, p in model.named_parameters():
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                want = module.from_full(leaf, full[name]) if hasattr(module, "from_full") else full[name]
+                assert torch.equal(p, want), (method, n, rank, name)
 
 
 # ---------------------------------------------------------------------------------------------- config.json
