@@ -1,4 +1,5 @@
-"""internvl-engine: fast, faithful inference for InternVL3 (InternViT + pixel shuffle + MLP projector + Qwen2.5)."""
+"""internvl-engine: fast, faithful inference for InternVL3, 3.5 and 2.5 (InternViT + pixel shuffle + MLP projector +
+a Qwen2.5, Llama / InternLM or Qwen3 decoder)."""
 from ._version import __version__
 
 from .errors import (BackendError, CheckpointError, ImageError, InternVLEngineError, KernelInputError, PromptError,

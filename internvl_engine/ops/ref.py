@@ -10,7 +10,8 @@ import torch
 
 
 def rms_norm_ref(x, weight, eps, residual=None):
-    # Numerics of transformers' Qwen2RMSNorm: normalise in fp32, cast back, then scale.
+    # Numerics of transformers' Qwen2RMSNorm (Llama's and Qwen3's are the same): normalise in fp32, cast back, then
+    # scale.
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
     xf = x.float()

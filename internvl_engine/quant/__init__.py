@@ -2,7 +2,7 @@
 methods the layers of layers/linear.py hold.
 
 - AWQ W4A16 as OpenGVLab/LMDeploy ship it (`quant_method: awq, version: gemm, bits: 4, group_size: 128,
-  zero_point: true`): only the Qwen2 decoder linears are quantized; per layer `qweight` int32 [in, out/8],
+  zero_point: true`): only the decoder linears are quantized; per layer `qweight` int32 [in, out/8],
   `qzeros` int32 [in/128, out/8], `scales` [in/128, out], `bias` on q/k/v; w = (q - z) * s (awq.py).
 - FP8 W8A8 in compressed-tensors form (`quant_method: compressed-tensors, format: float-quantized`): `weight`
   float8_e4m3fn [out, in], `weight_scale` [out, 1], activations quantized per token at run time; the `ignore`
