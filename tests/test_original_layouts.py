@@ -355,9 +355,10 @@ def test_internlm_configs_read_as_the_converters_llama():
 
 
 @pytest.mark.parametrize("llm,match", [
-    ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, r"llm_config\.architectures "
-                                                                              r"\['Qwen3MoeForCausalLM'\].*InternLM2ForCausalLM"),
-    ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}, r"llm_config\.architectures.*Qwen3ForCausalLM"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"},
+     r"llm_config\.architectures \['Qwen3MoeForCausalLM'\].*InternLM2ForCausalLM"),
+    ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"},
+     r"llm_config\.architectures.*Qwen3ForCausalLM"),
     ({"architectures": ["Phi3ForCausalLM"]}, r"llm_config\.architectures \['Phi3ForCausalLM'\]"),
     ({"architectures": ["InternLM2ForCausalLM"], "model_type": "llama"}, r"llm_config\.model_type 'llama'"),
     ({"architectures": ["InternLM3ForCausalLM"], "bias": True}, r"llm_config\.bias true"),
@@ -391,7 +392,8 @@ def test_a_checkpoint_without_tokenizer_json_names_what_to_use(hf_checkpoint, tm
 
 
 @pytest.mark.parametrize("change,match", [
-    ("short", r"attention\.wqkv\.weight' has shape \(96, 128\), the model expects \(256, 128\)"),  # (4 + 2 x 2) x 32 rows
+    # (H + 2 Hk) x head_dim = (4 + 2 x 2) x 32 rows
+    ("short", r"attention\.wqkv\.weight' has shape \(96, 128\), the model expects \(256, 128\)"),
     ("twice", r"fills parameter 'language_model\.layers\.0\.self_attn\.qkv_proj\.weight' \(q_proj\), already loaded"),
     ("no_wqkv", r"missing tensors for language_model\.layers\.0\.self_attn\.qkv_proj\.weight"),
 ])

@@ -1,5 +1,6 @@
 """Checkpoint files -> model parameters. Every key is renamed once (names.py); q/k/v and gate/up are written into
-their packed matmul's row range. Files are memory-mapped and each tensor is cast and copied straight to the device.
+their packed matmul's row range (InternLM2's wqkv, grouped by KV head, reordered into all three). Files are
+memory-mapped and each tensor is cast and copied straight to the device.
 Under tensor parallelism a sharded layer names the slice it holds (layers/linear.py, load_plan) and only that slice
 is read (safetensors get_slice), so a rank's host memory holds about 1/N of the language model."""
 from __future__ import annotations
@@ -49,9 +50,7 @@ def _plan(model: torch.nn.Module, name: str, shard: str | None, param: torch.Ten
     reorders the tensor read into that part or None). Only q/k/v grouped by KV head (InternLM2's wqkv) reorders."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if shard == QKV_GROUPED:
-        if not hasattr(module, "grouped_load_plan"):
-            raise CheckpointError(f"{name}: a grouped q/k/v tensor for a layer that is not a q/k/v projection")
+    if shard == QKV_GROUPED:  # names.py gives it to q/k/v projections (QKVParallelLinear) only
         return module.grouped_load_plan(leaf)
     if hasattr(module, "load_plan"):
         return (*module.load_plan(leaf, shard), None)
@@ -162,8 +161,7 @@ def _plan_load(model: torch.nn.Module, catalog, path: Path):
             if param is None:
                 raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
             owner = model.get_submodule(name.rpartition(".")[0])
-            grouped = shard == QKV_GROUPED and hasattr(owner, "grouped_load_plan")
-            fills = owner.shard_names if grouped else [shard]  # InternLM2's wqkv fills q, k and v at once
+            fills = owner.shard_names if shard == QKV_GROUPED else [shard]  # InternLM2's wqkv: q, k and v at once
             for part in fills:
                 if (name, part) in seen:
                     raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
