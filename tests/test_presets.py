@@ -3,11 +3,13 @@ the built-in tokenizer whose <IMG_CONTEXT> id it states (InternVL3's Qwen2.5 voc
 one), or is refused by name before anything is allocated (InternVL3-9B's InternLM3 vocabulary)."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from internvl_engine import LLM, SamplingParams
 from internvl_engine.config import PRESETS, ModelConfig, preset_config
 from internvl_engine.errors import UnsupportedModelError
+from internvl_engine.loader import write_checkpoint
 from internvl_engine.processor import Processor
 from internvl_engine.processor.tokenizer import build_internvl3_tokenizer_json, builtin_tokenizer_json
 
@@ -53,8 +55,9 @@ def test_internvl3_5_presets_get_the_qwen3_tokenizer():
     assert 151667 in ids  # <think>: one token in this vocabulary (InternVL3's spells it out)
 
 
-def test_a_qwen3_vocabulary_preset_runs_end_to_end(monkeypatch):
-    """tiny-qwen3's shapes with InternVL3.5's vocabulary and image token: the image's tokens reach the model."""
+def test_a_qwen3_vocabulary_preset_runs_end_to_end(monkeypatch, tmp_path):
+    """tiny-qwen3's shapes with InternVL3.5's vocabulary and image token: the image's tokens reach the model, and
+    the checkpoint the preset writes (with that tokenizer) runs identically."""
     three_five = dict(PRESETS["tiny-qwen3"], image_token_id=151671)
     three_five["text"] = dict(three_five["text"], vocab_size=151936)
     monkeypatch.setitem(PRESETS, "tiny-qwen3-vocab", three_five)
@@ -63,8 +66,13 @@ def test_a_qwen3_vocabulary_preset_runs_end_to_end(monkeypatch):
     out = llm.generate(CONV, params)[0]
     assert len(out.token_ids) == 3 and out.logits.shape == (3, 151936)
     assert out.prompt_token_ids.count(151671) == llm.config.image_seq_length
+    written = LLM(write_checkpoint(tmp_path / "ckpt", "tiny-qwen3-vocab"), dtype="float32", device="cpu")
+    again = written.generate(CONV, params)[0]
+    assert again.prompt_token_ids == out.prompt_token_ids and torch.equal(again.logits, out.logits)
 
 
-def test_internvl3_9b_preset_is_refused_by_the_engine_by_name():
+def test_internvl3_9b_preset_is_refused_by_the_engine_by_name(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"random:internvl3-9b: image_token_id 92546 .* neither built-in"):
         LLM("random:internvl3-9b", dtype="float32", device="cpu")
+    with pytest.raises(UnsupportedModelError, match=r"random:internvl3-9b: image_token_id 92546"):
+        write_checkpoint(tmp_path, "internvl3-9b")  # before building the 9B model

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig, preset_config
 from ..models.internvl import InternVLForConditionalGeneration
 from ..processor.files import write_processor_files
+from ..processor.tokenizer import builtin_tokenizer_json
 from ..quant.writer import quantize_dense
 from .names import export_hf_state_dict
 
@@ -85,7 +86,8 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = preset_config(preset)
-    config = ModelConfig.from_dict(raw)
+    config = ModelConfig.from_dict(raw, f"random:{preset}")
+    tokenizer = builtin_tokenizer_json(config)  # the one the preset runs with; refused before building the model
     model = InternVLForConditionalGeneration(config)
     init_random_(model, seed)
     state = {k: v.to(FILE_DTYPES.get(k.rpartition(".")[2], v.dtype)) for k, v in export_hf_state_dict(model).items()}
@@ -93,5 +95,5 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
     raw["dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151645}))
-    write_processor_files(path)
+    write_processor_files(path, tokenizer_json=tokenizer)
     return path
