@@ -362,6 +362,8 @@ def test_internlm_configs_read_as_the_converters_llama():
     ({"architectures": ["Phi3ForCausalLM"]}, r"llm_config\.architectures \['Phi3ForCausalLM'\]"),
     ({"architectures": ["InternLM2ForCausalLM"], "model_type": "llama"}, r"llm_config\.model_type 'llama'"),
     ({"architectures": ["InternLM3ForCausalLM"], "bias": True}, r"llm_config\.bias true"),
+    ({"architectures": ["InternLM2ForCausalLM"], "rope_pos_id_version": "v2pe"},
+     r"llm_config\.rope_pos_id_version 'v2pe' is not supported"),
 ])
 def test_unsupported_original_language_models_name_the_field(llm, match):
     with pytest.raises(UnsupportedModelError, match=match):

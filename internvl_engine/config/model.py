@@ -442,6 +442,10 @@ def _original_llm(llm: _Fields) -> _Fields:
     archs = llm.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise llm.fail("architectures", f"must be a list of strings, got {_show(archs)}")
+    if llm.get("rope_pos_id_version", "default") != "default":
+        # OpenGVLab's training code (internvl_chat) may give visual tokens V2PE's fractional position steps
+        raise UnsupportedModelError(f"{llm.where}: {llm.path}rope_pos_id_version "
+                                    f"{llm.get('rope_pos_id_version')!r} is not supported (only 'default')")
     known = {a: mt for mt, names in TEXT_FAMILIES.items() for a in names}
     by_type = {family: a for a, (family, _) in _ORIGINAL_AS_LLAMA.items()}
     arch = archs[0] if archs else by_type.get(llm.get("model_type"))
