@@ -35,6 +35,12 @@ def test_llama_config():
     assert (t.bos_token_id, t.eos_token_id, t.tie_word_embeddings) == (1, 2, False)
 
 
+def test_llama_config_as_the_converter_writes_it():
+    """transformers' converter builds LlamaConfig(**llm_config): the original architectures stay in the -hf file."""
+    for arch in ("InternLM3ForCausalLM", "InternLM2ForCausalLM"):
+        assert _config(dict(LLAMA_TEXT, architectures=[arch])).text.model_type == "llama"
+
+
 def test_llama_biases_and_defaults():
     t = _config(dict(model_type="llama", hidden_size=96, num_attention_heads=6, attention_bias=True,
                      mlp_bias=True)).text
@@ -81,7 +87,8 @@ def test_unsupported_decoders_name_the_field(text, match):
     with pytest.raises(UnsupportedModelError, match=match) as e:
         _config(text)
     if "model_type" in match or "architectures" in match:
-        assert "qwen2 (Qwen2ForCausalLM), llama (LlamaForCausalLM), qwen3 (Qwen3ForCausalLM)" in str(e.value)
+        assert "qwen2 (Qwen2ForCausalLM), llama (LlamaForCausalLM/InternLM3ForCausalLM/InternLM2ForCausalLM), " \
+               "qwen3 (Qwen3ForCausalLM)" in str(e.value)
 
 
 @pytest.mark.parametrize("backend_name,device", BACKENDS)

@@ -221,7 +221,8 @@ def test_unsupported_language_model(ckpt, tmp_path, serves, model_type, arch):
         raw["text_config"]["architectures"] = [arch]
     d = _with_config(ckpt, tmp_path / model_type, edit)
     expect(UnsupportedModelError, rf"config\.json: text_config\.model_type '{model_type}' .*implemented are "
-           r"qwen2 \(Qwen2ForCausalLM\), llama \(LlamaForCausalLM\), qwen3 \(Qwen3ForCausalLM\)", load, d)
+           r"qwen2 \(Qwen2ForCausalLM\), llama \(LlamaForCausalLM/InternLM3ForCausalLM/InternLM2ForCausalLM\), "
+           r"qwen3 \(Qwen3ForCausalLM\)", load, d)
     serves()
 
 

@@ -276,7 +276,9 @@ class _Fields:
 # default); Qwen3 adds q_norm/k_norm and states head_dim (128 when absent), which Llama may state too.
 TEXT_FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM",),
-    "llama": ("LlamaForCausalLM",),
+    # transformers' converter builds the LlamaConfig of InternVL3-9B / InternVL2.5 from the original llm_config,
+    # whose architectures (InternLM3ForCausalLM / InternLM2ForCausalLM) it keeps
+    "llama": ("LlamaForCausalLM", "InternLM3ForCausalLM", "InternLM2ForCausalLM"),
     "qwen3": ("Qwen3ForCausalLM",),
 }
 _FAMILY_DEFAULTS = {
@@ -446,7 +448,8 @@ def _original_llm(llm: _Fields) -> _Fields:
         # OpenGVLab's training code (internvl_chat) may give visual tokens V2PE's fractional position steps
         raise UnsupportedModelError(f"{llm.where}: {llm.path}rope_pos_id_version "
                                     f"{llm.get('rope_pos_id_version')!r} is not supported (only 'default')")
-    known = {a: mt for mt, names in TEXT_FAMILIES.items() for a in names}
+    # InternLM architectures are converted below even though a converted -hf llama config may still name them
+    known = {a: mt for mt, names in TEXT_FAMILIES.items() for a in names if a not in _ORIGINAL_AS_LLAMA}
     by_type = {family: a for a, (family, _) in _ORIGINAL_AS_LLAMA.items()}
     arch = archs[0] if archs else by_type.get(llm.get("model_type"))
     if arch is None:  # no architectures: its model_type decides, as in a text_config
