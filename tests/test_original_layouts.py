@@ -68,7 +68,7 @@ _TO_INTERNLM2 = [("embed_tokens.", "tok_embeddings."), ("self_attn.o_proj.", "at
 
 def to_internlm2_names(tensors: dict, text: dict) -> dict:
     """The language model's tensors in InternLM2's layout; the rest as they are."""
-    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    kv_heads = text["num_key_value_heads"]
     out = {}
     for key, t in tensors.items():
         if key == "language_model.lm_head.weight":
@@ -250,18 +250,7 @@ def _quantized_pair(dense, tmp_path, method):
     import test_quant as tq
 
     files = tq._dense_files(dense)  # fp16, as the quantized checkpoints store the rest
-    hf = {}
-    for key, t in files.items():
-        base = key[: -len(".weight")]
-        if method == "awq" and tq._is_decoder_linear(key):
-            qw, qz, sc, _ = tq.quantize_awq(t)
-            hf.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
-        elif method == "fp8" and tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
-            q, sc, _ = tq.quantize_fp8(t)
-            hf.update({key: q, f"{base}.weight_scale": sc})
-        else:
-            hf[key] = t
-    block = tq.AWQ_BLOCK if method == "awq" else tq.FP8_BLOCK
+    hf, block = tq.quantized_files(dense, method)
 
     def quantize(tensors, llm):
         llm["quantization_config"] = block  # where LMDeploy writes it

@@ -382,6 +382,25 @@ FP8_BLOCK = {"quant_method": "compressed-tensors", "format": "float-quantized", 
                                        "dynamic": True}}}}
 
 
+def quantized_files(dense_path, method):
+    """The dense -hf checkpoint's tensors (fp16) with every decoder linear quantized by this file's independent
+    writers (FP8: but those FP8_IGNORE names), and the config block: for the TP and original-layout tests."""
+    import re
+
+    out = {}
+    for key, t in _dense_files(dense_path).items():
+        base = key[: -len(".weight")]
+        if method == "awq" and _is_decoder_linear(key):
+            qw, qz, s, _ = quantize_awq(t)
+            out.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": s})
+        elif method == "fp8" and _is_decoder_linear(key) and not re.fullmatch(FP8_IGNORE[-1][3:], base):
+            q, s, _ = quantize_fp8(t)
+            out.update({key: q, f"{base}.weight_scale": s})
+        else:
+            out[key] = t
+    return out, (AWQ_BLOCK if method == "awq" else FP8_BLOCK)
+
+
 def _fake_quant(x):
     """The reference's per-token dynamic FP8 activations (quantize, dequantize): scale = amax / 448 per row."""
     s = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-12)

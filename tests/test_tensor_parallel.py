@@ -421,26 +421,6 @@ QUANT_TEXT = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, n
                   intermediate_size=512, tie_word_embeddings=False)
 
 
-def _quantized_files(dense_path, method):
-    """The dense -hf checkpoint's tensors with every decoder linear quantized by test_quant's independent writer
-    (FP8: but those its ignore list names), and the config block."""
-    import re
-
-    import test_quant as tq
-    quant = {}
-    for key, t in tq._dense_files(dense_path).items():
-        base = key[: -len(".weight")]
-        if method == "awq" and tq._is_decoder_linear(key):
-            qw, qz, s, _ = tq.quantize_awq(t)
-            quant.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": s})
-        elif method == "fp8" and tq._is_decoder_linear(key) and not re.fullmatch(tq.FP8_IGNORE[-1][3:], base):
-            q, s, _ = tq.quantize_fp8(t)
-            quant.update({key: q, f"{base}.weight_scale": s})
-        else:
-            quant[key] = t
-    return quant, (tq.AWQ_BLOCK if method == "awq" else tq.FP8_BLOCK)
-
-
 def _write_quantized(dense_path, method, path, layout="hf"):
     """layout "hf": safetensors, block at the top level; "bin": OpenGVLab's AWQ shipping form (original layout,
     pickle .bin shards, block under llm_config; test_quant's writer)."""
@@ -448,7 +428,7 @@ def _write_quantized(dense_path, method, path, layout="hf"):
 
     import test_loader
     import test_quant as tq
-    tensors, block = _quantized_files(dense_path, method)
+    tensors, block = tq.quantized_files(dense_path, method)
     if layout == "bin":
         return tq._write_awq_bin(dense_path, tensors, path)
     test_loader._copy_side_files(dense_path, path)
