@@ -4,7 +4,6 @@ file and the key, raised before the model is allocated; an untied checkpoint wit
 tensors must have their format's exact dtypes. Checkpoints are the random presets' writer's output, edited."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re

@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from internvl_engine.engine.async_llm import AsyncLLM  # noqa: E402
 from internvl_engine.server import ServerSettings  # noqa: E402
-from test_server import MODEL, ThreadServer, status_of, wait_idle, write_png  # noqa: E402
+from test_server import MODEL, ThreadServer, wait_idle, write_png  # noqa: E402
 
 ENGINE = dict(device="cpu", kv_cache_tokens=8192, max_num_seqs=8)
 HI = [{"role": "user", "content": "Hi"}]
