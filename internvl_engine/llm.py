@@ -1,5 +1,6 @@
 """LLM: the synchronous front end over LLMEngine. conversation -> Processor -> vision tower -> projector ->
-decoder with a paged KV cache -> sampler -> text, for one conversation or a batch (continuously batched by the engine)."""
+decoder with a paged KV cache -> sampler -> text, for one conversation or a batch (continuously batched by the
+engine)."""
 from __future__ import annotations
 
 import collections
