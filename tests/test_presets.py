@@ -76,3 +76,23 @@ def test_internvl3_9b_preset_is_refused_by_the_engine_by_name(tmp_path):
         LLM("random:internvl3-9b", dtype="float32", device="cpu")
     with pytest.raises(UnsupportedModelError, match=r"random:internvl3-9b: image_token_id 92546"):
         write_checkpoint(tmp_path, "internvl3-9b")  # before building the 9B model
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny"])
+def test_a_preset_is_the_model_transformers_builds_from_its_config(name, tmp_path):
+    """The harness's baseline (bench/hf_baseline.py) is transformers' model built from the preset's config.json,
+    given the engine's weights: a tied preset's head must be its embedding in the engine too (an independently
+    drawn head once put its prompt logits 7.6 away from transformers'), and its checkpoint stores no lm_head."""
+    from internvl_engine.bench.hf_baseline import HFBaseline
+    from safetensors import safe_open
+
+    llm = LLM(f"random:{name}", dtype="float32", device="cpu")
+    hf = HFBaseline(llm, f"random:{name}", 1)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Describe a quiet morning by the river."}]}]
+    inputs = hf.processor(text=hf._texts([conv])[0], return_tensors="pt")
+    with torch.inference_mode():
+        reference = hf.model(**inputs).logits[0].float()
+    assert (llm.prompt_logits(conv) - reference).abs().max().item() < 1e-4
+    with safe_open(str(write_checkpoint(tmp_path / name, name) / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert ("language_model.lm_head.weight" in stored) == (not ModelConfig.from_dict(preset_config(name)).ties_lm_head)

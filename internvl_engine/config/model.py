@@ -139,6 +139,12 @@ class ModelConfig:
         return cfg
 
     @property
+    def ties_lm_head(self) -> bool:
+        """The config says the lm_head is the embedding matrix (either level): what a random preset builds, as
+        transformers builds the model from that config."""
+        return True in (self.tie_word_embeddings, self.text.tie_word_embeddings)
+
+    @property
     def lm_head_may_tie(self) -> bool:
         """Whether a checkpoint without an lm_head tensor ties it to the embeddings: unless the config says
         tie_word_embeddings false (top level or the language model's, and neither says true), when the lm_head

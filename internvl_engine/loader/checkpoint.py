@@ -40,6 +40,8 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
     net.to_empty(device=device)
     if plan is None:
         init_random_(net, seed)
+        if config.ties_lm_head:  # a tied preset's head is its embedding, as transformers builds it
+            net.tie_lm_head()
     else:
         _fill(net, plan, device)
     return net.eval()

@@ -91,6 +91,8 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
     model = InternVLForConditionalGeneration(config)
     init_random_(model, seed)
     state = {k: v.to(FILE_DTYPES.get(k.rpartition(".")[2], v.dtype)) for k, v in export_hf_state_dict(model).items()}
+    if config.ties_lm_head:  # as transformers saves a tied model: no lm_head, the loader ties it to the embeddings
+        state.pop("language_model.lm_head.weight")
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     raw["dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(raw, indent=2))
