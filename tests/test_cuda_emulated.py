@@ -31,7 +31,8 @@ HEAD_DIMS = (16, 32, 64, 128)  # the head dims csrc/cuda instantiates
 @pytest.fixture(scope="session")
 def emu_lib(tmp_path_factory):
     """The csrc/cuda launchers built for the emulator, once per session."""
-    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"))
+    # conftest.SESSION_PREFIX: the module sweep leaves it
+    return emu_build.build(tmp_path_factory.mktemp("session-cuda_emu"))
 
 
 def _ops(lib, num_splits=None):
