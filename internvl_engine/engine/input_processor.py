@@ -12,7 +12,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError, InternVLEngineError, PromptError
 from ..outputs import RequestMetrics
-from ..processor import Processor
+from ..processor import Encoding, Processor
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import SamplingParams, seed_for
 from .block_manager import MediaSpan, media_key
@@ -42,6 +42,19 @@ def text_chars(conversation) -> int:
                 text = item.get("text") if isinstance(item, dict) and item.get("type") == "text" else item
                 n += len(text) if isinstance(text, str) else 0
     return n
+
+
+def token_ids_prompt(prompt: dict) -> list[int]:
+    """The ids of a prompt given as tokens ({"prompt_token_ids": [...]}, vLLM's TokensPrompt): the model reads them
+    as they are (no chat template, no special tokens added). Media are refused: their placeholder runs and pixels
+    would have to be placed by the caller, which the processor does for a text prompt."""
+    extra = sorted(set(prompt) - {"prompt_token_ids"})
+    if extra:
+        raise PromptError(f"a prompt of token ids takes no other keys (got {extra}); send images with a text prompt")
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):  # bool is no token id
+        raise PromptError("prompt_token_ids must be a list of integers")
+    return list(ids)
 
 
 class InputProcessor:
@@ -99,9 +112,17 @@ class InputProcessor:
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
         self._check_text(conversation, add_generation_prompt)
+        if isinstance(conversation, dict) and "prompt_token_ids" in conversation:
+            ids = token_ids_prompt(conversation)
+            image = self.processor.tokenizer.image_token_id
+            if image in ids:  # a placeholder row with no image behind it
+                raise PromptError(f"prompt_token_ids holds the image placeholder id {image} at position "
+                                  f"{ids.index(image)}, with no image; send images with a text prompt")
+            return Encoding(input_ids=ids, pixel_values=None)
         if isinstance(conversation, dict):  # raw prompt with <IMG_CONTEXT> / <video> placeholders
             if "prompt" not in conversation:
-                raise PromptError("a raw request must be a dict with a 'prompt' key (and optional 'images', 'videos')")
+                raise PromptError("a raw request must be a dict with a 'prompt' key (and optional 'images', 'videos'), "
+                                  "or with 'prompt_token_ids'")
             return self.processor(text=conversation["prompt"], images=conversation.get("images"),
                                   videos=conversation.get("videos"), **kwargs)
         return self.processor(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -127,7 +148,7 @@ class InputProcessor:
             raise PromptError(f"{what}: prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
                               "tokens (max_model_len); use fewer or smaller images (max_num_tiles) or a shorter text")
         vocab = self.config.text.vocab_size
-        bad = [i for i in ids if i >= vocab]
+        bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise PromptError(f"{what}: token id {bad[0]} is outside the model's vocabulary ({vocab})")
 
