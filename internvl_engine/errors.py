@@ -81,3 +81,8 @@ class SlowConsumerError(InternVLEngineError, RuntimeError):
 class VideoFormatError(MediaPolicyError, VideoError):
     """A video file is not in one of the container formats the media policy allows (media_policy.video_formats):
     a playlist or list that would open other files or URLs, or something no allowed demuxer reads."""
+
+
+class StructuredOutputError(InternVLEngineError, ValueError):
+    """A structured-output constraint (SamplingParams.structured_outputs: a JSON schema, regex, choice or grammar)
+    that the grammar library cannot compile, or a token the grammar refused; the message says what it reported."""

@@ -10,6 +10,7 @@ it cost nothing."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,75 @@ MAX_SEED = 2**64 - 1
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 512
 MAX_STOP_TOKEN_IDS = 1024  # checked against every sampled token (and masked before min_tokens)
+# logit_bias: OpenAI's range for a bias; the count bounds the (row, token) pairs a step applies for one request
+LOGIT_BIAS_RANGE = 100.0
+MAX_LOGIT_BIAS = 1024
+# A grammar's text (a JSON schema serialised, a regex, a grammar, the choices joined) is compiled at intake on the
+# caller's thread; this bounds what one request can make the compiler read.
+MAX_GRAMMAR_CHARS = 256 * 1024
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's StructuredOutputsParams names): exactly one of json (a JSON schema,
+    as a dict or its JSON text), regex, choice (the text is one of these strings), grammar (Lark, or GBNF as
+    llama.cpp writes it) or json_object (any JSON object). Compiled at intake (internvl_engine/structured/); each
+    step's sampling then allows only the tokens that keep the text inside the language, and the request ends with
+    finish_reason "stop" once the grammar admits nothing more.
+
+    JSON is compact by default: no whitespace between tokens, "," and ":" as separators, so a weak model cannot
+    spend its tokens on indentation. whitespace_pattern (a regex, vLLM's name) allows that whitespace instead; a
+    bounded one ("[ ]?") keeps the bound."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    whitespace_pattern: str | None = None
+
+    def validate(self) -> None:
+        """Shape only (types, one constraint, sizes); whether it compiles is the intake's question."""
+        def bad(msg):
+            raise SamplingParamsError(f"invalid structured_outputs: {msg}")
+
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            bad(f"exactly one of {', '.join(STRUCTURED_KINDS)} must be given, got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            bad(f"json must be a JSON schema (a dict or its JSON text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                bad(f"{name} must be a non-empty string, got {_short(v)}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            bad(f"choice must be a non-empty list of non-empty strings, got {_short(self.choice)}")
+        if not isinstance(self.json_object, bool):
+            bad(f"json_object must be a boolean, got {_short(self.json_object)}")
+        if self.whitespace_pattern is not None and self.json is None and not self.json_object:
+            bad("whitespace_pattern applies to json and json_object only")
+        if self.size() > MAX_GRAMMAR_CHARS:
+            bad(f"the constraint has {self.size()} characters, over the {MAX_GRAMMAR_CHARS} limit "
+                "(sampling.MAX_GRAMMAR_CHARS)")
+
+    def size(self) -> int:
+        text = self.json if isinstance(self.json, str) or self.json is None else _json_text(self.json)
+        return sum(len(x) for x in (text or "", self.regex or "", self.grammar or "", self.whitespace_pattern or "")) \
+            + sum(len(c) + 1 for c in self.choice or ())
+
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (its cache key)."""
+        text = self.json if isinstance(self.json, str) or self.json is None else _json_text(self.json)
+        return (text, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object,
+                self.whitespace_pattern)
+
+
+def _json_text(value) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise SamplingParamsError(f"invalid structured_outputs: json is not serialisable as JSON: {e}") from e
 
 
 @dataclass
@@ -59,6 +129,8 @@ class SamplingParams:
     output_kind: str = "cumulative"   # what each step's RequestOutput holds (vLLM's RequestOutputKind): "cumulative"
                                       # (everything so far), "delta" (the new tokens, text and logprobs since the
                                       # previous output) or "final_only" (one output, when the request ends)
+    logit_bias: dict[int, float] | None = None  # OpenAI: token id -> bias in [-100, 100], added to the logits
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the text (grammar-masked sampling)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -125,6 +197,20 @@ class SamplingParams:
             bad(f"max_num_tiles must be an integer in [1, 64], got {self.max_num_tiles!r}")
         if not is_int(self.num_frames, 1, optional=True):
             bad(f"num_frames must be an integer >= 1, got {self.num_frames!r}")
+        if self.logit_bias is not None:  # the ids are checked against the model's vocabulary at intake
+            if not isinstance(self.logit_bias, dict):
+                bad(f"logit_bias must be a dict of token id -> bias, got {_short(self.logit_bias)}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad(f"logit_bias has {len(self.logit_bias)} entries, over the {MAX_LOGIT_BIAS} limit "
+                    "(sampling.MAX_LOGIT_BIAS)")
+            for t, b in self.logit_bias.items():
+                if not is_int(t, 0) or not is_num(b, -LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE):
+                    bad(f"logit_bias maps token ids (integers >= 0) to biases in [-100, 100], got {t!r}: {b!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                bad(f"structured_outputs must be a StructuredOutputsParams, got "
+                    f"{type(self.structured_outputs).__name__}")
+            self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:
