@@ -1,16 +1,19 @@
 """The one reading of a chat conversation, for LLM, AsyncLLM and the server alike. Two spellings are accepted and
 may be mixed: the engine's content items ({"type": "image", "image" | "url" | "path" | "base64": ...},
 {"type": "video", "video" | "url" | "path": ...}, plain strings) and OpenAI's content parts
-({"type": "image_url" | "video_url", ...: {"url": ...}}), with OpenAI's "developer" role read as "system".
-Whatever is wrong is a PromptError naming the item by its place (messages[i].content[j]), which the server
-answers with a 400."""
+({"type": "image_url" | "video_url", ...: {"url": ...}}), with OpenAI's "developer" role read as "system". Tool
+use in OpenAI's shape is read too: an assistant message's tool_calls ([{"id", "type": "function", "function":
+{"name", "arguments"}}], its content then optional) and role "tool" messages (tool_call_id, text content) answering
+them; tools.py renders them. Whatever is wrong is a PromptError naming the item by its place
+(messages[i].content[j]), which the server answers with a 400."""
 
 from __future__ import annotations
 
 from ..errors import PromptError
+from .tools import call_arguments
 
-ROLES = ("system", "user", "assistant")
-_ROLE_NAMES = "system, developer, user or assistant"  # OpenAI's "developer" is the system role of newer models
+ROLES = ("system", "user", "assistant", "tool")
+_ROLE_NAMES = "system, developer, user, assistant or tool"  # OpenAI's "developer" is the system role of newer models
 _SOURCE_KEYS = {"image": ("image", "url", "path", "base64"), "video": ("video", "url", "path")}
 _URL_PARTS = {"image_url": "image", "video_url": "video"}
 _MEDIA_MARKER = "<media>"  # what a template sees in place of a medium: never its bytes, path or URL
@@ -23,7 +26,9 @@ def normalize_messages(messages) -> list[dict]:
     medium through images= / videos=. Normalising a normalised conversation returns an equal one."""
     if not isinstance(messages, (list, tuple)):
         raise PromptError(f"a conversation must be a list of messages, got {type(messages).__name__}")
-    return [_message(m, mi) for mi, m in enumerate(messages)]
+    conversation = [_message(m, mi) for mi, m in enumerate(messages)]
+    _check_tool_results(conversation)
+    return conversation
 
 
 def split_media(conversation: list[dict]) -> tuple[list[dict], list[tuple[str, object]]]:
@@ -60,7 +65,64 @@ def _message(msg, mi: int) -> dict:
         content = [_item(item, mi, ci) for ci, item in enumerate(content)]
     elif not isinstance(content, str):
         raise PromptError(f"messages[{mi}].content must be a string or a list of parts, got {type(content).__name__}")
-    return {**msg, "role": role, "content": content}
+    msg = {**msg, "role": role, "content": content}
+    if role == "tool":
+        return _tool_result(msg, mi)
+    if msg.get("tool_calls") is not None:
+        if role != "assistant":
+            raise PromptError(f"messages[{mi}].tool_calls: only an assistant message makes tool calls")
+        msg["tool_calls"] = [_tool_call(c, f"messages[{mi}].tool_calls[{ci}]")
+                             for ci, c in enumerate(_list(msg["tool_calls"], f"messages[{mi}].tool_calls"))]
+    return msg
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise PromptError(f"{where} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _tool_call(call, where: str) -> dict:
+    """One call of an assistant message, in OpenAI's shape; arguments a JSON object (as a string, OpenAI's way, or
+    as a dict, transformers')."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise PromptError(f'{where} must be {{"id": ..., "type": "function", "function": {{"name", "arguments"}}}}')
+    if call.get("type", "function") != "function":
+        raise PromptError(f"{where}.type must be 'function', got {call.get('type')!r}")
+    if not isinstance(call.get("id"), str):
+        raise PromptError(f"{where}.id must be a string (the id the tool message answering it gives)")
+    fn = call["function"]
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise PromptError(f"{where}.function.name must be a non-empty string")
+    call_arguments(fn.get("arguments"), f"{where}.function.arguments")
+    return {**call, "type": "function"}
+
+
+def _tool_result(msg: dict, mi: int) -> dict:
+    """A role "tool" message: tool_call_id a string; its content text (parts joined), as templates write it."""
+    if not isinstance(msg.get("tool_call_id"), str) or not msg["tool_call_id"]:
+        raise PromptError(f"messages[{mi}].tool_call_id must be the id of the call this tool message answers")
+    content = msg["content"]
+    if not isinstance(content, str):
+        media = next((ci for ci, item in enumerate(content) if item["type"] != "text"), None)
+        if media is not None:
+            raise PromptError(f"messages[{mi}].content[{media}]: a tool message carries text only")
+        content = "".join(item["text"] for item in content)
+    return {**msg, "content": content}
+
+
+def _check_tool_results(conversation: list[dict]) -> None:
+    """Each tool message answers a call of the assistant message before it (OpenAI's rule), by that call's id."""
+    ids: set[str] = set()
+    for mi, m in enumerate(conversation):
+        if m["role"] == "assistant":
+            ids = {c["id"] for c in m.get("tool_calls") or ()}
+        elif m["role"] == "tool":
+            if m["tool_call_id"] not in ids:
+                raise PromptError(f"messages[{mi}].tool_call_id {m['tool_call_id']!r} answers no tool call of the "
+                                  "assistant message before it")
+        else:
+            ids = set()
 
 
 def _item(item, mi: int, ci: int) -> dict:

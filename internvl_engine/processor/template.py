@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import PromptError
+from .tools import TOOLS_VARIABLE, prepare as prepare_tools
 
 # Equivalent of the InternVL3 -hf chat_template.jinja (spec section 7): no default system prompt.
 DEFAULT_CHAT_TEMPLATE = (
@@ -77,10 +78,17 @@ class ChatTemplate:
         """Whether the template itself turns thinking on and off (it reads enable_thinking)."""
         return THINKING_SWITCH in self.variables
 
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template renders tools itself (it reads `tools`, as Qwen2.5 / Qwen3's do); else tools.py
+        rewrites a conversation with tools the way Qwen2.5's template renders it."""
+        return TOOLS_VARIABLE in self.variables
+
     def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render messages from messages.split_media; extra kwargs are template variables."""
         import jinja2
 
+        messages, kwargs = prepare_tools(messages, kwargs, self.takes_tools)
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
         except jinja2.exceptions.TemplateError as e:
