@@ -9,10 +9,16 @@ this process's driving AsyncLLM). The two sides alternate round by round, each r
     python benchmarks/serve.py --model random:tiny --device cpu --max-concurrency 1,32 --rounds 3 \\
         --json benchmarks/results/<date>-cpu-<commit>-serve.json --plot serve.png
     python benchmarks/serve.py --base-url http://127.0.0.1:8000 --request-rate 2,8   # a running server, HTTP only
+    python benchmarks/serve.py --max-concurrency 8,32 --json-schema-ratio 0,0.5 --http-only   # structured cost
 
 Without --base-url it starts `internvl-engine serve` on a free loopback port with the engine settings given here.
 Timing is taken by the client: TTFT from sending the request to the first chunk carrying a token (offline: to the
-first RequestOutput with a token), ITL between such chunks, TPOT = (e2e - TTFT) / (tokens - 1)."""
+first RequestOutput with a token), ITL between such chunks, TPOT = (e2e - TTFT) / (tokens - 1).
+
+--json-schema-ratio: the share of requests that carry a JSON schema (response_format json_schema; offline the same
+SamplingParams.structured_outputs), drawn per request from its own seeded stream so every ratio sends the same
+prompts. Each ratio is a scenario of its own at each load; "structured_cost" compares each one's TPOT with the
+unconstrained scenario's at the same load. Constrained requests do not set ignore_eos: a finished schema ends them."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +40,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# JSON the benchmark's constrained requests must produce: nested, with an unbounded array so a random model's output
+# runs long enough for its TPOT to mean something
+BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "tags", "score"],
+                "properties": {"name": {"type": "string", "maxLength": 40},
+                               "kind": {"enum": ["river", "mountain", "forest"]},
+                               "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}},
+                               "score": {"type": "integer", "minimum": 0, "maximum": 100}}}
 WORDS = ("river mountain light window garden silver morning engine paper circle harbor forest signal winter "
          "station copper island market shadow violet thunder lantern meadow canyon").split()
 
@@ -43,6 +56,7 @@ def workload(args, round_index: int) -> list[dict]:
     """Seeded requests of one round: messages (OpenAI form), the engine's conversation and the arrival offset."""
     rng = random.Random(args.seed * 1000 + round_index)
     nrng = np.random.default_rng(args.seed * 1000 + round_index)
+    srng = random.Random(args.seed * 7919 + round_index)  # which requests are constrained: its own stream
     reqs, t = [], 0.0
     for i in range(args.num_prompts):
         words = " ".join(rng.choice(WORDS) for _ in range(args.input_words))
@@ -59,7 +73,8 @@ def workload(args, round_index: int) -> list[dict]:
                                                          {"type": "text", "text": text}]}]
         else:
             messages = conversation = [{"role": "user", "content": text}]
-        reqs.append({"messages": messages, "conversation": conversation, "arrival": t})
+        reqs.append({"messages": messages, "conversation": conversation, "arrival": t,
+                     "structured": srng.random() < args.json_schema_ratio})
         if args.rate != float("inf"):
             t += rng.expovariate(args.rate)
     return reqs
@@ -67,11 +82,11 @@ def workload(args, round_index: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ the two sides
 class RequestResult:
-    __slots__ = ("ok", "ttft", "itl", "e2e", "tokens", "prompt_tokens", "token_ids", "error")
+    __slots__ = ("ok", "ttft", "itl", "e2e", "tokens", "prompt_tokens", "token_ids", "error", "structured")
 
-    def __init__(self):
+    def __init__(self, structured: bool = False):
         self.ok, self.ttft, self.itl, self.e2e, self.tokens, self.prompt_tokens = False, 0.0, [], 0.0, 0, 0
-        self.token_ids, self.error = [], None
+        self.token_ids, self.error, self.structured = [], None, structured
 
 
 class SSEClient:
@@ -134,10 +149,13 @@ class SSEClient:
 
 
 async def http_request(client: SSEClient, model: str, req: dict, args) -> RequestResult:
-    res = RequestResult()
+    res = RequestResult(req["structured"])
     body = {"model": model, "messages": req["messages"], "max_tokens": args.output_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True,
             "mm_processor_kwargs": {"max_dynamic_patch": args.max_tiles}}
+    if req["structured"]:
+        body["ignore_eos"] = False
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}
     last = start = time.perf_counter()
     try:
         async for now, data in client.post_stream("/v1/chat/completions", body):
@@ -166,7 +184,9 @@ async def http_request(client: SSEClient, model: str, req: dict, args) -> Reques
 
 
 async def offline_request(llm, req: dict, params, request_id: str) -> RequestResult:
-    res = RequestResult()
+    res = RequestResult(req["structured"])
+    if req["structured"]:
+        params = structured_params(params)
     last = start = time.perf_counter()
     seen = 0
     try:
@@ -204,6 +224,13 @@ async def replay(reqs: list[dict], send, concurrency: int | None) -> tuple[list[
     return results, time.perf_counter() - t0
 
 
+def structured_params(params):
+    import dataclasses
+
+    from internvl_engine.sampling import StructuredOutputsParams
+    return dataclasses.replace(params, ignore_eos=False, structured_outputs=StructuredOutputsParams(json=BENCH_SCHEMA))
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
@@ -228,6 +255,12 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
     errors = [r.error for r in results if r.error]
     if errors:
         s["errors"] = errors[:5]
+    constrained = [r for r in ok if r.structured]
+    if constrained and len(constrained) < len(ok):  # a mixed load: each kind's TPOT too
+        for name, part in (("constrained", constrained), ("unconstrained", [r for r in ok if not r.structured])):
+            xs = [(r.e2e - r.ttft) / (r.tokens - 1) for r in part if r.tokens > 1]
+            s[f"{name}_requests"] = len(part)
+            s[f"{name}_p50_tpot_ms"] = ms(xs, 50)
     return s
 
 
@@ -269,8 +302,8 @@ def loop_cpu(url: str) -> float:
     """CPU seconds of the server's event loop thread so far (its /metrics)."""
     import httpx
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("internvl_server_loop_cpu_seconds_total "):
-            return float(line.split()[1])
+        if line.startswith("internvl_server_loop_cpu_seconds_total"):  # {model_name="..."} follows the name
+            return float(line.rsplit(" ", 1)[1])
     return float("nan")
 
 
@@ -323,7 +356,7 @@ async def run(args) -> dict:
         proc, url = start_server(args)
     try:
         model = args.served_model_name or httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        llm = None if args.base_url else AsyncLLM(args.model, **engine_settings(args))
+        llm = None if args.base_url or args.http_only else AsyncLLM(args.model, **engine_settings(args))
         params = SamplingParams(max_tokens=args.output_tokens, ignore_eos=True, max_num_tiles=args.max_tiles)
         client = SSEClient(url)
         try:
@@ -335,14 +368,16 @@ async def run(args) -> dict:
             warm = workload(argparse.Namespace(**{**vars(args), "num_prompts": 8, "rate": float("inf")}), 10 ** 6)
             for send in sides.values():
                 await replay(warm, send, 8)
-            scenarios = [("concurrency", c) for c in args.concurrencies] + [("rate", r) for r in args.rates]
+            loads = [("concurrency", c) for c in args.concurrencies] + [("rate", r) for r in args.rates]
+            scenarios = [(kind, value, ratio) for kind, value in loads for ratio in args.json_schema_ratios]
             record = []
-            for kind, value in scenarios:
+            for kind, value, ratio in scenarios:
                 per_side = {name: [] for name in sides}
                 same = []
                 for rnd in range(args.rounds):
                     a = argparse.Namespace(**vars(args))
                     a.rate = value if kind == "rate" else float("inf")
+                    a.json_schema_ratio = ratio
                     reqs = workload(a, rnd)
                     order = list(sides) if rnd % 2 == 0 else list(sides)[::-1]
                     got = {}
@@ -363,7 +398,7 @@ async def run(args) -> dict:
                         got[name] = results
                     if "offline" in got:
                         same += [h.token_ids == o.token_ids for h, o in zip(got["http"], got["offline"])]
-                entry = {"scenario": kind, "value": value, "rounds": per_side,
+                entry = {"scenario": kind, "value": value, "json_schema_ratio": ratio, "rounds": per_side,
                          "median": {name: median_of_rounds(r) for name, r in per_side.items()}}
                 if same:
                     entry["greedy_ids_equal"] = f"{sum(same)}/{len(same)}"
@@ -382,15 +417,37 @@ async def run(args) -> dict:
             client.close()
         if llm is not None:
             llm.shutdown()
-        return {"scenarios": record}
+        return {"scenarios": record, **structured_cost(record)}
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
 
+def structured_cost(record: list[dict]) -> dict:
+    """Per load and side: each constrained scenario's p50 TPOT over the unconstrained one's (ratio 0) at that load."""
+    base = {(e["scenario"], e["value"]): e for e in record if e["json_schema_ratio"] == 0}
+    cost = []
+    for e in record:
+        b = base.get((e["scenario"], e["value"]))
+        if e["json_schema_ratio"] == 0 or b is None:
+            continue
+        for side, m in e["median"].items():
+            row = {"scenario": e["scenario"], "value": e["value"], "json_schema_ratio": e["json_schema_ratio"],
+                   "side": side, "p50_tpot_ms": m["p50_tpot_ms"], "unconstrained_load_p50_tpot_ms":
+                   b["median"][side]["p50_tpot_ms"], "tpot_ratio": m["p50_tpot_ms"] / b["median"][side]["p50_tpot_ms"]}
+            for k in ("constrained_p50_tpot_ms", "unconstrained_p50_tpot_ms"):
+                if k in m:
+                    row[k] = m[k]
+            cost.append(row)
+            print(f"structured cost {e['scenario']} {e['value']} ratio {e['json_schema_ratio']} {side}: TPOT p50 "
+                  f"{row['p50_tpot_ms']:.2f} ms vs {row['unconstrained_load_p50_tpot_ms']:.2f} ms unconstrained "
+                  f"(x{row['tpot_ratio']:.3f})", flush=True)
+    return {"structured_cost": cost} if cost else {}
+
+
 def print_entry(e: dict) -> None:
-    label = f"{e['scenario']} {e['value']}"
+    label = f"{e['scenario']} {e['value']}" + (f" json {e['json_schema_ratio']}" if e["json_schema_ratio"] else "")
     for name, m in e["median"].items():
         print(f"{label:16s} {name:8s} TTFT p50/p90/p99 {m['p50_ttft_ms']:7.2f} {m['p90_ttft_ms']:7.2f} "
               f"{m['p99_ttft_ms']:7.2f} ms | TPOT p50 {m['p50_tpot_ms']:6.2f} ms | ITL p50/p90/p99 "
@@ -450,6 +507,9 @@ def main(argv=None) -> None:
                     help="torch intra-op threads of both engines (OMP_NUM_THREADS for the server; default: torch's)")
     ap.add_argument("--server-loop", default="auto", choices=["auto", "asyncio", "uvloop"],
                     help="the started server's event loop")
+    ap.add_argument("--json-schema-ratio", default="0",
+                    help="comma list of shares of requests carrying a JSON schema (one scenario each per load)")
+    ap.add_argument("--http-only", action="store_true", help="no offline side (the server alone)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
@@ -457,6 +517,8 @@ def main(argv=None) -> None:
     args.concurrencies = [int(c) for c in args.max_concurrency.split(",") if c.strip()]
     args.rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
     args.rate = float("inf")
+    args.json_schema_ratios = [float(r) for r in args.json_schema_ratio.split(",") if r.strip()]
+    args.json_schema_ratio = args.json_schema_ratios[0]
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -468,7 +530,8 @@ def main(argv=None) -> None:
               "model": args.model, "engine": engine_settings(args), "threads": args.threads,
               "workload": {"num_prompts": args.num_prompts, "rounds": args.rounds, "input_words": args.input_words,
                            "output_tokens": args.output_tokens, "image_ratio": args.image_ratio,
-                           "max_tiles": args.max_tiles, "seed": args.seed, "temperature": 0.0, "ignore_eos": True},
+                           "max_tiles": args.max_tiles, "seed": args.seed, "temperature": 0.0, "ignore_eos": True,
+                           "json_schema_ratios": args.json_schema_ratios, "json_schema": BENCH_SCHEMA},
               **result}
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
