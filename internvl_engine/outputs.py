@@ -24,6 +24,7 @@ class RequestMetrics:
     queue_s: float = 0.0              # arrival -> first scheduled
     cached_prompt_tokens: int = 0     # prompt tokens whose KV came from the prefix cache (first admission)
     cached_images: int = 0            # images that skipped the vision tower (vision cache or cached prefix)
+    last_token_s: float = 0.0         # arrival -> the request's last token (over its samples), set when it ends
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

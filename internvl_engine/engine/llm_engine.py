@@ -124,7 +124,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.inputs = InputProcessor(self.processor, self.config, self.max_model_len, cfg.max_prompt_chars,
                                      self.cache.num_blocks, cfg.block_size, self.device)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    set(self.config.eos_token_ids) | {self.tokenizer.eos_token_id}, self.max_model_len)
         self.enforce_eager = cfg.enforce_eager or self.device.type != "cuda" or cfg.tensor_parallel_size > 1

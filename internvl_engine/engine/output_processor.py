@@ -12,6 +12,7 @@ import torch
 from ..outputs import CompletionOutput, RequestOutput
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import Logprob
+from .request_stats import RequestStats, request_finish_reason
 from .sequence import Sequence
 
 
@@ -87,11 +88,14 @@ class OutputState:
     sink: object = None         # the request's outputs go here, not to step()'s caller (LLMEngine.add_sequence)
     ids_sent: int = 0           # "delta": output ids (and logprobs) already handed out
     text_sent: int = 0          # "delta": characters of text already handed out
+    last_token_time: float = 0.0  # perf_counter at this sample's newest token (its next token's gap starts here)
+    ended: bool = False         # the request's closing metrics are recorded (on its first sample's state)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, max_model_len: int):
         self.tokenizer = tokenizer
+        self.stats = RequestStats(max_model_len)  # what /metrics reports of requests (request_stats.py)
 
     def token_added(self, s: Sequence, logprobs: dict[int, Logprob] | None = None,
                     logits: torch.Tensor | None = None) -> None:
@@ -100,8 +104,14 @@ class OutputProcessor:
         p, o = s.params, s.out
         if logits is not None:
             o.step_logits.append(logits)
-        if len(s.output_ids) == 1 and s.index == 0:
-            s.metrics.ttft_s = time.perf_counter() - s.metrics.arrival_time
+        now, stats = time.perf_counter(), self.stats
+        stats.generation_tokens += 1
+        if o.last_token_time:
+            stats.inter_token_latency_seconds.observe(now - o.last_token_time)
+        elif s.index == 0:
+            s.metrics.ttft_s = now - s.metrics.arrival_time
+            stats.first_token(s.metrics, len(s.prompt_ids))
+        o.last_token_time = now
         if logprobs is not None:
             for t, lp in logprobs.items():
                 lp.decoded_token = self.tokenizer.decode([t], skip_special_tokens=False)
@@ -141,12 +151,22 @@ class OutputProcessor:
         s.out.text += s.out.detokenizer.flush()
         self.release(s)
 
-    @staticmethod
-    def request_done(head: Sequence) -> None:
-        """The request whose first sample is `head` has ended: its closing metrics."""
-        m = head.metrics
+    def request_done(self, head: Sequence) -> None:
+        """The request whose first sample is `head` has ended: its closing metrics, recorded once (samples of a
+        request that end in the same step each report the end)."""
+        m, o = head.metrics, head.out
+        if o.ended:
+            return
+        o.ended = True
         m.tpot_s = m.decode_s / max(1, len(head.output_ids) - 1)
         m.e2e_s = time.perf_counter() - m.arrival_time
+        samples = head.group or [head]
+        last = max(x.out.last_token_time for x in samples)
+        if last:
+            m.last_token_s = last - m.arrival_time
+        self.stats.finished_request(request_finish_reason(samples), m, head.params.n, head.params.max_tokens,
+                                    sum(len(x.output_ids) for x in samples), head.first_scheduled is not None,
+                                    head.out.last_token_time > 0)
 
     @staticmethod
     def release(s: Sequence) -> None:
