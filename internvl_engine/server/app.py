@@ -2,7 +2,8 @@
 engine"). It translates requests (protocol.py), streams RequestOutputs back as SSE, and maps the engine's typed
 errors to HTTP statuses; it holds no engine logic.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics, GET /version.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics, GET /version,
+POST /tokenize, POST /detokenize, GET /tokenizer_info (tokens.py).
 
 Life of a generation request: the body is read (413 over max_request_bytes) and parsed (400, nesting bounded before
 the parser recurses), the model name checked (404), the request's size checked before any work (400: more prompts
@@ -39,6 +40,8 @@ from ..settings import EngineConfigError, ServerSettings
 from ..errors import EngineDeadError
 from ..processor import prompt_opens_thinking
 from . import protocol as P
+from . import tokens as T
+from .headers import RequestIdMiddleware, config_fingerprint
 from .metrics import STATUS_OUTCOME, ServerMetrics
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -265,6 +268,8 @@ class OpenAIServer:
         self.active: set[str] = set()  # engine request ids in flight
         tokenizer = llm.engine.tokenizer
         self.decode = lambda t: tokenizer.decode([t], skip_special_tokens=False)
+        self.decode_ids = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        self.fingerprint = config_fingerprint(llm.engine)
         if llm.engine.engine_config.media_policy != settings.media_policy():  # what the media flags promise
             raise EngineConfigError("the engine's media_policy is not the one the server settings describe: build "
                                     "it with media_policy=settings.media_policy()")
@@ -284,6 +289,8 @@ class OpenAIServer:
         err = P.error_of(e)
         if count:
             self.metrics.outcome(STATUS_OUTCOME.get(err.status, "error"))
+        if err.status == 429:  # the queue drains as requests finish: a second is a step of many
+            headers = {**(headers or {}), "Retry-After": "1"}
         return JSONResponse(P.error_body(err), status_code=err.status, headers=headers)
 
     async def read_json(self, request: Request) -> dict:
@@ -374,7 +381,7 @@ class OpenAIServer:
         self.pending -= 1
 
     async def generate(self, request: Request, kind: str, req, prompts: list, params, headers: dict,
-                       reasoning: bool | None = None):
+                       reasoning: bool | None = None, echo=None):
         """Submits the request's prompts and waits for each one's first output before answering, so whatever the
         engine refuses (bad input, refused media, a failure before the first token) gets its own status rather than
         an error inside a 200 stream; a client that leaves meanwhile aborts them."""
@@ -399,7 +406,9 @@ class OpenAIServer:
                 await s.close()
             raise
         builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, params.n,
-                                    params.logprobs, req.include_usage, self.decode, req.return_token_ids, reasoning)
+                                    params.logprobs, req.include_usage, self.decode, req.return_token_ids, reasoning,
+                                    fingerprint=self.fingerprint, echo=echo,
+                                    prompt_logprobs=kind == "completion" and req.prompt_logprobs is not None)
         if req.stream:
             result: dict = {}
 
@@ -492,9 +501,12 @@ class OpenAIServer:
                 self.check_model(req.model)
                 prompts = P.completion_prompts(req)
                 self.check_size(prompts, "prompt")
+                T.check_token_prompts(prompts, self.llm.engine.config.text.vocab_size, self.llm.engine.max_model_len)
                 params = P.completion_sampling_params(req)
                 reasoning = None
-            return await self.generate(request, kind, req, prompts, params, headers, reasoning)
+                echo = P.completion_echo(req, prompts, self.decode_ids)
+            return await self.generate(request, kind, req, prompts, params, headers, reasoning,
+                                       echo if kind == "completion" else None)
         except asyncio.CancelledError:
             # uvicorn cancels the handlers still running at --shutdown-timeout (client disconnects never cancel
             # this task): the engine requests are aborted already; the client gets a 503 rather than uvicorn's
@@ -534,6 +546,21 @@ class OpenAIServer:
     async def version(self, request: Request):
         return JSONResponse({"version": __version__, "name": "internvl-engine"})
 
+    async def tokenize(self, request: Request):
+        try:
+            return JSONResponse(await T.tokenize(self, await self.read_json(request)))
+        except Exception as e:
+            return self.error_response(e, count=False)
+
+    async def detokenize(self, request: Request):
+        try:
+            return JSONResponse(T.detokenize(self, await self.read_json(request)))
+        except Exception as e:
+            return self.error_response(e, count=False)
+
+    async def tokenizer_info(self, request: Request):
+        return JSONResponse(T.tokenizer_info(self))
+
     async def shutdown(self) -> None:
         """Lifespan end: whatever is still in flight (uvicorn has already waited out --shutdown-timeout and cancelled
         the handlers, which aborts their requests) is aborted."""
@@ -541,15 +568,20 @@ class OpenAIServer:
             self.llm.abort(request_id)
 
 
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
 class _APIKeyMiddleware:
-    """Pure ASGI (no response buffering): /v1/* needs "Authorization: Bearer <key>"; 401 in OpenAI's shape."""
+    """Pure ASGI (no response buffering): /v1/* and the tokenizer's routes need "Authorization: Bearer <key>"; 401
+    in OpenAI's shape. (vLLM leaves /tokenize open; here it reads and decodes a conversation's media, as work a key
+    guards.)"""
 
     def __init__(self, app, server: OpenAIServer):
         self.app, self.server = app, server
         self.expected = ("Bearer " + server.settings.api_key).encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES):
             got = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 response = self.server.error_response(P.APIError(
@@ -579,6 +611,9 @@ def build_app(llm, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
     app.add_api_route("/version", server.version, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", server.tokenizer_info, methods=["GET"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404 / 405 from routing, in OpenAI's shape
@@ -587,4 +622,5 @@ def build_app(llm, settings: ServerSettings) -> FastAPI:
 
     if settings.api_key:
         app.add_middleware(_APIKeyMiddleware, server=server)
+    app.add_middleware(RequestIdMiddleware)  # outermost: its header reaches every answer, a 401 included
     return app

@@ -11,12 +11,13 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
                       SamplingParamsError, SlowConsumerError)
 from ..processor import ReasoningParser, normalize_messages, split_reasoning
 from ..sampling import SamplingParams
+from .echo import Echo, hide_generation, join as join_logprobs, prompt_logprobs as echo_prompt_logprobs
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
 MM_PROCESSOR_KWARGS = {"max_dynamic_patch": "max_num_tiles", "num_frames": "num_frames"}
@@ -162,7 +163,8 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # token ids strictly ints: pydantic's lax mode would read true as 1 and 1.0 as 1
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -216,13 +218,25 @@ def chat_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) ->
 
 
 def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
-    if req.echo:
-        raise _unsupported("echo", "echo")
+    """echo with logprobs asks the engine for the prompt's logprobs too; echo with max_tokens 0 (vLLM's echo without
+    generation) runs one token, which the response hides (server/echo.py)."""
     if req.suffix:
         raise _unsupported("suffix", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise _unsupported("best_of other than n", "best_of")
-    return sampling_params(req, req.max_tokens, req.logprobs, 16)  # OpenAI's completions default: 16 tokens
+    nothing = req.echo and req.max_tokens == 0
+    params = sampling_params(req, 1 if nothing else req.max_tokens, req.logprobs, 16)  # OpenAI's default: 16 tokens
+    if req.echo and req.logprobs is not None:
+        params.prompt_logprobs = max(req.logprobs, params.prompt_logprobs or 0)
+    return params
+
+
+def completion_echo(req: CompletionRequest, prompts: list[dict], decode_ids) -> Echo | None:
+    """What each choice's text starts with under echo: the prompt as given, or a token prompt's decoded text."""
+    if not req.echo:
+        return None
+    texts = [p["prompt"] if "prompt" in p else decode_ids(p["prompt_token_ids"]) for p in prompts]
+    return Echo(texts, generate_nothing=req.max_tokens == 0)
 
 
 def _texts(prompts: list):
@@ -230,7 +244,8 @@ def _texts(prompts: list):
     ({"prompt": text})."""
     for pi, p in enumerate(prompts):
         if isinstance(p, dict):
-            yield f"prompt[{pi}]", p["prompt"]
+            if "prompt" in p:  # (a prompt of token ids has no text)
+                yield f"prompt[{pi}]", p["prompt"]
             continue
         for mi, m in enumerate(p):
             content = m["content"]
@@ -265,13 +280,14 @@ def chat_prompts(req: ChatCompletionRequest) -> list[list[dict]]:
 
 
 def completion_prompts(req: CompletionRequest) -> list[dict]:
-    """Raw prompts ({"prompt": text}: the text as given, no chat template), one per prompt of the request."""
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts:
-        raise PromptError("prompt is empty")
-    if not all(isinstance(p, str) for p in prompts):
-        raise _unsupported("a prompt of token ids", "prompt")
-    return [{"prompt": p} for p in prompts]
+    """Raw prompts, one per prompt of the request: {"prompt": text} (the text as given, no chat template) or
+    {"prompt_token_ids": ids} (OpenAI's token arrays: one list of ints, or a list of them)."""
+    prompt = req.prompt
+    if not prompt:
+        raise APIError(400, "prompt is empty", code="PromptError", param="prompt")
+    if isinstance(prompt, str) or isinstance(prompt[0], str):
+        return [{"prompt": p} for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    return [{"prompt_token_ids": list(p)} for p in ([prompt] if isinstance(prompt[0], int) else prompt)]
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -378,15 +394,21 @@ class ResponseBuilder:
 
     def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str,
                  n: int, logprobs: int | None, include_usage: bool, decode, token_ids: bool = False,
-                 reasoning: bool | None = None):
+                 reasoning: bool | None = None, fingerprint: str | None = None, echo: Echo | None = None,
+                 prompt_logprobs: bool = False):
+        """fingerprint: system_fingerprint; echo (completions): what each prompt's choices begin with;
+        prompt_logprobs (completions): whether each choice carries vLLM's prompt_logprobs."""
         self.kind, self.id, self.created, self.model = kind, response_id, created, model
         self.n, self.logprobs, self.include_usage, self.decode = n, logprobs, include_usage, decode
         self.token_ids, self.reasoning = token_ids, reasoning
+        self.fingerprint, self.echo, self.prompt_logprobs = fingerprint, echo, prompt_logprobs
+        self._echoed: set[int] = set()  # streamed choices whose prompt has gone out
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        self._meta = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                      "system_fingerprint": fingerprint}
         # a chunk is "data: " + head + its choices + tail: the constant parts are encoded once
-        self._head = "data: " + dumps({"id": self.id, "object": self.chunk_object, "created": self.created,
-                                       "model": self.model})[:-1] + ',"choices":'
+        self._head = "data: " + dumps(self._meta)[:-1] + ',"choices":'
         self._tail = (',"usage":null' if include_usage else "") + "}\n\n"
 
     def _logprobs(self, token_ids, lps, offset: int = 0):
@@ -400,26 +422,47 @@ class ResponseBuilder:
     def response(self, outputs: list) -> dict:
         """outputs: the final RequestOutput of each prompt (chat: one)."""
         choices = []
+        outputs = self._shown(outputs)
         for p, out in enumerate(outputs):
             for c in samples(out):
                 index = p * self.n + c.index
-                lps = self._logprobs(c.token_ids, c.logprobs)
                 if self.kind == "chat":
+                    lps = self._logprobs(c.token_ids, c.logprobs)
                     choices.append({"index": index, "message": self._message(c.text), "logprobs": lps,
                                     "finish_reason": c.finish_reason})
                 else:
-                    choices.append({"index": index, "text": c.text, "logprobs": lps,
-                                    "finish_reason": c.finish_reason})
+                    choices.append(self._completion_choice(index, p, out, c))
                 if self.token_ids:
                     choices[-1]["token_ids"] = list(c.token_ids)
                     choices[-1]["prompt_token_ids"] = list(out.prompt_token_ids)
-                if self.kind == "completion" and out.prompt_logprobs is not None:
+                if self.prompt_logprobs and out.prompt_logprobs is not None:
                     choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)  # vLLM: per choice
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(outputs)}
+                "system_fingerprint": self.fingerprint, "choices": choices, "usage": usage(outputs)}
         if self.kind == "chat" and outputs[0].prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(outputs[0].prompt_logprobs)  # vLLM: beside the choices
         return body
+
+    def _shown(self, outputs: list) -> list:
+        """The outputs as the response shows them: echo with max_tokens 0 hides the one token the engine ran."""
+        if self.echo is None or not self.echo.generate_nothing:
+            return outputs
+        return [None if o is None else hide_generation(o) for o in outputs]
+
+    def _completion_choice(self, index: int, p: int, out, c) -> dict:
+        """A completions choice; with echo its text (and logprobs) begin with prompt p's."""
+        if self.echo is None:
+            return {"index": index, "text": c.text, "logprobs": self._logprobs(c.token_ids, c.logprobs),
+                    "finish_reason": c.finish_reason}
+        head = self.echo.texts[p]
+        lps = self._logprobs(c.token_ids, c.logprobs, len(head))
+        if lps is not None:
+            lps = join_logprobs(self._echo_logprobs(out), lps)
+        return {"index": index, "text": head + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
+
+    def _echo_logprobs(self, out) -> dict:
+        return echo_prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids),
+                                    self.logprobs, self.decode, completion_logprobs)
 
     def _message(self, text: str) -> dict:
         if self.reasoning is None:
@@ -454,8 +497,12 @@ class ResponseBuilder:
     def chunks(self, out, streams: list[ChoiceStream]) -> list[str]:
         """SSE chunks for what a snapshot adds over the previous ones: one chunk per sample that changed."""
         result = []
+        if self.echo is not None:
+            out = self._shown([out])[0]
         for c, st in zip(samples(out), streams):
-            offset = st.text_sent
+            if self.echo is not None and st.index not in self._echoed:
+                result.append(self._echo_chunk(out, st))
+            offset = st.text_sent + (len(self.echo.texts[st.index // self.n]) if self.echo is not None else 0)
             change = st.advance(c)
             if change is None:
                 continue
@@ -471,9 +518,15 @@ class ResponseBuilder:
             result.append(self._chunk([choice]))
         return result
 
+    def _echo_chunk(self, out, st: ChoiceStream) -> str:
+        """A streamed choice's first chunk under echo: its prompt's text (and logprobs), as vLLM sends it."""
+        self._echoed.add(st.index)
+        head = self.echo.texts[st.index // self.n]
+        lps = self._echo_logprobs(out) if self.logprobs is not None else None
+        return self._chunk([{"index": st.index, "text": head, "logprobs": lps, "finish_reason": None}])
+
     def usage_chunk(self, outputs: list) -> str:
-        return sse({"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                    "choices": [], "usage": usage(outputs)})
+        return sse({**self._meta, "choices": [], "usage": usage(self._shown(outputs))})
 
 
 __all__ = ["APIError", "error_of", "error_body", "ChatCompletionRequest", "CompletionRequest", "sampling_params",
