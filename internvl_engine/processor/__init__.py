@@ -15,6 +15,7 @@ import torch
 
 from ..constants import IMAGE_SEQ_LENGTH, MAX_TILES, MIN_TILES, TILE_SIZE
 from ..errors import CheckpointError, ImageError, MediaPolicyError, PromptError, VideoError
+from .detail import LowDetail, unwrap as unwrap_detail
 from .files import read_processor_settings
 from .images import (IMAGENET_MEAN, IMAGENET_STD, content_digest, describe_source, image_grids_u8, load_image,
                      normalize_grids, num_tiles, preprocess_image, to_rgb_array, validate_tile_limits)
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Encoding",
+    "LowDetail",
     "MediaPolicy",
     "Processor",
     "Tokenizer",
@@ -420,6 +422,7 @@ class Processor:
         """(float32 tiles, content digest of the image's uint8 tiles); its tiles counted against the media policy
         (with tiles_before already in the request) before any resizing."""
         policy = self.media_policy
+        source, min_t, max_t = unwrap_detail(source, min_t, max_t)  # detail "low": one tile
         try:
             image = load_image(source, policy) if isinstance(source, (str, Path)) else source
             size = _image_size(image)

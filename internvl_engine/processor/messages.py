@@ -10,6 +10,7 @@ them; tools.py renders them. Whatever is wrong is a PromptError naming the item 
 from __future__ import annotations
 
 from ..errors import PromptError
+from .detail import media_source, with_detail
 from .tools import call_arguments
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -42,7 +43,7 @@ def split_media(conversation: list[dict]) -> tuple[list[dict], list[tuple[str, o
             for item in content:
                 kind = item["type"]
                 if kind != "text":
-                    media.append((kind, item[kind]))
+                    media.append((kind, media_source(item)))
                     item = {"type": kind, kind: _MEDIA_MARKER}
                 items.append(item)
             m = {**m, "content": items}
@@ -142,11 +143,12 @@ def _item(item, mi: int, ci: int) -> dict:
         source = None if key is None else item[key]
         if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
             source = "data:image/png;base64," + source  # a bare payload: Pillow reads the format from its bytes
-        return {"type": kind, kind: source}
+        return with_detail({"type": kind, kind: source}, item.get("detail"), f"{where}.detail")
     if kind in _URL_PARTS:
         ref = item.get(kind)
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not isinstance(url, str) or not url:
             raise PromptError(f"{where}.{kind}.url must be a non-empty string")
-        return {"type": _URL_PARTS[kind], _URL_PARTS[kind]: url}
+        return with_detail({"type": _URL_PARTS[kind], _URL_PARTS[kind]: url}, ref.get("detail") if isinstance(ref, dict)
+                           else None, f"{where}.{kind}.detail")
     raise PromptError(f"{where} has unknown type {kind!r}; supported: text, image, image_url, video, video_url")
