@@ -36,7 +36,7 @@ def _openai(image_a: str, image_b: str, video: str) -> list[dict]:
     return [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "name": "ada", "content": [
-            {"type": "image_url", "image_url": {"url": image_a, "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": image_a, "detail": "high"}},  # the model's tiling: no key
             {"type": "text", "text": "and"},
             {"type": "image_url", "image_url": image_b},
             {"type": "video_url", "video_url": {"url": video}},
