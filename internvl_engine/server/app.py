@@ -42,6 +42,7 @@ from ..processor import prompt_opens_thinking
 from . import protocol as P
 from . import tokens as T
 from .headers import RequestIdMiddleware, config_fingerprint
+from .tools import template_variables
 from .metrics import STATUS_OUTCOME, HTTPMetricsMiddleware, ServerMetrics
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -360,12 +361,14 @@ class OpenAIServer:
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
     def render_chat(self, req: P.ChatCompletionRequest, prompts: list) -> tuple[list, bool | None]:
-        """(prompts, reasoning): a conversation with template variables, or whose answer's think block is to be
-        split (which needs to know whether the prompt opened one), is rendered here and handed to the engine as the
-        raw prompt it encodes to (Processor.render_request); reasoning as ResponseBuilder takes it."""
-        if req.chat_template_kwargs is None and not self.split_reasoning:
+        """(prompts, reasoning): a conversation with template variables (chat_template_kwargs, the tools it offers),
+        or whose answer's think block is to be split (which needs to know whether the prompt opened one), is rendered
+        here and handed to the engine as the raw prompt it encodes to (Processor.render_request); reasoning as
+        ResponseBuilder takes it."""
+        variables = template_variables(req.chat_template_kwargs, req.tool_settings)  # the offered tools in them
+        if variables is None and not self.split_reasoning:
             return prompts, None
-        raw = self.llm.engine.processor.render_request(prompts[0], req.chat_template_kwargs)
+        raw = self.llm.engine.processor.render_request(prompts[0], variables)
         return [raw], (prompt_opens_thinking(raw["prompt"]) if self.split_reasoning else None)
 
     def submit(self, request_id: str, prompt, params) -> _Submitted:
@@ -408,7 +411,8 @@ class OpenAIServer:
         builder = P.ResponseBuilder(kind, rid, int(time.time()), self.settings.model_name, params.n,
                                     params.logprobs, req.include_usage, self.decode, req.return_token_ids, reasoning,
                                     fingerprint=self.fingerprint, echo=echo,
-                                    prompt_logprobs=kind == "completion" and req.prompt_logprobs is not None)
+                                    prompt_logprobs=kind == "completion" and req.prompt_logprobs is not None,
+                                    tools=getattr(req, "tool_settings", None))
         if req.stream:
             result: dict = {}
 

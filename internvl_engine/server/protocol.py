@@ -5,18 +5,21 @@ OpenAI-shaped errors with a status. Only renaming and reshaping happen here: eve
 the processor's normalize_messages, the same code LLM.generate runs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt
 
 from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, PromptError, RequestFailedError,
                       SamplingParamsError, SlowConsumerError)
 from ..processor import ReasoningParser, normalize_messages, split_reasoning
 from ..sampling import SamplingParams
+from .tools import (ToolParser, ToolRequestError, ToolSettings, finish_reason as tool_finish_reason, shape_delta,
+                    shape_message, tool_settings)
 from .echo import Echo, hide_generation, join as join_logprobs, prompt_logprobs as echo_prompt_logprobs
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
@@ -157,9 +160,18 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list | None = None
-    functions: list | None = None
+    tool_choice: Any = None  # read by server/tools.py, which names what is wrong
+    parallel_tool_calls: Any = None
+    functions: Any = None  # OpenAI's deprecated tool fields: a 400 (server/tools.py)
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: template variables, enable_thinking among them
+    _tools: ToolSettings | None = PrivateAttr(None)  # set by chat_sampling_params
+
+    @property
+    def tool_settings(self) -> ToolSettings | None:
+        """The request's tools as chat_sampling_params read them (None: no tools offered)."""
+        return self._tools
 
 
 class CompletionRequest(_Request):
@@ -206,15 +218,30 @@ def sampling_params(req: _Request, max_tokens: int | None, logprobs: int | None,
 
 
 def chat_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) -> SamplingParams:
-    if req.tools or req.functions:
-        raise _unsupported("tool calling", "tools")
+    try:
+        req._tools = tool_settings(req.tools, req.tool_choice, req.parallel_tool_calls, req.functions,
+                                   req.function_call)
+    except ToolRequestError as e:
+        raise APIError(400, str(e), code="PromptError", param=e.param) from None
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _unsupported(f"response_format {req.response_format.get('type')!r}", "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return sampling_params(req, max_tokens, logprobs, default_max_tokens)
+    params = sampling_params(req, max_tokens, logprobs, default_max_tokens)
+    return _with_tool_grammar(params, req._tools)
+
+
+def _with_tool_grammar(params: SamplingParams, tools: ToolSettings | None) -> SamplingParams:
+    """params holding the text to tool_choice required's / a named function's JSON (server/tools.py)."""
+    grammar = tools.structured_outputs() if tools is not None else None
+    if grammar is None:
+        return params
+    if params.structured_outputs is not None:
+        raise APIError(400, f"tool_choice {tools.choice!r} constrains the output already: it cannot be combined "
+                            "with response_format or structured outputs", param="tool_choice")
+    return dataclasses.replace(params, structured_outputs=grammar)
 
 
 def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
@@ -365,12 +392,13 @@ def samples(out) -> list:
 
 class ChoiceStream:
     """What one sample has sent so far; turns each cumulative snapshot into the new text, tokens and logprobs.
-    parser: its ReasoningParser when the answer's think block goes out as reasoning_content."""
-    __slots__ = ("index", "text_sent", "tokens_sent", "finished", "parser")
+    parser: its ReasoningParser when the answer's think block goes out as reasoning_content; tools: its ToolParser
+    (server/tools.py) when the answer is parsed for tool calls."""
+    __slots__ = ("index", "text_sent", "tokens_sent", "finished", "parser", "tools")
 
-    def __init__(self, index: int, parser: ReasoningParser | None = None):
+    def __init__(self, index: int, parser: ReasoningParser | None = None, tools: ToolParser | None = None):
         self.index, self.text_sent, self.tokens_sent, self.finished = index, 0, 0, False
-        self.parser = parser
+        self.parser, self.tools = parser, tools
 
     def advance(self, sample) -> tuple[str, int, str | None] | None:
         """(new text, first new token index, finish reason if it just finished) or None when nothing changed."""
@@ -395,12 +423,12 @@ class ResponseBuilder:
     def __init__(self, kind: Literal["chat", "completion"], response_id: str, created: int, model: str,
                  n: int, logprobs: int | None, include_usage: bool, decode, token_ids: bool = False,
                  reasoning: bool | None = None, fingerprint: str | None = None, echo: Echo | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, tools: ToolSettings | None = None):
         """fingerprint: system_fingerprint; echo (completions): what each prompt's choices begin with;
         prompt_logprobs (completions): whether each choice carries vLLM's prompt_logprobs."""
         self.kind, self.id, self.created, self.model = kind, response_id, created, model
         self.n, self.logprobs, self.include_usage, self.decode = n, logprobs, include_usage, decode
-        self.token_ids, self.reasoning = token_ids, reasoning
+        self.token_ids, self.reasoning, self.tools = token_ids, reasoning, tools  # tools: the request's ToolSettings
         self.fingerprint, self.echo, self.prompt_logprobs = fingerprint, echo, prompt_logprobs
         self._echoed: set[int] = set()  # streamed choices whose prompt has gone out
         self.object = "chat.completion" if kind == "chat" else "text_completion"
@@ -428,8 +456,8 @@ class ResponseBuilder:
                 index = p * self.n + c.index
                 if self.kind == "chat":
                     lps = self._logprobs(c.token_ids, c.logprobs)
-                    choices.append({"index": index, "message": self._message(c.text), "logprobs": lps,
-                                    "finish_reason": c.finish_reason})
+                    message, finish = shape_message(self._message(c.text), self.tools, c.finish_reason)
+                    choices.append({"index": index, "message": message, "logprobs": lps, "finish_reason": finish})
                 else:
                     choices.append(self._completion_choice(index, p, out, c))
                 if self.token_ids:
@@ -473,7 +501,8 @@ class ResponseBuilder:
     # -- streams
     def streams(self, prompts: int) -> list[list[ChoiceStream]]:
         """The ChoiceStreams of every sample of every prompt (choice index = prompt * n + sample)."""
-        return [[ChoiceStream(p * self.n + j, None if self.reasoning is None else ReasoningParser(self.reasoning))
+        return [[ChoiceStream(p * self.n + j, None if self.reasoning is None else ReasoningParser(self.reasoning),
+                              self.tools.parser() if self.tools is not None else None)
                  for j in range(self.n)] for p in range(prompts)]
 
     def _delta(self, st: ChoiceStream, text: str, finished: bool) -> dict:
@@ -509,8 +538,9 @@ class ResponseBuilder:
             text, start, finish = change
             lps = self._logprobs(c.token_ids[start:], c.logprobs[start:], offset) if c.logprobs is not None else None
             if self.kind == "chat":
-                choice = {"index": st.index, "delta": self._delta(st, text, finish is not None), "logprobs": lps,
-                          "finish_reason": finish}
+                delta = shape_delta(self._delta(st, text, finish is not None), st.tools, finish is not None)
+                choice = {"index": st.index, "delta": delta, "logprobs": lps,
+                          "finish_reason": tool_finish_reason(finish, st.tools)}
             else:
                 choice = {"index": st.index, "text": text, "logprobs": lps, "finish_reason": finish}
             if self.token_ids:
