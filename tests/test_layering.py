@@ -16,7 +16,7 @@ FLOORS = {
     "outputs": 1, "progress": 1, "sampling": 1,
     "ops": 2, "parallel": 2, "config": 2, "kernels": 1,
     "processor": 3, "layers": 3,
-    "quant": 4, "settings": 4,
+    "quant": 4, "settings": 4, "structured": 4,
     "models": 5,
     "loader": 6,
     "worker": 7,

@@ -15,6 +15,7 @@ from ..outputs import RequestMetrics
 from ..processor import Encoding, Processor
 from ..processor.tokenizer import IncrementalDetokenizer
 from ..sampling import SamplingParams, seed_for
+from ..structured import StructuredOutputs
 from .block_manager import MediaSpan, media_key
 from .output_processor import OutputState
 from .sequence import Sequence
@@ -63,6 +64,8 @@ class InputProcessor:
         self.processor, self.config, self.device = processor, config, device
         self.max_model_len, self.max_prompt_chars = max_model_len, max_prompt_chars
         self.num_blocks, self.block_size = num_blocks, block_size
+        eos = set(config.eos_token_ids) | {processor.tokenizer.eos_token_id}  # the scheduler's
+        self.structured = StructuredOutputs(processor.tokenizer, config.text.vocab_size, eos, device)
 
     def make_sequence(self, request_id: str, conversation, params: SamplingParams, arrival: float, what: str,
                       add_generation_prompt: bool = True, check_capacity: bool = True,
@@ -73,6 +76,7 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise PromptError(f"expected SamplingParams, got {type(params).__name__}")
         params.validate()
+        self.structured.check(params, what)  # logit_bias ids in the vocabulary; the grammar compiles
         try:
             enc = self._encode(conversation, params, add_generation_prompt)
         except InternVLEngineError as e:  # name the request: in a batch, "image 0" alone is ambiguous

@@ -305,7 +305,7 @@ class LLMEngine:
                 return [self._fail(sched.sequences[0], self._stage.name, e)]
             self.num_isolation_splits += 1
             return [s for part in sched.halves() for s in self._run(part)]
-        self.scheduler.postprocess(sched, sampled, out.tokens)
+        self.scheduler.postprocess(sched, sampled, out.tokens, self.inputs.structured)
         for k, s in enumerate(sampled):
             try:
                 self._stage("detokenize", (s,))
@@ -324,7 +324,7 @@ class LLMEngine:
         with self._stage("step", sched.sequences):  # the features of a prefill may run the vision tower ("vision")
             step = (prefill_input(sched.chunks, self.block_manager, self.features(sched.chunks)) if sched.is_prefill
                     else decode_input(sched.decode, self.block_manager))
-            step.sampling = sampling_input(sampled, self.scheduler.eos_token_ids)
+            step.sampling = sampling_input(sampled, self.scheduler.eos_token_ids, self.inputs.structured)
         t0 = time.perf_counter()  # prefill_s excludes the vision tower (vision_s)
         with self._stage("prefill" if sched.is_prefill else "decode", sched.sequences):
             out = self.runner.execute(step)  # a sampler failure inside it is named by the forward's stage

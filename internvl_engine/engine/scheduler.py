@@ -194,9 +194,10 @@ class Scheduler:
             return out.decode
         return [s for s, _, end in out.chunks if end == s.num_tokens]  # no token is appended while prefilling
 
-    def postprocess(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int]) -> None:
+    def postprocess(self, out: SchedulerOutput, sampled: list[Sequence], tokens: list[int], structured=None) -> None:
         """Record a step's progress: computed counts, prefix registration of filled blocks, the sampled token of each
-        of `sampled` (= sampling(out)), finish rules; finished sequences leave the scheduler."""
+        of `sampled` (= sampling(out)), finish rules (`structured`, a structured.StructuredOutputs: a constrained
+        sequence's grammar takes the token and ends it once complete); finished sequences leave the scheduler."""
         bs = self.bm.block_size
         for s, _, end in out.chunks:
             s.num_computed = end
@@ -210,6 +211,8 @@ class Scheduler:
                     self.bm.register_computed(s.seq_id, s.token_ids, s.num_computed)
             s.output_ids.append(token)
             s.finish_reason = self.finish_reason(s, token)
+            if structured is not None and s.params.structured_outputs is not None:
+                structured.advance(s)
             if s.finished:
                 self.remove(s)
 

@@ -46,9 +46,9 @@ class Sequence:
 
     @functools.cached_property  # read for every row of every step; params are fixed once the intake checked them
     def plain(self) -> bool:
-        """No penalties, min_tokens or logprobs: the sampler's and logprobs' fast path."""
+        """No penalties, min_tokens, logit_bias or logprobs: the sampler's and logprobs' fast path."""
         p = self.params
-        return not (p.penalized or p.min_tokens or p.logprobs is not None)
+        return not (p.penalized or p.min_tokens or p.logprobs is not None or p.logit_bias)
 
     @property
     def head(self) -> Sequence:

@@ -75,37 +75,49 @@ def decode_input(seqs: list[Sequence], bm: BlockManager) -> StepInput:
                      lens, block_tables=padded)
 
 
-def sampling_input(seqs: list[Sequence], stop_ids) -> SamplingInput:
+def sampling_input(seqs: list[Sequence], stop_ids, structured=None) -> SamplingInput:
     """The sampling rows of `seqs`, in order. Penalties and min_tokens masks as the (row, token) pairs they touch:
     min_tokens masks eos (`stop_ids`, unless ignore_eos) and stop_token_ids while the output is shorter; repetition
-    reaches every token seen in prompt or output, frequency and presence every distinct output token."""
+    reaches every token seen in prompt or output, frequency and presence every distinct output token, logit_bias its
+    own tokens. `structured` (a structured.StructuredOutputs) starts filling the constrained rows' token bitmask,
+    which the Sampler waits for (SamplingInput.allowed)."""
     params = [s.params for s in seqs]
     rows = SamplingInput([p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                          [p.min_p for p in params], [s.generator for s in seqs], [p.logprobs for p in params],
-                         [p.return_logits for p in params], ([], []), ([], [], []), ([], [], [], [], []))
-    masked_r, masked_t = rows.masked
-    rep_r, rep_t, rep_p = rows.repetition
-    pen_r, pen_t, pen_c, pen_f, pen_p = rows.counted
+                         [p.return_logits for p in params], ([], []), ([], [], []), ([], [], [], [], []),
+                         ([], [], []))
     for i, s in enumerate(seqs):
-        if s.plain:  # nothing below applies
-            continue
-        p = s.params
-        if len(s.output_ids) < p.min_tokens:
-            ends = sorted(({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
-            masked_r += [i] * len(ends)
-            masked_t += ends
-        if p.repetition_penalty != 1.0:
-            seen = sorted(set(s.prompt_ids) | set(s.output_ids))
-            rep_r += [i] * len(seen)
-            rep_t += seen
-            rep_p += [p.repetition_penalty] * len(seen)
-        if s.output_ids and (p.frequency_penalty or p.presence_penalty):
-            counts: dict[int, int] = {}
-            for t in s.output_ids:
-                counts[t] = counts.get(t, 0) + 1
-            pen_r += [i] * len(counts)
-            pen_t += list(counts)
-            pen_c += list(counts.values())
-            pen_f += [p.frequency_penalty] * len(counts)
-            pen_p += [p.presence_penalty] * len(counts)
+        if not s.plain:  # else nothing in _pairs applies
+            _pairs(rows, i, s, stop_ids)
+    if structured is not None:
+        rows.allowed = structured.masks(seqs)
     return rows
+
+
+def _pairs(rows: SamplingInput, i: int, s: Sequence, stop_ids) -> None:
+    """Row i's (row, token) pairs (sequence s) appended to rows' masks, penalties and biases."""
+    p = s.params
+    if p.logit_bias:
+        rows.bias[0].extend([i] * len(p.logit_bias))
+        rows.bias[1].extend(p.logit_bias)
+        rows.bias[2].extend(p.logit_bias.values())
+    if len(s.output_ids) < p.min_tokens:
+        ends = sorted(({*stop_ids} if not p.ignore_eos else set()) | set(p.stop_token_ids))
+        rows.masked[0].extend([i] * len(ends))
+        rows.masked[1].extend(ends)
+    if p.repetition_penalty != 1.0:
+        seen = sorted(set(s.prompt_ids) | set(s.output_ids))
+        rep_r, rep_t, rep_p = rows.repetition
+        rep_r += [i] * len(seen)
+        rep_t += seen
+        rep_p += [p.repetition_penalty] * len(seen)
+    if s.output_ids and (p.frequency_penalty or p.presence_penalty):
+        counts: dict[int, int] = {}
+        for t in s.output_ids:
+            counts[t] = counts.get(t, 0) + 1
+        pen_r, pen_t, pen_c, pen_f, pen_p = rows.counted
+        pen_r += [i] * len(counts)
+        pen_t += list(counts)
+        pen_c += list(counts.values())
+        pen_f += [p.frequency_penalty] * len(counts)
+        pen_p += [p.presence_penalty] * len(counts)
