@@ -1,4 +1,5 @@
-"""Command line: `internvl-engine generate | demo | info | bench | serve` (also `python -m internvl_engine`)."""
+"""Command line: `internvl-engine generate | demo | info | bench | serve | convert | tokenizer` (also `python -m
+internvl_engine`)."""
 from __future__ import annotations
 
 import argparse
@@ -371,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", metavar="SRC", help="checkpoint directory with pytorch_model*.bin")
     c.add_argument("dst", metavar="DST", help="new directory for the safetensors checkpoint")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("tokenizer", help="write a model's tokenizer files (tokenizer.json, tokenizer_config.json "
+                                         "with its chat template, special_tokens_map.json) for transformers' "
+                                         "AutoTokenizer: what guidellm and `vllm bench serve` load by path")
+    t.add_argument("--model", required=True, metavar="M", help="checkpoint dir or random:<preset>")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if missing)")
+    t.set_defaults(func=cmd_tokenizer)
     return parser
 
 
@@ -379,6 +387,23 @@ def cmd_convert(args) -> int:
 
     written = convert_bin_to_safetensors(args.src, args.dst)
     print(f"wrote {len(written)} safetensors file(s) to {args.dst}")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    """The tokenizer the engine runs the model with (a random preset's built-in one, or the checkpoint's), and the
+    chat template it renders prompts with; config.json is read, no weights."""
+    from .config import load_model_config
+    from .processor import Processor
+    from .processor.files import write_tokenizer_files
+    from .processor.tokenizer import builtin_tokenizer_json
+
+    config, checkpoint = load_model_config(args.model)
+    processor = (Processor.from_parts(builtin_tokenizer_json(config), None, model_config=config) if checkpoint is None
+                 else Processor.from_pretrained(checkpoint, model_config=config))
+    written = write_tokenizer_files(args.out, json.loads(processor.tokenizer.backend.to_str()),
+                                    processor.template.source, config.max_model_len)
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
     return 0
 
 

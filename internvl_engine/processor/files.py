@@ -28,16 +28,8 @@ def _dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_processor_files(dst_dir, tile_size: int = TILE_SIZE, image_seq_length: int = IMAGE_SEQ_LENGTH,
-                          model_max_length: int = 8192, tokenizer_json: dict | None = None) -> None:
-    """The transformers 4 layout: image and video settings in preprocessor_config.json and
-    video_preprocessor_config.json, image_seq_length alone in processor_config.json. The tokenizer is InternVL3's
-    unless `tokenizer_json` is given (tokenizer.builtin_tokenizer_json: a random preset's own)."""
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    tok = build_internvl3_tokenizer_json() if tokenizer_json is None else tokenizer_json
-    _dump(dst / "tokenizer.json", tok)
-
+def tokenizer_config(tok: dict, model_max_length: int, chat_template: str | None = None) -> dict:
+    """tokenizer_config.json for an InternVL tokenizer.json `tok` (Qwen2 byte-level BPE, no BOS)."""
     named = {
         "start_image_token": START_IMAGE_TOKEN,
         "end_image_token": END_IMAGE_TOKEN,
@@ -48,28 +40,52 @@ def write_processor_files(dst_dir, tile_size: int = TILE_SIZE, image_seq_length:
         str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
         for t in tok["added_tokens"]
     }
-    _dump(
-        dst / "tokenizer_config.json",
-        {
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "added_tokens_decoder": added_decoder,
-            "bos_token": None,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": EOS_TOKEN,
-            "pad_token": PAD_TOKEN,
-            "unk_token": None,
-            "errors": "replace",
-            # transformers 5.x turns a dict of named extra special tokens into tokenizer attributes
-            # (tokenizer.start_image_token / start_image_token_id ...), which InternVLProcessor reads.
-            "extra_special_tokens": named,
-            **named,
-            "model_max_length": model_max_length,
-            "split_special_tokens": False,
-            "processor_class": "InternVLProcessor",
-            "tokenizer_class": "Qwen2Tokenizer",
-        },
-    )
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added_decoder,
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": None,
+        "errors": "replace",
+        # transformers 5.x turns a dict of named extra special tokens into tokenizer attributes
+        # (tokenizer.start_image_token / start_image_token_id ...), which InternVLProcessor reads.
+        "extra_special_tokens": named,
+        **named,
+        "model_max_length": model_max_length,
+        "split_special_tokens": False,
+        "processor_class": "InternVLProcessor",
+        "tokenizer_class": "Qwen2Tokenizer",
+        **({"chat_template": chat_template} if chat_template is not None else {}),
+    }
+
+
+def write_tokenizer_files(dst_dir, tok: dict, chat_template: str, model_max_length: int) -> list[Path]:
+    """What transformers' AutoTokenizer.from_pretrained(dst_dir) loads, and so the clients built on it (guidellm,
+    vLLM's `bench serve`), which take a tokenizer by name or path: tokenizer.json, tokenizer_config.json with the
+    chat template and the special tokens, special_tokens_map.json. The paths written."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    files = {"tokenizer.json": tok, "tokenizer_config.json": tokenizer_config(tok, model_max_length, chat_template),
+             "special_tokens_map.json": {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}}
+    for name, data in files.items():
+        _dump(dst / name, data)
+    return [dst / name for name in files]
+
+
+def write_processor_files(dst_dir, tile_size: int = TILE_SIZE, image_seq_length: int = IMAGE_SEQ_LENGTH,
+                          model_max_length: int = 8192, tokenizer_json: dict | None = None) -> None:
+    """The transformers 4 layout: image and video settings in preprocessor_config.json and
+    video_preprocessor_config.json, image_seq_length alone in processor_config.json. The tokenizer is InternVL3's
+    unless `tokenizer_json` is given (tokenizer.builtin_tokenizer_json: a random preset's own)."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    tok = build_internvl3_tokenizer_json() if tokenizer_json is None else tokenizer_json
+    _dump(dst / "tokenizer.json", tok)
+
+    _dump(dst / "tokenizer_config.json", tokenizer_config(tok, model_max_length))
     (dst / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8")
     # Both processors resize bicubically to one tile and normalise with ImageNet statistics.
     common = {"processor_class": "InternVLProcessor", "size": {"height": tile_size, "width": tile_size},
