@@ -216,6 +216,10 @@ def test_processor_renders_tools_for_llm():
      r"messages\[0\]\.tool_calls\[0\]\.function\.name must be a non-empty string"),
     ([{"role": "user", "content": "a", "tool_calls": [_call("c1", "f", {})]}],
      r"messages\[0\]\.tool_calls: only an assistant message makes tool calls"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]}],
+     r"messages\[0\]\.tool_calls\[0\]\.function\.arguments holds a lone surrogate"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "\ud800", "arguments": "{}"}}]}],
+     r"messages\[0\]\.tool_calls\[0\]\.function\.name holds a lone surrogate"),
 ])
 def test_malformed_tool_messages_name_their_place(msgs, match):
     with pytest.raises(PromptError, match=match):
@@ -241,6 +245,8 @@ def test_tool_messages_normalise_idempotently():
     (dict(tools=[{"type": "retrieval"}], tool_choice=None), "tools", r"tools\[0\] must be"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}], tool_choice=None), "tools",
      "parameters must be a JSON schema object"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "description": "\ud800"}}], tool_choice=None),
+     "tools", r"tools\[0\] holds a lone surrogate"),
     (dict(tools=TOOLS, tool_choice=None, parallel_tool_calls="yes"), "parallel_tool_calls", "true or false"),
     (dict(tools=None, tool_choice=None, functions=[{"name": "f"}]), "functions", "deprecated"),
     (dict(tools=None, tool_choice=None, function_call="auto"), "function_call", "deprecated"),

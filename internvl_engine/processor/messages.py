@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import PromptError
 from .detail import media_source, with_detail
-from .tools import call_arguments
+from .tools import call_arguments, check_unicode
 
 ROLES = ("system", "user", "assistant", "tool")
 _ROLE_NAMES = "system, developer, user, assistant or tool"  # OpenAI's "developer" is the system role of newer models
@@ -95,6 +95,7 @@ def _tool_call(call, where: str) -> dict:
     fn = call["function"]
     if not isinstance(fn.get("name"), str) or not fn["name"]:
         raise PromptError(f"{where}.function.name must be a non-empty string")
+    check_unicode(fn["name"], f"{where}.function.name")
     call_arguments(fn.get("arguments"), f"{where}.function.arguments")
     return {**call, "type": "function"}
 

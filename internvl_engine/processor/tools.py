@@ -37,6 +37,15 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def check_unicode(value, where: str) -> None:
+    """JSON's \\ud800-style escapes give strings with lone surrogates, which no tokenizer takes: a PromptError
+    naming the place (the server checks message text the same way before any work)."""
+    try:
+        _json(value).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError(f"{where} holds a lone surrogate: not valid Unicode text") from None
+
+
 def check_tools(tools) -> list[dict]:
     """The offered tools in OpenAI's shape ({"type": "function", "function": {"name", "description"?,
     "parameters"?, "strict"?}}), returned as given; PromptError naming the first thing wrong."""
@@ -58,6 +67,7 @@ def check_tools(tools) -> list[dict]:
             raise PromptError(f"{where}.function.parameters must be a JSON schema object")
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise PromptError(f"{where}.function.description must be a string")
+        check_unicode(tool, where)
     return list(tools)
 
 
@@ -70,6 +80,7 @@ def call_arguments(arguments, where: str):
             raise PromptError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(arguments, dict):
         raise PromptError(f"{where} must be a JSON object, got {type(arguments).__name__}")
+    check_unicode(arguments, where)
     return arguments
 
 
