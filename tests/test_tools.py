@@ -352,6 +352,14 @@ def test_auto_parser(text, content, expected):
         assert shape_message({"role": "assistant", "content": text}, AUTO, "stop")[1] == "tool_calls"
 
 
+def test_auto_parser_without_parallel_calls():
+    """parallel_tool_calls false: the first block is the call, later ones stay content."""
+    one = tool_settings(TOOLS, "auto", False)
+    second = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+    text = f'<tool_call>{{"name": "get_weather", "arguments": {ARGS}}}</tool_call>\n' + second
+    check_pieces(one, text, {"role": "assistant", "content": second, "tool_calls": calls(("get_weather", ARGS))})
+
+
 def test_auto_parser_finish_reasons():
     text = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
     assert shape_message({"role": "assistant", "content": text}, AUTO, "length")[1] == "length"

@@ -9,7 +9,8 @@ tool_choice, as this server reads it:
 - "auto" (the default when tools are offered): the text is parsed the hermes way the prompt asked for
   (processor/tools.py): each <tool_call>{"name": ..., "arguments": {...}}</tool_call> block naming an offered tool
   becomes a call; a block that is not such JSON, names no offered tool, or is cut off stays content, as does the
-  text around the calls (the whitespace between calls and tags dropped);
+  text around the calls (the whitespace between calls and tags dropped); with parallel_tool_calls false only the
+  first call is one, later blocks stay content;
 - "required": the text is constrained to a JSON array of {"name": <an offered tool>, "arguments": <its parameters>}
   (one element when parallel_tool_calls is false), as vLLM constrains it; each element becomes a call;
 - {"type": "function", "function": {"name": ...}}: the text is constrained to that tool's arguments object.
@@ -262,7 +263,7 @@ class AutoParser(ToolParser):
         """A closed block: a call (nothing goes to content), or its text back as content."""
         self.in_block = False
         call = _hermes_call(body, self.settings.names)
-        if call is None:
+        if call is None or (self.calls and not self.settings.parallel):  # parallel_tool_calls false: the first
             return self.gap + TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
         self._open(call[0], call[1])
         self.after_call = True
