@@ -42,6 +42,7 @@ from ..processor import prompt_opens_thinking
 from . import protocol as P
 from . import tokens as T
 from .headers import RequestIdMiddleware, config_fingerprint
+from .unsupported import refuse_unimplemented
 from .tools import template_variables
 from .metrics import STATUS_OUTCOME, HTTPMetricsMiddleware, ServerMetrics
 
@@ -315,6 +316,7 @@ class OpenAIServer:
     @staticmethod
     def parse(model, body: dict):
         from pydantic import ValidationError
+        refuse_unimplemented(model, body)
         try:
             return model.model_validate(body)
         except ValidationError as e:

@@ -42,6 +42,12 @@ def prompt_logprobs(prompt_ids, entries, k: int, decode, shape) -> dict:
             "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
 
 
+def end_offset(prompt: dict) -> int:
+    """The text_offset the generated tokens start at: the running sum of the prompt's token texts, vLLM's offsets.
+    (It is the prompt text's length unless a character is split across tokens: each part alone reads U+FFFD.)"""
+    return prompt["text_offset"][-1] + len(prompt["tokens"][-1]) if prompt["tokens"] else 0
+
+
 def join(prompt: dict, generated: dict | None) -> dict:
     """One logprobs object: the prompt's entries, then the generated ones (whose offsets already count the prompt's
     text)."""

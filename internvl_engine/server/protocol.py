@@ -20,7 +20,8 @@ from ..processor import ReasoningParser, normalize_messages, split_reasoning
 from ..sampling import SamplingParams
 from .tools import (ToolParser, ToolRequestError, ToolSettings, finish_reason as tool_finish_reason, shape_delta,
                     shape_message, tool_settings)
-from .echo import Echo, hide_generation, join as join_logprobs, prompt_logprobs as echo_prompt_logprobs
+from .echo import (Echo, end_offset as echo_end, hide_generation, join as join_logprobs,
+                   prompt_logprobs as echo_prompt_logprobs)
 
 # per-request processor settings accepted in mm_processor_kwargs (the names InternVL's own code uses) -> SamplingParams
 MM_PROCESSOR_KWARGS = {"max_dynamic_patch": "max_num_tiles", "num_frames": "num_frames"}
@@ -431,6 +432,7 @@ class ResponseBuilder:
         self.token_ids, self.reasoning, self.tools = token_ids, reasoning, tools  # tools: the request's ToolSettings
         self.fingerprint, self.echo, self.prompt_logprobs = fingerprint, echo, prompt_logprobs
         self._echoed: set[int] = set()  # streamed choices whose prompt has gone out
+        self._echo_ends: dict[int, int] = {}  # their generated tokens' first text_offset (echo.end_offset)
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._meta = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
@@ -483,9 +485,10 @@ class ResponseBuilder:
             return {"index": index, "text": c.text, "logprobs": self._logprobs(c.token_ids, c.logprobs),
                     "finish_reason": c.finish_reason}
         head = self.echo.texts[p]
-        lps = self._logprobs(c.token_ids, c.logprobs, len(head))
-        if lps is not None:
-            lps = join_logprobs(self._echo_logprobs(out), lps)
+        lps = None
+        if self.logprobs is not None and c.logprobs is not None:
+            prompt = self._echo_logprobs(out)
+            lps = join_logprobs(prompt, self._logprobs(c.token_ids, c.logprobs, echo_end(prompt)))
         return {"index": index, "text": head + c.text, "logprobs": lps, "finish_reason": c.finish_reason}
 
     def _echo_logprobs(self, out) -> dict:
@@ -531,7 +534,7 @@ class ResponseBuilder:
         for c, st in zip(samples(out), streams):
             if self.echo is not None and st.index not in self._echoed:
                 result.append(self._echo_chunk(out, st))
-            offset = st.text_sent + (len(self.echo.texts[st.index // self.n]) if self.echo is not None else 0)
+            offset = st.text_sent + self._echo_ends.get(st.index, 0)
             change = st.advance(c)
             if change is None:
                 continue
@@ -553,6 +556,7 @@ class ResponseBuilder:
         self._echoed.add(st.index)
         head = self.echo.texts[st.index // self.n]
         lps = self._echo_logprobs(out) if self.logprobs is not None else None
+        self._echo_ends[st.index] = echo_end(lps) if lps is not None else 0
         return self._chunk([{"index": st.index, "text": head, "logprobs": lps, "finish_reason": None}])
 
     def usage_chunk(self, outputs: list) -> str:
