@@ -105,13 +105,15 @@ def test_finish_reasons_tokens_and_histograms_count_what_was_sent(traffic):
     for name in ("e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
                  "request_decode_time_seconds", "request_inference_time_seconds", "time_to_first_token_seconds",
                  "time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
-                 "request_params_n", "request_params_max_tokens"):
+                 "request_params_n", "request_params_max_tokens", "request_max_num_generation_tokens"):
         assert count("internvl_" + name) == requests, name
     # one gap per token after each sample's first
     assert count("internvl_inter_token_latency_seconds") == generated - samples
     assert value(m, "internvl_request_generation_tokens", "internvl_request_generation_tokens_sum") == generated
     assert value(m, "internvl_request_prompt_tokens", "internvl_request_prompt_tokens_sum") == requests * prompt
     assert value(m, "internvl_request_params_n", "internvl_request_params_n_sum") == 4 + 3
+    longest = value(m, "internvl_request_max_num_generation_tokens", "internvl_request_max_num_generation_tokens_sum")
+    assert longest == 4 * MAX_TOKENS + left  # the n=3 request's samples are all MAX_TOKENS long
     assert value(m, "internvl_request_params_max_tokens", "internvl_request_params_max_tokens_sum") == \
         4 * MAX_TOKENS + 400
     # every token gap is under the longest request; decode spans fit inside e2e
@@ -237,6 +239,23 @@ def test_dashboard_queries_only_exported_series(traffic):
     for panel in dashboard["panels"]:
         for t in panel.get("targets", []):
             assert 'model_name=~"$model_name"' in t["expr"], (panel["title"], t["expr"])
+
+
+# The series vLLM's own example dashboard (examples/online_serving/prometheus_grafana/grafana.json) queries: with
+# "vllm:" replaced by "internvl_", a dashboard built for vLLM finds each of them here.
+VLLM_DASHBOARD_SERIES = (
+    "e2e_request_latency_seconds_bucket", "e2e_request_latency_seconds_sum", "e2e_request_latency_seconds_count",
+    "prompt_tokens_total", "generation_tokens_total", "time_per_output_token_seconds_bucket",
+    "time_per_output_token_seconds_sum", "time_per_output_token_seconds_count", "num_requests_running",
+    "num_requests_waiting", "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count", "gpu_cache_usage_perc", "request_prompt_tokens_bucket",
+    "request_generation_tokens_bucket", "request_success_total", "request_queue_time_seconds_sum",
+    "request_prefill_time_seconds_sum", "request_decode_time_seconds_sum", "request_max_num_generation_tokens_sum")
+
+
+def test_a_dashboard_built_for_vllm_finds_its_series(traffic):
+    exported = {s.name for f in traffic["after"].values() for s in f.samples}
+    assert [n for n in VLLM_DASHBOARD_SERIES if "internvl_" + n not in exported] == []
 
 
 def test_prometheus_example_scrapes_metrics():

@@ -165,7 +165,8 @@ class OutputProcessor:
         if last:
             m.last_token_s = last - m.arrival_time
         self.stats.finished_request(request_finish_reason(samples), m, head.params.n, head.params.max_tokens,
-                                    sum(len(x.output_ids) for x in samples), head.first_scheduled is not None,
+                                    sum(len(x.output_ids) for x in samples),
+                                    max(len(x.output_ids) for x in samples), head.first_scheduled is not None,
                                     head.out.last_token_time > 0)
 
     @staticmethod

@@ -71,6 +71,7 @@ class RequestStats:
         self.request_inference_time_seconds = Histogram(LATENCY_BUCKETS)  # first scheduled -> last token
         self.request_prompt_tokens = Histogram(tokens)
         self.request_generation_tokens = Histogram(tokens)
+        self.request_max_num_generation_tokens = Histogram(tokens)  # the longest sample's tokens (n > 1)
         self.request_params_n = Histogram(N_BUCKETS)
         self.request_params_max_tokens = Histogram(tokens)
         self.finished = dict.fromkeys(FINISH_REASONS, 0)  # engine requests by request_finish_reason
@@ -84,8 +85,8 @@ class RequestStats:
         self.time_to_first_token_seconds.observe(m.ttft_s)
         self.prompt_tokens += prompt_tokens
 
-    def finished_request(self, reason: str, m, n: int, max_tokens: int, generated: int, scheduled: bool,
-                         first_token: bool) -> None:
+    def finished_request(self, reason: str, m, n: int, max_tokens: int, generated: int, longest: int,
+                         scheduled: bool, first_token: bool) -> None:
         """m: the request's RequestMetrics with its closing fields set. Timings a request never reached (never
         scheduled, no token) are not observed; the rest are, whatever its finish reason, so every histogram
         without a missing stage counts the same requests as `finished`."""
@@ -100,5 +101,6 @@ class RequestStats:
             self.time_per_output_token_seconds.observe(m.tpot_s)
         self.request_prompt_tokens.observe(m.prompt_tokens)
         self.request_generation_tokens.observe(generated)
+        self.request_max_num_generation_tokens.observe(longest)
         self.request_params_n.observe(n)
         self.request_params_max_tokens.observe(max_tokens)

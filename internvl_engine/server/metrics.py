@@ -90,6 +90,7 @@ HISTOGRAM_HELP = {
     "request_inference_time_seconds": "First scheduled to last token.",
     "request_prompt_tokens": "Prompt tokens per finished request.",
     "request_generation_tokens": "Generated tokens per finished request (all its samples).",
+    "request_max_num_generation_tokens": "The longest sample's generated tokens per finished request.",
     "request_params_n": "The n (samples) of each finished request.",
     "request_params_max_tokens": "The max_tokens of each finished request.",
 }
@@ -157,8 +158,9 @@ class ServerMetrics:
         x.family("gauge", "num_requests_waiting", "Sequences waiting to be scheduled.", [(None, stats.waiting)])
         x.family("gauge", "kv_cache_blocks_total", "Blocks in the paged KV pool.", [(None, total)])
         x.family("gauge", "kv_cache_blocks_free", "Free KV blocks (unused or cached, evictable).", [(None, free)])
-        x.family("gauge", "kv_cache_usage_perc", "Share of the KV pool in use (0-1).",
-                 [(None, (total - free) / total if total else 0.0)])
+        usage = [(None, (total - free) / total if total else 0.0)]
+        x.family("gauge", "kv_cache_usage_perc", "Share of the KV pool in use (0-1).", usage)
+        x.family("gauge", "gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM's older name (any device).", usage)
         x.family("counter", "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission.",
                  [(None, p_queries)])
         x.family("counter", "prefix_cache_hits_total", "Prompt tokens whose KV came from the prefix cache.",
