@@ -206,6 +206,14 @@ def test_tokenize_messages_counts_what_chat_feeds_the_model(server):
         got = tokenize(server, messages=messages)
         chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
         assert got["count"] == chat.usage.prompt_tokens == len(got["tokens"])
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    got, bare = tokenize(server, messages=messages, tools=tools), tokenize(server, messages=messages)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="none",
+                                          max_tokens=1)
+    assert got["count"] == chat.usage.prompt_tokens > bare["count"]
     text_only = tokenize(server, messages=[{"role": "user", "content": "Hi!"}], add_generation_prompt=False)
     with_prompt = tokenize(server, messages=[{"role": "user", "content": "Hi!"}])
     assert with_prompt["tokens"][:text_only["count"]] == text_only["tokens"] and \
@@ -225,6 +233,8 @@ def test_tokenize_refusals(server):
         ("/tokenize", {"prompt": "a", "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "chat_template": "{{x}}"}, "chat_template"),
         ("/tokenize", {"prompt": "a", "prompt_typo": 1}, "prompt_typo"),
+        ("/tokenize", {"prompt": "a", "tools": []}, "tools"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "tools": [{"type": "function"}]}, "tools"),
         ("/tokenize", {"messages": [{"role": "user", "content": "b"}], "mm_processor_kwargs": {"bogus": 1}},
          "mm_processor_kwargs"),
     ]:

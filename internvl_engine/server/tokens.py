@@ -11,8 +11,9 @@ Qwen3 have no BOS), so add_special_tokens changes nothing and is accepted either
 POST /detokenize {"model"?, "tokens": [int]} -> {"prompt": text}, special tokens kept (vLLM's, and HF's decode
 default). GET /tokenizer_info: what lm-evaluation-harness's remote tokenizer reads (eos_token, chat_template, ...).
 
-Fields that would change the result and are not implemented (continue_final_message true, chat_template, tools) are
-a 400 naming them; unknown fields too (this API is small enough that a misspelt field is a client's mistake)."""
+`tools` are rendered into the prompt as a chat request renders them (server/tools.py). Fields that would change the
+result and are not implemented (continue_final_message true, chat_template) are a 400 naming them; unknown fields
+too (this API is small enough that a misspelt field is a client's mistake)."""
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from . import protocol as P
+from .tools import ToolRequestError, template_variables, tool_settings
 
 # mm_processor_kwargs a tokenize request takes, as chat requests do (protocol.MM_PROCESSOR_KWARGS)
 _TILES = "max_dynamic_patch"
@@ -75,11 +77,11 @@ def _refuse_unimplemented(req: TokenizeRequest) -> None:
     if req.continue_final_message:
         raise P.APIError(400, "continue_final_message is not supported by this server", code="unsupported",
                          param="continue_final_message")
-    for name in ("chat_template", "tools"):
-        if getattr(req, name):
-            raise P.APIError(400, f"{name} is not supported by /tokenize", code="unsupported", param=name)
+    if req.chat_template is not None:
+        raise P.APIError(400, "chat_template is not supported by this server", code="unsupported",
+                         param="chat_template")
     if req.prompt is not None:
-        for name in ("chat_template_kwargs", "mm_processor_kwargs"):
+        for name in ("chat_template_kwargs", "mm_processor_kwargs", "tools"):
             if getattr(req, name) is not None:
                 raise P.APIError(400, f"{name} applies to messages, not to a prompt", param=name)
     unknown = sorted(set(req.mm_processor_kwargs or {}) - {_TILES})
@@ -88,9 +90,17 @@ def _refuse_unimplemented(req: TokenizeRequest) -> None:
                          param="mm_processor_kwargs")
 
 
-def _encode_messages(processor, req: TokenizeRequest, prompts: list) -> list[int]:
+def _variables(req: TokenizeRequest) -> dict | None:
+    """The chat template's variables, the offered tools among them, as a chat request's (server/tools.py)."""
+    try:
+        return template_variables(req.chat_template_kwargs, tool_settings(req.tools, None, None))
+    except ToolRequestError as e:
+        raise P.APIError(400, str(e), code="PromptError", param=e.param) from None
+
+
+def _encode_messages(processor, req: TokenizeRequest, prompts: list, variables: dict | None) -> list[int]:
     """The ids a chat request with these messages feeds the model (template, media placeholders expanded)."""
-    raw = processor.render_request(prompts[0], req.chat_template_kwargs, req.add_generation_prompt)
+    raw = processor.render_request(prompts[0], variables, req.add_generation_prompt)
     tiles = (req.mm_processor_kwargs or {}).get(_TILES)
     return processor(text=raw["prompt"], images=raw["images"], videos=raw["videos"], max_num_tiles=tiles).input_ids
 
@@ -109,7 +119,8 @@ async def tokenize(server, body: dict) -> dict:
         prompts = P.chat_prompts(req)
         server.check_size(prompts, "messages")
         # media are read and decoded (file, URL, pixels): off the event loop, as the engine's intake does
-        ids = await asyncio.get_running_loop().run_in_executor(None, _encode_messages, engine.processor, req, prompts)
+        ids = await asyncio.get_running_loop().run_in_executor(None, _encode_messages, engine.processor, req, prompts,
+                                                               _variables(req))
     answer = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": list(ids)}
     if req.return_token_strs:
         answer["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
