@@ -6,7 +6,9 @@ with the same result either way (the whole text is one feed).
 tool_choice, as this server reads it:
 - "none": the tools are still rendered (the prompt, and its prefix-cache blocks, are auto's; vLLM renders them
   too) but the text is never parsed: whatever the model writes is content;
-- "auto" (the default when tools are offered): the text is parsed the hermes way the prompt asked for
+- "auto" (the default when tools are offered): the text is free, or held by a grammar (ToolSettings.auto_grammar)
+  to text and then well-formed calls when a tool is strict (OpenAI's function.strict), and parsed the hermes way
+  the prompt asked for
   (processor/tools.py): each <tool_call>{"name": ..., "arguments": {...}}</tool_call> block naming an offered tool
   becomes a call; a block that is not such JSON, names no offered tool, or is cut off stays content, as does the
   text around the calls (the whitespace between calls and tags dropped); with parallel_tool_calls false only the
@@ -68,7 +70,33 @@ class ToolSettings:
         array = {"type": "array", "items": call[0] if len(call) == 1 else {"anyOf": call}, "minItems": 1}
         return {**array, "maxItems": 1} if not self.parallel else array
 
+    @property
+    def strict(self) -> bool:
+        """Whether a tool asks for strict arguments (OpenAI's function.strict: calls always match its parameters)."""
+        return any(t["function"].get("strict") is True for t in self.tools)
+
+    def auto_grammar(self) -> str:
+        """auto with a strict tool: free text (no <tool_call> in it), then hermes calls exactly as the prompt shows
+        them, a strict tool's arguments held to its parameters, another's to any object (llguidance's Lark: <tool_call>
+        names the token, %json a JSON schema; a space allowed where json.dumps, which the template writes with,
+        puts one)."""
+        rules, calls = [], []
+        for i, t in enumerate(self.tools):
+            fn = t["function"]
+            schema = (fn.get("parameters") or NO_PARAMETERS) if fn.get("strict") is True else {"type": "object"}
+            head = json.dumps(f'\n{{"name": "{fn["name"]}", "arguments": ')
+            rules += [f'call_{i}: <tool_call> {head} args_{i} "}}\\n" </tool_call>',
+                      f"args_{i}: %json {json.dumps({**schema, 'x-guidance': {'whitespace_pattern': '[ ]?'}})}"]
+            calls.append(f"call_{i}")
+        more = ' ("\\n" call)*' if self.parallel else ""
+        return "\n".join([f"start: TEXT? (call{more})?", f"call: {' | '.join(calls)}", *rules,
+                          "TEXT: /(?s:.+)/ & ~/(?s:.*<tool_call>.*)/"])
+
     def structured_outputs(self) -> StructuredOutputsParams | None:
+        """What the engine holds the text to: required's / a named function's schema, auto's grammar when a tool is
+        strict, else nothing."""
+        if self.choice == "auto" and self.strict:
+            return StructuredOutputsParams(grammar=self.auto_grammar())
         schema = self.schema()
         return None if schema is None else StructuredOutputsParams(json=schema)
 
