@@ -192,6 +192,9 @@ def test_tokenize_detokenize_round_trip(server):
     tok = server.llm.engine.processor.tokenizer
     assert got["tokens"] == tok.encode(TEXT) and got["token_strs"] == [tok.id_to_token(i) for i in got["tokens"]]
     assert tokenize(server, prompt=TEXT, add_special_tokens=False)["tokens"] == got["tokens"]
+    # the tokenizer's own post-processor adds nothing (no BOS), so add_special_tokens true changes nothing either
+    assert tok.backend.encode(TEXT, add_special_tokens=True).ids == got["tokens"]
+    assert tokenize(server, prompt=TEXT, add_special_tokens=True)["tokens"] == got["tokens"]
     back = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": got["tokens"]}, timeout=30)
     assert back.status_code == 200 and back.json() == {"prompt": TEXT}
     # lm-evaluation-harness's remote tokenizer checks /tokenizer_info for eos_token before using /tokenize
