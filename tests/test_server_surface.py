@@ -101,6 +101,20 @@ def test_echo_logprobs_in_lm_eval_shape(server, offline):
     assert lp.token_logprobs[-1] == pytest.approx(logprobs[-1].max().item(), abs=2e-3)
 
 
+def test_echo_marks_a_greedy_continuation_greedy(server):
+    """A continuation the model itself chose greedily: each of its tokens is its position's top logprob, the way
+    lm-evaluation-harness decides is_greedy (token logprob == max(top_logprobs.values()))."""
+    client = server.client()
+    ids = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                    extra_body={"return_token_ids": True}).choices[0].model_extra
+    full = ids["prompt_token_ids"] + ids["token_ids"]
+    lp = client.completions.create(model=MODEL, prompt=full, echo=True, logprobs=1, max_tokens=0,
+                                   temperature=0).choices[0].logprobs
+    n = len(ids["prompt_token_ids"])
+    assert len(lp.token_logprobs) == len(full)
+    assert all(tok == max(top.values()) for tok, top in zip(lp.token_logprobs[n:], lp.top_logprobs[n:]))
+
+
 def test_echo_without_generation(server):
     """max_tokens 0 with echo (vLLM's): the prompt alone, its logprobs, no completion tokens; without echo a 400."""
     client = server.client()
