@@ -156,8 +156,10 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def generate(self, conversations, params: SamplingParams | list[SamplingParams] | None = None,
                  chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """One conversation or a list of them -> one RequestOutput each, in order. Bad input raises before anything
-        runs; a request that fails while running comes back with finish_reason "error" and `.error`, and the others
+        """One conversation or a list of them -> one RequestOutput each, in order. A request is a conversation (a
+        list of messages, or a string as one user message), a raw prompt {"prompt": text, "images"?, "videos"?} (no
+        chat template) or a prompt of token ids {"prompt_token_ids": [...]} (vLLM's TokensPrompt: read as given, no
+        media). Bad input raises before anything runs; a request that fails while running comes back with finish_reason "error" and `.error`, and the others
         are unaffected. chat_template_kwargs: the chat template's variables (vLLM's LLM.chat argument), e.g.
         {"enable_thinking": True} for InternVL3.5's thinking mode (Processor.thinking_mode)."""
         # "final_only": the engine snapshots each request once
