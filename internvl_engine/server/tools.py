@@ -1,16 +1,15 @@
 """OpenAI tool calling on the server: a request's tools / tool_choice / parallel_tool_calls read into ToolSettings,
-the grammar that enforces `required` and a named function (a JSON schema handed to the engine's structured
+the grammar that enforces `required`, a named function and strict tools (handed to the engine's structured
 outputs), and the parsers that turn a sample's text into OpenAI tool_calls, whole or piece by piece as it streams,
 with the same result either way (the whole text is one feed).
 
 tool_choice, as this server reads it:
 - "none": the tools are still rendered (the prompt, and its prefix-cache blocks, are auto's; vLLM renders them
   too) but the text is never parsed: whatever the model writes is content;
-- "auto" (the default when tools are offered): the text is free, or held by a grammar (ToolSettings.auto_grammar)
-  to text and then well-formed calls when a tool is strict (OpenAI's function.strict), and parsed the hermes way
-  the prompt asked for
-  (processor/tools.py): each <tool_call>{"name": ..., "arguments": {...}}</tool_call> block naming an offered tool
-  becomes a call; a block that is not such JSON, names no offered tool, or is cut off stays content, as does the
+- "auto" (the default when tools are offered): the text is free (or, when a tool is strict, OpenAI's
+  function.strict, held by ToolSettings.auto_grammar to text followed by well-formed calls) and parsed the hermes
+  way the prompt asked for (processor/tools.py): each <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+  block naming an offered tool becomes a call; a block that is not such JSON, names no offered tool, or is cut off stays content, as does the
   text around the calls (the whitespace between calls and tags dropped); with parallel_tool_calls false only the
   first call is one, later blocks stay content;
 - "required": the text is constrained to a JSON array of {"name": <an offered tool>, "arguments": <its parameters>}
