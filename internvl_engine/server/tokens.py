@@ -112,15 +112,16 @@ async def tokenize(server, body: dict) -> dict:
     _refuse_unimplemented(req)
     engine = server.llm.engine
     tokenizer = engine.processor.tokenizer
+    # off the event loop, as the engine's intake: tokenising takes about a second a megabyte, and a conversation's
+    # media are read and decoded (file, URL, pixels)
+    loop = asyncio.get_running_loop()
     if req.prompt is not None:
         server.check_size([{"prompt": req.prompt}], "prompt")
-        ids = tokenizer.encode(req.prompt)
+        ids = await loop.run_in_executor(None, tokenizer.encode, req.prompt)
     else:
         prompts = P.chat_prompts(req)
         server.check_size(prompts, "messages")
-        # media are read and decoded (file, URL, pixels): off the event loop, as the engine's intake does
-        ids = await asyncio.get_running_loop().run_in_executor(None, _encode_messages, engine.processor, req, prompts,
-                                                               _variables(req))
+        ids = await loop.run_in_executor(None, _encode_messages, engine.processor, req, prompts, _variables(req))
     answer = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": list(ids)}
     if req.return_token_strs:
         answer["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
