@@ -18,6 +18,7 @@ from ..errors import (EngineDeadError, InternVLEngineError, MediaTooLargeError, 
                       SamplingParamsError, SlowConsumerError)
 from ..processor import ReasoningParser, normalize_messages, split_reasoning
 from ..sampling import SamplingParams
+from .structured import StructuredRequestError, constraint_fields
 from .tools import (ToolParser, ToolRequestError, ToolSettings, finish_reason as tool_finish_reason, shape_delta,
                     shape_message, tool_settings)
 from .echo import (Echo, end_offset as echo_end, hide_generation, join as join_logprobs,
@@ -149,6 +150,14 @@ class _Request(BaseModel):
     prompt_logprobs: int | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's: token_ids (and prompt_token_ids) in each choice
+    # vLLM's output constraints, read (and their types checked) by server/structured.py
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -192,10 +201,13 @@ def sampling_params(req: _Request, max_tokens: int | None, logprobs: int | None,
                     default_max_tokens: int) -> SamplingParams:
     """SamplingParams from the request's fields under vLLM's names; the engine validates the values.
     temperature defaults to 1.0, as in OpenAI's API (SamplingParams' own default, 0, is greedy)."""
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "logit_bias")
     kw: dict[str, Any] = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens,
                           "temperature": 1.0 if req.temperature is None else req.temperature}
+    try:  # logit_bias, response_format, structured_outputs and guided_* (server/structured.py)
+        kw.update(constraint_fields(req))
+    except StructuredRequestError as e:
+        raise APIError(400, str(e), code="unsupported" if e.unsupported else "SamplingParamsError",
+                       param=e.param) from None
     for name in SAMPLING_FIELDS:
         value = getattr(req, name)
         if value is not None:
@@ -224,8 +236,6 @@ def chat_sampling_params(req: ChatCompletionRequest, default_max_tokens: int) ->
                                    req.function_call)
     except ToolRequestError as e:
         raise APIError(400, str(e), code="PromptError", param=e.param) from None
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported(f"response_format {req.response_format.get('type')!r}", "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
