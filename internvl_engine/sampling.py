@@ -341,6 +341,13 @@ class SamplingInput:
         return len(self.temperature)
 
 
+def banned_by_shifts(words: torch.Tensor) -> torch.Tensor:
+    """[R, 32 * W] bool, True where the bit of int32 words [R, W] is clear (bit j of word w: token 32w + j), on the
+    words' device. (An arithmetic shift of a negative word fills with ones from the left; & 1 reads bit j alone.)"""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    return ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1) == 0
+
+
 def allow_only(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     """In place on logits [B, V]: rows[j]'s tokens whose bit is clear in bitmask[j] (int32 words on the host, bit t
     of the row: token t, llguidance's layout) -> -inf, as are tokens past the mask's width. Other rows untouched.
@@ -350,9 +357,7 @@ def allow_only(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> 
         inverted = ~bitmask.contiguous().numpy().view(np.uint8)  # 32x fewer values to flip than the unpacked bits
         banned = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).view(torch.bool)
     else:
-        words = bitmask.to(dev, non_blocking=True)
-        shifts = torch.arange(32, device=dev, dtype=torch.int32)
-        banned = ((words[:, :, None] >> shifts) & 1).view(len(rows), -1) == 0
+        banned = banned_by_shifts(bitmask.to(dev, non_blocking=True))
     width = min(vocab, banned.shape[1])
     if rows == list(range(rows[0], rows[0] + len(rows))):  # one block of rows (the usual case): one op
         logits[rows[0]:rows[0] + len(rows), :width].masked_fill_(banned[:, :width], NEG_INF)

@@ -24,6 +24,7 @@ from internvl_engine.errors import SamplingParamsError, StructuredOutputError  #
 from internvl_engine.sampling import Sampler, StructuredOutputsParams as SO, allow_only  # noqa: E402
 
 SEEDS = (1, 2, 3)
+ASK = "Describe a person as JSON."
 # every string bounded (a pattern or maxLength), arrays bounded: a random model closes what it opens
 SCHEMA = {
     "type": "object",
@@ -50,6 +51,12 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def llm():
     return LLM("random:tiny", device="cpu", kv_cache_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    """The nested schema's outputs for SEEDS, each request alone in the engine's batch."""
+    return [llm.generate(ASK, _sampled(SO(json=SCHEMA), seed=s))[0].outputs[0] for s in SEEDS]
 
 
 def _sampled(params, max_tokens=80, **kw):
@@ -97,6 +104,10 @@ def test_unpacking_matches_a_per_token_loop():
             ok = t < words.shape[1] * 32 and (int(words[j, t // 32]) >> (t % 32)) & 1
             assert out[row, t] == (logits[row, t] if ok else float("-inf")), (row, t)
     assert torch.equal(out[[1, 3]], logits[[1, 3]])
+    # the device path (shifts instead of numpy's unpacking) reads the same bits
+    from internvl_engine.sampling import banned_by_shifts
+    unpacked = torch.tensor([[(int(w) >> j) & 1 == 0 for w in row for j in range(32)] for row in words.tolist()])
+    assert torch.equal(banned_by_shifts(words), unpacked)
 
 
 def test_the_bitmask_sampler_equals_masked_logits_sampled_plainly():
@@ -132,25 +143,24 @@ def dataclass_without_bias(p: SamplingParams) -> SamplingParams:
 
 
 # ------------------------------------------------------------------------------------------------ the engine
-def test_json_schema_is_valid_for_every_seed_and_compact(llm):
-    outs = llm.generate(["Describe a person as JSON."] * len(SEEDS),
-                        [_sampled(SO(json=SCHEMA), seed=s) for s in SEEDS])
-    texts = [o.outputs[0].text for o in outs]
-    for o in outs:
-        assert o.outputs[0].finish_reason == "stop"
-        _valid(o.outputs[0].text)
-        outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', o.outputs[0].text)
-        assert not re.search(r"\s", outside_strings), o.outputs[0].text  # compact JSON
-    assert len(set(texts)) > 1  # the seeds matter: the mask constrains, it does not pick
+def test_json_schema_is_valid_for_every_seed_and_compact(llm, reference):
+    for out in reference:
+        assert out.finish_reason == "stop"
+        _valid(out.text)
+        outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', out.text)
+        assert not re.search(r"\s", outside_strings), out.text  # compact JSON
+    assert len({out.text for out in reference}) > 1  # the seeds matter: the mask constrains, it does not pick
+    batched = llm.generate([ASK] * len(SEEDS), [_sampled(SO(json=SCHEMA), seed=s) for s in SEEDS])
+    assert [o.outputs[0].text for o in batched] == [out.text for out in reference]  # batch-invariant
 
 
 def test_unconstrained_neighbour_is_unchanged_and_n_samples_each_obey(llm):
     plain = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
     alone = llm.generate("Tell me a story.", plain)[0].outputs[0].token_ids
     outs = llm.generate(["Tell me a story.", "JSON please"],
-                        [plain, _sampled(SO(json=SCHEMA), seed=5, n=3)])
+                        [plain, _sampled(SO(json=SCHEMA), seed=5, n=2)])
     assert outs[0].outputs[0].token_ids == alone
-    assert len(outs[1].outputs) == 3
+    assert len(outs[1].outputs) == 2
     for c in outs[1].outputs:
         _valid(c.text)
 
@@ -173,25 +183,19 @@ def test_a_complete_grammar_ends_with_stop_even_on_the_last_token(llm):
     assert re.fullmatch("[0-9]{3}", out.text) and out.finish_reason == "stop" and len(out.token_ids) <= 3 >= digits
 
 
-def test_a_preempted_sequence_keeps_its_matcher(llm):
-    def run(engine):
-        outs = engine.generate(["Describe a person as JSON."] * 3, [_sampled(SO(json=SCHEMA), 60, seed=s)
-                                                                     for s in SEEDS[:3]])
-        return [o.outputs[0].text for o in outs]
-
-    roomy = run(llm)
-    tight = LLM("random:tiny", device="cpu", kv_cache_tokens=80, enable_prefix_caching=False)
-    assert run(tight) == roomy  # one request fits alone (prompt + 60 tokens); three cannot grow together
+def test_a_preempted_sequence_keeps_its_matcher(reference):
+    tight = LLM("random:tiny", device="cpu", kv_cache_tokens=112, enable_prefix_caching=False)
+    outs = tight.generate([ASK] * len(SEEDS), [_sampled(SO(json=SCHEMA), seed=s) for s in SEEDS])
+    # one request fits alone (prompt + 80 tokens); three cannot grow together
     assert tight.engine.stats().num_preemptions > 0
-    for t in roomy:
-        _valid(t)
+    assert [o.outputs[0].text for o in outs] == [out.text for out in reference]
 
 
-def test_a_failed_step_does_not_advance_the_grammars(llm):
+def test_a_failed_step_does_not_advance_the_grammars(llm, reference):
     """A request that fails in decode makes the step rerun in halves; the others' matchers take each token once."""
     eng = llm.engine
     for i, s in enumerate(SEEDS):
-        eng.add_request(f"f{i}", "Describe a person as JSON.", _sampled(SO(json=SCHEMA), seed=s))
+        eng.add_request(f"f{i}", ASK, _sampled(SO(json=SCHEMA), seed=s))
     eng.add_request("doomed", "x", SamplingParams(max_tokens=30, ignore_eos=True))
     eng.inject_fault("doomed", "decode")
     final = {}
@@ -199,10 +203,7 @@ def test_a_failed_step_does_not_advance_the_grammars(llm):
         for o in eng.step():
             final[o.request_id] = o
     assert final["doomed"].outputs[0].finish_reason == "error"
-    ref = llm.generate(["Describe a person as JSON."] * len(SEEDS), [_sampled(SO(json=SCHEMA), seed=s) for s in SEEDS])
-    for i in range(len(SEEDS)):
-        assert final[f"f{i}"].outputs[0].text == ref[i].outputs[0].text
-        _valid(final[f"f{i}"].outputs[0].text)
+    assert [final[f"f{i}"].outputs[0].text for i in range(len(SEEDS))] == [out.text for out in reference]
 
 
 def test_whitespace_pattern_allows_bounded_whitespace(llm):
