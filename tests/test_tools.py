@@ -394,6 +394,42 @@ def test_named_parser():
     assert shape_message({"role": "assistant", "content": "{}"}, s, "stop")[1] == "tool_calls"
 
 
+def test_response_builder_splits_reasoning_then_calls():
+    """Under a reasoning parser, the think block goes out as reasoning_content and the answer after it is parsed
+    for calls: whole, and streamed one token's text at a time (the same message either way)."""
+    from types import SimpleNamespace
+
+    from internvl_engine.server.protocol import ResponseBuilder
+    text = ('<think>Weather first.</think>\n<tool_call>\n{"name": "get_weather", "arguments": ' + ARGS +
+            '}\n</tool_call>')
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+
+    def output(k: int, finish):
+        sample = SimpleNamespace(index=0, text="".join(pieces[:k]), token_ids=list(range(k)), logprobs=None,
+                                 finish_reason=finish)
+        return SimpleNamespace(outputs=[sample], prompt_token_ids=[1, 2], prompt_logprobs=None, finished=bool(finish),
+                               metrics=SimpleNamespace(cached_prompt_tokens=0))
+
+    def builder():
+        return ResponseBuilder("chat", "chatcmpl-x", 0, MODEL, 1, None, False, str, reasoning=False, tools=AUTO)
+    whole = builder().response([output(len(pieces), "stop")])["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    assert whole["message"]["reasoning_content"] == "Weather first."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] == [
+        ("get_weather", ARGS)]
+    b = builder()
+    streams = b.streams(1)[0]
+    reasoning, args, finish = "", "", None
+    for k in range(1, len(pieces) + 1):
+        for chunk in b.chunks(output(k, "stop" if k == len(pieces) else None), streams):
+            choice = json.loads(chunk[len("data: "):])["choices"][0]
+            assert "content" not in choice["delta"]  # nothing outside the call and the think block
+            reasoning += choice["delta"].get("reasoning_content", "")
+            args += "".join(d["function"].get("arguments", "") for d in choice["delta"].get("tool_calls", ()))
+            finish = choice["finish_reason"] or finish
+    assert (reasoning, args, finish) == ("Weather first.", ARGS, "tool_calls")
+
+
 # ------------------------------------------------------------------------------------------------ served
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -422,10 +458,11 @@ def schema_of(name: str) -> dict:
     return fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def ask(server, tool_choice, seed: int, stream: bool, parallel: bool | None = None, max_tokens: int = 160):
+def ask(server, tool_choice, seed: int, stream: bool, parallel: bool | None = None, max_tokens: int = 160,
+        tools: list = TOOLS, **extra):
     """(tool calls as (name, arguments), finish_reason, content) of one request, streamed deltas assembled."""
-    kw = dict(model=MODEL, messages=conversation()[:2], tools=TOOLS, tool_choice=tool_choice, seed=seed,
-              temperature=1.0, max_tokens=max_tokens)
+    kw = dict(model=MODEL, messages=conversation()[:2], tools=tools, tool_choice=tool_choice, seed=seed,
+              temperature=1.0, max_tokens=max_tokens, **extra)
     if parallel is not None:
         kw["parallel_tool_calls"] = parallel
     client = server.client()
@@ -507,6 +544,36 @@ def test_n_samples_each_get_their_calls(server):
         jsonschema.validate(json.loads(a), schema_of("book_flight"))
 
 
+def strict(tools: list[dict]) -> list[dict]:
+    return [{**t, "function": {**t["function"], "strict": True}} for t in tools]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_auto_with_strict_tools_makes_valid_calls(server, parallel):
+    """auto with strict tools is held to text, then hermes calls whose arguments match their schemas: a random
+    model pushed to open a call (logit_bias on <tool_call>) writes only valid ones; with parallel_tool_calls false
+    one at most."""
+    tool_call = str(server.llm.engine.tokenizer.token_to_id("<tool_call>"))
+    for seed in SEEDS:
+        kw = dict(model=MODEL, messages=conversation()[:2], tools=strict(TOOLS), seed=seed, max_tokens=200,
+                  parallel_tool_calls=parallel, logit_bias={tool_call: 100})
+        choice = server.client().chat.completions.create(**kw).choices[0]
+        found = [(c.function.name, c.function.arguments, c.id, c.type) for c in choice.message.tool_calls or ()]
+        check_calls(found, choice.finish_reason, parallel)
+        assert choice.message.content is None
+        s_found, s_finish, _ = ask(server, "auto", seed, stream=True, parallel=parallel, max_tokens=200,
+                                   tools=strict(TOOLS), logit_bias={tool_call: 100})
+        assert [c[:2] for c in s_found] == [c[:2] for c in found] and s_finish == choice.finish_reason
+
+
+def test_auto_grammar_only_for_strict_tools():
+    assert tool_settings(TOOLS, "auto", None).structured_outputs() is None
+    grammar = tool_settings(strict(TOOLS[:1]) + TOOLS[1:], "auto", False).structured_outputs().grammar
+    assert grammar.startswith("start: TEXT? (call)?\n") and '"enum": ["celsius", "fahrenheit"]' in grammar
+    assert 'args_1: %json {"type": "object", ' in grammar  # book_flight is not strict: any object
+    assert '("\\n" call)*' in tool_settings(strict(TOOLS), "auto", True).structured_outputs().grammar
+
+
 def test_conversation_with_tool_results_is_accepted(server):
     client = server.client()
     for choice in ("auto", "none"):
@@ -537,6 +604,18 @@ def test_bad_tool_requests_are_400s_naming_the_field(server, body, param):
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+@pytest.mark.parametrize("choice, tools", [("required", False), ({"type": "function", "function": {"name": "f"}}, False),
+                                           ("auto", True)])
+def test_parameters_the_grammar_cannot_compile_are_a_400(server, choice, tools):
+    """A schema llguidance refuses (a look-behind in a pattern) is a 400 when it would hold the output."""
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}}}}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "tools": strict(bad) if tools else bad, "tool_choice": choice})
+    assert r.status_code == 400 and "cannot be compiled" in r.json()["error"]["message"], r.text
 
 
 def test_malformed_tool_message_is_a_400(server):
