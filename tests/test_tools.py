@@ -590,6 +590,23 @@ def test_conversation_with_tool_results_is_accepted(server):
     assert r.usage.prompt_tokens == expected
 
 
+def test_image_with_tools(server):
+    """A conversation with an image and tools: the image goes with the rendered prompt (its tiles in the usage), and
+    a named call is still held to its schema."""
+    from test_server import png_data_uri
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri(3)}},
+                                             {"type": "text", "text": "Where is this? Book a flight there."}]}]
+    client = server.client()
+    plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=1, seed=0)
+    text_only = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                                               max_tokens=1, seed=0)
+    assert plain.usage.prompt_tokens > text_only.usage.prompt_tokens + 256  # at least one tile of 256 tokens
+    choice = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=160, seed=1,
+                                            tool_choice={"type": "function", "function": {"name": "book_flight"}})
+    calls = choice.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(calls[0].function.arguments), schema_of("book_flight"))
+
+
 @pytest.mark.parametrize("body, param", [
     ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
