@@ -146,6 +146,26 @@ def test_http_outcomes_and_routes(traffic):
                  route=chat) == 6
     routes = {s.labels["route"] for s in durations.samples}
     assert routes <= {chat, "/metrics", "other"} and "/no/such/path" not in routes
+    # each engine request lies inside its HTTP request, a stream's up to its last event (or its abort)
+    http_s = value(m, "internvl_http_request_duration_seconds", "internvl_http_request_duration_seconds_sum",
+                   route=chat)
+    assert http_s >= value(m, "internvl_e2e_request_latency_seconds", "internvl_e2e_request_latency_seconds_sum")
+
+
+def test_unauthorized_requests_are_counted_by_route():
+    settings = ServerSettings(model_name=MODEL, api_key="sekrit")
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=2048, max_num_seqs=2, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings)
+    try:
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        m = families(httpx.get(srv.url + "/metrics").text)
+    finally:
+        srv.stop()
+        llm.shutdown()
+    for status in ("401", "200"):
+        assert value(m, "internvl_http_requests", "internvl_http_requests_total", route="/v1/models",
+                     status=status, method="GET") == 1
 
 
 def test_engine_gauges(traffic, server):
