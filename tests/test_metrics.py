@@ -200,6 +200,16 @@ def test_process_metrics_are_this_process(server, traffic):
     assert time.time() - 24 * 3600 < value(m, "process_start_time_seconds") < time.time()
 
 
+def test_process_metrics_without_proc(monkeypatch):
+    """Where /proc is missing (macOS, Windows) only what the standard library reads honestly is reported."""
+    from internvl_engine.server import process
+    monkeypatch.setattr(process, "_PROC", "/nonexistent-proc")
+    got = {name: value for _, name, _, value in process.process_metrics()}
+    assert set(got) <= {"process_cpu_seconds_total", "process_max_fds"} and "process_cpu_seconds_total" in got
+    t = os.times()
+    assert 0 < got["process_cpu_seconds_total"] <= t.user + t.system
+
+
 def test_labels_and_help_are_escaped():
     name = 'we"ird\\model\nname'
     x = Exposition(name)
