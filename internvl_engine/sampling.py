@@ -332,13 +332,23 @@ class SamplingInput:
     counted: tuple[list[int], list[int], list[int], list[float], list[float]] = field(
         default_factory=lambda: ([], [], [], [], []))
     bias: tuple[list[int], list[int], list[float]] = field(default_factory=lambda: ([], [], []))  # logit_bias
-    # structured outputs: a pending job (concurrent.futures.Future, filled while the forward runs) whose result()
-    # is (rows, bitmask): bitmask [len(rows), words] int32 on the host, bit t of row j set when token t may follow
-    # in row rows[j] (llguidance's layout); None when no row is constrained
+    # structured outputs (None: no row is constrained): a structured.StepGrammar, read by the Sampler as
+    #   upfront() -> (rows, bitmask) | None   the rows to mask before the draw (waits for a fill begun before the
+    #                                         forward); bitmask [len(rows), words] int32 on the host, bit t of row j
+    #                                         set when token t may follow in row rows[j] (llguidance's layout)
+    #   deferred -> bool                      some rows are checked after the draw instead
+    #   refused(tokens) -> rows               the deferred rows whose drawn token the grammar refuses
+    #   masks(rows) -> (rows, bitmask)        their masks, to draw them again from
     allowed: object = None
 
     def __len__(self) -> int:
         return len(self.temperature)
+
+    def subset(self, keep: list[int]) -> SamplingInput:
+        """Rows `keep` alone, with nothing left to apply to their logits (penalties, bias and masks are in them)."""
+        pick = lambda values: [values[i] for i in keep]  # noqa: E731
+        return SamplingInput(pick(self.temperature), pick(self.top_k), pick(self.top_p), pick(self.min_p),
+                             pick(self.generators), pick(self.logprobs), pick(self.return_logits))
 
 
 def banned_by_shifts(words: torch.Tensor) -> torch.Tensor:
@@ -369,7 +379,7 @@ def allow_only(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> 
     return logits
 
 
-def _penalize(logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
+def _penalize(logits: torch.Tensor, rows: SamplingInput, upfront: tuple | None = None) -> torch.Tensor:
     """logit_bias, the structured-output mask, min_tokens masks and the repetition / frequency / presence
     penalties, applied to a copy of logits [B, V] at the (row, token) pairs they touch: the bias added (OpenAI),
     tokens the row's grammar does not allow -> -inf, repetition over the tokens seen in prompt or output
@@ -379,14 +389,14 @@ def _penalize(logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
     masked = [(r, t) for r, t in zip(*rows.masked) if t < vocab]  # a stop id past the vocabulary is never drawn
     (rep_r, rep_t, rep_p), (pen_r, pen_t, pen_c, pen_f, pen_p) = rows.repetition, rows.counted
     bias_r, bias_t, bias_b = rows.bias
-    if not (masked or rep_r or pen_r or bias_r or rows.allowed is not None):
+    if not (masked or rep_r or pen_r or bias_r or upfront is not None):
         return logits
     logits = logits.clone()
     dev, dt = logits.device, logits.dtype
     if bias_r:
         logits[on_device(dev, bias_r), on_device(dev, bias_t)] += on_device(dev, bias_b, dt)
-    if rows.allowed is not None:  # waits for the mask's fill (started before the forward) only now
-        allow_only(logits, *rows.allowed.result())
+    if upfront is not None:  # the grammar's (rows, bitmask)
+        allow_only(logits, *upfront)
     if masked:
         logits[on_device(dev, [r for r, _ in masked]), on_device(dev, [t for _, t in masked])] = NEG_INF
     if rep_r:
@@ -412,8 +422,25 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
-        if rows.masked[0] or rows.repetition[0] or rows.counted[0] or rows.bias[0] or rows.allowed is not None:
-            logits = _penalize(logits, rows)
+        grammar = rows.allowed
+        upfront = grammar.upfront() if grammar is not None else None  # (rows, bitmask) to mask before the draw
+        if rows.masked[0] or rows.repetition[0] or rows.counted[0] or rows.bias[0] or upfront is not None:
+            logits = _penalize(logits, rows, upfront)
+        tokens = self._draw(logits, rows)
+        if grammar is not None and grammar.deferred:
+            # Rejection: a token drawn from p that the grammar allows is a draw from p restricted to the allowed
+            # tokens; a refused one is drawn again from the masked row. Only rows where that equals masking first
+            # (greedy, or no top_k / top_p / min_p) are deferred, and only on a CPU, where reading the tokens costs
+            # nothing and computing masks nobody needs is what the step would wait for.
+            refused = grammar.refused(tokens.tolist())
+            if refused:
+                sub, bitmask = grammar.masks(refused)
+                index = on_device(logits.device, sub)
+                again = allow_only(logits[index], list(range(len(sub))), bitmask)  # logits[index] is a copy
+                tokens.index_copy_(0, index, self._draw(again, rows.subset(sub)))
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, rows: SamplingInput) -> torch.Tensor:
         out = torch.argmax(logits, dim=-1)  # greedy rows: the raw (penalised, masked) argmax, ties to the lowest id
         if max(rows.temperature, default=0.0) < GREEDY_TEMPERATURE:
             return out

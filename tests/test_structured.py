@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import Future
 from types import SimpleNamespace
 
 import pytest
@@ -70,10 +69,24 @@ def _valid(text: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the sampler
-def _done(rows, mask) -> Future:
-    f = Future()
-    f.set_result((rows, mask))
-    return f
+class _Grammar:
+    """SamplingInput.allowed as structured.StepGrammar presents it, over fixed masks: rows `late` are checked after
+    the draw (a CPU's rejection path), the others masked up front."""
+
+    def __init__(self, rows, words, allowed, late=()):
+        self.at = {r: j for j, r in enumerate(rows)}
+        self.words, self.allowed, self.late = words, allowed, [r for r in rows if r in late]
+        self.early = [r for r in rows if r not in late]
+        self.deferred = bool(self.late)
+
+    def upfront(self):
+        return self.masks(self.early) if self.early else None
+
+    def refused(self, tokens):
+        return [r for r in self.late if not self.allowed[self.at[r], tokens[r]]]
+
+    def masks(self, rows):
+        return rows, self.words[[self.at[r] for r in rows]]
 
 
 def _seq(params, seed=None):
@@ -86,6 +99,12 @@ def _random_mask(g, rows: int, vocab: int) -> torch.Tensor:
     """int32 words with random bits (about 1 token in 8 allowed); at least one token per row."""
     allowed = torch.rand(rows, vocab, generator=g) < 0.125
     allowed[:, 0] = True
+    return _pack(allowed)
+
+
+def _pack(allowed: torch.Tensor):
+    """(int32 words, allowed): bit t of a row's words is token t (llguidance's layout)."""
+    rows, vocab = allowed.shape
     padded = torch.zeros(rows, -(-vocab // 32) * 32, dtype=torch.bool)
     padded[:, :vocab] = allowed
     weights = (1 << torch.arange(32, dtype=torch.int64))
@@ -122,7 +141,7 @@ def test_the_bitmask_sampler_equals_masked_logits_sampled_plainly():
                              seed=100 + i, repetition_penalty=1.3 if i % 5 == 0 else 1.0,
                              logit_bias={7: 5.0, 9: -3.0} if i % 4 == 1 else None) for i in range(batch)]
     rows = sampling_input([_seq(p, p.seed) for p in params], ())
-    rows.allowed = _done(constrained, words)
+    rows.allowed = _Grammar(constrained, words, allowed)
     got = Sampler()(logits, rows)
     ref = logits.clone()
     for i, p in enumerate(params):
@@ -135,6 +154,35 @@ def test_the_bitmask_sampler_equals_masked_logits_sampled_plainly():
     assert torch.equal(got, want)
     for j, i in enumerate(constrained):
         assert allowed[j, int(got[i])]
+
+
+def test_rejection_draws_the_masked_distribution():
+    """Rows checked after the draw (the CPU path): greedy rows give the masked argmax, every token is allowed, and
+    the draws' frequencies fit the masked, tempered softmax (chi-square, fixed seeds), seeded and unseeded rows."""
+    g = torch.Generator().manual_seed(2)
+    vocab, n = 24, 4000
+    x = torch.randn(1, vocab, generator=g) * 2
+    words, allowed = _random_mask(g, 1, vocab)
+    allowed[0, :] = False
+    allowed[0, [1, 4, 5, 9, 17, 20]] = True  # a few allowed tokens, the likeliest among them not the argmax
+    words, _ = _pack(allowed)
+    masked = x.masked_fill(~allowed, float("-inf"))
+    greedy = sampling_input([_seq(SamplingParams())], ())
+    greedy.allowed = _Grammar([0], words, allowed, late=[0])
+    assert int(Sampler()(x, greedy)[0]) == int(masked.argmax())
+    probs = (masked[0] / 0.8).softmax(-1).double()
+    for seeded in (False, True):
+        torch.manual_seed(7)
+        seqs = [_seq(SamplingParams(temperature=0.8, seed=i if seeded else None), i if seeded else None)
+                for i in range(n)]
+        rows = sampling_input(seqs, ())
+        rows.allowed = _Grammar(list(range(n)), words.expand(n, -1), allowed.expand(n, -1), late=range(n))
+        draws = Sampler()(x.expand(n, -1), rows)
+        counts = torch.bincount(draws, minlength=vocab).double()
+        assert counts[~allowed[0]].sum() == 0
+        keep = allowed[0]
+        chi2 = float(((counts[keep] - n * probs[keep]) ** 2 / (n * probs[keep])).sum())
+        assert chi2 < 20.52, chi2  # chi-square critical value, 5 degrees of freedom, p = 0.001
 
 
 def dataclass_without_bias(p: SamplingParams) -> SamplingParams:
@@ -163,6 +211,26 @@ def test_unconstrained_neighbour_is_unchanged_and_n_samples_each_obey(llm):
     assert len(outs[1].outputs) == 2
     for c in outs[1].outputs:
         _valid(c.text)
+
+
+def test_masking_first_and_checking_after_agree(llm, reference):
+    """The GPU's way (every mask filled on the worker thread beside the forward, applied before the draw) on this
+    CPU: greedy tokens equal the CPU's way (draw, then check), sampled outputs are as valid."""
+    structured = llm.engine.inputs.structured
+    greedy = [SamplingParams(max_tokens=80, structured_outputs=SO(json=SCHEMA)),
+              SamplingParams(max_tokens=80, structured_outputs=SO(regex="[a-z]{3,9}-[0-9]{2}"))]
+    after = [o.outputs[0].text for o in llm.generate([ASK] * 2, greedy)]
+    structured.defer = False
+    try:
+        first = [o.outputs[0].text for o in llm.generate([ASK] * 2, greedy)]
+        sampled = llm.generate([ASK] * len(SEEDS), [_sampled(SO(json=SCHEMA), seed=s) for s in SEEDS])
+    finally:
+        structured.defer = True
+    assert first == after
+    _valid(after[0])
+    assert re.fullmatch("[a-z]{3,9}-[0-9]{2}", after[1])
+    for o in sampled:
+        _valid(o.outputs[0].text)
 
 
 def test_choice_regex_and_grammar_are_obeyed(llm):

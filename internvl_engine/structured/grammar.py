@@ -3,10 +3,10 @@
 constraint's text so that the requests of an agent or a benchmark, which repeat one schema, compile it once.
 
 Why llguidance (benchmarks/structured.py, record in benchmarks/results/*-structured.json): no dependencies and ~8 MB
-installed, where importing xgrammar imports transformers (which the engine never needs); its mask fill drops the
-GIL, so it runs beside the forward; it compiles lazily (a nested schema in ~2 ms against xgrammar's ~40 ms), and
-its mask per token is tens of microseconds on the InternVL3 vocabulary (xgrammar's precomputed masks are faster per
-token but cost their compile time up front, per schema).
+installed, where importing xgrammar imports transformers and torch (transformers the engine never needs); its mask
+fill drops the GIL, so it runs beside the forward; it compiles lazily (a nested schema in ~2 ms against xgrammar's
+60-110 ms), and its median mask per token is ~25 us on the InternVL3 vocabulary. xgrammar's precomputed masks are
+~10x faster per token (its p99 too), paid for by that compile, per schema.
 
 JSON whitespace: llguidance's `whitespace_flexible: false`, i.e. no whitespace between tokens and "," / ":" as the
 separators, unless the request gives whitespace_pattern. A flexible default would let a weak model (or a random one)
