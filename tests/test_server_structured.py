@@ -100,6 +100,9 @@ def test_vllm_structured_outputs_and_guided_fields(client):
     completion = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=20, temperature=1.0, seed=1,
                                            extra_body={"structured_outputs": {"choice": choices}})
     assert completion.choices[0].text in choices
+    completion = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=80, temperature=1.0, seed=2,
+                                           extra_body={"response_format": RESPONSE_FORMAT})
+    jsonschema.validate(json.loads(completion.choices[0].text), SCHEMA)
 
 
 def test_logit_bias_forces_and_bans(client, server):

@@ -191,6 +191,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None  # vLLM's completions take it as chat does (server/structured.py)
 
 
 def _unsupported(what: str, param: str) -> APIError:

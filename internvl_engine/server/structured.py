@@ -90,7 +90,7 @@ def constraint_fields(req: Any) -> dict[str, Any]:
     if req.logit_bias:
         kw["logit_bias"] = _logit_bias(req.logit_bias)
     found: list[tuple[str, StructuredOutputsParams]] = []
-    fmt = getattr(req, "response_format", None)  # chat only
+    fmt = getattr(req, "response_format", None)  # chat and completions (not on _Request)
     if fmt is not None:
         spec = _from_response_format(fmt)
         if spec is not None:
