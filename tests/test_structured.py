@@ -284,7 +284,9 @@ def test_whitespace_pattern_allows_bounded_whitespace(llm):
 
 @pytest.mark.parametrize("spec,what", [(SO(regex="[a-"), "regex"), (SO(json={"type": "objec"}), "json"),
                                        (SO(json="{not json"), "json"), (SO(grammar="start: x y"), "grammar"),
-                                       (SO(json={"type": "string", "format": "no-such-format"}), "json")])
+                                       (SO(json={"type": "string", "format": "no-such-format"}), "json"),
+                                       (SO(json={"type": "string", "format": "no-such-format",
+                                                 "x-guidance": {"lenient": True}}), "json")])
 def test_a_constraint_that_does_not_compile_is_a_typed_error(llm, spec, what):
     with pytest.raises(StructuredOutputError, match=f"structured_outputs.{what}"):
         llm.generate("x", _sampled(spec))

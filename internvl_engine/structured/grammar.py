@@ -48,8 +48,11 @@ def json_schema(spec: StructuredOutputsParams) -> dict:
 def grammar_text(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar (its serialised form) of a constraint; not yet checked."""
     if spec.json is not None or spec.json_object:
+        # overrides win over the schema's own "x-guidance": lenient would skip keywords llguidance does not
+        # implement, i.e. ignore part of the schema, so it stays off
         options = {"whitespace_flexible": False} if spec.whitespace_pattern is None else \
             {"whitespace_flexible": True, "whitespace_pattern": spec.whitespace_pattern}
+        options["lenient"] = False
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(json_schema(spec), overrides=options)
         except (TypeError, ValueError) as e:
