@@ -74,6 +74,29 @@ def test_streamed_equals_unstreamed(client):
         _chat(client, False, seed=4, response_format=RESPONSE_FORMAT)
 
 
+def test_the_clients_parse_helper_gets_its_pydantic_model(client):
+    """client.chat.completions.parse with a pydantic model: the client sends its strict schema ($defs, $ref,
+    titles, anyOf with null) and parses the answer into the model."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Address(BaseModel):
+        zip: str = Field(pattern=r"^[0-9]{5}$")
+        kind: Literal["home", "work"]
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+        addresses: list[Address] = Field(max_length=2)
+        nick: str | None = Field(max_length=5)
+
+    for seed in SEEDS:
+        out = client.chat.completions.parse(model=MODEL, messages=ASK, max_tokens=120, temperature=1.0, seed=seed,
+                                            response_format=Person)
+        assert isinstance(out.choices[0].message.parsed, Person) and out.choices[0].finish_reason == "stop"
+
+
 def test_json_object_gives_an_object(client, server):
     """A random model inside a JSON string closes it only by chance (a quote among ~150k tokens): the bias raises
     the tokens that close strings and objects, and the grammar still decides what is valid where."""
