@@ -274,6 +274,23 @@ def test_a_failed_step_does_not_advance_the_grammars(llm, reference):
     assert [final[f"f{i}"].outputs[0].text for i in range(len(SEEDS))] == [out.text for out in reference]
 
 
+def test_an_aborted_request_leaves_its_neighbour_and_no_matcher(llm, reference):
+    import gc
+    eng = llm.engine
+    eng.add_request("kept", ASK, _sampled(SO(json=SCHEMA), seed=SEEDS[0]))
+    eng.add_request("dropped", ASK, _sampled(SO(json=SCHEMA), seed=SEEDS[1]))
+    final = {}
+    for _ in range(4):
+        final.update((o.request_id, o) for o in eng.step())
+    assert eng.abort("dropped")
+    while eng.has_unfinished_requests():
+        final.update((o.request_id, o) for o in eng.step())
+    assert final["kept"].outputs[0].text == reference[0].text and final["dropped"].outputs[0].finish_reason == "abort"
+    final.clear()
+    gc.collect()
+    assert len(eng.inputs.structured._matchers) == 0
+
+
 def test_whitespace_pattern_allows_bounded_whitespace(llm):
     spec = SO(json={"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"],
                     "additionalProperties": False}, whitespace_pattern="[ ]{0,2}")
