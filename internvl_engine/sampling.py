@@ -1,10 +1,11 @@
 """SamplingParams (vLLM's names and semantics), a step's sampling rows as plain data (SamplingInput) and the
 sampler, which the runner (worker/runner.py) calls on the logits' device.
 
-Per row, in vLLM's order: the raw logits' fp32 log-softmax gives the logprobs; min_tokens masks the stop tokens;
-repetition (prompt and output), frequency and presence (output) penalties; then greedy argmax (ties to the lowest
-id, as transformers), or temperature -> min_p -> top_k -> top_p and a draw (a seeded request's from its own
-generator). Each step runs on all rows at once, as [B] parameters over the [B, V] logits, yet reads only a row's
+Per row, in vLLM's order: the raw logits' fp32 log-softmax gives the logprobs; logit_bias is added; a structured
+output's grammar masks the tokens it does not allow (or, on a CPU, checks the drawn token and draws a refused one
+again from the masked row: Sampler); min_tokens masks the stop tokens; repetition (prompt and output), frequency
+and presence (output) penalties; then greedy argmax (ties to the lowest id, as transformers), or temperature ->
+min_p -> top_k -> top_p and a draw (a seeded request's from its own generator). Each step runs on all rows at once, as [B] parameters over the [B, V] logits, yet reads only a row's
 own values for that row, so a request's tokens do not depend on what it is batched with. Rows that ask for none of
 it cost nothing."""
 from __future__ import annotations
