@@ -559,8 +559,14 @@ def test_auto_with_strict_tools_makes_valid_calls(server, parallel):
                   parallel_tool_calls=parallel, logit_bias={tool_call: 100})
         choice = server.client().chat.completions.create(**kw).choices[0]
         found = [(c.function.name, c.function.arguments, c.id, c.type) for c in choice.message.tool_calls or ()]
-        check_calls(found, choice.finish_reason, parallel)
-        assert choice.message.content is None
+        if parallel and choice.finish_reason == "length":
+            # parallel calls are unbounded: a random model may go on opening calls until max_tokens cuts one; the
+            # complete ones are still calls, each valid, and the cut one is left as text (never a call)
+            check_calls(found, "tool_calls", parallel)
+            assert choice.message.content.lstrip().startswith("<tool_call>")
+        else:
+            check_calls(found, choice.finish_reason, parallel)
+            assert choice.message.content is None
         s_found, s_finish, _ = ask(server, "auto", seed, stream=True, parallel=parallel, max_tokens=200,
                                    tools=strict(TOOLS), logit_bias={tool_call: 100})
         assert [c[:2] for c in s_found] == [c[:2] for c in found] and s_finish == choice.finish_reason
