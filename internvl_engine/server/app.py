@@ -595,6 +595,11 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _warm_structured(llm) -> None:
+    with contextlib.suppress(Exception):  # without llguidance a structured request is refused with the reason then
+        llm.engine.inputs.structured.compiler.lltokenizer
+
+
 def build_app(llm, settings: ServerSettings) -> FastAPI:
     """The ASGI app over `llm` (an AsyncLLM the caller owns, built with media_policy=settings.media_policy(): an
     engine whose media policy differs from the settings' is an EngineConfigError)."""
@@ -602,8 +607,12 @@ def build_app(llm, settings: ServerSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # llguidance's token trie takes 1-2 s to build; built here, beside startup, rather than inside the first
+        # structured request's intake (GrammarCompiler builds it lazily for engines that never serve one)
+        warm = asyncio.get_running_loop().run_in_executor(None, _warm_structured, llm)
         yield
         await server.shutdown()
+        await warm
 
     app = FastAPI(title="internvl-engine", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
