@@ -18,7 +18,8 @@ first RequestOutput with a token), ITL between such chunks, TPOT = (e2e - TTFT) 
 --json-schema-ratio: the share of requests that carry a JSON schema (response_format json_schema; offline the same
 SamplingParams.structured_outputs), drawn per request from its own seeded stream so every ratio sends the same
 prompts. Each ratio is a scenario of its own at each load; "structured_cost" compares each one's TPOT with the
-unconstrained scenario's at the same load. Constrained requests do not set ignore_eos: a finished schema ends them."""
+unconstrained scenario's at the same load. Constrained requests do not set ignore_eos (a finished schema would end
+them), but BENCH_SCHEMA cannot finish within 64 tokens."""
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# JSON the benchmark's constrained requests must produce: nested, with an unbounded array so a random model's output
-# runs long enough for its TPOT to mean something
+# JSON the benchmark's constrained requests must produce: nested, enums, ranges, and an array of at least 32 strings
+# (each takes a few tokens), so no constrained request can finish before --output-tokens 64: every request of a load
+# runs the same length, ratio 0 or not, and the TPOT ratio is the constraint's cost, not a changed batch shape
 BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "tags", "score"],
                 "properties": {"name": {"type": "string", "maxLength": 40},
                                "kind": {"enum": ["river", "mountain", "forest"]},
-                               "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}},
+                               "tags": {"type": "array", "minItems": 32,
+                                        "items": {"type": "string", "maxLength": 20}},
                                "score": {"type": "integer", "minimum": 0, "maximum": 100}}}
 WORDS = ("river mountain light window garden silver morning engine paper circle harbor forest signal winter "
          "station copper island market shadow violet thunder lantern meadow canyon").split()

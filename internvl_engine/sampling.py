@@ -339,6 +339,7 @@ class SamplingInput:
     #                                         set when token t may follow in row rows[j] (llguidance's layout)
     #   deferred -> bool                      some rows are checked after the draw instead
     #   refused(tokens) -> rows               the deferred rows whose drawn token the grammar refuses
+    #   next_allowed(logits, rows) -> {row: token}   greedy refused rows' best allowed token, where found cheaply
     #   masks(rows) -> (rows, bitmask)        their masks, to draw them again from
     allowed: object = None
 
@@ -434,6 +435,12 @@ class Sampler:
             # (greedy, or no top_k / top_p / min_p) are deferred, and only on a CPU, where reading the tokens costs
             # nothing and computing masks nobody needs is what the step would wait for.
             refused = grammar.refused(tokens.tolist())
+            greedy = [i for i in refused if rows.temperature[i] < GREEDY_TEMPERATURE]
+            if greedy:  # a greedy row's masked argmax is its best allowed token: ask for its runner-ups first
+                found = grammar.next_allowed(logits, greedy)
+                if found:
+                    tokens[list(found)] = torch.tensor(list(found.values()))
+                    refused = [i for i in refused if i not in found]
             if refused:
                 sub, bitmask = grammar.masks(refused)
                 index = on_device(logits.device, sub)

@@ -338,3 +338,27 @@ def test_logit_bias_forces_bans_and_adds(llm):
         assert tok == int(ref.argmax())
     with pytest.raises(SamplingParamsError, match="outside the model's vocabulary"):
         llm.generate("x", SamplingParams(logit_bias={llm.config.text.vocab_size: 1.0}))
+
+
+class _Seq:  # what StructuredOutputs reads of a sequence (weakly referenced: a plain class, not a namespace)
+    def __init__(self, params):
+        self.params, self.output_ids, self.finish_reason = params, [], None
+
+
+def test_a_refused_greedy_row_takes_its_best_allowed_runner_up(llm):
+    """The CPU's shortcut for a greedy row whose argmax the grammar refused: its runner-ups in argmax's order, asked
+    of the grammar, give the masked row's argmax whenever one of the first GREEDY_TRIES is allowed (checked against
+    the mask itself); rows it leaves out go to the mask. Both kinds occur here, so neither side is vacuous."""
+    from internvl_engine.sampling import allow_only
+    structured = llm.engine.inputs.structured
+    g = torch.Generator().manual_seed(3)
+    specs = [SO(regex="[a-z]{3,9}-[0-9]{2}"), SO(json=SCHEMA)]
+    seqs = [_Seq(SamplingParams(max_tokens=8, structured_outputs=specs[i % 2])) for i in range(24)]
+    step = structured.masks(seqs)  # a StepGrammar, every row deferred (a CPU)
+    logits = torch.randn(len(seqs), structured.vocab_size, generator=g)
+    found = step.next_allowed(logits, list(range(len(seqs))))
+    rows, bitmask = step.masks(list(range(len(seqs))))
+    want = allow_only(logits.clone(), rows, bitmask).argmax(-1)
+    assert found and len(found) < len(seqs)
+    for i, t in found.items():
+        assert t == int(want[i])
