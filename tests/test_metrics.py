@@ -20,11 +20,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from internvl_engine.engine.async_llm import AsyncLLM  # noqa: E402
 from internvl_engine.engine.request_stats import Histogram, token_buckets  # noqa: E402
 from internvl_engine.server import ServerSettings  # noqa: E402
 from internvl_engine.server.metrics import Exposition  # noqa: E402
-from test_server import MODEL, ThreadServer, wait_idle  # noqa: E402
+from test_server import MODEL, served, wait_idle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Count the stars, one by one. " * 8}]  # a few full KV blocks
@@ -55,12 +54,8 @@ def value(fams: dict, family: str, sample: str | None = None, **labels) -> float
 
 @pytest.fixture(scope="module")
 def server():
-    settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=8, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served(engine=dict(device="cpu", kv_cache_tokens=8192, max_num_seqs=8)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +148,11 @@ def test_http_outcomes_and_routes(traffic):
 
 
 def test_unauthorized_requests_are_counted_by_route():
-    settings = ServerSettings(model_name=MODEL, api_key="sekrit")
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=2048, max_num_seqs=2, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    try:
+    with served(ServerSettings(model_name=MODEL, api_key="sekrit"),
+                dict(device="cpu", kv_cache_tokens=2048, max_num_seqs=2)) as srv:
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
         m = families(httpx.get(srv.url + "/metrics").text)
-    finally:
-        srv.stop()
-        llm.shutdown()
     for status in ("401", "200"):
         assert value(m, "internvl_http_requests", "internvl_http_requests_total", route="/v1/models",
                      status=status, method="GET") == 1

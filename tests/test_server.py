@@ -167,16 +167,26 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(self.png)
 
 
+@contextlib.contextmanager
+def served(settings: ServerSettings | None = None, engine: dict = ENGINE, **server_kw):
+    """A ThreadServer (server_kw: its grace, sndbuf) over a fresh AsyncLLM of MODEL with `engine`'s settings and
+    the media policy `settings` describes (default: strict, no key); stopped, and the engine shut down, at the end."""
+    settings = settings or ServerSettings(model_name=MODEL)
+    llm = AsyncLLM(MODEL, **engine, media_policy=settings.media_policy())
+    srv = ThreadServer(llm, settings, **server_kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def server():
     """The default server: strict media policy, no key."""
-    settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +214,8 @@ def open_server(media_dir):
     """Local files under media_dir, URLs from 127.0.0.1 (a private address, so explicitly allowed), an API key."""
     settings = ServerSettings(model_name="tiny", api_key="sekrit", allowed_local_media_path=str(media_dir),
                               allowed_media_domains=("127.0.0.1",), allow_private_media_networks=True)
-    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served(settings) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -217,11 +224,8 @@ def small_server():
     settings = ServerSettings(model_name=MODEL, max_waiting=1, max_request_bytes=200_000,
                               max_media_bytes=20_000, allowed_media_domains=("example.com",),
                               allow_private_media_networks=True)
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served(settings, {**ENGINE, "max_num_seqs": 1}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,9 @@ pytest.importorskip("llguidance")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server import ENGINE, MODEL, ThreadServer  # noqa: E402
+from test_server import MODEL, served  # noqa: E402
 from test_structured import SCHEMA  # noqa: E402
 
-from internvl_engine.engine.async_llm import AsyncLLM  # noqa: E402
-from internvl_engine.server import ServerSettings  # noqa: E402
 
 SEEDS = (1, 2, 3)
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -31,12 +29,8 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "sch
 
 @pytest.fixture(scope="module")
 def server():
-    settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from internvl_engine import LLM, SamplingParams  # noqa: E402
-from internvl_engine.engine.async_llm import AsyncLLM  # noqa: E402
 from internvl_engine.errors import PromptError  # noqa: E402
 from internvl_engine.server import ServerSettings  # noqa: E402
 
-from test_server import ThreadServer, png_data_uri, status_of, wait_idle  # noqa: E402
+from test_server import png_data_uri, served, status_of, wait_idle  # noqa: E402
 
 MODEL = "random:tiny"
 ENGINE = dict(device="cpu", kv_cache_tokens=4096, max_num_seqs=8, max_model_len=2048)
@@ -30,23 +29,16 @@ TEXT = "The quick brown fox jumps over the lazy dog; naïve café, 東京."
 
 @pytest.fixture(scope="module")
 def server():
-    settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served(engine=ENGINE) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def small_server():
     """An API key, one sequence at a time and one waiting at most."""
     settings = ServerSettings(model_name=MODEL, api_key="sekrit", max_waiting=1)
-    llm = AsyncLLM(MODEL, **{**ENGINE, "max_num_seqs": 1}, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served(settings, {**ENGINE, "max_num_seqs": 1}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -436,21 +436,15 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 httpx = pytest.importorskip("httpx")
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server import ENGINE, MODEL, ThreadServer  # noqa: E402
+from test_server import MODEL, served  # noqa: E402
 
 SEEDS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
 def server():
-    from internvl_engine.engine.async_llm import AsyncLLM
-    from internvl_engine.server import ServerSettings
-    settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, **ENGINE, media_policy=settings.media_policy())
-    srv = ThreadServer(llm, settings)
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with served() as srv:
+        yield srv
 
 
 def schema_of(name: str) -> dict:
