@@ -281,3 +281,18 @@ def test_a_dashboard_built_for_vllm_finds_its_series(traffic):
 def test_prometheus_example_scrapes_metrics():
     text = (ROOT / "deploy/prometheus.yml").read_text()
     assert "metrics_path: /metrics" in text and "scrape_configs:" in text
+
+
+def test_requests_the_engines_death_ends_count_as_errors_once():
+    """A request still running when the engine dies ends with "error" and is counted so, once (n samples or one)."""
+    from internvl_engine import LLMEngine, SamplingParams
+    engine = LLMEngine(MODEL, device="cpu", kv_cache_tokens=2048, max_num_seqs=4)
+    engine.add_request("one", "hello", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("two", "hello", SamplingParams(max_tokens=50, ignore_eos=True, n=2))
+    engine.step()
+    stats = engine.output_processor.stats
+    before = dict(stats.finished)
+    engine.fail("a test killed the engine")
+    assert stats.finished["error"] - before["error"] == 2
+    assert sum(stats.finished.values()) - sum(before.values()) == 2
+    engine.shutdown()

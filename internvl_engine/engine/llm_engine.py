@@ -136,8 +136,7 @@ class LLMEngine:
         self._stage = Stage(self.faults)  # what the step is doing: named in a failed request's error
         self.features = ImageFeatures(self.runner, self.vision_cache, self.config.image_seq_length,
                                       lambda seqs: self._stage("vision", seqs))
-        self._requests: dict[str, Sequence] = {}  # request id -> its first sample
-        self._aborted: list[Sequence] = []
+        self._requests, self._aborted = {}, []  # request id -> its first sample; aborted heads not yet reported
         self._lock = threading.RLock()  # re-entrant: an abandoned stream may be collected (and abort) inside step()
         self.health = Health(self._lock, self.executor, self.device, self._finish_all)
         self.num_request_errors = self.num_isolation_splits = 0  # requests failed while running; steps rerun in halves
@@ -200,6 +199,7 @@ class LLMEngine:
             for s in head.group or [head]:
                 s.finish_reason, s.error = "error", dead
                 self.scheduler.remove(s)
+            self.output_processor.request_done(head)  # /metrics counts it as an error, once
         self._requests.clear()
         self._publish_stats()
 
