@@ -135,14 +135,15 @@ def test_logit_bias_forces_and_bans(client, server):
 
 
 @pytest.mark.parametrize("kw,param,says", [
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}), None,
-     "structured_outputs.json cannot be compiled"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}),
+     "response_format", "structured_outputs.json cannot be compiled"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format",
      "json_schema.schema"),
     (dict(response_format={"type": "structural_tag", "format": {}}), "response_format", "structural_tag"),
     (dict(response_format={"type": "yaml"}), "response_format", "'yaml'"),
-    (dict(extra_body={"guided_regex": "[a-"}), None, "structured_outputs.regex cannot be compiled"),
-    (dict(extra_body={"guided_grammar": "start: x y"}), None, "structured_outputs.grammar cannot be compiled"),
+    (dict(extra_body={"guided_regex": "[a-"}), "guided_regex", "structured_outputs.regex cannot be compiled"),
+    (dict(extra_body={"guided_grammar": "start: x y"}), "guided_grammar", "structured_outputs.grammar cannot be compiled"),
+    (dict(extra_body={"structured_outputs": {"regex": "[a-"}}), "structured_outputs", "regex cannot be compiled"),
     (dict(extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}), None, "exactly one of"),
     (dict(extra_body={"structured_outputs": {"structural_tag": "{}"}}), "structured_outputs", "structural_tag"),
     (dict(extra_body={"structured_outputs": {"json": {}, "no_such_key": 1}}), "structured_outputs", "no_such_key"),

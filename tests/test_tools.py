@@ -632,7 +632,8 @@ def test_parameters_the_grammar_cannot_compile_are_a_400(server, choice, tools):
     r = httpx.post(server.url + "/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
         "tools": strict(bad) if tools else bad, "tool_choice": choice})
-    assert r.status_code == 400 and "cannot be compiled" in r.json()["error"]["message"], r.text
+    err = r.json()["error"]
+    assert r.status_code == 400 and "cannot be compiled" in err["message"] and err["param"] == "tools", r.text
 
 
 def test_malformed_tool_message_is_a_400(server):

@@ -37,12 +37,13 @@ from starlette.requests import ClientDisconnect
 
 from .._version import __version__
 from ..settings import EngineConfigError, ServerSettings
-from ..errors import EngineDeadError
+from ..errors import EngineDeadError, StructuredOutputError
 from ..processor import prompt_opens_thinking
 from . import protocol as P
 from . import tokens as T
 from .headers import RequestIdMiddleware, config_fingerprint
 from .unsupported import refuse_unimplemented
+from .structured import constraint_param
 from .tools import template_variables
 from .metrics import STATUS_OUTCOME, HTTPMetricsMiddleware, ServerMetrics
 
@@ -347,6 +348,19 @@ class OpenAIServer:
                                   "(--max-prompt-chars)", code="prompt_too_long", param=param)
         P.check_unicode(prompts)
 
+    async def check_constraint(self, req, params) -> None:
+        """A constraint that does not compile is a 400 naming the request field it came from (the engine's intake
+        would refuse it too, but names it by its SamplingParams field); compiled off the event loop (a hostile schema
+        may take long) into the compiler's cache, which intake then reads."""
+        if params.structured_outputs is None:
+            return
+        compiler = self.llm.engine.inputs.structured.compiler
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, compiler.compile, params.structured_outputs)
+        except StructuredOutputError as e:
+            raise P.APIError(400, f"{constraint_param(req)}: {e}", code="StructuredOutputError",
+                             param=constraint_param(req)) from None
+
     def admit(self, count: int) -> None:
         self.llm.check_health()  # EngineDeadError -> 503
         cap = self.settings.max_waiting
@@ -498,6 +512,7 @@ class OpenAIServer:
                 prompts = P.chat_prompts(req)
                 self.check_size(prompts, "messages")
                 params = P.chat_sampling_params(req, self.settings.default_max_tokens)
+                await self.check_constraint(req, params)
                 prompts, reasoning = self.render_chat(req, prompts)
             else:
                 req = self.parse(P.CompletionRequest, await self.read_json(request))
@@ -506,6 +521,7 @@ class OpenAIServer:
                 self.check_size(prompts, "prompt")
                 T.check_token_prompts(prompts, self.llm.engine.config.text.vocab_size, self.llm.engine.max_model_len)
                 params = P.completion_sampling_params(req)
+                await self.check_constraint(req, params)
                 reasoning = None
                 echo = P.completion_echo(req, prompts, self.decode_ids)
             return await self.generate(request, kind, req, prompts, params, headers, reasoning,

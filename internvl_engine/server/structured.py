@@ -84,6 +84,17 @@ def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     return out
 
 
+def constraint_param(req: Any) -> str:
+    """The request field its compiled constraint came from: what a 400 names when the constraint does not compile."""
+    tools = getattr(req, "tool_settings", None)
+    if tools is not None and tools.structured_outputs() is not None:
+        return "tools"
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and _from_response_format(fmt) is not None:
+        return "response_format"
+    return next((name for name in GUIDED if getattr(req, name) is not None), "structured_outputs")
+
+
 def constraint_fields(req: Any) -> dict[str, Any]:
     """SamplingParams keywords (logit_bias, structured_outputs) from a request's fields."""
     kw: dict[str, Any] = {}
