@@ -93,15 +93,9 @@ class LLM:
         return list(conversations)
 
     def _rendered(self, conversation, chat_template_kwargs, add_generation_prompt: bool = True):
-        """The request as the engine takes it: a conversation rendered with chat_template_kwargs becomes the raw
-        prompt it encodes to (Processor.render_request), since the engine's intake renders without variables."""
-        if chat_template_kwargs is None:
-            return conversation
-        if isinstance(conversation, dict):
-            raise PromptError("chat_template_kwargs apply to a conversation, not to a raw prompt")
-        if isinstance(conversation, str):
-            conversation = [{"role": "user", "content": conversation}]
-        return self.engine.processor.render_request(conversation, chat_template_kwargs, add_generation_prompt)
+        """The request as the engine takes it: rendered with chat_template_kwargs (the engine's intake renders
+        without variables)."""
+        return self.engine.processor.with_template_variables(conversation, chat_template_kwargs, add_generation_prompt)
 
     def _sequences(self, conversations, params, output_kind: str | None = None,
                    chat_template_kwargs: dict | None = None) -> list[Sequence]:

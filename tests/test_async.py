@@ -145,3 +145,32 @@ def test_llm_generate_from_several_threads():
 
     _run_threads(worker, 4)
     assert not errors and all(results[t] == ref for t in range(4))
+
+
+def test_generate_takes_template_variables_as_llm_does(engine):
+    """AsyncLLM.generate's chat_template_kwargs render as LLM.generate's (offered tools here: the prompt grows by
+    the tools block); a raw prompt takes none, and a model without a thinking mode refuses enable_thinking."""
+    from internvl_engine import LLM
+    from internvl_engine.errors import PromptError
+    tools = [{"type": "function", "function": {"name": "now", "description": "The time.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    conv = [{"role": "user", "content": "What time is it?"}]
+    params = SamplingParams(max_tokens=3)
+
+    async def run(request, kwargs):
+        async for out in engine.generate(request, params, chat_template_kwargs=kwargs):
+            last = out
+        return last
+
+    with_tools = asyncio.run(run(conv, {"tools": tools}))
+    plain = asyncio.run(run(conv, None))
+    offline = LLM("random:tiny", device="cpu", kv_cache_tokens=1024)
+    try:
+        want = offline.generate(conv, params, chat_template_kwargs={"tools": tools})[0]
+    finally:
+        offline.shutdown()
+    assert with_tools.prompt_token_ids == want.prompt_token_ids and with_tools.token_ids == want.token_ids
+    assert len(with_tools.prompt_token_ids) > len(plain.prompt_token_ids)
+    for request, kwargs in (({"prompt": "hi"}, {"tools": tools}), (conv, {"enable_thinking": True})):
+        with pytest.raises(PromptError):
+            asyncio.run(run(request, kwargs))

@@ -335,17 +335,18 @@ class AsyncLLM:
         """Raises EngineDeadError (saying why) once the engine or its loop thread is dead, or after shutdown()."""
         self._loop.check_health()
 
-    async def generate(self, conversation, params=None, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, conversation, params=None, request_id: str | None = None,
+                       chat_template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput]:
         """RequestOutput snapshots of one request; a request that fails while running raises its
         RequestFailedError here, a dead or shut down engine EngineDeadError. A consumer that leaves outputs untaken
-        for consumer_timeout_s gets RequestFailedError (cause SlowConsumerError) and its request is aborted."""
+        for consumer_timeout_s gets RequestFailedError (cause SlowConsumerError) and its request is aborted.
+        chat_template_kwargs: template variables (enable_thinking, tools), as LLM.generate takes them."""
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         kind = params.output_kind if isinstance(params, SamplingParams) else "cumulative"
         channel = _Channel(loop, kind)
         req = self._loop.register(request_id, channel.put, channel)
-        self._start_in_pool(loop, req, conversation, params, channel)
+        self._start_in_pool(loop, req, conversation, params, channel, chat_template_kwargs)
         finished = False
         try:
             while not finished:
@@ -365,13 +366,14 @@ class AsyncLLM:
             if not finished:  # cancelled, or the consumer stopped iterating
                 self._loop.abort_request(req)
 
-    def _start_in_pool(self, loop, req, conversation, params, channel: _Channel) -> None:
+    def _start_in_pool(self, loop, req, conversation, params, channel: _Channel, chat_template_kwargs=None) -> None:
         """Add the request on a pool thread: preprocessing (image decoding, URL fetches) and the engine lock stay off
         the caller's event loop, and requests with media wait in their own pool. An error reaches the consumer
         through its channel, like any other output."""
         def start():
             try:
-                self._loop.start(req, conversation, params)
+                request = self.engine.processor.with_template_variables(conversation, chat_template_kwargs)
+                self._loop.start(req, request, params)
             except BaseException as e:
                 try:
                     channel.put(e)

@@ -233,6 +233,18 @@ class Processor:
                 "images": self._merge_media("image", [s for k, s in media if k == "image"], []),
                 "videos": self._merge_media("video", [s for k, s in media if k == "video"], [])}
 
+    def with_template_variables(self, request, chat_template_kwargs: Mapping | None,
+                                add_generation_prompt: bool = True):
+        """A front end's request as the engine takes it: unchanged without chat_template_kwargs, else the
+        conversation (a string is one user message) rendered by render_request; a raw prompt takes none."""
+        if chat_template_kwargs is None:
+            return request
+        if isinstance(request, dict):
+            raise PromptError("chat_template_kwargs apply to a conversation, not to a raw prompt")
+        if isinstance(request, str):
+            request = [{"role": "user", "content": request}]
+        return self.render_request(request, chat_template_kwargs, add_generation_prompt)
+
     def _render(self, messages, add_generation_prompt: bool, chat_template_kwargs: Mapping | None = None) -> str:
         messages, variables = self._thinking(messages, _template_variables(chat_template_kwargs))
         return self.template.render(
