@@ -5,9 +5,9 @@ Per row, in vLLM's order: the raw logits' fp32 log-softmax gives the logprobs; l
 output's grammar masks the tokens it does not allow (or, on a CPU, checks the drawn token and draws a refused one
 again from the masked row: Sampler); min_tokens masks the stop tokens; repetition (prompt and output), frequency
 and presence (output) penalties; then greedy argmax (ties to the lowest id, as transformers), or temperature ->
-min_p -> top_k -> top_p and a draw (a seeded request's from its own generator). Each step runs on all rows at once, as [B] parameters over the [B, V] logits, yet reads only a row's
-own values for that row, so a request's tokens do not depend on what it is batched with. Rows that ask for none of
-it cost nothing."""
+min_p -> top_k -> top_p and a draw (a seeded request's from its own generator). Each step runs on all rows at
+once, as [B] parameters over the [B, V] logits, yet reads only a row's own values for that row, so a request's
+tokens do not depend on what it is batched with. Rows that ask for none of it cost nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -82,20 +82,23 @@ class StructuredOutputsParams:
             bad(f"json_object must be a boolean, got {_short(self.json_object)}")
         if self.whitespace_pattern is not None and self.json is None and not self.json_object:
             bad("whitespace_pattern applies to json and json_object only")
-        if self.size() > MAX_GRAMMAR_CHARS:
-            bad(f"the constraint has {self.size()} characters, over the {MAX_GRAMMAR_CHARS} limit "
+        size = self.size()
+        if size > MAX_GRAMMAR_CHARS:
+            bad(f"the constraint has {size} characters, over the {MAX_GRAMMAR_CHARS} limit "
                 "(sampling.MAX_GRAMMAR_CHARS)")
 
     def size(self) -> int:
-        text = self.json if isinstance(self.json, str) or self.json is None else _json_text(self.json)
-        return sum(len(x) for x in (text or "", self.regex or "", self.grammar or "", self.whitespace_pattern or "")) \
-            + sum(len(c) + 1 for c in self.choice or ())
+        return sum(len(x) for x in (self._json_text() or "", self.regex or "", self.grammar or "",
+                                    self.whitespace_pattern or "")) + sum(len(c) + 1 for c in self.choice or ())
 
     def key(self) -> tuple:
         """What identifies the compiled grammar (its cache key)."""
-        text = self.json if isinstance(self.json, str) or self.json is None else _json_text(self.json)
-        return (text, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object,
-                self.whitespace_pattern)
+        return (self._json_text(), self.regex, tuple(self.choice) if self.choice else None, self.grammar,
+                self.json_object, self.whitespace_pattern)
+
+    def _json_text(self) -> str | None:
+        """json as text: a dict serialised canonically (sorted keys, compact), so equal schemas share a key."""
+        return self.json if isinstance(self.json, str) or self.json is None else _json_text(self.json)
 
 
 def _json_text(value) -> str:

@@ -9,9 +9,9 @@ tool_choice, as this server reads it:
 - "auto" (the default when tools are offered): the text is free (or, when a tool is strict, OpenAI's
   function.strict, held by ToolSettings.auto_grammar to text followed by well-formed calls) and parsed the hermes
   way the prompt asked for (processor/tools.py): each <tool_call>{"name": ..., "arguments": {...}}</tool_call>
-  block naming an offered tool becomes a call; a block that is not such JSON, names no offered tool, or is cut off stays content, as does the
-  text around the calls (the whitespace between calls and tags dropped); with parallel_tool_calls false only the
-  first call is one, later blocks stay content;
+  block naming an offered tool becomes a call; a block that is not such JSON, names no offered tool, or is cut
+  off stays content, as does the text around the calls (the whitespace between calls and tags dropped); with
+  parallel_tool_calls false only the first call is one, later blocks stay content;
 - "required": the text is constrained to a JSON array of {"name": <an offered tool>, "arguments": <its parameters>}
   (one element when parallel_tool_calls is false), as vLLM constrains it; each element becomes a call;
 - {"type": "function", "function": {"name": ...}}: the text is constrained to that tool's arguments object.
