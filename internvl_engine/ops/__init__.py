@@ -27,9 +27,10 @@ from .checks import fail
 from .ext_ops import load_extension, paged_split_tokens
 from .ref import (awq_gemm_ref, flash_attention_ref, fp8_gemm_ref, layer_norm_ref, paged_attention_ref,
                   pixel_shuffle_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
+from .ref import fused_moe_ref
 
 OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention",
-       "awq_gemm", "fp8_gemm")
+       "awq_gemm", "fp8_gemm", "fused_moe")
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 # the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
@@ -45,7 +46,10 @@ AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attent
                                               # W4A16 and FP8: no device run has exercised the Triton W4A16
                                               # kernel yet, so CUDA dequantizes then multiplies (backend="triton"
                                               # opts in)
-                                              "awq_gemm": "torch", "fp8_gemm": "torch"}}
+                                              "awq_gemm": "torch", "fp8_gemm": "torch",
+                                              # the Triton MoE kernel is opt-in until a device run shows it
+                                              # equal to the oracle and faster than torch's grouped experts
+                                              "fused_moe": "torch"}}
 
 
 def _module(name: str):
@@ -119,6 +123,7 @@ class OpTable:
         self.paged_attention = _bind("paged_attention", self.binding["paged_attention"])
         self.awq_gemm = _bind("awq_gemm", self.binding["awq_gemm"])
         self.fp8_gemm = _bind("fp8_gemm", self.binding["fp8_gemm"])
+        self.fused_moe = _bind("fused_moe", self.binding["fused_moe"])
 
     @classmethod
     def resolve(cls, name: str, device="cpu") -> "OpTable":
@@ -162,6 +167,7 @@ flash_attention = _Dispatch("flash_attention")
 paged_attention = _Dispatch("paged_attention")
 awq_gemm = _Dispatch("awq_gemm")
 fp8_gemm = _Dispatch("fp8_gemm")
+fused_moe = _Dispatch("fused_moe")
 
 
 def use(name: str, device="cpu") -> None:

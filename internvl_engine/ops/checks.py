@@ -201,3 +201,26 @@ def fp8_gemm(x, weight, weight_scale, bias=None):
         tensor(op, "bias", bias, ndim=1, dtype=FLOAT_DTYPES, device=x.device)
         if bias.shape[0] != weight.shape[0]:
             fail(op, f"bias must have {weight.shape[0]} elements, got {_desc(bias)}")
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids):
+    """Shapes only: whether every id lies in [0, E) is data (a backend that reads the ids on the host raises, the
+    Triton kernel drops such slots: ops/moe_ops.py, kernels/fused_moe.py)."""
+    op = "fused_moe"
+    tensor(op, "x", x, ndim=2, dtype=FLOAT_DTYPES)
+    tensor(op, "w13", w13, ndim=3, dtype=x.dtype, device=x.device)
+    tensor(op, "w2", w2, ndim=3, dtype=x.dtype, device=x.device)
+    tensor(op, "topk_weights", topk_weights, ndim=2, dtype=torch.float32, device=x.device)
+    tensor(op, "topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64), device=x.device)
+    t, hd = x.shape
+    e, f2 = w13.shape[:2]
+    if e == 0 or hd == 0 or f2 == 0 or f2 % 2 or w13.shape[2] != hd:
+        fail(op, f"w13 must be [E, 2F, {hd}] with E, F >= 1 (gate rows, then up rows) for x {_desc(x)}, got "
+                 f"{_desc(w13)}")
+    if tuple(w2.shape) != (e, hd, f2 // 2):
+        fail(op, f"w2 must be [E, Hd, F] = {(e, hd, f2 // 2)} for w13 {tuple(w13.shape)}, got {_desc(w2)}")
+    if topk_ids.shape[0] != t or topk_weights.shape != topk_ids.shape:
+        fail(op, f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must both be "
+                 f"[{t}, k] (one row per token of x)")
+    if not 1 <= topk_ids.shape[1] <= e:
+        fail(op, f"k (topk_ids.shape[1] = {topk_ids.shape[1]}) must lie in [1, E = {e}]")

@@ -16,3 +16,4 @@ if _C is not None:
     write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  no C++ kernel: dequantize, then matmul
+from .moe_ops import fused_moe  # noqa: E402,F401  placeholder until csrc/cpu/fused_moe.cpp lands

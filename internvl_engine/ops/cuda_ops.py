@@ -27,3 +27,4 @@ if _C is not None and getattr(_C, "CUDA_KERNELS", False):
     write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  no CUDA kernel yet: dequantize, then matmul (FP8: _scaled_mm)
+from .moe_ops import fused_moe  # noqa: E402,F401  no CUDA kernel: torch's ops grouped by expert (host sync)

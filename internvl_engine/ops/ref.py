@@ -145,3 +145,20 @@ def fp8_gemm_ref(x, weight, weight_scale, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ mixture of experts (issue 27)
+def fused_moe_ref(x, w13, w2, topk_weights, topk_ids):
+    """Routed SwiGLU experts: x [T, Hd], w13 [E, 2F, Hd] (gate rows then up rows), w2 [E, Hd, F], topk_weights
+    [T, k] fp32, topk_ids [T, k] -> y [T, Hd],
+        y[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x[t]) * (up_e x[t])),  e = topk_ids[t, j],
+    summed in j order, all in fp32, cast to x's dtype once."""
+    f = w2.shape[2]
+    xf, w13f, w2f = x.float(), w13.float(), w2.float()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t, ids in enumerate(topk_ids.tolist()):
+        for j, e in enumerate(ids):
+            gate_up = w13f[e] @ xf[t]
+            h = torch.nn.functional.silu(gate_up[:f]) * gate_up[f:]
+            y[t] += topk_weights[t, j].float() * (w2f[e] @ h)
+    return y.to(x.dtype)

@@ -81,3 +81,4 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
     return _sdpa(q[:, None], k, v, scale, causal=False, mask=valid[:, None, None, :])[:, 0]
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  dequantize, then matmul
+from .moe_ops import fused_moe  # noqa: E402,F401  transformers' op sequence, grouped by expert

@@ -10,6 +10,7 @@ import os
 import torch
 
 from .ext_ops import paged_split_tokens
+from .moe_ops import fused_moe  # noqa: F401  placeholder until kernels/fused_moe.py lands
 
 
 def unavailable() -> str | None:
