@@ -12,6 +12,10 @@ persistent device buffers, and a step only copies its inputs into those buffers 
 - Inputs travel as one asynchronous copy per dtype from pinned host staging. The staging is overwritten only at the
   next step, after the runner has waited for this step's results (stream order), so it is never in use.
 - Graphs of the batch ladder at the first context bucket are captured at start; other buckets at their first use.
+- With `sample=True` (EngineConfig.decode_path "fused") the graph also samples (graph_sampler.py): a step whose rows
+  it can sample copies back only their [n] tokens, so a step is three input copies, one replay and one small copy.
+  Each bucket then has two graphs: argmax alone ("greedy", captured at start; its logits serve the steps whose rows
+  need the eager sampler) and the full sampler ("sample", at first use: it sorts the whole vocabulary a row).
 
 The vision tower is the same story at TTFT: 24 layers of about a dozen kernels each, around 350 launches per image
 chunk whatever its size. VisionGraphs captures the tower, pixel shuffle and projector once per tile count (1 to the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.attention import AttentionMetadata
+from . import graph_sampler
 
 FIRST_CONTEXT_TOKENS = 1024
 
@@ -52,11 +57,13 @@ class _Emulated:
         self.fn, self.out = fn, fn()
 
     def replay(self):
-        self.out.copy_(self.fn())
+        new = self.fn()
+        for out, value in zip(*((self.out, new) if isinstance(new, tuple) else ((self.out,), (new,)))):
+            out.copy_(value)
 
 
 def capture(fn, device: torch.device, pool, emulate: bool):
-    """(graph, its output tensor) for `fn`, a forward over persistent buffers."""
+    """(graph, its output: a tensor or a tuple of them) for `fn`, a forward over persistent buffers."""
     if emulate:
         g = _Emulated(fn)
         return g, g.out
@@ -74,25 +81,31 @@ def capture(fn, device: torch.device, pool, emulate: bool):
 
 
 class DecodeGraphs:
-    def __init__(self, runner, cache, max_batch: int, max_blocks: int, emulate: bool = False):
+    def __init__(self, runner, cache, max_batch: int, max_blocks: int, emulate: bool = False,
+                 sample: bool = False):
         self.runner, self.cache, self.emulate = runner, cache, emulate
         self.batches = batch_ladder(max_batch)
         self.widths = context_ladder(max_blocks, runner.block_size)
         self.max_batch, self.max_blocks = max_batch, max_blocks
         dev, pin = runner.device, runner.device.type == "cuda"
-        # int64 rows: input ids, positions, slots; int32: seq_lens then the block table ([b, w] row-major)
-        self.host64 = torch.zeros(3, max_batch, dtype=torch.int64, pin_memory=pin)
+        # int64 rows: input ids, positions, slots, top_k; int32: seq_lens then the block table ([b, w] row-major);
+        # fp32 rows: temperature, top_p, min_p (the sampler's rows are staged only when it is in the graph)
+        self.host64 = torch.zeros(4 if sample else 3, max_batch, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.hostf = torch.zeros(3 if sample else 0, max_batch, dtype=torch.float32, pin_memory=pin)
         self.dev64 = torch.zeros_like(self.host64, device=dev)
         self.dev32 = torch.zeros_like(self.host32, device=dev)
-        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.devf = torch.zeros_like(self.hostf, device=dev)
+        self.np64, self.np32, self.npf = self.host64.numpy(), self.host32.numpy(), self.hostf.numpy()
+        self.sample = sample
         self.pool = None if emulate else torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], object] = {}
+        self.graphs: dict[tuple[int, int], object] = {}  # sample: keyed (b, w, "greedy" | "sample")
         self.replays = 0  # decode steps served from a graph (tests and the harness read it)
+        self.sampled = 0  # of them, steps whose tokens the graph sampled
 
     def capture_start(self) -> None:
         for b in reversed(self.batches):  # largest first: smaller graphs reuse its memory pool
-            self._capture(b, self.widths[0])
+            self._capture(b, self.widths[0], "greedy" if self.sample else None)
 
     def bucket(self, n: int, blocks: int) -> tuple[int, int] | None:
         if n > self.max_batch or blocks > self.max_blocks:
@@ -107,19 +120,45 @@ class DecodeGraphs:
         hidden = self.runner.model(self.dev64[0, :b], self.dev64[1, :b], meta)
         return self.runner.model.compute_logits(hidden).float()
 
+    def _graphed(self, b: int, w: int, mode: str | None):
+        """What a graph computes: the logits (mode None), or (tokens, logits) by argmax ("greedy") or by the graph
+        sampler over the staged rows ("sample")."""
+        if mode is None:
+            return lambda: self._forward(b, w)
+        if mode == "greedy":
+            def fn():
+                logits = self._forward(b, w)
+                return graph_sampler.greedy(logits), logits
+            return fn
+        params = self.devf[0, :b], self.dev64[3, :b], self.devf[1, :b], self.devf[2, :b]
+
+        def fn():
+            logits = self._forward(b, w)
+            return graph_sampler.sample(logits, *params), logits
+        return fn
+
     def _stage_padding(self, b: int, w: int, n: int = 0) -> None:
         self.np64[:, n:b] = 0
         self.np64[2, n:b] = -1
         self.np32[n:b] = 1
         m = self.max_batch
         self.np32[m + n * w:m + b * w] = 0
+        if self.sample:
+            graph_sampler.stage_padding(*self._sampler_staging(b), n)
+
+    def _sampler_staging(self, b: int):
+        """Host staging views of the sampler's rows: temperature, top_p, min_p, top_k."""
+        return self.npf[0, :b], self.npf[1, :b], self.npf[2, :b], self.np64[3, :b]
+
+    def _key(self, b: int, w: int, mode: str | None):
+        return (b, w) if mode is None else (b, w, mode)
 
     @torch.inference_mode()
-    def _capture(self, b: int, w: int):
+    def _capture(self, b: int, w: int, mode: str | None):
         self._stage_padding(b, w)
         self._upload(b, w)
-        g, out = capture(lambda: self._forward(b, w), self.runner.device, self.pool, self.emulate)
-        self.graphs[(b, w)] = g, out
+        g, out = capture(self._graphed(b, w, mode), self.runner.device, self.pool, self.emulate)
+        self.graphs[self._key(b, w, mode)] = g, out
         return g, out
 
     # ------------------------------------------------------------------ a step
@@ -127,12 +166,33 @@ class DecodeGraphs:
         self.dev64.copy_(self.host64, non_blocking=True)
         k = self.max_batch + b * w
         self.dev32[:k].copy_(self.host32[:k], non_blocking=True)
+        if self.sample:
+            self.devf.copy_(self.hostf, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, key: tuple[int, int], step) -> torch.Tensor:
         """fp32 logits [n, V] of one decode StepInput through the graph for `key` (from bucket())."""
+        mode = "greedy" if self.sample else None
+        out = self._replay(key, step, mode)
+        return (out[1] if self.sample else out)[:len(step.input_ids)]
+
+    @torch.inference_mode()
+    def sample_step(self, key: tuple[int, int], step) -> torch.Tensor | None:
+        """Tokens [n] (long, on the device) of one decode StepInput, sampled inside the graph for `key`; None when
+        graphs do not sample or its rows need the eager sampler (graph_sampler.fits): then run() and sample."""
+        rows, n = step.sampling, len(step.input_ids)
+        if not (self.sample and graph_sampler.fits(rows, n)):
+            return None
+        mode = "sample" if graph_sampler.needs_draw(rows) else "greedy"
+        tokens = self._replay(key, step, mode, rows)[0]
+        self.sampled += 1
+        return tokens[:n]
+
+    def _replay(self, key: tuple[int, int], step, mode: str | None, rows=None):
+        """The output of the graph for `key` and `mode` replayed over the step's inputs (and, mode "sample", the
+        sampling rows')."""
         b, w = key
-        g, out = self.graphs.get(key) or self._capture(b, w)
+        g, out = self.graphs.get(self._key(b, w, mode)) or self._capture(b, w, mode)
         n, m = len(step.input_ids), self.max_batch
         self.np64[0, :n], self.np64[1, :n], self.np64[2, :n] = step.input_ids, step.positions, step.slots
         self.np32[:n] = step.seq_lens
@@ -142,10 +202,12 @@ class DecodeGraphs:
             table[i, :k] = row[:k]
             table[i, k:] = 0
         self._stage_padding(b, w, n)
+        if mode == "sample":
+            graph_sampler.stage(rows, self.runner.model.config.text.vocab_size, *self._sampler_staging(b))
         self._upload(b, w)
         g.replay()
         self.replays += 1
-        return out[:n]
+        return out
 
 
 class VisionGraphs:

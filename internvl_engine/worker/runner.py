@@ -65,11 +65,12 @@ class ModelRunner:
         return 2 * t.num_hidden_layers * self.model.num_kv_heads * t.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def enable_graphs(self, cache: KVCache, max_batch: int, max_blocks: int, emulate: bool = False,
-                      vision: bool = True) -> None:
+                      vision: bool = True, sample: bool = False) -> None:
         """Capture decode graphs for the batch ladder up to max_batch over `cache` (the runner's pool), and (vision)
-        let the vision tower run from graphs captured per tile count at first use (emulate: CPU tests)."""
+        let the vision tower run from graphs captured per tile count at first use (emulate: CPU tests). sample:
+        the graphs sample too (worker/graph_sampler.py), so such a step copies back its tokens alone."""
         assert cache is self.cache, "graphs run over the runner's own pool"
-        self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate)
+        self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate, sample)
         self.graphs.capture_start()
         self.vision_graphs = VisionGraphs(self, VISION_CHUNK_TILES, emulate) if vision else None
 
@@ -125,6 +126,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         """One step: the forward, then its sampling rows sampled and its results on the host (StepOutput)."""
+        key = self._graph_key(step)
+        tokens = None if key is None else self.graphs.sample_step(key, step)
+        if tokens is not None:  # sampled inside the graph: its tokens are the step's one copy
+            n = len(tokens)
+            return StepOutput(self.to_host(tokens).tolist(), [None] * n, [None] * n, [])
         return finish_step(self._logits(step), step, self.sampler, self.to_host)
 
     @torch.inference_mode()
@@ -137,10 +143,9 @@ class ModelRunner:
     def _logits(self, step: StepInput) -> torch.Tensor | None:
         """fp32 logits [len(logits_rows), V] of one forward on the device (every row when logits_rows is None;
         None when it is empty, and on a tensor-parallel worker, which has no lm_head output)."""
-        if not step.is_prefill and self.graphs is not None:
-            key = self.graphs.bucket(len(step.input_ids), len(step.block_tables[0]))
-            if key is not None and not (self.dynamic_rope and max(step.seq_lens) > self.max_pos):
-                return self.graphs.run(key, step)
+        key = self._graph_key(step)
+        if key is not None:
+            return self.graphs.run(key, step)
         hidden = self._forward(step)
         if step.logits_rows is not None:
             if not step.logits_rows:
@@ -148,6 +153,13 @@ class ModelRunner:
             hidden = hidden[self._tensor(step.logits_rows, torch.int64)]
         logits = self.model.compute_logits(hidden)  # None on a tensor-parallel worker: the driver samples
         return None if logits is None else logits.float()
+
+    def _graph_key(self, step: StepInput) -> tuple[int, int] | None:
+        """The decode graph bucket a step runs in, or None: eager (a prefill, no graphs, too large, or dynamic-NTK
+        RoPE past the trained range, whose per-token lengths a graph's metadata does not carry)."""
+        if step.is_prefill or self.graphs is None or (self.dynamic_rope and max(step.seq_lens) > self.max_pos):
+            return None
+        return self.graphs.bucket(len(step.input_ids), len(step.block_tables[0]))
 
     @staticmethod
     def check(step: StepInput) -> None:
