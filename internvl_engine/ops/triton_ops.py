@@ -10,7 +10,6 @@ import os
 import torch
 
 from .ext_ops import paged_split_tokens
-from .moe_ops import fused_moe  # noqa: F401  placeholder until kernels/fused_moe.py lands
 
 
 def unavailable() -> str | None:
@@ -27,7 +26,8 @@ def __getattr__(name):
     # the kernels are imported on first use: importing triton costs a second, and most processes never need it
     family = {"rms_norm": "norm", "layer_norm": "norm", "pixel_shuffle": "pixel_shuffle", "rotary": "rotary",
               "write_kv_cache": "kv_cache", "flash_attention": "flash_attention",
-              "paged_attention": "paged_attention", "awq_gemm": "awq_gemm", "fp8_gemm": "fp8_gemm"}.get(name)
+              "paged_attention": "paged_attention", "awq_gemm": "awq_gemm", "fp8_gemm": "fp8_gemm",
+              "fused_moe": "fused_moe"}.get(name)
     if family is None:
         raise AttributeError(name)
     kernel = getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)
