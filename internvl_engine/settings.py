@@ -18,6 +18,7 @@ from .processor.media import MediaPolicy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DECODE_PATHS = ("default", "fused")  # EngineConfig.decode_path
 
 
 class EngineConfigError(InternVLEngineError, ValueError):
@@ -77,6 +78,10 @@ class EngineConfig:
     vision_graphs: bool = setting(  # opt-in until a device run shows them equal
         False, flag="--vision-graphs",
         help="the vision tower from CUDA graphs (opt-in until a device run shows them equal to eager)")
+    decode_path: str = setting(  # opt-in until a device run measures it (issue 3.6)
+        "default", flag="--decode-path", metavar="P",
+        help="decode forward: default, or fused (batches of 1-8; with CUDA graphs the sampler runs inside the "
+             "decode graph); fused is opt-in until a device run measures it")
     tensor_parallel_size: int = setting(
         1, flag="--tensor-parallel-size", metavar="N",
         help="ranks the language model is sharded over (parallel.py, worker/); one process per rank, or torchrun's "
@@ -121,6 +126,8 @@ class EngineConfig:
         if self.quant_backend is not None and self.quant_backend not in ("torch", "cpp", "triton", "cuda"):
             raise EngineConfigError(f"quant_backend must be None or one of torch, cpp, triton, cuda; got "
                                     f"{self.quant_backend!r}")
+        if self.decode_path not in DECODE_PATHS:
+            raise EngineConfigError(f"decode_path must be one of {', '.join(DECODE_PATHS)}; got {self.decode_path!r}")
         if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype {self.dtype!r} is not supported; use one of auto, {sorted(DTYPES)}")
 

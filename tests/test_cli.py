@@ -292,7 +292,7 @@ def test_serve_flags_give_the_settings_the_hand_written_flags_gave(monkeypatch):
     assert settings == expected
     assert engine == dict(
         dtype="bfloat16", device="cpu", backend="torch", quant_backend=None, enforce_eager=True, vision_graphs=False,
-        max_model_len=512, kv_cache_tokens=4096, gpu_memory_utilization=0.5, max_num_seqs=8,
+        decode_path="default", max_model_len=512, kv_cache_tokens=4096, gpu_memory_utilization=0.5, max_num_seqs=8,
         max_num_batched_tokens=1024, enable_prefix_caching=False, media_policy=expected.media_policy(),
         tensor_parallel_size=2, tensor_parallel_timeout_s=11.0, consumer_timeout_s=None)
     assert isinstance(engine["media_policy"], MediaPolicy) and engine["media_policy"].max_download_bytes == 999

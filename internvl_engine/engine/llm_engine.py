@@ -130,7 +130,7 @@ class LLMEngine:
         self.enforce_eager = cfg.enforce_eager or self.device.type != "cuda" or cfg.tensor_parallel_size > 1
         if not self.enforce_eager:  # decode graphs for the batch ladder, over this pool (worker/cuda_graphs.py)
             self.runner.enable_graphs(self.cache, cfg.max_num_seqs, -(-self.max_model_len // cfg.block_size),
-                                      vision=cfg.vision_graphs)
+                                      vision=cfg.vision_graphs, sample=cfg.decode_path == "fused")
         self.vision_cache = _vision_cache(cfg, self.device)
         self.faults = FaultInjector()   # the fault-injection test hook (faults.py); empty in service
         self._stage = Stage(self.faults)  # what the step is doing: named in a failed request's error
