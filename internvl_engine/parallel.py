@@ -40,9 +40,14 @@ def _shard_problem(text, n: int) -> str | None:
     if hk % n and n % hk:
         return (f"tensor_parallel_size {n} cannot shard num_key_value_heads {hk}: neither "
                 f"num_key_value_heads % {n} = {hk % n} nor {n} % num_key_value_heads = {n % hk} is 0")
-    if inter % n:
+    moe = text.moe_layers
+    if len(moe) < text.num_hidden_layers and inter % n:  # a dense MLP in some layer
         return (f"tensor_parallel_size {n} does not divide intermediate_size {inter} "
                 f"(intermediate_size % {n} = {inter % n})")
+    if moe and text.moe_intermediate_size % n:  # each expert's width is split like the dense MLP's (models/moe.py)
+        f = text.moe_intermediate_size
+        return (f"tensor_parallel_size {n} does not divide moe_intermediate_size {f} (each expert's width; "
+                f"moe_intermediate_size % {n} = {f % n})")
     return None
 
 

@@ -70,7 +70,7 @@ def test_qwen2_config_keeps_its_biases():
 
 
 @pytest.mark.parametrize("text,match", [
-    (dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"]), r"text_config\.model_type 'qwen3_moe'"),
+    (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]), r"text_config\.model_type 'qwen2_moe'"),
     (dict(model_type="gpt_oss"), r"text_config\.model_type 'gpt_oss'"),
     (dict(model_type="internlm2", architectures=["InternLM2ForCausalLM"]), r"text_config\.model_type 'internlm2'"),
     (dict(model_type="llama", architectures=["MixtralForCausalLM"]),

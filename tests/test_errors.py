@@ -212,7 +212,7 @@ def test_unsupported_model_type(ckpt, tmp_path, serves):
     serves()
 
 
-@pytest.mark.parametrize("model_type,arch", [("qwen3_moe", "Qwen3MoeForCausalLM"), ("gpt_oss", "GptOssForCausalLM"),
+@pytest.mark.parametrize("model_type,arch", [("qwen2_moe", "Qwen2MoeForCausalLM"), ("gpt_oss", "GptOssForCausalLM"),
                                              ("internlm2", "InternLM2ForCausalLM")])
 def test_unsupported_language_model(ckpt, tmp_path, serves, model_type, arch):
     """A decoder family this engine does not implement names the field and lists the ones it does."""

@@ -344,8 +344,8 @@ def test_internlm_configs_read_as_the_converters_llama():
 
 
 @pytest.mark.parametrize("llm,match", [
-    ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"},
-     r"llm_config\.architectures \['Qwen3MoeForCausalLM'\].*InternLM2ForCausalLM"),
+    ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"},
+     r"llm_config\.architectures \['Qwen2MoeForCausalLM'\].*InternLM2ForCausalLM"),
     ({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"},
      r"llm_config\.architectures.*Qwen3ForCausalLM"),
     ({"architectures": ["Phi3ForCausalLM"]}, r"llm_config\.architectures \['Phi3ForCausalLM'\]"),

@@ -64,6 +64,25 @@ class TextConfig:
     o_proj_bias: bool = False  # Llama and Qwen3: attention_bias covers o_proj too
     mlp_bias: bool = False  # Llama's mlp_bias (gate, up and down)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before RoPE
+    # Mixture of experts (Qwen3-MoE; the defaults are transformers' Qwen3MoeConfig's): num_experts routed SwiGLU
+    # experts of width moe_intermediate_size, num_experts_per_tok of them a token, their softmax weights renormalised
+    # to sum to 1 when norm_topk_prob. Which layers are sparse: is_moe_layer. num_experts 0: a dense decoder.
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer i holds the routed experts (else the dense MLP of intermediate_size), by
+        transformers' Qwen3MoeDecoderLayer rule: not listed in mlp_only_layers, and every decoder_sparse_step-th
+        layer counting from 1."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
 @dataclass
@@ -119,6 +138,10 @@ class ModelConfig:
                 "expected an InternVL checkpoint ('internvl' or 'internvl_chat')")
         _validate(cfg, where)
         cfg.quant = _quant_config(fields)
+        if cfg.quant is not None and cfg.text.moe_layers:
+            # the quantized linear methods (quant/) cover 2-D linears; the experts are one 3-D weight per layer
+            raise UnsupportedModelError(f"{where}: a quantized ({cfg.quant.method}) mixture-of-experts checkpoint is "
+                                        "not supported: the routed experts are read as dense weights only")
         cfg.source = where
         return cfg
 
@@ -189,6 +212,10 @@ CONFIG_LIMITS = {
     "min_dynamic_patch": 1024,
     "max_dynamic_patch": 1024,
     "force_image_size": 4096,
+    "num_experts": 4096,  # the MoE releases route over 128 experts
+    "num_experts_per_tok": 4096,
+    "moe_intermediate_size": 262144,
+    "decoder_sparse_step": 1024,
 }
 
 
@@ -286,11 +313,15 @@ TEXT_FAMILIES = {
     # whose architectures (InternLM3ForCausalLM / InternLM2ForCausalLM) it keeps
     "llama": ("LlamaForCausalLM", "InternLM3ForCausalLM", "InternLM2ForCausalLM"),
     "qwen3": ("Qwen3ForCausalLM",),
+    # InternVL3.5-30B-A3B and -241B-A28B: Qwen3's attention, routed experts in the MLP (TextConfig.is_moe_layer)
+    "qwen3_moe": ("Qwen3MoeForCausalLM",),
 }
 _FAMILY_DEFAULTS = {
     "qwen2": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645),
     "llama": dict(head_dim=None, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
     "qwen3": dict(head_dim=128, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
+    # Qwen3MoeConfig has no head_dim default: Qwen3MoeAttention takes hidden_size / heads unless the file states one
+    "qwen3_moe": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
 }
 
 
@@ -298,11 +329,25 @@ def _supported_families() -> str:
     return ", ".join(f"{mt} ({'/'.join(archs)})" for mt, archs in TEXT_FAMILIES.items())
 
 
+def _gpt_oss_refusal(f: _Fields, key: str, value) -> UnsupportedModelError:
+    """InternVL3.5-GPT-OSS-20B-A4B's decoder (transformers' GptOss modeling) is a mixture of experts like Qwen3-MoE,
+    but differs in what this engine lacks: a learned per-head sink logit in every attention softmax, sliding-window
+    (128) attention on every other layer, YaRN RoPE, a clamped SwiGLU with biased experts, and gpt-oss's experts
+    released in MXFP4."""
+    return UnsupportedModelError(
+        f"{f.where}: {f.path}{key} {value!r} (GPT-OSS, e.g. InternVL3.5-GPT-OSS-20B-A4B) is not supported: this "
+        "engine lacks attention sinks (a learned per-head logit in the softmax), sliding-window attention on "
+        "alternating layers, YaRN RoPE, the clamped SwiGLU with expert biases and MXFP4 expert weights; the "
+        f"language models implemented are {_supported_families()}")
+
+
 def _text_config(t: _Fields) -> TextConfig:
     mt = t.get("model_type", "qwen2")
     archs = t.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise t.fail("architectures", f"must be a list of strings, got {_show(archs)}")
+    if mt == "gpt_oss" or "GptOssForCausalLM" in archs:
+        raise _gpt_oss_refusal(t, "model_type", mt)
     if mt not in TEXT_FAMILIES:
         raise UnsupportedModelError(
             f"{t.where}: {t.path}model_type {mt!r} (architectures {archs}) is not supported; the language models "
@@ -370,8 +415,44 @@ def _text_config(t: _Fields) -> TextConfig:
         qkv_bias=mt == "qwen2" or attention_bias,
         o_proj_bias=attention_bias,
         mlp_bias=mt == "llama" and t.flag("mlp_bias", False),
-        qk_norm=mt == "qwen3",
+        qk_norm=mt in ("qwen3", "qwen3_moe"),
+        **(_moe_fields(t) if mt == "qwen3_moe" else {}),
     )
+
+
+# Keys of Qwen-family MoE configs whose feature transformers' Qwen3MoeSparseMoeBlock does not have: Qwen2-MoE's shared
+# expert (and its sigmoid gate), and routers that score with something other than a softmax.
+_MOE_UNSUPPORTED = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts", "scoring_func",
+                    "topk_method", "n_group", "topk_group", "routed_scaling_factor")
+
+
+def _moe_fields(t: _Fields) -> dict:
+    """The MoE keys of a qwen3_moe text config (Qwen3MoeConfig's defaults where absent). transformers writes the
+    expert count as num_local_experts (Qwen3MoeConfig.attribute_map), Qwen's and OpenGVLab's files as num_experts."""
+    for key in _MOE_UNSUPPORTED:
+        if t.get(key) not in (None, 0, False):
+            raise UnsupportedModelError(f"{t.where}: {t.path}{key} {t.get(key)!r} is not supported (Qwen3-MoE routes "
+                                        "every token over the routed experts only, by a softmax top-k)")
+    if "num_experts" in t.raw and "num_local_experts" in t.raw and t.get("num_experts") != t.get("num_local_experts"):
+        raise t.fail("num_experts", f"{t.get('num_experts')!r} differs from {t.path}num_local_experts "
+                                    f"{t.get('num_local_experts')!r}")
+    key = "num_experts" if "num_experts" in t.raw or "num_local_experts" not in t.raw else "num_local_experts"
+    experts = t.integer(key, 128, lo=0)
+    k = t.integer("num_experts_per_tok", 8)
+    if experts and k > experts:
+        raise t.fail("num_experts_per_tok", f"is {k}, more than the {experts} experts ({t.path}{key})")
+    layers = t.integer("num_hidden_layers", 24)
+    only = t.get("mlp_only_layers", [])
+    if only is None:
+        only = []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
+                                         for i in only):
+        raise t.fail("mlp_only_layers", f"must be a list of layer indices in [0, {layers}), got {_show(only)}")
+    return dict(num_experts=experts, num_experts_per_tok=k,
+                moe_intermediate_size=t.integer("moe_intermediate_size", 768),
+                norm_topk_prob=t.flag("norm_topk_prob", False),
+                decoder_sparse_step=t.integer("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(sorted(set(only))))
 
 
 # The original InternVisionConfig spells two switches differently from transformers' InternVLVisionConfig.
@@ -440,7 +521,7 @@ _ORIGINAL_AS_LLAMA = {
 # <IMG_CONTEXT>'s id where the original config.json leaves img_context_token_id out (OpenGVLab's model reads it
 # from the tokenizer at run time): the converter writes 151667 for Qwen2 and 92546 for the InternLM decoders; the
 # InternVL3.5 -HF configs (Qwen3 tokenizer, <think> and </think> added before it) 151671.
-_ORIGINAL_IMAGE_TOKEN_IDS = {"qwen2": IMAGE_TOKEN_ID, "llama": 92546, "qwen3": 151671}
+_ORIGINAL_IMAGE_TOKEN_IDS = {"qwen2": IMAGE_TOKEN_ID, "llama": 92546, "qwen3": 151671, "qwen3_moe": 151671}
 
 
 def _original_llm(llm: _Fields) -> _Fields:
@@ -454,6 +535,8 @@ def _original_llm(llm: _Fields) -> _Fields:
         # OpenGVLab's training code (internvl_chat) may give visual tokens V2PE's fractional position steps
         raise UnsupportedModelError(f"{llm.where}: {llm.path}rope_pos_id_version "
                                     f"{llm.get('rope_pos_id_version')!r} is not supported (only 'default')")
+    if "GptOssForCausalLM" in archs or llm.get("model_type") == "gpt_oss":
+        raise _gpt_oss_refusal(llm, "architectures", archs)
     # InternLM architectures are converted below even though a converted -hf llama config may still name them
     known = {a: mt for mt, names in TEXT_FAMILIES.items() for a in names if a not in _ORIGINAL_AS_LLAMA}
     by_type = {family: a for a, (family, _) in _ORIGINAL_AS_LLAMA.items()}

@@ -49,13 +49,15 @@ def load_model(config, checkpoint: str | Path | None, ops, device: torch.device,
 
 def _plan(model: torch.nn.Module, name: str, shard: str | None, param: torch.Tensor):
     """(part of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape, what
-    reorders the tensor read into that part or None). Only q/k/v grouped by KV head (InternLM2's wqkv) reorders."""
+    reorders the tensor read into that part or None). q/k/v grouped by KV head (InternLM2's wqkv) reorders, and a
+    3-D experts tensor read by a tensor-parallel rank (its gate rows and up rows of every expert)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if shard == QKV_GROUPED:  # names.py gives it to q/k/v projections (QKVParallelLinear) only
         return module.grouped_load_plan(leaf)
     if hasattr(module, "load_plan"):
-        return (*module.load_plan(leaf, shard), None)
+        plan = module.load_plan(leaf, shard)
+        return plan if len(plan) == 4 else (*plan, None)  # the MoE experts' (models/moe.py) may reorder
     return param.data, None, tuple(param.shape), None
 
 

@@ -49,6 +49,12 @@ PACKED = {"attention.q_proj": ("attention.qkv", "q_proj"), "attention.k_proj": (
           "self_attn.q_proj": ("self_attn.qkv_proj", "q_proj"), "self_attn.k_proj": ("self_attn.qkv_proj", "k_proj"),
           "self_attn.v_proj": ("self_attn.qkv_proj", "v_proj"),
           "mlp.gate_proj": ("mlp.gate_up_proj", "gate_proj"), "mlp.up_proj": ("mlp.gate_up_proj", "up_proj")}
+# Qwen3-MoE experts (models/moe.py): one tensor per expert and projection fills its slot of the layer's 3-D parameter
+# (shard "<expert>.<projection>"); the 3-D form transformers holds in memory fills the whole parameter.
+_EXPERT = re.compile(r"^(language_model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERTS_3D = re.compile(r"^(language_model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
 def normalize_key(key: str) -> tuple[str, str | None]:
     """Checkpoint key -> (parameter name in our model, shard name inside a packed matmul or None)."""
     name = key
@@ -71,6 +77,13 @@ def normalize_key(key: str) -> tuple[str, str | None]:
             return f"{wqkv.group(1)}self_attn.qkv_proj.{wqkv.group(2)}", QKV_GROUPED
         for pattern, repl in _INTERNLM2:
             name = re.sub(pattern, repl, name)
+        expert = _EXPERT.match(name)
+        if expert:
+            packed = "down_proj" if expert.group(3) == "down_proj" else "gate_up_proj"
+            return f"{expert.group(1)}.{packed}.weight", f"{expert.group(2)}.{expert.group(3)}"
+        fused = _EXPERTS_3D.match(name)
+        if fused:
+            return f"{fused.group(1)}.{fused.group(2)}.weight", None
     module, _, leaf = name.rpartition(".")
     for suffix, (packed, shard) in PACKED.items():
         if module.endswith(suffix):
@@ -80,7 +93,8 @@ def normalize_key(key: str) -> tuple[str, str | None]:
 
 def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The inverse mapping: our parameters under the `-hf` file-layout keys, packed matmuls split again.
-    An lm_head tied to the embeddings is omitted, as transformers' save_pretrained does."""
+    An lm_head tied to the embeddings is omitted, as transformers' save_pretrained does; MoE experts are written per
+    expert, as save_pretrained writes them."""
     out: dict[str, torch.Tensor] = {}
     tied = model.lm_head.weight is model.language_model.embed_tokens.weight
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -88,6 +102,9 @@ def export_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         module, _, leaf = name.rpartition(".")
         pieces = [(name, param.data)]
+        experts = model.get_submodule(module)
+        if hasattr(experts, "checkpoint_tensors"):  # a MoE layer's experts, one tensor per expert and projection
+            pieces = list(experts.checkpoint_tensors(module.rpartition(".")[0]))
         for packed in {p for p, _ in PACKED.values()}:
             if module.endswith(packed):
                 packed_module = model.get_submodule(module)

@@ -50,8 +50,8 @@ def init_random_(model: torch.nn.Module, seed: int = 0) -> None:
             values = 0.02 * randn(shape)
         elif "embed_tokens" in name:
             values = 0.01 * randn(shape)
-        else:  # linear and conv weights
-            fan_in = math.prod(shape[1:])
+        else:  # linear and conv weights; a MoE layer's 3-D experts tensors are [expert, out, in]
+            fan_in = shape[-1] if ".experts." in name else math.prod(shape[1:])
             values = randn(shape) * fan_in ** -0.5
         if hasattr(module, "from_full"):
             values = module.from_full(leaf, values)

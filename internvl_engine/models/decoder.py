@@ -7,6 +7,7 @@ heads * head_dim outputs, o_proj as many inputs). Module names are the checkpoin
 Tokens of all sequences in a step are packed along one axis; the step's AttentionMetadata says where each belongs.
 Under tensor parallelism (`tp`, parallel.py) each rank holds its query heads, their KV heads and its share of the
 MLP columns; o_proj and down_proj all-reduce (layers/linear.py). With tp.size 1 the layers are whole.
+Qwen3-MoE layers replace the MLP by routed experts (moe.py), in the layers TextConfig.is_moe_layer names.
 The decoder linears take the linear method the checkpoint's quantization block picks for their names
 (quant.method_for: dense, AWQ or FP8); `prefix` is each module's name in the model (language_model.layers.N...)."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowPa
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant import method_for
+from .moe import SparseMoeBlock
 
 
 class DecoderAttention(nn.Module):
@@ -72,7 +74,9 @@ class DecoderLayer(nn.Module):
                  quant: QuantConfig | None, prefix: str):
         super().__init__()
         self.self_attn = DecoderAttention(cfg, layer_idx, rotary_emb, ops, tp, quant, f"{prefix}.self_attn")
-        self.mlp = DecoderMLP(cfg, ops, tp, quant, f"{prefix}.mlp")
+        # Qwen3-MoE: routed experts in the layers cfg.is_moe_layer names (moe.py), the dense MLP in the others
+        self.mlp = SparseMoeBlock(cfg, ops, tp) if cfg.is_moe_layer(layer_idx) else \
+            DecoderMLP(cfg, ops, tp, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
