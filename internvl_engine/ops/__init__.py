@@ -28,9 +28,10 @@ from .ext_ops import load_extension, paged_split_tokens
 from .ref import (awq_gemm_ref, flash_attention_ref, fp8_gemm_ref, layer_norm_ref, paged_attention_ref,
                   pixel_shuffle_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
 from .ref import fused_moe_ref
+from .ref import decode_gate_up_ref, decode_gemv_residual_ref, decode_qkv_ref
 
 OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention",
-       "awq_gemm", "fp8_gemm", "fused_moe")
+       "awq_gemm", "fp8_gemm", "fused_moe", "decode_qkv", "decode_gemv_residual", "decode_gate_up")
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 # the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
@@ -124,6 +125,9 @@ class OpTable:
         self.awq_gemm = _bind("awq_gemm", self.binding["awq_gemm"])
         self.fp8_gemm = _bind("fp8_gemm", self.binding["fp8_gemm"])
         self.fused_moe = _bind("fused_moe", self.binding["fused_moe"])
+        self.decode_qkv = _bind("decode_qkv", self.binding["decode_qkv"])
+        self.decode_gemv_residual = _bind("decode_gemv_residual", self.binding["decode_gemv_residual"])
+        self.decode_gate_up = _bind("decode_gate_up", self.binding["decode_gate_up"])
 
     @classmethod
     def resolve(cls, name: str, device="cpu") -> "OpTable":
@@ -168,6 +172,9 @@ paged_attention = _Dispatch("paged_attention")
 awq_gemm = _Dispatch("awq_gemm")
 fp8_gemm = _Dispatch("fp8_gemm")
 fused_moe = _Dispatch("fused_moe")
+decode_qkv = _Dispatch("decode_qkv")
+decode_gemv_residual = _Dispatch("decode_gemv_residual")
+decode_gate_up = _Dispatch("decode_gate_up")
 
 
 def use(name: str, device="cpu") -> None:

@@ -224,3 +224,77 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids):
                  f"[{t}, k] (one row per token of x)")
     if not 1 <= topk_ids.shape[1] <= e:
         fail(op, f"k (topk_ids.shape[1] = {topk_ids.shape[1]}) must lie in [1, E = {e}]")
+
+
+# ------------------------------------------------------------------------------ fused decode (issue 3.6)
+def _rows(op, x):
+    tensor(op, "x", x, ndim=2, dtype=FLOAT_DTYPES)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        fail(op, f"x must be [B, C] with B, C >= 1, got {_desc(x)}")
+
+
+def _weight(op, name, w, out_features, in_features, x):
+    tensor(op, name, w, ndim=2, dtype=x.dtype, device=x.device)
+    if w.shape[1] != in_features or (out_features is not None and w.shape[0] != out_features):
+        fail(op, f"{name} must be [{'N' if out_features is None else out_features}, {in_features}] for x "
+                 f"{_desc(x)}, got {_desc(w)}")
+
+
+def _vector(op, name, v, n, x):
+    if v is not None:
+        tensor(op, name, v, ndim=1, dtype=x.dtype, device=x.device)
+        if v.shape[0] != n:
+            fail(op, f"{name} must have {n} elements, got {_desc(v)}")
+
+
+def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, cos_sin,
+               k_cache, v_cache, slot_mapping):
+    op = "decode_qkv"
+    _rows(op, x)
+    b, c = x.shape
+    _vector(op, "norm_weight", norm_weight, c, x)
+    if norm_weight is None:
+        fail(op, "norm_weight must be a tensor, got None")
+    kv_cache(op, k_cache, v_cache, dtype=x.dtype, device=x.device)
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    _weight(op, "qkv_weight", qkv_weight, None, c, x)
+    n = qkv_weight.shape[0]
+    if d % 2 or n % d or n // d <= 2 * hk or (n // d - 2 * hk) % hk:
+        fail(op, f"qkv_weight {_desc(qkv_weight)} must hold (H + 2 * {hk}) heads of {d} rows (H a multiple of the "
+                 f"caches' {hk} KV heads, head dim even)")
+    _vector(op, "qkv_bias", qkv_bias, n, x)
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        fail(op, "q_norm_weight and k_norm_weight must both be given (Qwen3) or both be None")
+    _vector(op, "q_norm_weight", q_norm_weight, d, x)
+    _vector(op, "k_norm_weight", k_norm_weight, d, x)
+    tensor(op, "positions", positions, ndim=1, dtype=torch.int64, device=x.device)
+    tensor(op, "slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=x.device)
+    if positions.shape[0] != b or slot_mapping.shape[0] != b:
+        fail(op, f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} must have one "
+                 f"entry per row of x ({b})")
+    tensor(op, "cos_sin", cos_sin, ndim=2, dtype=torch.float32, device=x.device)
+    if cos_sin.shape[1] != d:
+        fail(op, f"cos_sin must be [P, {d}], got {tuple(cos_sin.shape)}")
+
+
+def decode_gemv_residual(x, weight, bias, residual):
+    op = "decode_gemv_residual"
+    _rows(op, x)
+    _weight(op, "weight", weight, None, x.shape[1], x)
+    n = weight.shape[0]
+    _vector(op, "bias", bias, n, x)
+    tensor(op, "residual", residual, ndim=2, dtype=x.dtype, device=x.device)
+    if tuple(residual.shape) != (x.shape[0], n):
+        fail(op, f"residual must be [{x.shape[0]}, {n}], got {_desc(residual)}")
+
+
+def decode_gate_up(x, norm_weight, eps, weight, bias):
+    op = "decode_gate_up"
+    _rows(op, x)
+    if norm_weight is None:
+        fail(op, "norm_weight must be a tensor, got None")
+    _vector(op, "norm_weight", norm_weight, x.shape[1], x)
+    _weight(op, "weight", weight, None, x.shape[1], x)
+    if weight.shape[0] % 2:
+        fail(op, f"weight must be [2F, {x.shape[1]}] (gate rows, then up rows), got {_desc(weight)}")
+    _vector(op, "bias", bias, weight.shape[0], x)

@@ -162,3 +162,42 @@ def fused_moe_ref(x, w13, w2, topk_weights, topk_ids):
             h = torch.nn.functional.silu(gate_up[:f]) * gate_up[f:]
             y[t] += topk_weights[t, j].float() * (w2f[e] @ h)
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ fused decode (issue 3.6)
+# One decoder layer's decode step in three ops around paged_attention (docs/ARCHITECTURE.md, "The kernel contract"),
+# each composed from the oracles above with the roundings of the default path: every product, sum and activation is
+# rounded to the activation dtype where the unfused layer stores it.
+def _linear_ref(x, weight, bias):
+    y = x.float() @ weight.float().t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def decode_qkv_ref(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, cos_sin,
+                   k_cache, v_cache, slot_mapping):
+    """x [B, C] (the residual stream) -> q [B, H, D]: RMSNorm(x), the packed q/k/v projection [(H + 2 Hk) D, C]
+    (+ bias), per-head RMSNorm of q and k when q_norm_weight / k_norm_weight [D] are given (Qwen3), NeoX rotary at
+    `positions`, k and v written into the caches at slot_mapping (slot < 0: not written). Hk and D are the caches'."""
+    b, (hk, d) = x.shape[0], k_cache.shape[2:]
+    h = qkv_weight.shape[0] // d - 2 * hk
+    qkv = _linear_ref(rms_norm_ref(x, norm_weight, eps), qkv_weight, qkv_bias)
+    q, k, v = qkv.split([h * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.reshape(b, h, d), k.reshape(b, hk, d), v.reshape(b, hk, d)
+    if q_norm_weight is not None:
+        q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
+    q, k = q.contiguous(), k.contiguous()
+    rotary_ref(q, k, positions, cos_sin)
+    write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def decode_gemv_residual_ref(x, weight, bias, residual):
+    """residual + (x W^T + b): x [B, K], weight [N, K], residual [B, N]; the product rounded to x's dtype, then the
+    sum rounded (o_proj and down_proj with the residual add of the norm that follows them)."""
+    return (_linear_ref(x, weight, bias).float() + residual.float()).to(x.dtype)
+
+
+def decode_gate_up_ref(x, norm_weight, eps, weight, bias):
+    """silu(gate) * up of RMSNorm(x): x [B, C], weight [2F, C] (gate rows, then up rows) -> [B, F]."""
+    gate, up = _linear_ref(rms_norm_ref(x, norm_weight, eps), weight, bias).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)

@@ -82,3 +82,6 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  dequantize, then matmul
 from .moe_ops import fused_moe  # noqa: E402,F401  transformers' op sequence, grouped by expert
+from .decode_ops import composed  # noqa: E402
+
+decode_qkv, decode_gemv_residual, decode_gate_up = composed(rms_norm, rotary, write_kv_cache)

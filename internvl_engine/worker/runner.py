@@ -34,8 +34,9 @@ class KVCache:
 
 class ModelRunner:
     def __init__(self, model: InternVLForConditionalGeneration, device: torch.device, dtype: torch.dtype,
-                 block_size: int):
+                 block_size: int, decode_path: str = "default"):
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
+        model.set_decode_path(decode_path)  # the model's forward picks it, so decode graphs capture it too
         t = model.config.text
         if t.vocab_size >= MAX_EXACT_ID:
             raise UnsupportedModelError(f"a vocabulary of {t.vocab_size} tokens: sampled ids travel to the host as "

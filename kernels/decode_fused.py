@@ -1,0 +1,225 @@
+"""Fused decode kernels for batches of 1-8 tokens (issue 3.6): a decoder layer's decode step in three kernels around
+paged attention, with the norms, rotary, the KV write, SiLU*mul and the residual adds folded into the GEMVs.
+
+- decode_qkv: RMSNorm prologue, q/k/v GEMV, then per head (one program owns one head of one batch tile) the bias,
+  Qwen3's q/k RMSNorm, NeoX rotary and the store: q to its output, k and v into the paged caches at their slots.
+- decode_gemv_residual: y = residual + (x W^T + b) (o_proj, down_proj).
+- decode_gate_up: RMSNorm prologue, the gate and up GEMVs of the same F columns in one program, silu(gate) * up.
+
+GEMV design (as kernels/awq_gemm.py's decode path, for dense weights): a program owns BLOCK_N output features and walks
+all of K, so no split-K partials and no atomics: results are deterministic and do not depend on the batch. The RMSNorm
+prologue is recomputed by every program (two passes over x's <= 8 rows: the sum of squares, then the normalised
+chunks), which reads B x C activations per program against its BLOCK_N x C weight slice. The dot tile has 16 rows
+(tl.dot's minimum), masked past B. Weights are [N, K] row-major (nn.Linear's layout), loaded as [BLOCK_K, BLOCK_N]
+tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored intermediate is rounded
+to the activation dtype where the unfused layer would store it, with _tuning.to_dtype (nearest-even under the
+interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
+
+_BLOCK_B = 16                         # tl.dot's minimum M; rows past B are masked
+_BLOCK_K = 256 if INTERPRET else 128
+_BLOCK_N = 128 if INTERPRET else 32   # GEMV output features per program (1B o_proj / down: 28 programs per tile)
+
+
+def _dot_prec(x: torch.Tensor):
+    # fp32 operands for fp32 x and under the interpreter (its bf16 dot multiplies raw bits: _tuning.py)
+    return "ieee" if INTERPRET or x.dtype == torch.float32 else None
+
+
+@triton.jit
+def _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of rows rb of x [B, K], in fp32."""
+    rk = tl.arange(0, BLOCK_K)
+    ssq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        xf = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & (k < K)[None, :],
+                     other=0.0).to(tl.float32)
+        ssq += row_sum(xf * xf, 1)
+    return tl.rsqrt(ssq / K + eps)
+
+
+@triton.jit
+def _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv):
+    """RMSNorm of columns k of rows rb, rounded as transformers' RMSNorm: normalise in fp32, round, scale, round."""
+    kmask = k < K
+    x = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+    yn = to_dtype(x.to(tl.float32) * inv[:, None], x.dtype)
+    w = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    return to_dtype(w[None, :] * yn.to(tl.float32), x.dtype)
+
+
+@triton.jit
+def _weight_tile(w_ptr, rows, rmask, k, K):
+    """[BLOCK_K, len(rows)] tile of a row-major [N, K] weight: W^T's columns `rows` at K indices k."""
+    return tl.load(w_ptr + rows[None, :].to(tl.int64) * K + k[:, None], mask=rmask[None, :] & (k < K)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+                B, K, H, HK, eps, stride_cs,
+                D: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (batch tile, head): head < H a query head, then H <= head < H + HK a key head, then a value head.
+    The head's two halves are two accumulators, so rotary's rotate-half pairs (d, d + D/2) sit in the same lane."""
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    head = tl.program_id(1)
+    bmask = rb < B
+    rd = tl.arange(0, BLOCK_H)
+    dmask = rd < HALF
+    rk = tl.arange(0, BLOCK_K)
+    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
+    rows1 = head * D + rd          # the packed q/k/v weight holds H q heads, HK k heads, HK v heads, D rows each
+    rows2 = rows1 + HALF
+    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        h = dot_operand(_normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv))
+        acc1 = tl.dot(h, dot_operand(_weight_tile(w_ptr, rows1, dmask, k, K)), acc1, input_precision=DOT_PREC)
+        acc2 = tl.dot(h, dot_operand(_weight_tile(w_ptr, rows2, dmask, k, K)), acc2, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc1 += tl.load(b_ptr + rows1, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        acc2 += tl.load(b_ptr + rows2, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    a1 = to_dtype(acc1, dtype).to(tl.float32)      # the projection's output, stored by the unfused layer
+    a2 = to_dtype(acc2, dtype).to(tl.float32)
+    rotate = head < H + HK
+    if QK_NORM:
+        if rotate:
+            is_q = head < H
+            n1 = tl.where(is_q, tl.load(qn_ptr + rd, mask=dmask, other=0.0), tl.load(kn_ptr + rd, mask=dmask, other=0.0))
+            n2 = tl.where(is_q, tl.load(qn_ptr + HALF + rd, mask=dmask, other=0.0),
+                          tl.load(kn_ptr + HALF + rd, mask=dmask, other=0.0))
+            inv_h = tl.rsqrt((row_sum(a1 * a1, 1) + row_sum(a2 * a2, 1)) / D + eps)
+            a1 = to_dtype(n1.to(tl.float32)[None, :] * to_dtype(a1 * inv_h[:, None], dtype).to(tl.float32), dtype)
+            a2 = to_dtype(n2.to(tl.float32)[None, :] * to_dtype(a2 * inv_h[:, None], dtype).to(tl.float32), dtype)
+            a1 = a1.to(tl.float32)
+            a2 = a2.to(tl.float32)
+    if rotate:
+        pos = tl.load(pos_ptr + rb, mask=bmask, other=0).to(tl.int64)
+        cs = cs_ptr + pos[:, None] * stride_cs + rd[None, :]
+        cmask = bmask[:, None] & dmask[None, :]
+        cos = tl.load(cs, mask=cmask, other=0.0)
+        sin = tl.load(cs + HALF, mask=cmask, other=0.0)
+        o1 = to_dtype(a1 * cos - a2 * sin, dtype)
+        o2 = to_dtype(a2 * cos + a1 * sin, dtype)
+    else:
+        o1 = to_dtype(a1, dtype)
+        o2 = to_dtype(a2, dtype)
+    if head < H:
+        dst = q_ptr + rb[:, None].to(tl.int64) * (H * D) + head * D + rd[None, :]
+        smask = bmask[:, None] & dmask[None, :]
+    else:
+        slot = tl.load(slot_ptr + rb, mask=bmask, other=-1)
+        kv = head - H
+        cache = kc_ptr
+        if head >= H + HK:
+            kv = head - H - HK
+            cache = vc_ptr
+        # caches [num_blocks, block_size, HK, D] contiguous: slot = block * block_size + offset is the row index
+        dst = cache + slot[:, None].to(tl.int64) * (HK * D) + kv * D + rd[None, :]
+        smask = (bmask & (slot >= 0))[:, None] & dmask[None, :]
+    tl.store(dst, o1, mask=smask)
+    tl.store(dst + HALF, o2, mask=smask)
+
+
+@triton.jit
+def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, B, N, K,
+                          HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bmask, nmask = rb < B, rn < N
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & (k < K)[None, :],
+                    other=0.0)
+        acc = tl.dot(dot_operand(x), dot_operand(_weight_tile(w_ptr, rn, nmask, k, K)), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    dtype = y_ptr.dtype.element_ty
+    offs = rb[:, None].to(tl.int64) * N + rn[None, :]
+    mask = bmask[:, None] & nmask[None, :]
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # the projection rounded (its stored output), then the residual add of the norm that follows it, rounded
+    tl.store(y_ptr + offs, to_dtype(to_dtype(acc, dtype).to(tl.float32) + r, dtype), mask=mask)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
+                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (batch tile, F tile): gate rows rn and up rows F + rn of the merged [2F, K] weight."""
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bmask, nmask = rb < B, rn < F
+    rk = tl.arange(0, BLOCK_K)
+    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        h = dot_operand(_normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv))
+        acc_g = tl.dot(h, dot_operand(_weight_tile(w_ptr, rn, nmask, k, K)), acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(h, dot_operand(_weight_tile(w_ptr, F + rn, nmask, k, K)), acc_u, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + F + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    dtype = y_ptr.dtype.element_ty
+    g = to_dtype(acc_g, dtype).to(tl.float32)
+    u = to_dtype(acc_u, dtype).to(tl.float32)
+    s = to_dtype(g / (1.0 + tl.exp(-g)), dtype).to(tl.float32)   # silu, rounded as F.silu stores it
+    tl.store(y_ptr + rb[:, None].to(tl.int64) * F + rn[None, :], to_dtype(s * u, dtype),
+             mask=bmask[:, None] & nmask[None, :])
+
+
+def _dummy(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    return x if t is None else t
+
+
+def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, cos_sin,
+               k_cache, v_cache, slot_mapping):
+    """The op contract (ops/ref.py decode_qkv_ref; arguments checked by ops/checks.py): q [B, H, D]."""
+    b, c = x.shape
+    hk, d = k_cache.shape[2], k_cache.shape[3]
+    h = qkv_weight.shape[0] // d - 2 * hk
+    q = torch.empty(b, h, d, device=x.device, dtype=x.dtype)
+    half = d // 2
+    grid = (triton.cdiv(b, _BLOCK_B), h + 2 * hk)
+    _qkv_kernel[grid](x, norm_weight, qkv_weight, _dummy(x, qkv_bias), _dummy(x, q_norm_weight),
+                      _dummy(x, k_norm_weight), positions, cos_sin, slot_mapping, q, k_cache, v_cache,
+                      b, c, h, hk, float(eps), cos_sin.stride(0),
+                      D=d, HALF=half, HAS_BIAS=qkv_bias is not None, QK_NORM=q_norm_weight is not None,
+                      DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_H=max(16, next_pow2(half)), BLOCK_K=_BLOCK_K)
+    return q
+
+
+def decode_gemv_residual(x, weight, bias, residual):
+    b, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(b, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(b, _BLOCK_B), triton.cdiv(n, _BLOCK_N))
+    _gemv_residual_kernel[grid](x, weight, _dummy(x, bias), residual, y, b, n, k, HAS_BIAS=bias is not None,
+                                DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+    return y
+
+
+def decode_gate_up(x, norm_weight, eps, weight, bias):
+    b, k = x.shape
+    f = weight.shape[0] // 2
+    y = torch.empty(b, f, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(b, _BLOCK_B), triton.cdiv(f, _BLOCK_N))
+    _gate_up_kernel[grid](x, norm_weight, weight, _dummy(x, bias), y, b, f, k, float(eps),
+                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_N=_BLOCK_N,
+                          BLOCK_K=_BLOCK_K)
+    return y
