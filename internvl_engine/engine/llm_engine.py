@@ -117,7 +117,7 @@ class LLMEngine:
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.limit_text(self.max_model_len)  # what cannot fit is refused before tokenising
         self.block_size = cfg.block_size
-        self.runner = ModelRunner(self.model, self.device, self.dtype, cfg.block_size)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, cfg.block_size, cfg.decode_path)
         if self.executor is not None:
             self.runner = ParallelRunner(self.runner, self.executor)
         self.cache = self.runner.allocate_pool(_kv_pool_blocks(cfg, self.device, self.runner.kv_bytes_per_token()))

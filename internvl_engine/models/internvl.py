@@ -19,6 +19,7 @@ from ..layers.linear import lm_head
 from ..layers.norm import LayerNorm
 from .intern_vit import InternVisionModel
 from .decoder import DecoderModel
+from .decode_fused import FusedDecode, unsupported
 
 
 class InternVLMultiModalProjector(nn.Module):
@@ -46,6 +47,8 @@ class InternVLForConditionalGeneration(nn.Module):
         self.multi_modal_projector = InternVLMultiModalProjector(cfg, ops)
         self.language_model = DecoderModel(cfg.text, ops, tp, cfg.quant)
         self.lm_head = lm_head(cfg.text.hidden_size, cfg.text.vocab_size, tp)
+        self.fused_decode: FusedDecode | None = None  # set_decode_path
+        self.fused_unsupported: str | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -58,6 +61,13 @@ class InternVLForConditionalGeneration(nn.Module):
         for m in self.modules():
             if "ops" in m.__dict__:
                 m.ops = table
+
+    def set_decode_path(self, path: str) -> None:
+        """"fused": decode steps of 1-8 tokens take models/decode_fused.py's forward where this model supports it
+        (else `fused_unsupported` says why, and every step takes the default forward); "default": none do."""
+        self.fused_unsupported = unsupported(self.language_model, self.tp) if path == "fused" else None
+        use = path == "fused" and self.fused_unsupported is None
+        self.fused_decode = FusedDecode(self.language_model) if use else None
 
     def tie_lm_head(self) -> None:
         self.lm_head.weight = self.language_model.embed_tokens.weight
@@ -79,7 +89,10 @@ class InternVLForConditionalGeneration(nn.Module):
         return x
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, image_features=None, image_rows=None):
-        return self.language_model(positions, self.embed(input_ids, image_features, image_rows), meta)
+        x = self.embed(input_ids, image_features, image_rows)
+        if self.fused_decode is not None and self.fused_decode.applies(x, meta):
+            return self.fused_decode(positions, x, meta)
+        return self.language_model(positions, x, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; None on a tensor-parallel rank other than the driver."""
