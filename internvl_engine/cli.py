@@ -245,8 +245,18 @@ def cmd_info(args) -> int:
               f"{dec['kv_heads']} KV heads of {dec['head_dim']}{', q/k norm' if dec['qk_norm'] else ''}, "
               f"{'tied' if dec['tied_lm_head'] else 'untied'} lm_head, vocabulary {dec['vocab_size']}, "
               f"max_model_len {dec['max_model_len']}")
-        print(f"  LM bytes a decode step reads: {w['lm_decode_bytes'] / 1e9:.3f} GB "
-              f"(dense at {w['activation_dtype_bytes']} bytes: {w['lm_decode_bytes_dense'] / 1e9:.3f} GB)")
+        if w["moe"]:
+            e = w["moe"]
+            print(f"  experts: {e['experts']} routed, top-{e['experts_per_token']}"
+                  f"{' (renormalised)' if e['norm_topk_prob'] else ''}, expert width {e['expert_width']}, in "
+                  f"{e['moe_layers']} of {dec['layers']} layers; active {e['lm_active_params'] / 1e9:.2f}B of "
+                  f"{e['lm_total_params'] / 1e9:.2f}B LM parameters (with vision {e['active_params'] / 1e9:.2f}B of "
+                  f"{e['total_params'] / 1e9:.2f}B)")
+            print(f"  LM bytes a decode step reads: {w['lm_decode_bytes'] / 1e9:.3f} GB at batch 1 "
+                  f"({e['experts_per_token']} experts a layer; every expert: {w['lm_weight_bytes_all'] / 1e9:.3f} GB)")
+        else:
+            print(f"  LM bytes a decode step reads: {w['lm_decode_bytes'] / 1e9:.3f} GB "
+                  f"(dense at {w['activation_dtype_bytes']} bytes: {w['lm_decode_bytes_dense'] / 1e9:.3f} GB)")
         print(f"  vision bytes per forward:     {w['vision_bytes'] / 1e9:.3f} GB")
     return 0
 

@@ -122,6 +122,81 @@ def test_floors_grow_with_batch():
         assert big[k] > small[k] > 0
 
 
+@pytest.mark.parametrize("name, total, active, non_embedding, with_vision", [
+    ("internvl3_5-30b-a3b", 30.5, 3.3, 29.9, 30.8), ("internvl3_5-241b-a22b", 235, 22, 234, 240.7)])
+def test_moe_params_match_the_model_cards(name, total, active, non_embedding, with_vision):
+    """Qwen/Qwen3-30B-A3B and Qwen3-235B-A22B model cards: "30.5B in total and 3.3B activated", "Non-Embedding
+    29.9B"; 235B / 22B / 234B. The activated count includes the embedding table and lm_head. InternVL3.5's model
+    cards add the vision tower: 30.8B and 240.7B."""
+    cfg = _cfg(name)
+    assert floors.lm_params(cfg) == pytest.approx(total * 1e9, rel=0.01)
+    assert floors.lm_params(cfg, active=True) == pytest.approx(active * 1e9, rel=0.03)
+    assert floors.lm_layer_params(cfg) == pytest.approx(non_embedding * 1e9, rel=0.01)
+    assert floors.model_params(cfg) == pytest.approx(with_vision * 1e9, rel=0.01)
+
+
+@pytest.mark.parametrize("extra", [{}, {"mlp_only_layers": [1]}, {"decoder_sparse_step": 2, "num_hidden_layers": 3},
+                                   {"num_experts_per_tok": 1, "norm_topk_prob": False}])
+def test_moe_layer_params_equal_transformers(extra):
+    """Sparse and dense layers (mlp_only_layers, decoder_sparse_step) counted as transformers' Qwen3-MoE holds them
+    (experts, routers, q/k norms), built on the meta device; a token's active weights are the layer weights less the
+    experts it does not run."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    raw = preset_config("tiny-qwen3-moe")
+    raw["text_config"].update(extra)
+    with torch.device("meta"):
+        hf = InternVLForConditionalGeneration(InternVLConfig.from_dict(raw))
+    layers = sum(p.numel() for k, p in hf.named_parameters() if ".language_model.layers." in k)
+    experts = sum(p.numel() for k, p in hf.named_parameters() if ".mlp.experts." in k)
+    cfg = ModelConfig.from_dict(raw)
+    t = cfg.text
+    assert floors.lm_layer_params(cfg) == layers
+    assert floors.expert_params(cfg) * t.num_experts * len(t.moe_layers) == experts
+    unused = (t.num_experts - t.num_experts_per_tok) * floors.expert_params(cfg) * len(t.moe_layers)
+    assert floors.lm_active_params(cfg) == layers - unused + hf.lm_head.weight.numel()
+
+
+def test_experts_touched_is_the_uniform_routing_expectation():
+    """E * (1 - (1 - k/E)^N) against counting the union of N uniform top-k draws (the argsort of i.i.d. uniform
+    scores picks each k-subset with equal probability): 4000 draws of N tokens for each N."""
+    import torch
+    cfg = _cfg("internvl3_5-30b-a3b")
+    e, k = cfg.text.num_experts, cfg.text.num_experts_per_tok
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 8, 32):
+        picks = torch.rand(4000, n, e, generator=gen).argsort(-1)[..., :k]
+        hit = torch.zeros(4000, e, dtype=torch.bool).scatter_(1, picks.reshape(4000, -1), True)
+        assert floors.experts_touched(cfg, n) == pytest.approx(hit.sum(1).double().mean().item(), rel=0.01)
+    assert floors.experts_touched(cfg, 1) == k and floors.experts_touched(cfg, None) == e
+
+
+def test_moe_floors_count_the_experts_a_step_touches():
+    """Decode at batch 1 reads k of E experts a layer (the 30B-A3B's 6.1 GB in bf16, less than the dense
+    InternVL3.5-4B's 8.0 GB: "about as fast as a 3B dense model"), at batch B the expected union; FLOPs grow with k,
+    not E; a prefill's bytes are the union over all the batch's prompt tokens (every expert for a real prompt)."""
+    cfg = _cfg("internvl3_5-30b-a3b")
+    t = cfg.text
+    one_expert = floors.expert_params(cfg) * 2
+    layers = len(t.moe_layers)
+    every = floors.lm_weight_bytes(cfg, 2)
+    rest = every - layers * t.num_experts * one_expert  # attention, routers, norms, lm_head
+    assert floors.decode_cost(cfg, 1, 0, 2).bytes == pytest.approx(rest + layers * t.num_experts_per_tok * one_expert)
+    assert floors.decode_cost(cfg, 1, 0, 2).bytes == pytest.approx(6.08e9, rel=0.01)
+    assert floors.decode_cost(cfg, 1, 0, 2).bytes < floors.decode_cost(_cfg("internvl3_5-4b"), 1, 0, 2).bytes
+    for b in (2, 16, 64):
+        touched = t.num_experts * (1 - (1 - t.num_experts_per_tok / t.num_experts) ** b)
+        assert floors.decode_cost(cfg, b, 0, 2).bytes == pytest.approx(rest + layers * touched * one_expert)
+    assert floors.decode_cost(cfg, 1, 0, 2).flops == pytest.approx(2 * floors.lm_active_params(cfg))
+    assert floors.lm_active_params(cfg) == pytest.approx(rest / 2 + layers * t.num_experts_per_tok * one_expert / 2)
+    assert floors.prefill_cost(cfg, [286, 286], 2).bytes == pytest.approx(every, rel=1e-6)
+    assert floors.prefill_cost(cfg, [1], 2).bytes == floors.decode_cost(cfg, 1, 0, 2).bytes
+    summary = floors.weight_summary(cfg, 2)
+    assert summary["lm_decode_bytes"] == floors.decode_cost(cfg, 1, 0, 2).bytes
+    assert summary["lm_weight_bytes_all"] == every and summary["moe"]["experts"] == 128
+    assert floors.weight_summary(_cfg("internvl3_5-4b"), 2)["moe"] is None
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

@@ -18,6 +18,8 @@ CONV = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type":
 
 
 def _family(name: str) -> str:
+    if name.endswith(("-moe", "-a3b", "-a28b")):
+        return "qwen3_moe"
     if name.startswith("internvl3_5-") or name.endswith("qwen3"):
         return "qwen3"
     return "llama" if name == "internvl3-9b" or name.endswith("llama") else "qwen2"
@@ -28,8 +30,8 @@ def test_each_preset_is_its_release_family(name):
     cfg = ModelConfig.from_dict(preset_config(name), name)
     t = cfg.text
     assert t.model_type == _family(name)
-    assert (t.qkv_bias, t.qk_norm) == {"qwen2": (True, False), "llama": (False, False), "qwen3": (False, True)}[
-        t.model_type]
+    assert (t.qkv_bias, t.qk_norm) == {"qwen2": (True, False), "llama": (False, False), "qwen3": (False, True),
+                                       "qwen3_moe": (False, True)}[t.model_type]
     if name.startswith("internvl3_5-"):  # Qwen3: head_dim 128 whatever hidden / heads; tied up to Qwen3-4B
         assert t.head_dim == 128 and cfg.image_token_id == 151671 and t.vocab_size == 151936
         assert cfg.lm_head_may_tie == (name in ("internvl3_5-1b", "internvl3_5-2b", "internvl3_5-4b"))

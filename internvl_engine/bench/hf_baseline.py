@@ -11,6 +11,7 @@ Timing of a batch (one `processor(...)` + `generate` call over B conversations, 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,28 @@ def raw_config(model: str) -> dict:
     return json.loads((Path(model) / "config.json").read_text())
 
 
+_EXPERT_KEY = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fused_experts(state: dict) -> dict:
+    """`state` with each MoE layer's per-expert tensors (the checkpoints' form, which export_hf_state_dict writes)
+    stacked into the two 3-D parameters transformers 5's Qwen3MoeExperts holds: gate_up_proj [E, 2F, Hd] (each
+    expert's gate_proj rows, then its up_proj rows: the forward chunks it in that order) and down_proj [E, Hd, F]."""
+    out, layers = {}, {}
+    for key, t in state.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = t
+        else:
+            layers.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
+    for prefix, proj in layers.items():
+        experts = range(len(proj["down_proj"]))
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([proj["gate_proj"][e], proj["up_proj"][e]])
+                                                    for e in experts])
+        out[f"{prefix}.down_proj"] = torch.stack([proj["down_proj"][e] for e in experts])
+    return out
+
+
 def hf_model_like(llm, raw: dict):
     """transformers' InternVLForConditionalGeneration holding exactly `llm`'s weights (same device and dtype)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -43,7 +66,7 @@ def hf_model_like(llm, raw: dict):
     with torch.device(llm.device):
         model = InternVLForConditionalGeneration(cfg).to(llm.dtype)
     state = {}
-    for key, t in dense_twin(export_hf_state_dict(llm.model), llm.dtype).items():
+    for key, t in fused_experts(dense_twin(export_hf_state_dict(llm.model), llm.dtype)).items():
         if key.startswith("language_model.lm_head."):
             key = key[len("language_model."):]
         elif key.startswith("language_model.model."):

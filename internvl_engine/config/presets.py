@@ -17,15 +17,25 @@ InternVL uses it 45 x 3200, spec 1.4):
   head_dim 128 throughout, vocab 151936, rope_theta 1e6, 40960 positions, tied embeddings up to 4B. The -HF
   configs' image_token_id is 151671: Qwen3's added tokens end at </think> 151668, so InternVL's <img> </img>
   <IMG_CONTEXT> follow at 151669..151671.
-- tiny / small and their llama / qwen3 twins: test shapes on the InternVL3 tokenizer's ids (vocabulary 151674,
-  <IMG_CONTEXT> 151667, the tokenizer a preset runs with). The llama and qwen3 ones state a head_dim other than
-  hidden / heads, as InternLM3 and Qwen3 do.
+- internvl3_5-30b-a3b: InternViT-300M + Qwen3-30B-A3B; internvl3_5-241b-a28b (also spelled -241b-a22b, after its
+  language model): InternViT-6B + Qwen3-235B-A22B (the InternVL3.5 model cards' table: 0.3B + 30.5B = 30.8B and
+  5.5B + 235.1B = 240.7B parameters; arXiv 2508.18265). The Qwen3-MoE shapes are the Qwen/Qwen3-30B-A3B and
+  Qwen3-235B-A22B config.json files as third-party ports restate them (Ascend MindSpeed-RL
+  configs/model/qwen3_30b_a3b.yaml and qwen3_235b_a22b.yaml, slime's scripts/models/qwen3-*.sh): 48 x 2048
+  and 94 x 4096, 32 / 4 and 64 / 4 heads of 128, 128 experts of width 768 and 1536, 8 routed per token with
+  normalised weights, every layer sparse, no shared expert, untied, vocabulary 151936, 40960 positions, rope_theta
+  1e6; intermediate_size (6144, 12288) is the dense MLP width no layer of theirs uses. Model cards: 30.5B total /
+  3.3B activated and 235B / 22B, which tests/test_bench.py checks against bench/floors.py's counts. Quantized
+  experts are not built: their -awq / -fp8 names are refused.
+- tiny / small and their llama / qwen3 / qwen3-moe twins: test shapes on the InternVL3 tokenizer's ids (vocabulary
+  151674, <IMG_CONTEXT> 151667, the tokenizer a preset runs with). The llama and qwen3 ones state a head_dim other
+  than hidden / heads, as InternLM3 and Qwen3 do; the qwen3-moe ones have 6 and 8 experts, 2 routed per token.
 
-The internvl3-14b/38b/78b, internvl3_5-14b/38b presets are for floors and benchmarks, sharded with
-tensor_parallel_size; far too big to build in tests.
+The internvl3-14b/38b/78b, internvl3_5-14b/38b/30b-a3b/241b-a28b presets are for floors and benchmarks, sharded
+with tensor_parallel_size; far too big to build in tests.
 
-Every preset has quantized variants, `<preset>-awq` (W4A16, the block OpenGVLab's AWQ builds carry) and `<preset>-fp8`
-(compressed-tensors FP8 W8A8): the same config.json plus its quantization_config block.
+Every dense preset has quantized variants, `<preset>-awq` (W4A16, the block OpenGVLab's AWQ builds carry) and
+`<preset>-fp8` (compressed-tensors FP8 W8A8): the same config.json plus its quantization_config block.
 AWQ needs every quantized input size (hidden, heads x head_dim, intermediate) to be a multiple of 128: `small`,
 `small-llama` and `small-qwen3` are the least presets that have that."""
 from __future__ import annotations
@@ -73,6 +83,14 @@ def _qwen3(hidden, layers, heads, kv, inter, tie, head_dim=128, **tokens):
                 **(tokens or _QWEN3_TOKENS))
 
 
+def _qwen3_moe(hidden, layers, heads, kv, experts, top_k, width, inter, head_dim=128, **tokens):
+    """A Qwen3-MoE text config as Qwen/Qwen3-30B-A3B's and -235B-A22B's: Qwen3 attention, every layer a sparse
+    block of `experts` experts of width `width`, `top_k` routed per token with renormalised weights; untied."""
+    return dict(_qwen3(hidden, layers, heads, kv, inter, False, head_dim, **tokens), model_type="qwen3_moe",
+                architectures=["Qwen3MoeForCausalLM"], num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=width, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+
+
 _INTERNLM3_TOKENS = dict(vocab_size=128512, bos_token_id=1, eos_token_id=2)
 # image_token_id by release (the converter's for InternVL3-9B; the -HF configs' for InternVL3.5); else IMAGE_TOKEN_ID
 _IMAGE_TOKEN_9B, _IMAGE_TOKEN_3_5 = 92546, 151671
@@ -88,6 +106,10 @@ PRESETS = {
                        text=_qwen3(64, 2, 4, 2, 128, tie=True, head_dim=32, **_INTERNVL3_TOKENS)),
     "small-qwen3": dict(vision=_VISION_TINY,
                         text=_qwen3(128, 2, 4, 2, 256, tie=True, head_dim=64, **_INTERNVL3_TOKENS)),
+    "tiny-qwen3-moe": dict(vision=_VISION_TINY, text=_qwen3_moe(64, 2, 4, 2, 6, 2, 32, 128, head_dim=32,
+                                                                **_INTERNVL3_TOKENS)),
+    "small-qwen3-moe": dict(vision=_VISION_TINY, text=_qwen3_moe(128, 2, 4, 2, 8, 2, 64, 256, head_dim=64,
+                                                                 **_INTERNVL3_TOKENS)),
     "internvl3-1b": dict(vision=_VISION_300M, text=_text(896, 24, 14, 2, 4864)),
     "internvl3-2b": dict(vision=_VISION_300M, text=_text(1536, 28, 12, 2, 8960)),
     "internvl3-8b": dict(vision=_VISION_300M, text=_text(3584, 28, 28, 4, 18944)),
@@ -108,7 +130,13 @@ PRESETS = {
                             image_token_id=_IMAGE_TOKEN_3_5),
     "internvl3_5-38b": dict(vision=_VISION_6B, text=_qwen3(5120, 64, 64, 8, 25600, tie=False),
                             image_token_id=_IMAGE_TOKEN_3_5),
+    "internvl3_5-30b-a3b": dict(vision=_VISION_300M, text=_qwen3_moe(2048, 48, 32, 4, 128, 8, 768, 6144),
+                                image_token_id=_IMAGE_TOKEN_3_5),
+    "internvl3_5-241b-a28b": dict(vision=_VISION_6B, text=_qwen3_moe(4096, 94, 64, 4, 128, 8, 1536, 12288),
+                                  image_token_id=_IMAGE_TOKEN_3_5),
 }
+# other names of a preset: the issue and the language model's name call the flagship -241b-a22b
+PRESET_ALIASES = {"internvl3_5-241b-a22b": "internvl3_5-241b-a28b"}
 
 
 # quantization_config blocks, at the top level as transformers writes them (the loader also reads llm_config's)
@@ -126,13 +154,20 @@ QUANT_BLOCKS = {
 
 
 def split_preset(name: str) -> tuple[str, str | None]:
-    """"internvl3-8b-awq" -> ("internvl3-8b", "awq"); a dense preset -> (name, None)."""
+    """"internvl3-8b-awq" -> ("internvl3-8b", "awq"); a dense preset -> (name, None); an alias -> its preset."""
     base, _, suffix = name.rpartition("-")
-    return (base, suffix) if suffix in QUANT_BLOCKS and base in PRESETS else (name, None)
+    base = PRESET_ALIASES.get(base, base)
+    if suffix in QUANT_BLOCKS and base in PRESETS:
+        return base, suffix
+    return PRESET_ALIASES.get(name, name), None
+
+
+def is_moe_preset(name: str) -> bool:
+    return PRESETS[name]["text"].get("num_experts", 0) > 0
 
 
 def preset_names() -> list[str]:
-    return sorted(PRESETS) + sorted(f"{p}-{q}" for p in PRESETS for q in QUANT_BLOCKS)
+    return sorted(PRESETS) + sorted(f"{p}-{q}" for p in PRESETS for q in QUANT_BLOCKS if not is_moe_preset(p))
 
 
 def preset_config(name: str) -> dict:
@@ -140,7 +175,10 @@ def preset_config(name: str) -> dict:
     base, quant = split_preset(name)
     if base not in PRESETS:
         raise UnsupportedModelError(f"unknown random preset {name!r}; choose one of {sorted(PRESETS)}, each also "
-                                    f"as <preset>-awq or <preset>-fp8")
+                                    f"as <preset>-awq or <preset>-fp8 (the dense ones)")
+    if quant and is_moe_preset(base):
+        raise UnsupportedModelError(f"random preset {name!r}: quantized experts ({quant}) are not supported; use "
+                                    f"{base!r} (the mixture-of-experts presets have no -awq / -fp8 variants)")
     p = copy.deepcopy(PRESETS[base])
     vision = dict(model_type="internvl_vision", hidden_act="gelu", layer_norm_eps=1e-6, image_size=[TILE_SIZE] * 2,
                   patch_size=[PATCH_SIZE] * 2, use_mean_pooling=True, **p["vision"])
