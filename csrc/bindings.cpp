@@ -19,6 +19,7 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("write_kv_cache", &ive::cpu::write_kv_cache);
   cpu.def("flash_attention", &ive::cpu::flash_attention);
   cpu.def("paged_attention", &ive::cpu::paged_attention);
+  cpu.def("fused_moe", &ive::cpu::fused_moe);
   auto images = m.def_submodule("images", "host image preprocessing (OpenMP); releases the GIL");
   images.def("resize_u8", &ive::images::resize_u8, pybind11::call_guard<pybind11::gil_scoped_release>());
   images.def("tiles_normalize", &ive::images::tiles_normalize, pybind11::call_guard<pybind11::gil_scoped_release>());

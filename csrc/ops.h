@@ -53,6 +53,10 @@ IVE_OP_SIGNATURES(IVE_NO_STREAM)
 void paged_attention(ptr out, ptr q, ptr k_cache, ptr v_cache, ptr block_tables, ptr seq_lens, int64_t batch,
                      int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_stride, int64_t block_size,
                      int64_t max_blocks, double scale, int dtype);
+// Routed SwiGLU experts: x [T, Hd], w13 [E, 2F, Hd] (gate rows, then up rows), w2 [E, Hd, F], topk_weights [T, k]
+// fp32, topk_ids [T, k] int64 (ids_int64) or int32, all dense; y [T, Hd]. Throws on an id outside [0, E).
+void fused_moe(ptr y, ptr x, ptr w13, ptr w2, ptr topk_weights, ptr topk_ids, int64_t tokens, int64_t hidden,
+               int64_t inter, int64_t experts, int64_t topk, bool ids_int64, int dtype);
 }  // namespace cpu
 
 namespace cuda {

@@ -15,8 +15,8 @@ if _C is not None:
     _ops = ExtensionOps(_C.cpu, "cpu", "cpp")
     rms_norm, layer_norm, pixel_shuffle, rotary = _ops.rms_norm, _ops.layer_norm, _ops.pixel_shuffle, _ops.rotary
     write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention
+    fused_moe = _ops.fused_moe  # csrc/cpu/fused_moe.cpp
     # the fused-decode ops over this backend's own element-wise kernels (decode_ops.py)
     decode_qkv, decode_gemv_residual, decode_gate_up = composed(_ops.rms_norm, _ops.rotary, _ops.write_kv_cache)
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  no C++ kernel: dequantize, then matmul
-from .moe_ops import fused_moe  # noqa: E402,F401  placeholder until csrc/cpu/fused_moe.cpp lands

@@ -128,6 +128,19 @@ class ExtensionOps:
         self.lib.paged_attention(*args, 0 if work is None else work.data_ptr(), splits, *stream)
         return out
 
+    def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
+        # CPU launcher only (csrc/cpu/fused_moe.cpp): ids out of range raise here, typed, as the torch backend's do
+        self._target("fused_moe", x)
+        e = w13.shape[0]
+        if topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= e):
+            fail("fused_moe", f"topk_ids must lie in [0, {e}) (the experts of w13)")
+        y = torch.empty_like(x)
+        if x.shape[0]:
+            self.lib.fused_moe(y.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), topk_weights.data_ptr(),
+                               topk_ids.data_ptr(), x.shape[0], x.shape[1], w2.shape[2], e, topk_ids.shape[1],
+                               topk_ids.dtype == torch.int64, DTYPE_CODES[x.dtype])
+        return y
+
 
 def num_kv_splits(capacity: int) -> int:
     """Split-KV decode: one split per PAGED_SPLIT_TOKENS (csrc/ops.h) of block-table capacity. The
