@@ -115,6 +115,37 @@ def test_new_decoders_match_one_rank_and_transformers(family_engines, kind):
     test_each_rank_holds_its_heads(family_engines)
 
 
+# Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B) at N=2 (auto kernels: the C++ fused_moe on the CPU): each expert's
+# width split over the ranks (gate/up rows, down columns) with one all-reduce a layer, the router whole on each rank
+# so both route alike; qwen3moe-300m has a dense layer between sparse ones (mlp_only_layers), 6 experts of width 48.
+@pytest.fixture(scope="module")
+def moe_engines(hf_checkpoint):
+    path, hf_model = hf_checkpoint("qwen3moe-300m")
+    one = LLM(path, dtype="float32", device="cpu")
+    two = LLM(path, dtype="float32", device="cpu", tensor_parallel_size=2)
+    yield one, two, hf_model, make_hf_processor(path)
+    two.engine.shutdown()
+    assert _workers_gone(two.engine)
+
+
+@pytest.mark.parametrize("kind", ["text", "one_image"])
+def test_moe_matches_one_rank_and_transformers(moe_engines, kind):
+    _check_parity(*moe_engines, parity.CONVERSATIONS[kind], parity.MAX_TILES)
+
+
+def test_moe_ranks_hold_half_of_every_expert(moe_engines):
+    """The driver (rank 0) holds rows [0, 24) of each expert's gate and of its up (48 rows of the packed 96) and
+    columns [0, 24) of its down; the router and the dense layer's MLP as N=1 holds them, less its split."""
+    one, two, _, _ = moe_engines
+    full, half = one.model.language_model.layers[0].mlp, two.model.language_model.layers[0].mlp
+    assert tuple(half.experts.gate_up_proj.weight.shape) == (6, 48, 96)
+    assert tuple(half.experts.down_proj.weight.shape) == (6, 96, 24)
+    gate_up = full.experts.gate_up_proj.weight
+    assert torch.equal(half.experts.gate_up_proj.weight, torch.cat([gate_up[:, :24], gate_up[:, 48:72]], 1))
+    assert torch.equal(half.experts.down_proj.weight, full.experts.down_proj.weight[:, :, :24])
+    assert torch.equal(half.gate.weight, full.gate.weight)
+
+
 @pytest.fixture(scope="module")
 def one_kv_head(tmp_path_factory):
     """The 300m-style tiny model with 6 query heads over a single KV head: under N=2 each rank keeps that head."""
