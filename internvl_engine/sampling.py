@@ -276,7 +276,10 @@ def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: i
     cum = probs.cumsum(-1)
     drop = (cum - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]  # mass before this token already reaches top_p
     drop[:, 0] = False  # a top_p below fp32's smallest value compares as 0: the most likely token stays
-    kept = torch.full_like(x, NEG_INF).scatter(1, order, vals.masked_fill(drop, NEG_INF))
+    # a top_k-only row starts from its masked row, so ties with its k-th logit that sorted past `size` stay too (a
+    # batch's size may be that top_k); a top_p row keeps only what the sorted walk kept
+    base = torch.where((top_p < 1.0)[:, None], torch.full_like(x, NEG_INF), x)
+    kept = base.scatter(1, order, vals.masked_fill(drop, NEG_INF))
     exact = has_k[:, 0] | (top_p >= 1.0) | (cum[:, -1] >= top_p)  # else the nucleus may go on past `size`
     return kept, exact
 

@@ -76,6 +76,21 @@ def test_greedy_rows_equal_the_eager_argmax_and_padding_rows_change_nothing():
     assert torch.equal(in_bucket[5:], padded[5:].argmax(-1))
 
 
+def test_ties_with_the_kth_logit_stay_in_both_samplers():
+    """top_k alone over logits with ties at the k-th value (common in bf16): every tied token stays in the support
+    (vLLM's and the per-row oracle's rule), in the graph and in the eager sampler, whose sort stops at the batch's
+    largest top_k on a CPU."""
+    row = torch.tensor([5.0, 3.0, 4.0, 3.0, 1.0, 3.0, 0.0])
+    n = 3000
+    logits, rows = row.expand(n, 7).contiguous(), _rows([1.0] * n, [3] * n)
+    torch.manual_seed(0)
+    eager = Sampler()(logits, rows)
+    torch.manual_seed(0)
+    graph = _graph(logits, rows)
+    assert torch.equal(graph, eager)
+    assert set(eager.tolist()) == {0, 1, 2, 3, 5}
+
+
 def _expected(row: torch.Tensor, t: float, k: int, p: float, min_p: float) -> np.ndarray:
     """vLLM's filters in float64, written out independently of sampling.py: min_p on the tempered softmax, top_k
     by value (ties kept), then the smallest prefix of the sorted distribution whose mass reaches top_p."""
