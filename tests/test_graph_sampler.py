@@ -26,8 +26,7 @@ def _buffers(rows: SamplingInput, vocab: int, b: int | None = None):
     top_k = np.zeros(b, np.int64)
     graph_sampler.stage(rows, vocab, temperature, top_p, min_p, top_k)
     graph_sampler.stage_padding(temperature, top_p, min_p, top_k, len(rows))
-    t = lambda a: torch.from_numpy(a)  # noqa: E731
-    return t(temperature), t(top_k), t(top_p), t(min_p)
+    return tuple(torch.from_numpy(a) for a in (temperature, top_k, top_p, min_p))
 
 
 def _graph(logits, rows, b=None):
@@ -283,7 +282,9 @@ def test_fused_decode_graphs_on_cuda_equal_the_default_graphs():
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 6, 8)]
     runs = {}
     for path in ("default", "fused"):
-        eng = LLMEngine("random:tiny", dtype="float32", device="cuda", decode_path=path, max_num_seqs=4)
+        # a fixed KV pool, as test_gpu's: gpu_check.sh runs the GPU tests in parallel processes
+        eng = LLMEngine("random:tiny", dtype="float32", device="cuda", decode_path=path, max_num_seqs=4,
+                        kv_cache_tokens=32768)
         graphs = eng.runner.graphs
         assert graphs is not None and graphs.sample == (path == "fused")
         step = graphs.sample_step

@@ -181,7 +181,7 @@ class DecodeGraphs:
         """Tokens [n] (long, on the device) of one decode StepInput, sampled inside the graph for `key`; None when
         graphs do not sample or its rows need the eager sampler (graph_sampler.fits): then run() and sample."""
         rows, n = step.sampling, len(step.input_ids)
-        if not (self.sample and graph_sampler.fits(rows, n)):
+        if not (self.sample and step.sample_index is None and not step.prompt_rows and graph_sampler.fits(rows, n)):
             return None
         mode = "sample" if graph_sampler.needs_draw(rows) else "greedy"
         tokens = self._replay(key, step, mode, rows)[0]

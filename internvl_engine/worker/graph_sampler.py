@@ -10,7 +10,8 @@ divided by their temperature, masked below min_p times their top probability, th
 (sampling._truncate over the whole sorted vocabulary, the size the eager sampler uses on a GPU whenever a top_p is
 set), and drawn by the inverse CDF of one uniform a row. The masks only ever remove tokens, and an inactive filter
 (min_p 0, top_k 0, top_p 1) leaves a row's values as they were, so a row's support and probabilities are those of
-the eager sampler; fed the same uniforms (the first n of the global generator's draw), it draws the same tokens.
+the eager sampler. Row i takes the i-th uniform of one draw for the whole bucket; the eager sampler gives its drawn
+rows theirs in row order, so when every row draws, the same generator state gives the same tokens (tested).
 
 The uniforms come from the default generator: on CUDA it is registered with every graph captured on its device
 (CUDAGraph::capture_begin), so each replay advances its Philox offset and draws fresh numbers, as an eager step's
