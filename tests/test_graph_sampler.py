@@ -149,8 +149,10 @@ def test_stage_normalises_top_k_and_fits_names_what_the_graph_cannot_do():
 CONVS = [[{"role": "user", "content": f"Tell me story number {i} about a dragon."}] for i in range(3)]
 
 
-def _engine(graphs: bool, sample: bool = False) -> LLMEngine:
-    eng = LLMEngine("random:tiny", dtype="float32", device="cpu", decode_path="fused" if sample else "default")
+def _engine(graphs: bool, sample: bool = False, fused: bool | None = None) -> LLMEngine:
+    """fused: decode_path "fused" (the fused forward, models/decode_fused.py; by default with sample)."""
+    path = "fused" if (sample if fused is None else fused) else "default"
+    eng = LLMEngine("random:tiny", dtype="float32", device="cpu", decode_path=path)
     if graphs:  # the CPU never captures graphs itself (enforce_eager): replay emulated, as test_engine does
         eng.runner.enable_graphs(eng.cache, 4, -(-eng.max_model_len // eng.block_size), emulate=True, sample=sample)
     return eng
@@ -229,12 +231,12 @@ def test_rows_the_graph_cannot_sample_fall_back_to_the_eager_sampler(default_gre
 def test_random_rows_sampled_in_the_graph_draw_what_the_eager_sampler_draws():
     """Unseeded rows with temperature, top_k, top_p and min_p, two at a time (a bucket of 2, so both paths take the
     same uniforms from the global generator): the graph's tokens are the eager sampler's over the same graph
-    logits. A first run captures the graphs, whose capture draws too."""
+    logits (the fused forward in both). A first run captures the graphs, whose capture draws too."""
     params = [SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.9, top_k=50, top_p=0.9),
               SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.2, min_p=0.05)]
     out = {}
     for sample in (False, True):
-        eng = _engine(graphs=True, sample=sample)
+        eng = _engine(graphs=True, sample=sample, fused=True)
         _run(eng, params)
         torch.manual_seed(5)
         sampled = eng.runner.graphs.sampled
