@@ -28,6 +28,16 @@ def test_moe_presets_have_the_release_shapes(name):
     assert cfg.image_token_id == 151671 and cfg.max_model_len == 40960
 
 
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_presets_shard_over_the_gpus_they_need(name):
+    """30B-A3B (61.7 GB in bf16) on 1-8 GPUs, 241B-A28B (481 GB) on 8: 4 KV heads replicated past N = 4, the
+    expert widths 768 and 1536 split in whole features."""
+    from internvl_engine.parallel import check_shardable
+    text = ModelConfig.from_dict(preset_config(name)).text
+    for n in (2, 4, 8):
+        check_shardable(text, n)
+
+
 def test_the_flagship_answers_to_its_language_models_name():
     assert preset_config("internvl3_5-241b-a22b") == preset_config("internvl3_5-241b-a28b")
     assert main(["info", "--model", "random:internvl3_5-241b-a22b"]) == 0
