@@ -75,7 +75,9 @@ def capture(fn, device: torch.device, pool, emulate: bool):
         fn()
     torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
+    # capture_begin registers the current device's default generator with the graph (each replay then advances its
+    # Philox offset): the device of the graph sampler's draws must be the current one
+    with torch.cuda.device(device), torch.cuda.graph(g, pool=pool):
         out = fn()
     return g, out
 
