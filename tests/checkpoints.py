@@ -58,6 +58,26 @@ VARIANTS = {
                   num_key_value_heads=2, head_dim=64, intermediate_size=192, tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     ),
+    # Qwen3-MoE decoders (InternVL3.5-30B-A3B / 241B-A28B): Qwen3 attention, routed SwiGLU experts. 6 experts (not a
+    # power of two), top 2 renormalised, expert width 48, layer 1 dense (mlp_only_layers, intermediate_size 160);
+    # then top 1 of 5 without renormalising (the weight is the softmax probability itself), decoder_sparse_step 2
+    # (layers 1 and 3 sparse, 0 and 2 dense), tied embeddings.
+    "qwen3moe-300m": dict(
+        vision=_VISION_300M,
+        text=dict(model_type="qwen3_moe", hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=32, intermediate_size=160, moe_intermediate_size=48,
+                  num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                  decoder_sparse_step=1, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
+    "qwen3moe-k1-300m": dict(
+        vision=_VISION_300M,
+        text=dict(model_type="qwen3_moe", hidden_size=96, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=16, intermediate_size=160, moe_intermediate_size=40,
+                  num_experts=5, num_experts_per_tok=1, norm_topk_prob=False, mlp_only_layers=[],
+                  decoder_sparse_step=2, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
     "internvl3-1b": dict(
         vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                     attention_bias=True, use_qk_norm=False, norm_type="layer_norm"),

@@ -8,17 +8,21 @@ Host-to-device inputs go through pinned memory without blocking, so the only hos
 to_host(), the one copy of its results."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import UnsupportedModelError
 from ..layers.attention import AttentionMetadata
 from ..models.internvl import InternVLForConditionalGeneration
+from ..models.moe import decode_graph_problem
 from ..sampling import Sampler
 from .cuda_graphs import DecodeGraphs, VisionGraphs
 from .step_input import StepInput
 from .step_output import MAX_EXACT_ID, StepOutput, finish_step
 
 
+log = logging.getLogger(__name__)
 VISION_CHUNK_TILES = 16  # tiles per vision-tower forward (activation memory), and so the largest vision graph
 
 
@@ -71,8 +75,12 @@ class ModelRunner:
         let the vision tower run from graphs captured per tile count at first use (emulate: CPU tests). sample:
         the graphs sample too (worker/graph_sampler.py), so such a step copies back its tokens alone."""
         assert cache is self.cache, "graphs run over the runner's own pool"
-        self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate, sample)
-        self.graphs.capture_start()
+        problem = decode_graph_problem(self.model.config.text, self.kernels)  # a MoE op that syncs the host
+        if problem is not None:
+            log.info("no decode CUDA graphs: %s", problem)
+        else:
+            self.graphs = DecodeGraphs(self, cache, max_batch, max_blocks, emulate, sample)
+            self.graphs.capture_start()
         self.vision_graphs = VisionGraphs(self, VISION_CHUNK_TILES, emulate) if vision else None
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
