@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU: gloo, 2 ranks (the driver in this process, one spawned worker), on tiny
 checkpoints transformers wrote. fp32 prompt logits within 1e-4 of N=1 and of transformers and the same greedy
-tokens, for text, images, several images and video, on both tower styles and on a model with a single KV head;
-continuous batching, chunked prefill, prefix caching, preemption and aborts give N=1's tokens; each rank loads only
+tokens, for text, images, several images and video, on both tower styles and on a model with a single KV head, and
+for text and an image on a Qwen3-MoE one (each expert's width split); continuous batching, chunked prefill, prefix caching, preemption and aborts give N=1's tokens; each rank loads only
 its slices of every layout; a worker that dies or raises kills the engine at once and leaves no process; sizes that
 cannot shard the model raise ShardingError before anything starts; torchrun starts the same engine. Quantized
 checkpoints (AWQ .bin in OpenGVLab's layout, FP8 compressed-tensors): logits within 1e-4 of N=1 (FP8: of N=1
