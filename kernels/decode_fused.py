@@ -23,8 +23,30 @@ import triton.language as tl
 from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
 
 _BLOCK_B = 16                         # tl.dot's minimum M; rows past B are masked
-_BLOCK_K = 256 if INTERPRET else 128
-_BLOCK_N = 128 if INTERPRET else 32   # GEMV output features per program (1B o_proj / down: 28 programs per tile)
+_BLOCK_N = 256 if INTERPRET else 32   # GEMV output features per program (1B o_proj / down: 28 programs per tile)
+# The helpers below are inlined by Triton on a GPU; under the interpreter they stay plain Python (an interpreted
+# @triton.jit call re-patches triton.language on every call: _tuning.py). There the products are a broadcast and a
+# row sum over B rows, not a dot padded to 16 (the interpreter's dot is numpy's matmul without BLAS), and K is
+# walked in the largest blocks that keep a program's [B, BLOCK_K, BLOCK_N] product within Triton's 2^20 elements.
+_helper = (lambda fn: fn) if INTERPRET else triton.jit
+
+
+def _block_b(b: int) -> int:
+    return next_pow2(min(b, 8)) if INTERPRET else _BLOCK_B
+
+
+def _block_k(k: int, block_b: int, block_n: int) -> int:
+    return min(next_pow2(k), (1 << 20) // (block_b * block_n)) if INTERPRET else 128
+
+
+if INTERPRET:
+    def _mac(a, w, acc, DOT_PREC):  # noqa: N803 - the kernels' constexpr name
+        """acc + a @ w for a [BLOCK_B, BLOCK_K], w [BLOCK_K, N] (fp32 products of exactly widened operands)."""
+        return acc + row_sum(dot_operand(a)[:, :, None] * dot_operand(w)[None, :, :], 1)
+else:
+    @triton.jit
+    def _mac(a, w, acc, DOT_PREC: tl.constexpr):
+        return tl.dot(a, w, acc, input_precision=DOT_PREC)
 
 
 def _dot_prec(x: torch.Tensor):
@@ -32,7 +54,7 @@ def _dot_prec(x: torch.Tensor):
     return "ieee" if INTERPRET or x.dtype == torch.float32 else None
 
 
-@triton.jit
+@_helper
 def _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """1 / sqrt(mean(x^2) + eps) of rows rb of x [B, K], in fp32."""
     rk = tl.arange(0, BLOCK_K)
@@ -45,7 +67,7 @@ def _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.co
     return tl.rsqrt(ssq / K + eps)
 
 
-@triton.jit
+@_helper
 def _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv):
     """RMSNorm of columns k of rows rb, rounded as transformers' RMSNorm: normalise in fp32, round, scale, round."""
     kmask = k < K
@@ -55,7 +77,7 @@ def _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv):
     return to_dtype(w[None, :] * yn.to(tl.float32), x.dtype)
 
 
-@triton.jit
+@_helper
 def _weight_tile(w_ptr, rows, rmask, k, K):
     """[BLOCK_K, len(rows)] tile of a row-major [N, K] weight: W^T's columns `rows` at K indices k."""
     return tl.load(w_ptr + rows[None, :].to(tl.int64) * K + k[:, None], mask=rmask[None, :] & (k < K)[:, None],
@@ -82,9 +104,9 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
     acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        h = dot_operand(_normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv))
-        acc1 = tl.dot(h, dot_operand(_weight_tile(w_ptr, rows1, dmask, k, K)), acc1, input_precision=DOT_PREC)
-        acc2 = tl.dot(h, dot_operand(_weight_tile(w_ptr, rows2, dmask, k, K)), acc2, input_precision=DOT_PREC)
+        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
+        acc1 = _mac(h, _weight_tile(w_ptr, rows1, dmask, k, K), acc1, DOT_PREC)
+        acc2 = _mac(h, _weight_tile(w_ptr, rows2, dmask, k, K), acc2, DOT_PREC)
     if HAS_BIAS:
         acc1 += tl.load(b_ptr + rows1, mask=dmask, other=0.0).to(tl.float32)[None, :]
         acc2 += tl.load(b_ptr + rows2, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -144,7 +166,7 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, B, N, K,
         k = k0 + rk
         x = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & (k < K)[None, :],
                     other=0.0)
-        acc = tl.dot(dot_operand(x), dot_operand(_weight_tile(w_ptr, rn, nmask, k, K)), acc, input_precision=DOT_PREC)
+        acc = _mac(x, _weight_tile(w_ptr, rn, nmask, k, K), acc, DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     dtype = y_ptr.dtype.element_ty
@@ -169,16 +191,17 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
     acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        h = dot_operand(_normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv))
-        acc_g = tl.dot(h, dot_operand(_weight_tile(w_ptr, rn, nmask, k, K)), acc_g, input_precision=DOT_PREC)
-        acc_u = tl.dot(h, dot_operand(_weight_tile(w_ptr, F + rn, nmask, k, K)), acc_u, input_precision=DOT_PREC)
+        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
+        acc_g = _mac(h, _weight_tile(w_ptr, rn, nmask, k, K), acc_g, DOT_PREC)
+        acc_u = _mac(h, _weight_tile(w_ptr, F + rn, nmask, k, K), acc_u, DOT_PREC)
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + F + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     dtype = y_ptr.dtype.element_ty
     g = to_dtype(acc_g, dtype).to(tl.float32)
     u = to_dtype(acc_u, dtype).to(tl.float32)
-    s = to_dtype(g / (1.0 + tl.exp(-g)), dtype).to(tl.float32)   # silu, rounded as F.silu stores it
+    e = tl.exp(-tl.abs(g))  # silu = g * sigmoid(g), without overflowing exp for large |g|
+    s = to_dtype(g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)), dtype).to(tl.float32)  # rounded as F.silu's
     tl.store(y_ptr + rb[:, None].to(tl.int64) * F + rn[None, :], to_dtype(s * u, dtype),
              mask=bmask[:, None] & nmask[None, :])
 
@@ -195,12 +218,14 @@ def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_
     h = qkv_weight.shape[0] // d - 2 * hk
     q = torch.empty(b, h, d, device=x.device, dtype=x.dtype)
     half = d // 2
-    grid = (triton.cdiv(b, _BLOCK_B), h + 2 * hk)
+    bb = _block_b(b)
+    grid = (triton.cdiv(b, bb), h + 2 * hk)
     _qkv_kernel[grid](x, norm_weight, qkv_weight, _dummy(x, qkv_bias), _dummy(x, q_norm_weight),
                       _dummy(x, k_norm_weight), positions, cos_sin, slot_mapping, q, k_cache, v_cache,
                       b, c, h, hk, float(eps), cos_sin.stride(0),
                       D=d, HALF=half, HAS_BIAS=qkv_bias is not None, QK_NORM=q_norm_weight is not None,
-                      DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_H=max(16, next_pow2(half)), BLOCK_K=_BLOCK_K)
+                      DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_H=max(16, next_pow2(half)),
+                      BLOCK_K=_block_k(c, bb, max(16, next_pow2(half))))
     return q
 
 
@@ -208,9 +233,10 @@ def decode_gemv_residual(x, weight, bias, residual):
     b, k = x.shape
     n = weight.shape[0]
     y = torch.empty(b, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(b, _BLOCK_B), triton.cdiv(n, _BLOCK_N))
+    bb = _block_b(b)
+    grid = (triton.cdiv(b, bb), triton.cdiv(n, _BLOCK_N))
     _gemv_residual_kernel[grid](x, weight, _dummy(x, bias), residual, y, b, n, k, HAS_BIAS=bias is not None,
-                                DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+                                DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(k, bb, _BLOCK_N))
     return y
 
 
@@ -218,8 +244,9 @@ def decode_gate_up(x, norm_weight, eps, weight, bias):
     b, k = x.shape
     f = weight.shape[0] // 2
     y = torch.empty(b, f, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(b, _BLOCK_B), triton.cdiv(f, _BLOCK_N))
+    bb = _block_b(b)
+    grid = (triton.cdiv(b, bb), triton.cdiv(f, _BLOCK_N))
     _gate_up_kernel[grid](x, norm_weight, weight, _dummy(x, bias), y, b, f, k, float(eps),
-                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=_BLOCK_B, BLOCK_N=_BLOCK_N,
-                          BLOCK_K=_BLOCK_K)
+                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N,
+                          BLOCK_K=_block_k(k, bb, _BLOCK_N))
     return y

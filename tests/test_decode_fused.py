@@ -1,0 +1,309 @@
+"""The fused decode path (issue 3.6): its three ops against their oracles on odd shapes (every backend; Triton under
+the interpreter), their typed errors, and the path itself: greedy tokens of decode_path="fused" equal the default
+path's on an InternVL3-1B-shaped decoder (896 wide, 14 / 2 heads of 64, 4864 MLP; 2 layers and a 1024-token
+vocabulary) and a Qwen3 one (q/k norm, head_dim 128), on the torch and triton backends, at batch 1 and 5, eagerly and
+through emulated decode graphs; and the op calls per decoder layer, counted."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from internvl_engine import LLM, SamplingParams, ops
+from internvl_engine.config import ModelConfig
+from internvl_engine.config.presets import preset_config
+from internvl_engine.errors import KernelInputError
+from internvl_engine.loader import init_random_
+from internvl_engine.models.internvl import InternVLForConditionalGeneration
+from internvl_engine.worker.runner import ModelRunner
+from internvl_engine.worker.step_input import StepInput
+from kernel_cases import BACKENDS, assert_close, backend
+
+CPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cpu"]
+BS = 16  # KV block size
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+def _qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    n = (h + 2 * hk) * d
+    slots = torch.randperm(4 * BS, generator=g)[:b]
+    slots[b // 2] = -1  # a padding row: its k and v must not be written
+    return dict(x=rnd(b, c, scale=2.0), norm_weight=1 + rnd(c, scale=0.1), eps=1e-6, qkv_weight=rnd(n, c, scale=c ** -0.5),
+                qkv_bias=rnd(n, scale=0.1) if bias else None,
+                q_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
+                k_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
+                positions=torch.randint(0, 500, (b,), generator=g), cos_sin=torch.randn(512, d, generator=g),
+                k_cache=rnd(4, BS, hk, d), v_cache=rnd(4, BS, hk, d), slot_mapping=slots)
+
+
+def _on(args, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,c,h,hk,d,bias,qk_norm", [
+    (1, 896, 14, 2, 64, True, False),     # InternVL3-1B's attention
+    (3, 200, 6, 2, 128, False, True),     # Qwen3-style: q/k norm, head_dim 128, a width no block divides
+    (8, 130, 4, 4, 24, True, True),       # MHA, a head dim that is no power of two
+])
+def test_decode_qkv(backend_name, device, dtype, b, c, h, hk, d, bias, qk_norm):
+    args = _on(_qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype), device)
+    ref_args = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    q_ref = ops.decode_qkv_ref(**ref_args)
+    x0 = args["x"].clone()
+    with backend(backend_name, device):
+        q = ops.decode_qkv(**args)
+    assert q.shape == (b, h, d)
+    assert_close(q, q_ref, dtype)
+    assert_close(args["k_cache"], ref_args["k_cache"], dtype)
+    assert_close(args["v_cache"], ref_args["v_cache"], dtype)
+    assert torch.equal(args["x"], x0), "x must not be modified"
+    untouched = torch.ones(4 * BS, dtype=torch.bool)
+    untouched[args["slot_mapping"][args["slot_mapping"] >= 0].cpu()] = False
+    start = _on(_qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype), device)
+    for name in ("k_cache", "v_cache"):  # bit-exact where nothing is written, the skipped row's slot included
+        assert torch.equal(args[name].flatten(0, 1)[untouched.to(device)], start[name].flatten(0, 1)[untouched.to(device)])
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,k,n,bias", [(1, 896, 896, True), (3, 4864, 200, False), (8, 70, 130, True)])
+def test_decode_gemv_residual(backend_name, device, dtype, b, k, n, bias):
+    g = torch.Generator().manual_seed(b * k + n)
+    x = torch.randn(b, k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(device)
+    bb = (0.1 * torch.randn(n, generator=g)).to(dtype).to(device) if bias else None
+    r = (3 * torch.randn(b, n, generator=g)).to(dtype).to(device)
+    with backend(backend_name, device):
+        y = ops.decode_gemv_residual(x, w, bb, r)
+    assert_close(y, ops.decode_gemv_residual_ref(x, w, bb, r), dtype)
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,k,f,bias", [(1, 896, 4864, False), (3, 200, 70, True), (8, 130, 200, False)])
+def test_decode_gate_up(backend_name, device, dtype, b, k, f, bias):
+    g = torch.Generator().manual_seed(b * k + f)
+    x = (2 * torch.randn(b, k, generator=g)).to(dtype).to(device)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
+    w = (torch.randn(2 * f, k, generator=g) * k ** -0.5).to(dtype).to(device)
+    bb = (0.1 * torch.randn(2 * f, generator=g)).to(dtype).to(device) if bias else None
+    with backend(backend_name, device):
+        y = ops.decode_gate_up(x, nw, 1e-6, w, bb)
+    assert y.shape == (b, f)
+    assert_close(y, ops.decode_gate_up_ref(x, nw, 1e-6, w, bb), dtype)
+
+
+def test_typed_errors_name_the_op_and_argument():
+    args = _qkv_inputs(2, 64, 4, 2, 16, True, True, torch.float32)
+    with pytest.raises(KernelInputError, match="decode_qkv: qkv_weight"):
+        ops.decode_qkv(**(args | {"qkv_weight": args["qkv_weight"][:-16]}))
+    with pytest.raises(KernelInputError, match="decode_qkv: q_norm_weight and k_norm_weight"):
+        ops.decode_qkv(**(args | {"k_norm_weight": None}))
+    with pytest.raises(KernelInputError, match="decode_qkv: positions"):
+        ops.decode_qkv(**(args | {"positions": args["positions"][:1]}))
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(KernelInputError, match=r"decode_gemv_residual: residual must be \[2, 4\]"):
+        ops.decode_gemv_residual(x, w, None, torch.randn(2, 8))
+    with pytest.raises(KernelInputError, match="decode_gate_up: weight must be"):
+        ops.decode_gate_up(x, torch.ones(8), 1e-6, torch.randn(5, 8), None)
+    with pytest.raises(KernelInputError, match="decode_gemv_residual: weight"):
+        ops.decode_gemv_residual(x, w.to(torch.bfloat16), None, torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------ the path
+_TEXT = {  # InternVL3-1B's decoder widths (random:internvl3-1b), and a Qwen3 decoder with q/k norm and head_dim 128
+    "1b": dict(num_hidden_layers=2, vocab_size=1024),
+    "qwen3": dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=128, intermediate_size=512, vocab_size=1024),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    built = {}
+
+    def get(name, backend_name):
+        if (name, backend_name) not in built:
+            raw = preset_config("internvl3-1b")
+            raw["vision_config"].update(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=128)
+            text = raw["text_config"]
+            if _TEXT[name].get("model_type") == "qwen3":
+                text = raw["text_config"] = preset_config("internvl3_5-1b")["text_config"]
+            text.update(_TEXT[name])
+            model = InternVLForConditionalGeneration(ModelConfig.from_dict(raw, f"test-{name}"),
+                                                     ops.OpTable.resolve(backend_name))
+            init_random_(model, 0)
+            built[name, backend_name] = model.eval()
+        return built[name, backend_name]
+    return get
+
+
+def _greedy(runner: ModelRunner, prompts: list[list[int]], steps: int, graphs: bool = False) -> list[list[int]]:
+    """Greedy tokens of each prompt over `steps` decode steps; sequence i owns blocks [8 i, 8 i + 8)."""
+    cache = runner.allocate_pool(8 * len(prompts))
+    if graphs:
+        runner.enable_graphs(cache, 8, 8, emulate=True, vision=False)
+    ids, pos, slots, rows = [], [], [], []
+    for i, p in enumerate(prompts):
+        ids += p
+        pos += range(len(p))
+        slots += [8 * i * BS + j for j in range(len(p))]
+        rows.append(len(ids) - 1)
+    lens = [len(p) for p in prompts]
+    step = StepInput(True, ids, pos, slots, lens, lens, lens, logits_rows=rows)
+    out = [[t] for t in runner.logits(step).argmax(-1).tolist()]
+    for _ in range(steps):
+        tables = np.array([[8 * i + j for j in range(8)] for i in range(len(prompts))], dtype=np.int32)
+        step = StepInput(False, [o[-1] for o in out], list(lens), [8 * i * BS + n for i, n in enumerate(lens)],
+                         [1] * len(lens), [n + 1 for n in lens], [n + 1 for n in lens], block_tables=tables)
+        for o, t in zip(out, runner.logits(step).argmax(-1).tolist()):
+            o.append(t)
+        lens = [n + 1 for n in lens]
+    return out
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(0, 1024, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["1b", "qwen3"])
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fused_tokens_equal_default(models, name, backend_name):
+    if backend_name == "triton" and ops.unavailable_reason("triton"):
+        pytest.skip(ops.unavailable_reason("triton"))
+    model = models(name, backend_name)
+    steps = 3 if backend_name == "triton" else 6  # the interpreter reads the 1B layer's 15M weights in ~2 s
+    for batch in (1, 5):
+        prompts = _prompts(batch)
+        default = _greedy(ModelRunner(model, torch.device("cpu"), torch.float32, BS), prompts, steps)
+        fused_runner = ModelRunner(model, torch.device("cpu"), torch.float32, BS, decode_path="fused")
+        assert model.fused_decode is not None, model.fused_unsupported
+        assert _greedy(fused_runner, prompts, steps) == default
+    model.set_decode_path("default")
+
+
+def test_fused_decode_graphs(models):
+    """Emulated decode graphs capture whichever forward the model picks: the fused one at batch buckets 1..8."""
+    model = models("1b", "torch")
+    prompts = _prompts(3)
+    default = _greedy(ModelRunner(model, torch.device("cpu"), torch.float32, BS), prompts, 4)
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, BS, decode_path="fused")
+    calls = _Counting(model.ops)
+    model.use_ops(calls)
+    try:
+        assert _greedy(runner, prompts, 4, graphs=True) == default
+    finally:
+        model.use_ops(calls.table)
+        model.set_decode_path("default")
+    assert runner.graphs.replays == 4 and calls.counts["decode_qkv"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ op calls
+class _Counting:
+    """An OpTable stand-in counting each op call; while an op runs, torch calls are the op's own, not the model's."""
+
+    def __init__(self, table):
+        self.table, self.counts, self.inside = table, {}, False
+        self.binding, self.name = table.binding, table.name
+        for op in ops.OPS:
+            setattr(self, op, self._wrap(op, getattr(table, op)))
+
+    def _wrap(self, op, fn):
+        def run(*args, **kwargs):
+            self.counts[op] = self.counts.get(op, 0) + 1
+            self.inside = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.inside = False
+        return run
+
+
+class _Launches(TorchFunctionMode):
+    """The model's own kernel launches outside the contract ops: matmuls, SiLU, the gating product, copies."""
+    COUNTED = {F.linear: "linear", F.silu: "silu", torch.Tensor.__mul__: "mul", torch.Tensor.mul: "mul"}
+
+    def __init__(self, calls: _Counting):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.calls.inside:
+            name = self.COUNTED.get(func)
+            if func is torch.Tensor.contiguous and not args[0].is_contiguous():
+                name = "copy"
+            if name:
+                self.calls.counts[name] = self.calls.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _launches_per_layer(model, path: str) -> dict[str, int]:
+    """Calls of one decode step of 3 sequences inside the decoder (the final norm, once per step, left out)."""
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, BS, decode_path=path)
+    runner.allocate_pool(32)
+    prompts = _prompts(3)
+    lens = [len(p) for p in prompts]
+    ids = sum(prompts, [])
+    slots = [8 * i * BS + j for i, p in enumerate(prompts) for j in range(len(p))]
+    with torch.inference_mode():  # the prompts into the cache (a chunk that samples nothing: no logits)
+        runner._logits(StepInput(True, ids, [j for p in prompts for j in range(len(p))], slots, lens, lens, lens,
+                                 logits_rows=[]))
+    tables = np.array([[8 * i + j for j in range(8)] for i in range(3)], dtype=np.int32)
+    step = StepInput(False, [1, 2, 3], lens, [8 * i * BS + n for i, n in enumerate(lens)], [1] * 3,
+                     [n + 1 for n in lens], [n + 1 for n in lens], block_tables=tables)
+    calls = _Counting(model.ops)
+    model.use_ops(calls)
+    try:
+        with torch.inference_mode(), _Launches(calls):
+            meta = runner._metadata(step)
+            model(torch.tensor(step.input_ids), torch.tensor(step.positions), meta)
+    finally:
+        model.use_ops(calls.table)
+        model.set_decode_path("default")
+    counts = dict(calls.counts)
+    counts["rms_norm"] -= 1  # the final norm
+    layers = model.config.text.num_hidden_layers
+    assert all(n % layers == 0 for n in counts.values()), counts
+    return {k: n // layers for k, n in counts.items() if n}
+
+
+@pytest.mark.parametrize("name,default_calls", [("1b", 11), ("qwen3", 15)])
+def test_op_calls_per_layer(models, name, default_calls):
+    """Today's layer launches 11 kernels at decode (4 matmuls, 2 norms, rotary, the KV write, paged attention, SiLU,
+    the product; Qwen3 adds q and k norms and the copies they need); the fused path 5 contract ops."""
+    model = models(name, "torch")
+    default = _launches_per_layer(model, "default")
+    fused = _launches_per_layer(model, "fused")
+    assert sum(default.values()) == default_calls, default
+    assert fused == {"decode_qkv": 1, "paged_attention": 1, "decode_gemv_residual": 2, "decode_gate_up": 1}, fused
+
+
+def test_engine_flag_and_fallbacks(tmp_path):
+    """EngineConfig.decode_path reaches the model through LLM; greedy text equals the default path's; batches over
+    8, prefill and tensor parallelism take the default forward."""
+    from internvl_engine.models.decode_fused import FusedDecode
+    from internvl_engine.layers.attention import AttentionMetadata
+
+    prompts = ["Hello there", "The capital of France is", "a b c d"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    outs = {}
+    for path in ("default", "fused"):
+        llm = LLM("random:tiny-qwen3", device="cpu", kv_cache_tokens=2048, decode_path=path)
+        assert (llm.engine.model.fused_decode is not None) == (path == "fused")
+        outs[path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs["fused"] == outs["default"]
+    slots = torch.zeros(9, dtype=torch.int64)
+    assert not FusedDecode.applies(torch.zeros(9, 4), AttentionMetadata(False, slots, [None]))
+    assert not FusedDecode.applies(torch.zeros(2, 4), AttentionMetadata(True, slots[:2], [None]))
+    assert FusedDecode.applies(torch.zeros(8, 4), AttentionMetadata(False, slots[:8], [None]))
+    with pytest.raises(Exception, match="decode_path"):
+        LLM("random:tiny", device="cpu", decode_path="fast")
