@@ -1,6 +1,7 @@
 """The fused decode forward (issue 3.6; EngineConfig.decode_path = "fused"): a decode step of 1 to MAX_BATCH tokens
 runs each decoder layer as five kernel-contract ops instead of the default layer's eleven launches (four matmuls, two
-norms, rotary, the KV write, paged attention, SiLU and the gating product; thirteen with Qwen3's q/k norms):
+norms, rotary, the KV write, paged attention, SiLU and the gating product; fifteen with Qwen3's q/k norms and the
+copies of q and k they read), as tests/test_decode_fused.py counts:
 
     decode_qkv            RMSNorm(input_layernorm) -> packed q/k/v -> [q/k norm] -> rotary -> k, v into the cache
     paged_attention       as the default path
