@@ -205,7 +205,7 @@ class DecodeGraphs:
             table[i, k:] = 0
         self._stage_padding(b, w, n)
         if mode == "sample":
-            graph_sampler.stage(rows, self.runner.model.config.text.vocab_size, *self._sampler_staging(b))
+            graph_sampler.stage(rows, out[1].shape[1], *self._sampler_staging(b))  # the logits' width, as eager
         self._upload(b, w)
         g.replay()
         self.replays += 1
