@@ -24,7 +24,7 @@ InternVL uses it 45 x 3200, spec 1.4):
   configs/model/qwen3_30b_a3b.yaml and qwen3_235b_a22b.yaml, slime's scripts/models/qwen3-*.sh): 48 x 2048
   and 94 x 4096, 32 / 4 and 64 / 4 heads of 128, 128 experts of width 768 and 1536, 8 routed per token with
   normalised weights, every layer sparse, no shared expert, untied, vocabulary 151936, 40960 positions, rope_theta
-  1e6; intermediate_size (6144, 12288) is the dense MLP width no layer of theirs uses. Model cards: 30.5B total /
+  1e6; intermediate_size (6144, 12288: slime's --ffn-hidden-size) is the dense MLP width no layer of theirs uses. Model cards: 30.5B total /
   3.3B activated and 235B / 22B, which tests/test_bench.py checks against bench/floors.py's counts. Quantized
   experts are not built: their -awq / -fp8 names are refused.
 - tiny / small and their llama / qwen3 / qwen3-moe twins: test shapes on the InternVL3 tokenizer's ids (vocabulary
