@@ -24,9 +24,9 @@ InternVL uses it 45 x 3200, spec 1.4):
   configs/model/qwen3_30b_a3b.yaml and qwen3_235b_a22b.yaml, slime's scripts/models/qwen3-*.sh): 48 x 2048
   and 94 x 4096, 32 / 4 and 64 / 4 heads of 128, 128 experts of width 768 and 1536, 8 routed per token with
   normalised weights, every layer sparse, no shared expert, untied, vocabulary 151936, 40960 positions, rope_theta
-  1e6; intermediate_size (6144, 12288: slime's --ffn-hidden-size) is the dense MLP width no layer of theirs uses. Model cards: 30.5B total /
-  3.3B activated and 235B / 22B, which tests/test_bench.py checks against bench/floors.py's counts. Quantized
-  experts are not built: their -awq / -fp8 names are refused.
+  1e6; intermediate_size (6144, 12288: slime's --ffn-hidden-size) is the dense MLP width no layer of theirs
+  uses. Model cards: 30.5B total / 3.3B activated and 235B / 22B, which tests/test_bench.py checks against
+  bench/floors.py's counts. Quantized experts are not built: their -awq / -fp8 names are refused.
 - tiny / small and their llama / qwen3 / qwen3-moe twins: test shapes on the InternVL3 tokenizer's ids (vocabulary
   151674, <IMG_CONTEXT> 151667, the tokenizer a preset runs with). The llama and qwen3 ones state a head_dim other
   than hidden / heads, as InternLM3 and Qwen3 do; the qwen3-moe ones have 6 and 8 experts, 2 routed per token.
