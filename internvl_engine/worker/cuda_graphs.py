@@ -13,7 +13,8 @@ persistent device buffers, and a step only copies its inputs into those buffers 
   next step, after the runner has waited for this step's results (stream order), so it is never in use.
 - Graphs of the batch ladder at the first context bucket are captured at start; other buckets at their first use.
 - With `sample=True` (EngineConfig.decode_path "fused") the graph also samples (graph_sampler.py): a step whose rows
-  it can sample copies back only their [n] tokens, so a step is three input copies, one replay and one small copy.
+  it can sample copies back only their [n] tokens, so a step is two input copies (three with the fp32 rows of
+  temperature, top_p and min_p when a row draws), one replay and one small copy.
   Each bucket then has two graphs: argmax alone ("greedy", captured at start; its logits serve the steps whose rows
   need the eager sampler) and the full sampler ("sample", at first use: it sorts the whole vocabulary a row).
 
@@ -158,17 +159,17 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self, b: int, w: int, mode: str | None):
         self._stage_padding(b, w)
-        self._upload(b, w)
+        self._upload(b, w, mode)
         g, out = capture(self._graphed(b, w, mode), self.runner.device, self.pool, self.emulate)
         self.graphs[self._key(b, w, mode)] = g, out
         return g, out
 
     # ------------------------------------------------------------------ a step
-    def _upload(self, b: int, w: int) -> None:
+    def _upload(self, b: int, w: int, mode: str | None) -> None:
         self.dev64.copy_(self.host64, non_blocking=True)
         k = self.max_batch + b * w
         self.dev32[:k].copy_(self.host32[:k], non_blocking=True)
-        if self.sample:
+        if mode == "sample":  # the fp32 rows only when the graph reads them
             self.devf.copy_(self.hostf, non_blocking=True)
 
     @torch.inference_mode()
@@ -206,7 +207,7 @@ class DecodeGraphs:
         self._stage_padding(b, w, n)
         if mode == "sample":
             graph_sampler.stage(rows, out[1].shape[1], *self._sampler_staging(b))  # the logits' width, as eager
-        self._upload(b, w)
+        self._upload(b, w, mode)
         g.replay()
         self.replays += 1
         return out
