@@ -92,10 +92,10 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks = max_batch, max_blocks
         dev, pin = runner.device, runner.device.type == "cuda"
         # int64 rows: input ids, positions, slots, top_k; int32: seq_lens then the block table ([b, w] row-major);
-        # fp32 rows: temperature, top_p, min_p (the sampler's rows are staged only when it is in the graph)
+        # fp32 rows: temperature, top_p, min_p (the sampler's rows, staged only when it is in the graph)
         self.host64 = torch.zeros(4 if sample else 3, max_batch, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
-        self.hostf = torch.zeros(3 if sample else 0, max_batch, dtype=torch.float32, pin_memory=pin)
+        self.hostf = torch.zeros(3, max_batch, dtype=torch.float32, pin_memory=pin)
         self.dev64 = torch.zeros_like(self.host64, device=dev)
         self.dev32 = torch.zeros_like(self.host32, device=dev)
         self.devf = torch.zeros_like(self.hostf, device=dev)
