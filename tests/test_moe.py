@@ -29,7 +29,7 @@ from test_quant import FP8_BLOCK
 
 VARIANTS = ("qwen3moe-300m", "qwen3moe-k1-300m")
 KINDS = ("text", "one_image", "video")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cpp")
 TILES = 2  # the 700 x 300 image: 2 tiles and the thumbnail; each video frame is one tile
 GREEDY = SamplingParams(max_tokens=16, return_logits=True, ignore_eos=True, max_num_tiles=TILES)
 _llms: dict = {}
