@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from internvl_engine.kernels import _tuning, flash_attention, paged_attention
+from internvl_engine.kernels import _tuning, flash_attention, fused_moe, paged_attention
 from kernel_cases import DTYPES
 import test_flash_attention
+import test_fused_moe
 import test_paged_attention
 
 def _indices(configs):
@@ -46,6 +47,14 @@ def test_flash_attention_config(device, index, dtype, heads, kv_heads, head_dim,
 def test_paged_attention_config(device, index, dtype, heads, kv_heads, head_dim, block_size):
     with _tuning.use_config(index):
         test_paged_attention._run("triton", device, dtype, heads, kv_heads, head_dim, block_size, [37, 1, 300])
+
+
+@pytest.mark.parametrize("device,index", _cases(fused_moe._CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [test_fused_moe.CASES[3], test_fused_moe.CASES[7]], ids=["rows16", "rows64"])
+def test_fused_moe_config(device, index, dtype, case):
+    with _tuning.use_config(index):
+        test_fused_moe._run("triton", device, dtype, *case)
 
 
 def test_use_config_nests_and_restores():
