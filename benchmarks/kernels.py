@@ -5,6 +5,11 @@ speedup over torch.
 
   python benchmarks/kernels.py --device cuda --json out.json          # all models, all backends available
   python benchmarks/kernels.py --device cpu                           # smaller shapes, torch and cpp
+  python benchmarks/kernels.py --device cpu --models '' --moe-models internvl3_5-30b-a3b   # fused_moe alone
+
+fused_moe runs at the --moe-models' layer shapes (one layer's experts, top-k of a random softmax routing); its bytes
+are the floor: the weights of the experts the routing touches (k at batch 1, nearly all E at a prefill), plus x and
+y, each read or written once.
 """
 from __future__ import annotations
 
@@ -86,6 +91,26 @@ def cases(model: str, device: torch.device, dtype: torch.dtype, small: bool):
                2 * batch * ctx * hk * d * e, 4 * batch * ctx * h * d)
 
 
+def moe_cases(model: str, device: torch.device, dtype: torch.dtype):
+    """fused_moe at one layer of `model`'s experts for decode (1), small batches (8, 64) and a prefill (512; 4096
+    more on CUDA). Routing: the top-k of a seeded random softmax, renormalised (a router's output)."""
+    t = PRESETS[model]["text"]
+    hd, e, k, f = t["hidden_size"], t["num_experts"], t["num_experts_per_tok"], t["moe_intermediate_size"]
+    size = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(e, 2 * f, hd, generator=g) * hd ** -0.5).to(dtype).to(device)
+    w2 = (torch.randn(e, hd, f, generator=g) * f ** -0.5).to(dtype).to(device)
+    for n in (1, 8, 64, 512) + ((4096,) if device.type == "cuda" else ()):
+        weights, ids = torch.randn(n, e, generator=g).softmax(-1).topk(k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        x = torch.randn(n, hd, generator=g).to(dtype)
+        touched = ids.unique().numel()
+        nbytes = touched * 3 * f * hd * size + 2 * n * hd * size
+        yield ("fused_moe", f"T={n} {touched}/{e} experts k={k} F={f}",
+               lambda x=x, w=weights, i=ids: (x.to(device), w13, w2, w.to(device), i.to(device)),
+               nbytes, 2 * n * k * 3 * f * hd)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -97,8 +122,10 @@ def run(args) -> dict:
           f"{peaks['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s ({peaks['matmul']})  backends {backends}")
     print(f"{'op':16s} {'case':34s} {'backend':8s} {'time us':>10s} {'GB/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} "
           f"{'vs torch':>8s}")
-    for model in args.models.split(","):
-        for op, label, make, nbytes, flops in cases(model, device, dtype, device.type == "cpu"):
+    todo = [(m, cases(m, device, dtype, device.type == "cpu"), args.repeat) for m in args.models.split(",") if m]
+    todo += [(m, moe_cases(m, device, dtype), args.moe_repeat) for m in args.moe_models.split(",") if m]
+    for model, model_cases, repeat in todo:
+        for op, label, make, nbytes, flops in model_cases:
             base = None
             torch.manual_seed(0)
             inputs = make()
@@ -106,7 +133,7 @@ def run(args) -> dict:
                 with ops.use_backend(backend, device):
                     fn = getattr(ops, op)
                     try:
-                        t = time_fn(lambda: fn(*inputs), device, repeat=args.repeat)
+                        t = time_fn(lambda: fn(*inputs), device, repeat=repeat, warmup=min(3, repeat))
                     except Exception as e:  # an unsupported shape is a row, not the end of the run
                         print(f"{op:16s} {label:34s} {backend:8s} error: {e}")
                         record["results"].append({"model": model, "op": op, "case": label, "backend": backend,
@@ -133,9 +160,14 @@ def main(argv=None):
     ap.add_argument("--backends", default=None, help="comma-separated (default: every available one; triton on "
                                                      "the CPU only when named, the interpreter is slow)")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--moe-models", default="internvl3_5-30b-a3b", help="fused_moe at these models' expert shapes "
+                                                                      "(comma-separated; '' for none)")
+    ap.add_argument("--moe-repeat", type=int, default=None, help="timed calls per fused_moe case (default: "
+                                                                  "--repeat on CUDA, 3 on the CPU)")
     ap.add_argument("--json", default=None, help="write the full record here")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.moe_repeat = args.moe_repeat or (args.repeat if args.device.startswith("cuda") else 3)
     record = run(args)
     write_record(args.json, record)
 
