@@ -2,7 +2,8 @@
 transformers' InternVLForConditionalGeneration with a qwen3_moe text config, on random-weight checkpoints it wrote
 itself (tests/checkpoints.py: "qwen3moe-300m", 6 experts, top 2 renormalised, a dense layer by mlp_only_layers;
 "qwen3moe-k1-300m", top 1 of 5 unnormalised, decoder_sparse_step 2, tied): prompt logits, 16 greedy tokens and
-their step logits for text, an image and a video on the torch and cpp backends; batch invariance; the original
+their step logits for text, an image and a video on the torch and cpp backends (text and video on triton, through
+its interpreter); batch invariance; the original
 layout and transformers' in-memory 3-D experts form load the same; the config rules, refusals and shard checks; each
 rank's slice of the experts; and decode's CUDA-graph decision."""
 import json
@@ -23,7 +24,7 @@ from internvl_engine.parallel import TensorParallel, check_shardable
 from hf_processor import make_hf_processor
 from reference import hf_greedy, hf_inputs, hf_logits
 from test_loader import _copy_side_files
-from test_model_parity import ATOL, CONVERSATIONS
+from test_model_parity import ATOL, CONVERSATIONS, TRITON_IMAGE_SIZE
 from test_original_layouts import write_original
 from test_quant import FP8_BLOCK
 
@@ -146,6 +147,23 @@ def test_prompt_logits_and_greedy_match_transformers(hf_checkpoint, variant, kin
         out = llm.generate(conv, GREEDY)[0]
         assert out.token_ids == ref_ids, backend
         assert (out.logits - ref_step_logits).abs().max().item() <= ATOL, backend
+
+
+@pytest.mark.parametrize("kind", ["text", pytest.param("video", marks=pytest.mark.slow)])
+def test_triton_interpreter_matches_transformers(hf_checkpoint, kind):
+    """The triton backend (the grouped-GEMM fused_moe kernel, and every other kernel) through Triton's interpreter,
+    on 224-pixel tiles as test_model_parity runs it (TRITON_IMAGE_SIZE: the interpreter's cost). The video case
+    (~20 s on 2 cores) runs with -m slow."""
+    path, hf_model = hf_checkpoint("qwen3moe-300m", image_size=TRITON_IMAGE_SIZE)
+    conv = CONVERSATIONS[kind]
+    inputs = hf_inputs(make_hf_processor(path), conv, TILES)
+    llm = _llm(path, "triton")
+    assert llm.runner.kernels["fused_moe"] == "triton"
+    assert (llm.prompt_logits(conv, params=GREEDY) - hf_logits(hf_model, inputs)).abs().max().item() <= ATOL
+    ref_ids, ref_step_logits = hf_greedy(hf_model, inputs, 16)
+    out = llm.generate(conv, GREEDY)[0]
+    assert out.token_ids == ref_ids
+    assert (out.logits - ref_step_logits).abs().max().item() <= ATOL
 
 
 def _record_routing(llm):
