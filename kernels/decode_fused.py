@@ -13,14 +13,27 @@ chunks), which reads B x C activations per program against its BLOCK_N x C weigh
 (tl.dot's minimum), masked past B. Weights are [N, K] row-major (nn.Linear's layout), loaded as [BLOCK_K, BLOCK_N]
 tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored intermediate is rounded
 to the activation dtype where the unfused layer would store it, with _tuning.to_dtype (nearest-even under the
-interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs."""
+interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs.
+
+Programmatic dependent launch (PDL, Hopper and later; opt-in with INTERNVL_ENGINE_PDL=1 until a device run measures
+it): each kernel is launched with launch_pdl, so it may start while the kernel before it finishes; it waits for that
+kernel's writes (griddepcontrol.wait) before reading anything, and once its own K loop is done lets the next kernel
+launch (griddepcontrol.launch_dependents). A kernel that follows without PDL (paged attention, torch's ops) waits
+for completion as usual, and every dependent passes the wait before it triggers its own dependents, so writes two
+kernels back are complete too."""
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
+
+PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at launch: tests flip it
 
 _BLOCK_B = 16                         # tl.dot's minimum M; rows past B are masked
 _BLOCK_N = 256 if INTERPRET else 32   # GEMV output features per program (1B o_proj / down: 28 programs per tile)
@@ -88,7 +101,8 @@ def _weight_tile(w_ptr, rows, rmask, k, K):
 def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
                 B, K, H, HK, eps, stride_cs,
                 D: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                USE_PDL: tl.constexpr):
     """Program (batch tile, head): head < H a query head, then H <= head < H + HK a key head, then a value head.
     The head's two halves are two accumulators, so rotary's rotate-half pairs (d, d + D/2) sit in the same lane."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -97,6 +111,8 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
     rd = tl.arange(0, BLOCK_H)
     dmask = rd < HALF
     rk = tl.arange(0, BLOCK_K)
+    if USE_PDL:
+        gdc_wait()
     inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
     rows1 = head * D + rd          # the packed q/k/v weight holds H q heads, HK k heads, HK v heads, D rows each
     rows2 = rows1 + HALF
@@ -107,6 +123,8 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
         h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
         acc1 = _mac(h, _weight_tile(w_ptr, rows1, dmask, k, K), acc1, DOT_PREC)
         acc2 = _mac(h, _weight_tile(w_ptr, rows2, dmask, k, K), acc2, DOT_PREC)
+    if USE_PDL:
+        gdc_launch_dependents()
     if HAS_BIAS:
         acc1 += tl.load(b_ptr + rows1, mask=dmask, other=0.0).to(tl.float32)[None, :]
         acc2 += tl.load(b_ptr + rows2, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -156,17 +174,21 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
 @triton.jit
 def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, B, N, K,
                           HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask, nmask = rb < B, rn < N
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if USE_PDL:
+        gdc_wait()
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & (k < K)[None, :],
                     other=0.0)
         acc = _mac(x, _weight_tile(w_ptr, rn, nmask, k, K), acc, DOT_PREC)
+    if USE_PDL:
+        gdc_launch_dependents()
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     dtype = y_ptr.dtype.element_ty
@@ -180,12 +202,14 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, B, N, K,
 @triton.jit
 def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
                     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (batch tile, F tile): gate rows rn and up rows F + rn of the merged [2F, K] weight."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask, nmask = rb < B, rn < F
     rk = tl.arange(0, BLOCK_K)
+    if USE_PDL:
+        gdc_wait()
     inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
     acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -194,6 +218,8 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
         h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
         acc_g = _mac(h, _weight_tile(w_ptr, rn, nmask, k, K), acc_g, DOT_PREC)
         acc_u = _mac(h, _weight_tile(w_ptr, F + rn, nmask, k, K), acc_u, DOT_PREC)
+    if USE_PDL:
+        gdc_launch_dependents()
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + F + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -208,6 +234,12 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
 
 def _dummy(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
     return x if t is None else t
+
+
+def _pdl(x: torch.Tensor) -> dict:
+    """The launch's PDL arguments: on when asked for, on a CUDA device of compute capability 9 or later."""
+    on = PDL and not INTERPRET and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return {"USE_PDL": on, **({"launch_pdl": True} if on else {})}
 
 
 def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, cos_sin,
@@ -225,7 +257,7 @@ def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_
                       b, c, h, hk, float(eps), cos_sin.stride(0),
                       D=d, HALF=half, HAS_BIAS=qkv_bias is not None, QK_NORM=q_norm_weight is not None,
                       DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_H=max(16, next_pow2(half)),
-                      BLOCK_K=_block_k(c, bb, max(16, next_pow2(half))))
+                      BLOCK_K=_block_k(c, bb, max(16, next_pow2(half))), **_pdl(x))
     return q
 
 
@@ -236,7 +268,8 @@ def decode_gemv_residual(x, weight, bias, residual):
     bb = _block_b(b)
     grid = (triton.cdiv(b, bb), triton.cdiv(n, _BLOCK_N))
     _gemv_residual_kernel[grid](x, weight, _dummy(x, bias), residual, y, b, n, k, HAS_BIAS=bias is not None,
-                                DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(k, bb, _BLOCK_N))
+                                DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(k, bb, _BLOCK_N),
+                                **_pdl(x))
     return y
 
 
@@ -248,5 +281,5 @@ def decode_gate_up(x, norm_weight, eps, weight, bias):
     grid = (triton.cdiv(b, bb), triton.cdiv(f, _BLOCK_N))
     _gate_up_kernel[grid](x, norm_weight, weight, _dummy(x, bias), y, b, f, k, float(eps),
                           HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N,
-                          BLOCK_K=_block_k(k, bb, _BLOCK_N))
+                          BLOCK_K=_block_k(k, bb, _BLOCK_N), **_pdl(x))
     return y
