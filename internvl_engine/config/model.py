@@ -42,8 +42,9 @@ class VisionConfig:
 @dataclass
 class TextConfig:
     """The decoder, in what its families (TEXT_FAMILIES) differ by: all of them are pre-norm RMSNorm blocks with
-    GQA attention, NeoX RoPE and a SiLU-gated MLP (transformers' Qwen2, Llama and Qwen3 modeling code)."""
-    model_type: str = "qwen2"  # "qwen2" | "llama" | "qwen3"
+    GQA attention, NeoX RoPE and a SiLU-gated MLP, or routed SiLU-gated experts in Qwen3-MoE's sparse layers
+    (transformers' Qwen2, Llama, Qwen3 and Qwen3-MoE modeling code)."""
+    model_type: str = "qwen2"  # "qwen2" | "llama" | "qwen3" | "qwen3_moe"
     vocab_size: int = 151674
     hidden_size: int = 896
     intermediate_size: int = 4864

@@ -1,5 +1,5 @@
-"""InternVL = InternViT -> pixel shuffle -> MLP projector -> a Qwen2, Llama or Qwen3 decoder (spec sections 0-4;
-decoder.py).
+"""InternVL = InternViT -> pixel shuffle -> MLP projector -> a Qwen2, Llama, Qwen3 or Qwen3-MoE decoder (spec
+sections 0-4; decoder.py, moe.py).
 Parameter names equal the checkpoint keys after the loader's prefix normalisation. Under tensor parallelism the
 language model and lm_head are sharded (decoder.py, layers/linear.py); the vision tower and projector are whole on
 every rank, which runs its share of a step's tiles (worker/executor.py). A quantized checkpoint's format applies
