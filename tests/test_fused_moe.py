@@ -2,6 +2,8 @@
 fp64 formula written here, on odd shapes and routings: experts with no tokens, one token, every token on one expert,
 k = 1 and 8, E not a power of two, F and Hd not multiples of the Triton blocks (64) nor of the C++ tiles (4 / 32),
 both Triton block heights (16 and 64 rows). Triton through its interpreter on the CPU."""
+import functools
+
 import pytest
 import torch
 
@@ -40,6 +42,8 @@ def _routing(tokens, experts, k, routing, g):
 
 
 def _inputs(tokens, hd, experts, f, k, routing, dtype, device, seed=0):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     g = torch.Generator().manual_seed(seed * 7919 + tokens * 131 + hd * 17 + experts)
     x = torch.randn(tokens, hd, generator=g).to(dtype)
     w13 = (torch.randn(experts, 2 * f, hd, generator=g) * hd ** -0.5).to(dtype)
@@ -192,15 +196,29 @@ def test_bad_arguments_are_typed_errors(name):
                 ops.fused_moe(**kwargs)
 
 
+@functools.cache
+def _experts_30b_a3b():
+    """One 30B-A3B layer's experts (Hd 2048, E 128, F 768) in bf16, drawn on the GPU once for the module."""
+    g = torch.Generator("cuda").manual_seed(0)
+    w13 = (torch.randn(128, 2 * 768, 2048, generator=g, device="cuda") * 2048 ** -0.5).bfloat16()
+    w2 = (torch.randn(128, 2048, 768, generator=g, device="cuda") * 768 ** -0.5).bfloat16()
+    return w13, w2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
-def test_cuda_at_the_30b_a3b_shape(name):
-    """One 30B-A3B layer (Hd 2048, E 128, k 8, F 768) at decode and at a prefill size, bf16, on the GPU."""
-    for tokens in (1, 64, 300):
-        x, w13, w2, weights, ids = _inputs(tokens, 2048, 128, 768, 8, "random", torch.bfloat16, "cuda")
-        with backend(name, "cuda"):
-            out = ops.fused_moe(x, w13, w2, weights, ids)
-        assert_moe_close(out, ops.fused_moe_ref(x, w13, w2, weights, ids), torch.bfloat16)
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_cuda_at_the_30b_a3b_shape(name, tokens):
+    """Decode, a batch and a prefill size at the real layer shape (k 8), bf16, on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    w13, w2 = _experts_30b_a3b()
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 2048, generator=g).bfloat16().cuda()
+    weights, ids = (t.cuda() for t in _routing(tokens, 128, 8, "random", g))
+    with backend(name, "cuda"):
+        out = ops.fused_moe(x, w13, w2, weights, ids)
+    assert_moe_close(out, ops.fused_moe_ref(x, w13, w2, weights, ids), torch.bfloat16)
 
 
 @pytest.mark.gpu
