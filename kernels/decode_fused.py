@@ -1,8 +1,9 @@
 """Fused decode kernels for batches of 1-8 tokens (issue 3.6): a decoder layer's decode step in three kernels around
 paged attention, with the norms, rotary, the KV write, SiLU*mul and the residual adds folded into the GEMVs.
 
-- decode_qkv: RMSNorm prologue, q/k/v GEMV, then per head (one program owns one head of one batch tile) the bias,
-  Qwen3's q/k RMSNorm, NeoX rotary and the store: q to its output, k and v into the paged caches at their slots.
+- decode_qkv: RMSNorm prologue, q/k/v GEMV, then per head (a program owns 16 rotary pairs of one head, or the whole
+  head with q/k norm, for one batch tile) the bias, Qwen3's q/k RMSNorm, NeoX rotary and the store: q to its
+  output, k and v into the paged caches at their slots.
 - decode_gemv_residual: y = residual + (x W^T + b) (o_proj, down_proj).
 - decode_gate_up: RMSNorm prologue, the gate and up GEMVs of the same F columns in one program, silu(gate) * up.
 
@@ -36,12 +37,20 @@ from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
 PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at launch: tests flip it
 
 _BLOCK_B = 16                         # tl.dot's minimum M; rows past B are masked
-_BLOCK_N = 256 if INTERPRET else 32   # GEMV output features per program (1B o_proj / down: 28 programs per tile)
+_HEAD_BLOCK = 16                      # rotary pairs per decode_qkv program without q/k norm (tl.dot's minimum N)
 # The helpers below are inlined by Triton on a GPU; under the interpreter they stay plain Python (an interpreted
 # @triton.jit call re-patches triton.language on every call: _tuning.py). There the products are a broadcast and a
 # row sum over B rows, not a dot padded to 16 (the interpreter's dot is numpy's matmul without BLAS), and K is
 # walked in the largest blocks that keep a program's [B, BLOCK_K, BLOCK_N] product within Triton's 2^20 elements.
 _helper = (lambda fn: fn) if INTERPRET else triton.jit
+
+
+def _block_n(n: int) -> int:
+    """GEMV output features per program: 16 for N <= 2048 (InternVL3-1B / 2B o_proj and down_proj: 56 / 96
+    programs for an H100's 132 SMs), else 32 (1B gate/up: 152 programs); 256 under the interpreter."""
+    if INTERPRET:
+        return 256
+    return 16 if n <= 2048 else 32
 
 
 def _block_b(b: int) -> int:
@@ -103,12 +112,15 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
                 D: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                 USE_PDL: tl.constexpr):
-    """Program (batch tile, head): head < H a query head, then H <= head < H + HK a key head, then a value head.
-    The head's two halves are two accumulators, so rotary's rotate-half pairs (d, d + D/2) sit in the same lane."""
+    """Program (batch tile, head * parts + part): head < H a query head, then H <= head < H + HK a key head, then a
+    value head; `part` owns rotary pairs [part * BLOCK_H, (part + 1) * BLOCK_H) of the head (all of them with q/k
+    norm, whose sum of squares needs the whole head). The two halves of the pairs are two accumulators, so
+    rotary's pairs (d, d + D/2) sit in the same lane."""
+    parts = tl.cdiv(HALF, BLOCK_H)
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    head = tl.program_id(1)
+    head = tl.program_id(1) // parts
     bmask = rb < B
-    rd = tl.arange(0, BLOCK_H)
+    rd = (tl.program_id(1) % parts) * BLOCK_H + tl.arange(0, BLOCK_H)
     dmask = rd < HALF
     rk = tl.arange(0, BLOCK_K)
     if USE_PDL:
@@ -135,7 +147,8 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
     if QK_NORM:
         if rotate:
             is_q = head < H
-            n1 = tl.where(is_q, tl.load(qn_ptr + rd, mask=dmask, other=0.0), tl.load(kn_ptr + rd, mask=dmask, other=0.0))
+            n1 = tl.where(is_q, tl.load(qn_ptr + rd, mask=dmask, other=0.0),
+                          tl.load(kn_ptr + rd, mask=dmask, other=0.0))
             n2 = tl.where(is_q, tl.load(qn_ptr + HALF + rd, mask=dmask, other=0.0),
                           tl.load(kn_ptr + HALF + rd, mask=dmask, other=0.0))
             inv_h = tl.rsqrt((row_sum(a1 * a1, 1) + row_sum(a2 * a2, 1)) / D + eps)
@@ -251,13 +264,15 @@ def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_
     q = torch.empty(b, h, d, device=x.device, dtype=x.dtype)
     half = d // 2
     bb = _block_b(b)
-    grid = (triton.cdiv(b, bb), h + 2 * hk)
+    # q/k norm reads whole heads; else heads are split into runs of _HEAD_BLOCK rotary pairs (more programs: 1B's
+    # 18 heads of 64 are 36)
+    bh = max(16, next_pow2(half)) if q_norm_weight is not None else min(_HEAD_BLOCK, max(16, next_pow2(half)))
+    grid = (triton.cdiv(b, bb), (h + 2 * hk) * triton.cdiv(half, bh))
     _qkv_kernel[grid](x, norm_weight, qkv_weight, _dummy(x, qkv_bias), _dummy(x, q_norm_weight),
                       _dummy(x, k_norm_weight), positions, cos_sin, slot_mapping, q, k_cache, v_cache,
                       b, c, h, hk, float(eps), cos_sin.stride(0),
                       D=d, HALF=half, HAS_BIAS=qkv_bias is not None, QK_NORM=q_norm_weight is not None,
-                      DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_H=max(16, next_pow2(half)),
-                      BLOCK_K=_block_k(c, bb, max(16, next_pow2(half))), **_pdl(x))
+                      DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=_block_k(c, bb, bh), **_pdl(x))
     return q
 
 
@@ -265,10 +280,10 @@ def decode_gemv_residual(x, weight, bias, residual):
     b, k = x.shape
     n = weight.shape[0]
     y = torch.empty(b, n, device=x.device, dtype=x.dtype)
-    bb = _block_b(b)
-    grid = (triton.cdiv(b, bb), triton.cdiv(n, _BLOCK_N))
+    bb, bn = _block_b(b), _block_n(n)
+    grid = (triton.cdiv(b, bb), triton.cdiv(n, bn))
     _gemv_residual_kernel[grid](x, weight, _dummy(x, bias), residual, y, b, n, k, HAS_BIAS=bias is not None,
-                                DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(k, bb, _BLOCK_N),
+                                DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=_block_k(k, bb, bn),
                                 **_pdl(x))
     return y
 
@@ -277,9 +292,9 @@ def decode_gate_up(x, norm_weight, eps, weight, bias):
     b, k = x.shape
     f = weight.shape[0] // 2
     y = torch.empty(b, f, device=x.device, dtype=x.dtype)
-    bb = _block_b(b)
-    grid = (triton.cdiv(b, bb), triton.cdiv(f, _BLOCK_N))
+    bb, bn = _block_b(b), _block_n(f)
+    grid = (triton.cdiv(b, bb), triton.cdiv(f, bn))
     _gate_up_kernel[grid](x, norm_weight, weight, _dummy(x, bias), y, b, f, k, float(eps),
-                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=_BLOCK_N,
-                          BLOCK_K=_block_k(k, bb, _BLOCK_N), **_pdl(x))
+                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=bn,
+                          BLOCK_K=_block_k(k, bb, bn), **_pdl(x))
     return y

@@ -32,7 +32,8 @@ def _qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype, seed=0):
     n = (h + 2 * hk) * d
     slots = torch.randperm(4 * BS, generator=g)[:b]
     slots[b // 2] = -1  # a padding row: its k and v must not be written
-    return dict(x=rnd(b, c, scale=2.0), norm_weight=1 + rnd(c, scale=0.1), eps=1e-6, qkv_weight=rnd(n, c, scale=c ** -0.5),
+    return dict(x=rnd(b, c, scale=2.0), norm_weight=1 + rnd(c, scale=0.1), eps=1e-6,
+                qkv_weight=rnd(n, c, scale=c ** -0.5),
                 qkv_bias=rnd(n, scale=0.1) if bias else None,
                 q_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
                 k_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
@@ -65,9 +66,10 @@ def test_decode_qkv(backend_name, device, dtype, b, c, h, hk, d, bias, qk_norm):
     assert torch.equal(args["x"], x0), "x must not be modified"
     untouched = torch.ones(4 * BS, dtype=torch.bool)
     untouched[args["slot_mapping"][args["slot_mapping"] >= 0].cpu()] = False
+    untouched = untouched.to(device)
     start = _on(_qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype), device)
     for name in ("k_cache", "v_cache"):  # bit-exact where nothing is written, the skipped row's slot included
-        assert torch.equal(args[name].flatten(0, 1)[untouched.to(device)], start[name].flatten(0, 1)[untouched.to(device)])
+        assert torch.equal(args[name].flatten(0, 1)[untouched], start[name].flatten(0, 1)[untouched])
 
 
 @pytest.mark.parametrize("backend_name,device", BACKENDS)
@@ -324,16 +326,17 @@ def compile_(fn, ptrs, scalars, consts):
 
 for dt, pdl in (("fp32", False), ("bf16", True)):
     p, prec = "*" + dt, "ieee" if dt == "fp32" else None
-    tiles = dict(DOT_PREC=prec, BLOCK_B=16, BLOCK_N=32, BLOCK_K=128, USE_PDL=pdl)
+    tiles = dict(DOT_PREC=prec, BLOCK_B=16, BLOCK_K=128, USE_PDL=pdl)  # the launchers' GPU tiles
     compile_(m._gemv_residual_kernel, dict.fromkeys(("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr"), p),
-             dict.fromkeys(("B", "N", "K"), "i32"), dict(HAS_BIAS=True, **tiles))
+             dict.fromkeys(("B", "N", "K"), "i32"), dict(HAS_BIAS=True, BLOCK_N=m._block_n(896), **tiles))
     compile_(m._gate_up_kernel, dict.fromkeys(("x_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr"), p),
-             {"B": "i32", "F": "i32", "K": "i32", "eps": "fp32"}, dict(HAS_BIAS=False, **tiles))
-    for qk_norm, d in ((False, 64), (True, 128)):
+             {"B": "i32", "F": "i32", "K": "i32", "eps": "fp32"},
+             dict(HAS_BIAS=False, BLOCK_N=m._block_n(4864), **tiles))
+    for qk_norm, d, bh in ((False, 64, m._HEAD_BLOCK), (True, 128, 64)):
         ptrs = dict.fromkeys(("x_ptr", "nw_ptr", "w_ptr", "b_ptr", "qn_ptr", "kn_ptr", "q_ptr", "kc_ptr", "vc_ptr"), p)
         ptrs |= {"pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
         compile_(m._qkv_kernel, ptrs, {**dict.fromkeys(("B", "K", "H", "HK", "stride_cs"), "i32"), "eps": "fp32"},
-                 dict(D=d, HALF=d // 2, HAS_BIAS=True, QK_NORM=qk_norm, DOT_PREC=prec, BLOCK_B=16, BLOCK_H=d // 2,
+                 dict(D=d, HALF=d // 2, HAS_BIAS=True, QK_NORM=qk_norm, DOT_PREC=prec, BLOCK_B=16, BLOCK_H=bh,
                       BLOCK_K=128, USE_PDL=pdl))
 """
 
