@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -108,7 +109,9 @@ def main(argv=None) -> int:
     record = {**metadata(torch.device(args.device)), "benchmark": "decode_fused", "model": args.model,
               "dtype": args.dtype, "backend": args.backend,
               "default_backend": args.default_backend or args.backend, "enforce_eager": args.enforce_eager,
-              "steps": args.steps, "max_fused_batch": MAX_BATCH, "results": []}
+              "steps": args.steps, "max_fused_batch": MAX_BATCH,
+              "pdl": os.environ.get("INTERNVL_ENGINE_PDL") == "1",  # kernels/decode_fused.py: the fused kernels only
+              "results": []}
     for b in batches:
         runs = {path: run_path(args, path, b) for path in ("default", "fused")}
         cmp = compare(runs["default"]["tokens"], runs["fused"]["tokens"])

