@@ -5,9 +5,9 @@ and whether their greedy tokens agree: the evidence a device session needs to fl
         --default-backend auto --batch 1,8,64 --steps 64 --json out.json
     python benchmarks/decode_fused.py --model random:small --device cpu --batch 1,8 --steps 16 --json out.json
 
-For each path an engine is built (the first freed before the second), `batch` greedy requests with ignore_eos are
-prefilled, then `steps` decode steps are timed one by one (engine.step(): schedule, the forward, sampling and the
-copy of its tokens back; with CUDA graphs on a GPU one replay). The figure is the median step; tokens are compared
+For each path one engine is built (the first freed before the second); for each batch size, `batch` greedy requests
+with ignore_eos are prefilled, then `steps` decode steps are timed one by one (engine.step(): schedule, the forward,
+sampling and the copy of its tokens back; with CUDA graphs on a GPU one replay). The figure is the median step; tokens are compared
 sequence by sequence over the whole run. Batches above models/decode_fused.MAX_BATCH (8) take the default forward on
 the fused path too (their record says so): their time shows what else the flag changes (on a GPU, the sampler
 inside the decode graph). Random weights: greedy tokens agree where the paths' roundings agree, so an unequal count
@@ -34,39 +34,45 @@ from internvl_engine.models.decode_fused import MAX_BATCH  # noqa: E402
 PROMPT = "Describe a quiet morning by the river, the light on the water and the sounds of the town waking up."
 
 
-def run_path(args, path: str, batch: int) -> dict:
-    """Median decode-step seconds and each sequence's greedy tokens for one (path, batch)."""
+def run_path(args, path: str, batches: list[int]) -> dict[int, dict]:
+    """Per batch: median decode-step seconds and each sequence's greedy tokens, on one engine for this path (its
+    graphs captured once for the whole batch ladder)."""
     backend = args.backend if path == "fused" else (args.default_backend or args.backend)
+    most = max(batches)
     engine = LLMEngine(args.model, device=args.device, dtype=args.dtype, backend=backend, decode_path=path,
-                       max_num_seqs=max(batch, 1), kv_cache_tokens=batch * (args.steps + 128) + 1024,
+                       max_num_seqs=most, kv_cache_tokens=most * (args.steps + 128) + 1024,
                        enforce_eager=args.enforce_eager)
-    fused = engine.model.fused_decode
+    device, graphs = engine.device, getattr(engine.runner, "graphs", None)
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"r{i}", f"{i}: {PROMPT}", params)
-    while engine.scheduler.waiting or not all(s.output_ids for s in engine.scheduler.running):
-        engine.step()  # prefill (chunks) until every sequence has its first token
-    device = engine.device
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        engine.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    tokens = {s.request_id: list(s.output_ids) for s in engine.scheduler.running}
-    graphs = getattr(engine.runner, "graphs", None)
-    out = {"median_step_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * _quantile(times, 0.1),
-           "p90_ms": 1e3 * _quantile(times, 0.9), "steps": len(times),
-           "fused_forward": fused is not None and batch <= MAX_BATCH,
-           "fused_unsupported": engine.model.fused_unsupported,
-           "graph_replays": None if graphs is None else graphs.replays, "backend": backend,
-           "kernels": sorted(set(engine.runner.kernels.values())), "tokens": tokens}
-    del engine, graphs, fused
+    results = {}
+    for batch in batches:
+        for i in range(batch):
+            engine.add_request(f"b{batch}-r{i}", f"{i}: {PROMPT}", params)
+        while engine.scheduler.waiting or not all(s.output_ids for s in engine.scheduler.running):
+            engine.step()  # prefill (chunks) until every sequence has its first token
+        replays = None if graphs is None else graphs.replays
+        times = []
+        for _ in range(args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            engine.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        tokens = {s.request_id: list(s.output_ids) for s in engine.scheduler.running}
+        results[batch] = {
+            "median_step_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * _quantile(times, 0.1),
+            "p90_ms": 1e3 * _quantile(times, 0.9), "steps": len(times),
+            "fused_forward": engine.model.fused_decode is not None and batch <= MAX_BATCH,
+            "fused_unsupported": engine.model.fused_unsupported,
+            "graph_replays": None if graphs is None else graphs.replays - replays, "backend": backend,
+            "kernels": sorted(set(engine.runner.kernels.values())), "tokens": tokens}
+        while engine.scheduler.running or engine.scheduler.waiting:
+            engine.step()  # the last tokens: the next batch starts from an empty engine
+    del engine, graphs
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
+    return results
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -112,8 +118,9 @@ def main(argv=None) -> int:
               "steps": args.steps, "max_fused_batch": MAX_BATCH,
               "pdl": os.environ.get("INTERNVL_ENGINE_PDL") == "1",  # kernels/decode_fused.py: the fused kernels only
               "results": []}
+    by_path = {path: run_path(args, path, batches) for path in ("default", "fused")}
     for b in batches:
-        runs = {path: run_path(args, path, b) for path in ("default", "fused")}
+        runs = {path: by_path[path][b] for path in by_path}
         cmp = compare(runs["default"]["tokens"], runs["fused"]["tokens"])
         row = {"batch": b, **cmp,
                "speedup": runs["default"]["median_step_ms"] / runs["fused"]["median_step_ms"],
