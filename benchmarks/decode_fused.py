@@ -7,11 +7,12 @@ and whether their greedy tokens agree: the evidence a device session needs to fl
 
 For each path one engine is built (the first freed before the second); for each batch size, `batch` greedy requests
 with ignore_eos are prefilled, then `steps` decode steps are timed one by one (engine.step(): schedule, the forward,
-sampling and the copy of its tokens back; with CUDA graphs on a GPU one replay). The figure is the median step; tokens are compared
-sequence by sequence over the whole run. Batches above models/decode_fused.MAX_BATCH (8) take the default forward on
-the fused path too (their record says so): their time shows what else the flag changes (on a GPU, the sampler
-inside the decode graph). Random weights: greedy tokens agree where the paths' roundings agree, so an unequal count
-is a finding to read, not noise to ignore."""
+sampling and the copy of its tokens back; with CUDA graphs on a GPU one replay). The figure is the median step;
+tokens are compared sequence by sequence over the whole run. Batches above models/decode_fused.MAX_BATCH (8) take
+the default forward on the fused path too (their record says so): their time shows what else the flag changes (on a
+GPU, the sampler inside the decode graph). Random weights: greedy tokens agree where the paths' roundings agree, so
+an unequal count is a finding to read, not noise to ignore. On a shared CPU the times are noise; there the record is
+the equal-token counts."""
 from __future__ import annotations
 
 import argparse
