@@ -13,6 +13,7 @@ from internvl_engine import LLM, SamplingParams, ops
 from internvl_engine.config import ModelConfig
 from internvl_engine.config.presets import preset_config
 from internvl_engine.errors import KernelInputError
+from internvl_engine.layers.rotary import RotaryEmbedding
 from internvl_engine.loader import init_random_
 from internvl_engine.models.internvl import InternVLForConditionalGeneration
 from internvl_engine.worker.runner import ModelRunner
@@ -37,7 +38,7 @@ def _qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype, seed=0):
                 qkv_bias=rnd(n, scale=0.1) if bias else None,
                 q_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
                 k_norm_weight=1 + rnd(d, scale=0.1) if qk_norm else None,
-                positions=torch.randint(0, 500, (b,), generator=g), cos_sin=torch.randn(512, d, generator=g),
+                positions=torch.randint(0, 500, (b,), generator=g), cos_sin=RotaryEmbedding(d, 1e6, 512).table("cpu"),
                 k_cache=rnd(4, BS, hk, d), v_cache=rnd(4, BS, hk, d), slot_mapping=slots)
 
 
@@ -51,6 +52,7 @@ def _on(args, device):
     (1, 896, 14, 2, 64, True, False),     # InternVL3-1B's attention
     (3, 200, 6, 2, 128, False, True),     # Qwen3-style: q/k norm, head_dim 128, a width no block divides
     (8, 130, 4, 4, 24, True, True),       # MHA, a head dim that is no power of two
+    (11, 96, 4, 2, 32, False, False),     # more rows than the path takes: several batch tiles, the last one partial
 ])
 def test_decode_qkv(backend_name, device, dtype, b, c, h, hk, d, bias, qk_norm):
     args = _on(_qkv_inputs(b, c, h, hk, d, bias, qk_norm, dtype), device)
@@ -74,7 +76,8 @@ def test_decode_qkv(backend_name, device, dtype, b, c, h, hk, d, bias, qk_norm):
 
 @pytest.mark.parametrize("backend_name,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,k,n,bias", [(1, 896, 896, True), (3, 4864, 200, False), (8, 70, 130, True)])
+@pytest.mark.parametrize("b,k,n,bias", [(1, 896, 896, True), (3, 4864, 200, False), (8, 70, 130, True),
+                                        (20, 64, 48, False)])
 def test_decode_gemv_residual(backend_name, device, dtype, b, k, n, bias):
     g = torch.Generator().manual_seed(b * k + n)
     x = torch.randn(b, k, generator=g).to(dtype).to(device)
