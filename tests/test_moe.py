@@ -93,6 +93,7 @@ def test_moe_layers_follow_transformers(step, only, experts):
     (dict(shared_expert_intermediate_size=64), UnsupportedModelError,
      r"text_config\.shared_expert_intermediate_size 64 is not supported"),
     (dict(scoring_func="sigmoid"), UnsupportedModelError, r"text_config\.scoring_func 'sigmoid' is not supported"),
+    (dict(routed_scaling_factor=2.5), UnsupportedModelError, r"text_config\.routed_scaling_factor 2\.5 is not"),
     (dict(num_experts=4, num_experts_per_tok=5), CheckpointError,
      r"text_config\.num_experts_per_tok is 5, more than the 4 experts"),
     (dict(num_hidden_layers=4, mlp_only_layers=[4]), CheckpointError,
@@ -104,6 +105,12 @@ def test_moe_layers_follow_transformers(step, only, experts):
 def test_moe_config_errors_name_the_field(kw, error, match):
     with pytest.raises(error, match=match):
         _text(**kw)
+
+
+def test_plain_routing_keys_are_accepted():
+    """Router keys other MoE families state, at the values that mean Qwen3-MoE's own routing."""
+    assert _text(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                 shared_expert_intermediate_size=0, num_experts=8, num_experts_per_tok=2).num_experts == 8
 
 
 @pytest.mark.parametrize("block", [{"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},

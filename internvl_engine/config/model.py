@@ -421,17 +421,20 @@ def _text_config(t: _Fields) -> TextConfig:
     )
 
 
-# Keys of Qwen-family MoE configs whose feature transformers' Qwen3MoeSparseMoeBlock does not have: Qwen2-MoE's shared
-# expert (and its sigmoid gate), and routers that score with something other than a softmax.
-_MOE_UNSUPPORTED = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts", "scoring_func",
-                    "topk_method", "n_group", "topk_group", "routed_scaling_factor")
+# Keys of MoE configs whose feature transformers' Qwen3MoeSparseMoeBlock does not have (Qwen2-MoE's shared expert,
+# DeepSeek-style routers: sigmoid scores, group-limited top-k, scaled weights), with the values that mean plain
+# Qwen3-MoE routing anyway.
+_MOE_UNSUPPORTED = {"shared_expert_intermediate_size": (None, 0), "n_shared_experts": (None, 0),
+                    "num_shared_experts": (None, 0), "scoring_func": (None, "softmax"),
+                    "topk_method": (None, "greedy"), "n_group": (None, 1), "topk_group": (None, 1),
+                    "routed_scaling_factor": (None, 1, 1.0)}
 
 
 def _moe_fields(t: _Fields) -> dict:
     """The MoE keys of a qwen3_moe text config (Qwen3MoeConfig's defaults where absent). transformers writes the
     expert count as num_local_experts (Qwen3MoeConfig.attribute_map), Qwen's and OpenGVLab's files as num_experts."""
-    for key in _MOE_UNSUPPORTED:
-        if t.get(key) not in (None, 0, False):
+    for key, plain in _MOE_UNSUPPORTED.items():
+        if t.get(key) not in plain:
             raise UnsupportedModelError(f"{t.where}: {t.path}{key} {t.get(key)!r} is not supported (Qwen3-MoE routes "
                                         "every token over the routed experts only, by a softmax top-k)")
     if "num_experts" in t.raw and "num_local_experts" in t.raw and t.get("num_experts") != t.get("num_local_experts"):
