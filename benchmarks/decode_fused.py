@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from internvl_engine import SamplingParams  # noqa: E402
-from internvl_engine.bench.common import metadata, sync  # noqa: E402
+from internvl_engine.bench.common import measure_peaks, metadata, sync  # noqa: E402
+from internvl_engine.bench.floors import lm_weight_params  # noqa: E402
 from internvl_engine.engine.llm_engine import LLMEngine  # noqa: E402
 from internvl_engine.models.decode_fused import MAX_BATCH  # noqa: E402
 
@@ -44,6 +45,8 @@ def run_path(args, path: str, batches: list[int]) -> dict[int, dict]:
                        max_num_seqs=most, kv_cache_tokens=most * (args.steps + 128) + 1024,
                        enforce_eager=args.enforce_eager)
     device, graphs = engine.device, getattr(engine.runner, "graphs", None)
+    # the weight floor of a decode step: every LM weight but the embedding read once, at the copy bandwidth
+    weight_bytes = lm_weight_params(engine.config) * torch.empty((), dtype=engine.dtype).element_size()
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
     results = {}
     for batch in batches:
@@ -66,7 +69,7 @@ def run_path(args, path: str, batches: list[int]) -> dict[int, dict]:
             "fused_forward": engine.model.fused_decode is not None and batch <= MAX_BATCH,
             "fused_unsupported": engine.model.fused_unsupported,
             "graph_replays": None if graphs is None else graphs.replays - replays, "backend": backend,
-            "kernels": sorted(set(engine.runner.kernels.values())), "tokens": tokens}
+            "kernels": sorted(set(engine.runner.kernels.values())), "weight_bytes": weight_bytes, "tokens": tokens}
         while engine.scheduler.running or engine.scheduler.waiting:
             engine.step()  # the last tokens: the next batch starts from an empty engine
     del engine, graphs
@@ -119,18 +122,24 @@ def main(argv=None) -> int:
               "steps": args.steps, "max_fused_batch": MAX_BATCH,
               "pdl": os.environ.get("INTERNVL_ENGINE_PDL") == "1",  # kernels/decode_fused.py: the fused kernels only
               "results": []}
+    peaks = measure_peaks(torch.device(args.device))
+    record["peaks"] = peaks
     by_path = {path: run_path(args, path, batches) for path in ("default", "fused")}
     for b in batches:
         runs = {path: by_path[path][b] for path in by_path}
         cmp = compare(runs["default"]["tokens"], runs["fused"]["tokens"])
+        floor_ms = 1e3 * runs["fused"]["weight_bytes"] / peaks["copy_bytes_per_s"]
         row = {"batch": b, **cmp,
                "speedup": runs["default"]["median_step_ms"] / runs["fused"]["median_step_ms"],
+               "weight_floor_ms": floor_ms,
+               "vs_floor": {path: runs[path]["median_step_ms"] / floor_ms for path in runs},
                **{path: {k: v for k, v in r.items() if k != "tokens"} for path, r in runs.items()}}
         if b > MAX_BATCH:
             row["note"] = f"batch {b} > {MAX_BATCH}: the fused path runs the default forward"
         record["results"].append(row)
         print(f"batch {b:3d}: default {runs['default']['median_step_ms']:8.3f} ms  fused "
-              f"{runs['fused']['median_step_ms']:8.3f} ms  x{row['speedup']:.2f}  equal sequences "
+              f"{runs['fused']['median_step_ms']:8.3f} ms  x{row['speedup']:.2f}  (weight floor {floor_ms:.3f} ms: "
+              f"fused {row['vs_floor']['fused']:.2f}x)  equal sequences "
               f"{cmp['equal_sequences']}/{cmp['sequences']}  equal tokens {cmp['equal_prefix_tokens']}/{cmp['tokens']}"
               f"{'  (default forward)' if b > MAX_BATCH else ''}", flush=True)
     if args.json:
