@@ -38,6 +38,8 @@ _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "
 _DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
 # Per-op defaults from the committed kernel benchmarks (benchmarks/results/*-kernels.json): on the CPU the C++
 # kernels win except LayerNorm (torch's vectorised kernel) and attention prefill (torch's SDPA vs a scalar loop).
+# fused_moe at 30B-A3B's layer shape: cpp 1.8-22x over torch's per-expert loop at T = 1..512, fp32 and bf16
+# (benchmarks/results/2026-12-07-cpu-*-kernels-fused-moe-*.json, a loaded 2-core machine).
 AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attention": "torch"},
         # benchmarks/results/2026-11-26-h100-2be9dbb-kernels.json: the CUDA kernels win every element-wise op
         # (1.2-5.5x over torch); Triton's tensor-core attention is within 0.89-1.04x of torch's SDPA on prefill
