@@ -95,6 +95,29 @@ def _run(name, device, dtype, tokens, hd, experts, f, k, routing):
     assert torch.equal(out, out32), "int32 and int64 ids must give the same result"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_backend_is_transformers_qwen3_moe_experts(dtype):
+    """ops/moe_ops.py follows transformers' Qwen3MoeExperts.forward op for op (the model-parity tests rely on it):
+    bit-identical in bf16, where every step rounds; in fp32 only the rows each expert's matmul sees are ordered
+    differently (token order here, (j, token) order there), within a few fp32 units."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    x, w13, w2, weights, ids = _inputs(23, 72, 10, 40, 8, "random", dtype, "cpu")
+    config = Qwen3MoeConfig(hidden_size=72, moe_intermediate_size=40, num_experts=10, num_experts_per_tok=8,
+                            hidden_act="silu")
+    experts = Qwen3MoeExperts(config).to(dtype)
+    experts.gate_up_proj.data, experts.down_proj.data = w13, w2
+    with torch.no_grad():
+        # transformers' router hands over its weights in the hidden dtype (Qwen3MoeTopKRouter.forward)
+        want = experts(x, ids, weights.to(dtype))
+    with backend("torch", "cpu"):
+        out = ops.fused_moe(x, w13, w2, weights, ids)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, want)
+    else:
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name,device", BACKENDS)
 def test_unrouted_experts_are_never_read(name, device):
     """Experts no slot routes to hold NaN: any read of them (a padded row, a dropped mask, a whole-E loop) would
