@@ -13,10 +13,11 @@ Three steps, none of which reads a device value on the host (so the op is CUDA-g
    silu(gate) * up written to the [T*k, F] intermediate at the slots' rows, in x's dtype (the operand dtype of the
    next dot: tensor cores for bf16 / fp16).
 3. _down_kernel: the second grouped GEMM over F, the fp32 result scaled by the slot's routing weight and written to
-   fp32 partials [T, k, Hd]; y = partials summed over k in j order, cast to x's dtype. Partials rather than
-   atomics: the sum is deterministic and a token's result does not depend on which other tokens share its experts
-   (the partials cost T*k*Hd*4 bytes written and read once: 64 KiB at decode at the 30B-A3B shape, against
-   the 75 MB of bf16 weights of its 8 experts).
+   fp32 partials [T, k, Hd]; _sum_k_kernel sums them over k in j order (the oracle's) and rounds once to x's dtype.
+   Partials rather than atomics: the result is the same from run to run (atomics add in arrival order), at the cost
+   of T*k*Hd*4 bytes written and read once: 64 KiB at decode at the 30B-A3B shape, against the 75 MB of bf16
+   weights of its 8 experts. (Across batch sizes a token's result may still change in the last bits: block_m()
+   and the tuned config depend on the batch.)
 
 At batch 1 the grid has k real blocks, one per routed expert: only those k experts' weights are read.
 """
