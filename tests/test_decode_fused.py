@@ -323,7 +323,9 @@ from internvl_engine.kernels import decode_fused as m
 
 def compile_(fn, ptrs, scalars, consts):
     sig = {**{p: ptr for p, ptr in ptrs.items()}, **scalars, **dict.fromkeys(consts, "constexpr")}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"launch_pdl": consts["USE_PDL"]})  # the launch option _pdl() passes
+    assert k.metadata.launch_pdl == consts["USE_PDL"]
     assert "cubin" in k.asm and ("griddepcontrol.wait" in k.asm["ptx"]) == consts["USE_PDL"], fn.__name__
     print(fn.__name__, "compiled")
 
