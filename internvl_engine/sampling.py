@@ -265,7 +265,8 @@ def on_device(device: torch.device, values: list, dtype: torch.dtype = torch.lon
 def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
     """top_k then top_p on rows x [R, V] from the `size` largest logits of each row (one sorted top-k; size = V is a
     full sort). top_k [R] (long, 0 = off, every active one <= size), top_p [R]. Returns the masked rows and, per row,
-    whether the result is exact: a row with no top_k whose nucleus did not end within `size` tokens is not."""
+    whether the result is exact: a top_p row whose nucleus did not end within `size` tokens is not, unless its
+    top_k left no more than `size` tokens."""
     vals, order = x.topk(size, dim=-1)                            # descending
     has_k = (top_k > 0)[:, None]
     kth = vals.gather(1, (top_k.clamp(1, size) - 1)[:, None])
@@ -280,7 +281,10 @@ def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, size: i
     # batch's size may be that top_k); a top_p row keeps only what the sorted walk kept
     base = torch.where((top_p < 1.0)[:, None], torch.full_like(x, NEG_INF), x)
     kept = base.scatter(1, order, vals.masked_fill(drop, NEG_INF))
-    exact = has_k[:, 0] | (top_p >= 1.0) | (cum[:, -1] >= top_p)  # else the nucleus may go on past `size`
+    # else the nucleus may go on past `size`: a top_p row without top_k, or one whose ties with its k-th logit
+    # sorted past `size` (top_k keeps them all, so the walk must see them all)
+    within = (x > NEG_INF).sum(-1) <= size
+    exact = (top_p >= 1.0) | (cum[:, -1] >= top_p) | (has_k[:, 0] & within)
     return kept, exact
 
 
@@ -311,8 +315,9 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     ks = on_device(dev, [top_k[i] for i in rows])
     ps = on_device(dev, [top_p[i] for i in rows], x.dtype)
     kept, exact = _truncate(x[sub], ks, ps, size)
-    guessed = size < vocab and any(top_k[i] == 0 for i in rows)  # CPU only: reading `exact` is free there
-    if guessed and not bool(exact.all()):  # the nucleus of some top_p row goes on past the guess: sort it fully
+    # CPU only (a device sorts the whole vocabulary for any top_p): reading `exact` is free there
+    guessed = size < vocab and any(top_p[i] < 1.0 for i in rows)
+    if guessed and not bool(exact.all()):  # the nucleus of some top_p row goes on past the sort: sort it fully
         redo = (~exact).nonzero()[:, 0]
         kept[redo] = _truncate(x[sub[redo]], ks[redo], ps[redo], vocab)[0]
     x = x.clone()

@@ -128,6 +128,19 @@ def test_batched_filter_matches_the_per_row_filter():
         assert torch.isfinite(ours[i]).sum() >= 1
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.999, 0.8])
+def test_ties_with_the_kth_logit_past_the_sort_stay_under_top_p(top_p):
+    """top_k and top_p on one row whose k-th logit ties with tokens that sort past the batch's largest top_k (the
+    CPU's sort size): the per-row oracle keeps the ties top_k keeps, then walks them all for the nucleus, so at
+    top_p 0.999 every tie stays (the mass before each is below it) and at 0.8 all go (no order among ties
+    matters)."""
+    x = torch.tensor([[5.0, 3.0, 4.0, 3.0, 1.0, 3.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    ours = filter_logits(x, [3, 2], [top_p, 1.0], [0.0, 0.0])
+    for i, k in enumerate([3, 2]):
+        ref = _per_row_filter(x[i], k, [top_p, 1.0][i], 0.0)
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(ref)), (i, ours[i], ref)
+
+
 def test_batched_penalties_match_the_per_row_penalties():
     """min_tokens masks and penalties at their (row, token) pairs give exactly the per-row oracle's logits."""
     g = torch.Generator().manual_seed(1)
