@@ -9,12 +9,18 @@
 #   GPU_CHECK_STAGES="kernels e2e" GPU_CHECK_E2E="internvl3-1b:1:1,8,64 internvl3-2b:1:1,8,64" benchmarks/gpu_check.sh
 #
 # GPU_CHECK_STAGES picks stages and their order (tests, kernels, vision, quant, e2e); GPU_CHECK_E2E lists e2e runs as
-# model:tiles:batches[:eager|:vgraphs|:qtriton|:nohf]; ":eager" adds --enforce-eager and drops the transformers baseline
-# (the before-graphs comparison); ":vgraphs" turns on the vision-tower graphs (opt-in until a record shows them
-# equal); ":qtriton" runs the quantized matmuls on the Triton W4A16 / FP8 kernels (--quant-backend triton; their
-# default is still dequantize-then-matmul). Quantized presets (random:X-awq, X-fp8) run against transformers on
-# their dense twin. ":nohf" drops the transformers baseline and keeps the default mode: for models whose second copy
-# does not fit beside ours. The mixture of experts is opt-in (not in the default list):
+# model:tiles:batches[:eager|:vgraphs|:qtriton|:nohf|:fused]; ":eager" adds --enforce-eager and drops the
+# transformers baseline (the before-graphs comparison); ":vgraphs" turns on the vision-tower graphs (opt-in until a
+# record shows them equal); ":qtriton" runs the quantized matmuls on the Triton W4A16 / FP8 kernels
+# (--quant-backend triton; their default is still dequantize-then-matmul). Quantized presets (random:X-awq, X-fp8)
+# run against transformers on their dense twin. ":nohf" drops the transformers baseline and keeps the default mode: for
+# models whose second copy does not fit beside ours. ":fused" runs the fused decode path (--decode-path fused, issue
+# 3.6) on the Triton backend, the fused kernels the fused stage below times (the `cuda` backend that auto binds the
+# fused ops to on CUDA composes its element-wise kernels with torch's matmuls), against transformers; opt-in (not in the
+# default list: 8 files, and a stage's time), TPOT at batch 1 and 8 is its figure (larger batches take the default
+# forward):
+#   GPU_CHECK_STAGES=e2e GPU_CHECK_E2E="internvl3-1b:1:1,8,64 internvl3-1b:1:1,8,64:fused" benchmarks/gpu_check.sh
+# The mixture of experts is opt-in (not in the default list):
 #   GPU_CHECK_STAGES=e2e GPU_CHECK_E2E="internvl3_5-30b-a3b:1:1,8:nohf" benchmarks/gpu_check.sh
 # 30B-A3B in bf16 is 61.7 GB of weights (30.85e9 parameters, `internvl-engine info --model random:internvl3_5-30b-a3b`)
 # and 96 KiB of KV a token: an H100 80 GB holds it with ~20 GB left for the KV pool, but not transformers' copy
@@ -83,6 +89,10 @@ stage_e2e() {
     [ "${mode:-}" = vgraphs ] && extra=(--baseline hf --vision-graphs)  # the opt-in vision-tower graphs
     [ "${mode:-}" = qtriton ] && extra=(--baseline hf --quant-backend triton)
     [ "${mode:-}" = nohf ] && extra=()  # ours alone: the model and its KV pool take the device
+    # the fused decode path on its Triton kernels: auto binds the fused ops to the cuda backend, its element-wise
+    # kernels around torch's matmuls (ops/decode_ops.py), about the default path's launches, so only the sampler
+    # would move into the graph; the other ops move to Triton too (prefill, vision: TTFT is not the default's)
+    [ "${mode:-}" = fused ] && extra=(--baseline hf --decode-path fused --backend triton)
     timeout 100 python3 benchmarks/e2e.py --model "random:$model" --device cuda --dtype bfloat16 --tiles "$tiles" \
       --batch "$batches" --output-tokens 64 --quiet "${extra[@]}" --json "$OUT/e2e-$model-t$tiles-${mode:-graphs}.json" \
       >> "$OUT/bench.log" 2>&1

@@ -23,7 +23,11 @@ def _pair(ours, base) -> str:
     return f"{_ms(ours)} / {_ms(base)}" if base is not None else f"{_ms(ours)} / -"
 
 
-def _decode_mode(r) -> str:
+def _decode_mode(r, batch: int | None = None) -> str:
+    return _graphs_mode(r) + _fused_mode(r, batch)
+
+
+def _graphs_mode(r) -> str:
     # CPU (metadata names it "<machine> CPU xN threads"), or a record from before CUDA graphs existed
     if r["device"] == "cpu" or " CPU " in r["device"] or "cuda_graphs" not in r:
         return "eager"
@@ -31,6 +35,19 @@ def _decode_mode(r) -> str:
         return "CUDA graphs"
     # no graphs without the flag: a MoE model whose fused_moe syncs the host (models/moe.py decode_graph_problem)
     return "eager (enforce_eager)" if "--enforce-eager" in r.get("command", "") else "eager"
+
+
+def _fused_mode(r, batch: int | None) -> str:
+    """The decode path where it is not the default (records before --decode-path existed ran the default): fused
+    where the model took it and the batch is one it covers (bench/e2e.py decode_path_record), else why not."""
+    f = r.get("fused_decode")  # present exactly when decode_path is "fused"
+    if f is None:
+        return ""
+    if not f["active"]:
+        return f", fused asked, not taken: {f['unsupported']}"
+    if batch is None or batch <= f["max_batch"]:
+        return ", fused"
+    return f", default (fused covers batch <= {f['max_batch']})"
 
 
 def harness_table(records) -> str:
@@ -53,7 +70,7 @@ def harness_table(records) -> str:
                 f"{run['tiles_per_request']} | {prompt} | {_pair(o['ttft_s'], get('ttft_s'))} | "
                 f"{_pair(o['tpot_s'], get('tpot_s'))} | {_pair(o['e2e_s']['p50'], get('e2e_s', 'p50'))} | {tps} | "
                 f"{agree} (of {r['workload']['output_tokens']}) | {run['vs_floor']['ttft']:.1f}x, "
-                f"{run['vs_floor']['tpot']:.1f}x | {'/'.join(sorted(set(r['kernels'].values())))} | {_decode_mode(r)} | {r['commit']} | {r['date'][:10]} |")
+                f"{run['vs_floor']['tpot']:.1f}x | {'/'.join(sorted(set(r['kernels'].values())))} | {_decode_mode(r, run['batch'])} | {r['commit']} | {r['date'][:10]} |")
     return "\n".join(rows)
 
 

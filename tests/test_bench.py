@@ -216,6 +216,7 @@ def test_e2e_harness_cpu_tiny_vs_hf(tmp_path):
     for key in ("date", "device", "commit", "command", "versions", "model", "dtype", "backend", "kernels", "peaks"):
         assert key in rec, key
     assert rec["model"] == "random:tiny" and rec["dtype"] == "float32" and isinstance(rec["kernels"], dict)
+    assert rec["decode_path"] == "default" and "fused_decode" not in rec
     assert rec["peaks"]["copy_bytes_per_s"] > 0 and rec["peaks"]["matmul_flop_per_s"] > 0
     w = rec["workload"]
     assert w == {"images_per_request": 1, "tiles_per_image": 1, "prompt_words": 8, "output_tokens": 8,
@@ -273,7 +274,8 @@ def test_bench_subcommand_help():
     proc = subprocess.run([sys.executable, "-m", "internvl_engine", "bench", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--model", "--batch", "--baseline", "--json", "--plot", "--output-tokens", "--tiles", "--quiet"):
+    for flag in ("--model", "--batch", "--baseline", "--json", "--plot", "--output-tokens", "--tiles", "--quiet",
+                 "--decode-path"):
         assert flag in proc.stdout
     assert "internvl-engine bench" in proc.stdout
 
@@ -289,6 +291,54 @@ def test_bench_subcommand_forwards(tmp_path, monkeypatch):
     assert seen == {"argv": ["--model", "random:tiny", "--batch", "1,4", "--quiet"], "prog": "internvl-engine bench"}
     with pytest.raises(SystemExit):
         cli.main(["info", "--batch", "1"])
+
+
+def _report_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+    return report
+
+
+def test_e2e_harness_fused_decode_path_vs_hf(tmp_path, monkeypatch):
+    """--decode-path reaches the engine: the fused forward runs the decode steps (counted), greedy ids still equal
+    transformers', and the record and the README table's decode column say which path ran."""
+    pytest.importorskip("transformers")
+    from internvl_engine.bench import e2e
+    from internvl_engine.models.decode_fused import FusedDecode
+
+    calls = []
+    fused_call = FusedDecode.__call__
+    monkeypatch.setattr(FusedDecode, "__call__", lambda self, *a: calls.append(a[1].shape[0]) or fused_call(self, *a))
+    out = tmp_path / "fused.json"
+    rec = e2e.main(["--model", "random:tiny", "--device", "cpu", "--dtype", "float32", "--decode-path", "fused",
+                    "--batch", "1,2", "--repeat", "1", "--output-tokens", "4", "--baseline", "hf", "--quiet",
+                    "--json", str(out)])
+    assert json.loads(out.read_text())["fused_decode"] == rec["fused_decode"]
+    assert rec["decode_path"] == "fused" and rec["fused_decode"] == {"active": True, "unsupported": None,
+                                                                     "max_batch": 8}
+    # 3 decode steps a group (the first of 4 tokens comes from the prefill): warm-up and one group per batch size
+    assert sorted(set(calls)) == [1, 2] and len(calls) == 2 * 3 * 2
+    assert [run["ids_agree"] for run in rec["runs"]] == [True, True]
+    assert "fused decode path at batch <= 8" in e2e.format_table(rec)
+    report = _report_module()
+    assert report._decode_mode(rec, 8) == "eager, fused"
+    assert report._decode_mode(rec, 9) == "eager, default (fused covers batch <= 8)"
+    assert report._decode_mode(rec | {"fused_decode": None, "decode_path": "default"}, 1) == "eager"
+
+
+def test_e2e_harness_fused_decode_path_not_taken_and_bad_value():
+    """A model the fused forward does not cover (mixture of experts) runs the default forward, and the record says
+    why; an unknown path is the engine's typed error naming the setting."""
+    from internvl_engine.bench import e2e
+    from internvl_engine.settings import EngineConfigError
+
+    rec = e2e.main(["--model", "random:tiny-qwen3-moe", "--device", "cpu", "--decode-path", "fused",
+                    "--output-tokens", "2", "--requests", "1", "--quiet"])
+    f = rec["fused_decode"]
+    assert f["active"] is False and "layer 0" in f["unsupported"]
+    assert _report_module()._decode_mode(rec, 1) == f"eager, fused asked, not taken: {f['unsupported']}"
+    with pytest.raises(EngineConfigError, match="decode_path"):
+        e2e.main(["--device", "cpu", "--decode-path", "fast", "--output-tokens", "2", "--requests", "1", "--quiet"])
 
 
 def test_harness_does_not_import_transformers_without_baseline():

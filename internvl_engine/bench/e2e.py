@@ -37,6 +37,7 @@ from PIL import Image
 from ..config import PRESETS
 from ..constants import TILE_SIZE
 from ..llm import LLM
+from ..models.decode_fused import MAX_BATCH as FUSED_MAX_BATCH
 from ..progress import bar, set_enabled
 from ..sampling import SamplingParams
 from ..settings import EngineConfig, add_settings_flags, settings_from_args
@@ -93,7 +94,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--model", default="random:tiny", help=f"{' | '.join(MODELS)} | a checkpoint directory")
     # the engine's own flags, as generate and serve have them (floors stay one device's under tensor parallelism)
     add_settings_flags(ap, EngineConfig, only=("device", "dtype", "backend", "quant_backend", "enforce_eager",
-                                               "tensor_parallel_size", "vision_graphs"), defaults_in_help=False)
+                                               "tensor_parallel_size", "vision_graphs", "decode_path"),
+                       defaults_in_help=False)
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="share of free GPU memory for our KV pool (default 0.9, or 0.5 with --baseline hf so "
                          "transformers fits beside it)")
@@ -164,6 +166,16 @@ def run_hf(hf, groups, n_tokens: int, progress, label: str) -> tuple[list, dict]
                  "output_tokens_per_s": tokens / wall, "wall_s": wall}
 
 
+def decode_path_record(llm, path: str) -> dict:
+    """What the record says of EngineConfig.decode_path: the path asked for and, for "fused", whether the model took
+    it (models/decode_fused.py: dense, one rank) and the batches it covers (larger ones take the default forward)."""
+    if path != "fused":
+        return {"decode_path": path}
+    model = llm.engine.model
+    return {"decode_path": path, "fused_decode": {"active": model.fused_decode is not None,
+                                                  "unsupported": model.fused_unsupported, "max_batch": FUSED_MAX_BATCH}}
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -183,6 +195,10 @@ def format_table(record: dict) -> str:
     head = (f"{'batch':>5} {'who':<8} {'TTFT ms':>9} {'(pre / vision / prefill)':>26} {'TPOT ms':>9} "
             f"{'e2e p50':>9} {'p90':>9} {'p99':>9} {'tok/s':>9} {'img/s':>8}")
     graphs = "CUDA-graph decode" if record.get("cuda_graphs") else "eager decode"
+    fused = record.get("fused_decode")
+    if fused:
+        graphs += (f", fused decode path at batch <= {fused['max_batch']}" if fused["active"] else
+                   f", fused decode path asked but not taken ({fused['unsupported']})")
     w = record.get("weights") or {}
     quant = (f" ({w['quantization']}: LM weights {w['lm_decode_bytes'] / 1e9:.2f} GB a step, dense "
              f"{w['lm_decode_bytes_dense'] / 1e9:.2f} GB; quantized matmuls on {record.get('quant_backend') or 'auto'}"
@@ -313,7 +329,7 @@ def main(argv=None, prog: str | None = None) -> dict:
     record = {"schema": SCHEMA, **common.metadata(device), "model": args.model,
               "dtype": str(llm.dtype).replace("torch.", ""), "backend": args.backend,
               "quant_backend": args.quant_backend,
-              "tensor_parallel_size": args.tensor_parallel_size,
+              "tensor_parallel_size": args.tensor_parallel_size, **decode_path_record(llm, args.decode_path),
               "kernels": llm.runner.kernels, "peaks": peaks, "weights": weight_summary(llm.config, dtype_bytes),
               "cuda_graphs": None if llm.runner.graphs is None else
               {"decode_steps_replayed": llm.runner.graphs.replays, "captured": sorted(llm.runner.graphs.graphs)},
