@@ -278,6 +278,25 @@ def test_a_missing_expert_is_named(hf_checkpoint, tmp_path):
         LLM(broken, dtype="float32", device="cpu", backend="torch")
 
 
+@pytest.mark.parametrize("extra", ["language_model.model.layers.2.mlp.experts.6.up_proj.weight",
+                                   "language_model.model.layers.2.mlp.experts.03.up_proj.weight",
+                                   "language_model.model.layers.2.mlp.experts.gate_up_proj"])
+def test_an_expert_outside_the_config_or_filled_twice_is_named(hf_checkpoint, tmp_path, extra):
+    """A per-expert key past the config's 6 experts, one spelling an expert's index another way, and the 3-D form
+    beside the per-expert tensors of the same layer: each a CheckpointError naming the key (not an IndexError, nor
+    a tensor silently loaded over another)."""
+    path, _ = hf_checkpoint("qwen3moe-300m")
+    broken = tmp_path / "broken"
+    _copy_side_files(path, broken)
+    shutil.copy(path / "config.json", broken / "config.json")
+    tensors = load_file(str(path / "model.safetensors"))
+    w = tensors["language_model.model.layers.2.mlp.experts.3.up_proj.weight"]
+    tensors[extra] = w.clone() if extra.endswith(".weight") else torch.cat([w, w]).expand(6, -1, -1).contiguous()
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=extra.replace(".", r"\.")):
+        LLM(broken, dtype="float32", device="cpu", backend="torch")
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_each_rank_reads_its_slice_of_every_expert(n):
     """Rank r of N keeps rows [r F/N, (r+1) F/N) of each expert's gate and up and those columns of its down: what it

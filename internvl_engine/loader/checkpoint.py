@@ -165,7 +165,13 @@ def _plan_load(model: torch.nn.Module, catalog, path: Path):
             if param is None:
                 raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (no parameter {name!r} in the model)")
             owner = model.get_submodule(name.rpartition(".")[0])
-            fills = owner.shard_names if shard == QKV_GROUPED else [shard]  # InternLM2's wqkv: q, k and v at once
+            parts = getattr(owner, "shard_names", ())
+            if shard not in (None, QKV_GROUPED) and shard not in parts:  # e.g. an expert past the config's count
+                raise CheckpointError(f"{file.name}: unexpected tensor {key!r} (parameter {name!r} has no part "
+                                      f"{shard!r}; its parts: {_parts(parts)})")
+            # InternLM2's wqkv fills q, k and v at once, and a whole packed tensor (a layer's 3-D experts) every part:
+            # a key for one of them beside it fills that part twice
+            fills = parts if shard == QKV_GROUPED or (shard is None and parts) else [shard]
             for part in fills:
                 if (name, part) in seen:
                     raise CheckpointError(f"{file.name}: tensor {key!r} fills parameter {name!r}"
@@ -203,6 +209,10 @@ def _plan_load(model: torch.nn.Module, catalog, path: Path):
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: checkpoint is missing tensors for {shown}")
     return plan, tie
+
+
+def _parts(names) -> str:
+    return ", ".join(names[:4]) + (f" ... {names[-1]} ({len(names)})" if len(names) > 4 else "")
 
 
 def _fill(model: torch.nn.Module, plan, device: torch.device) -> None:
