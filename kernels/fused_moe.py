@@ -46,21 +46,26 @@ def _load_operand(ptrs, mask, DOT_F32: tl.constexpr):
     return v
 
 
+@triton.jit
+def _expert_block(block_expert_ptr, slots_ptr, S, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A program's (expert, slots [BLOCK_M], which slots are real, output columns [BLOCK_N], which are < N); the
+    expert is E past the padded length (the caller exits: the slots read there are padding, in bounds)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(block_expert_ptr + pid_m), slot, slot < S, rn, rn < N
+
+
 @autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"])
 @triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, inter_ptr, slots_ptr, block_expert_ptr, S, TOPK, N, K, E,
                     DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """N = F (expert width), K = Hd; inter[s, n] = silu(x[t] . gate_e[n]) * (x[t] . up_e[n]), t = s // TOPK."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
+    e, slot, valid, rn, n_mask = _expert_block(block_expert_ptr, slots_ptr, S, N, BLOCK_M, BLOCK_N)
     if e >= E:
         return
-    slot = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = slot < S
     token = (slot // TOPK).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     gate_rows = w13_ptr + e.to(tl.int64) * 2 * N * K + rn[None, :].to(tl.int64) * K
     up_rows = gate_rows + N * K
@@ -84,15 +89,10 @@ def _down_kernel(inter_ptr, w2_ptr, tw_ptr, part_ptr, slots_ptr, block_expert_pt
                  DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """N = Hd, K = F; part[s, n] = tw[s] * (inter[s] . down_e[n])."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
+    e, slot, valid, rn, n_mask = _expert_block(block_expert_ptr, slots_ptr, S, N, BLOCK_M, BLOCK_N)
     if e >= E:
         return
-    slot = tl.load(slots_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = slot < S
     rows = slot.to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
     w_rows = w2_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
