@@ -106,6 +106,23 @@ def _weight_tile(w_ptr, rows, rmask, k, K):
                    other=0.0)
 
 
+@_helper
+def _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rows1, rows2, rmask, K, eps, DOT_PREC: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(RMSNorm(x) W[rows1]^T, RMSNorm(x) W[rows2]^T) in fp32 for rows rb of x [B, K] and a row-major [N, K]
+    weight: two outputs of the same normed activations (a rotary pair's halves, or gate and up)."""
+    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
+    acc1 = tl.zeros((BLOCK_B, rows1.shape[0]), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, rows1.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
+        acc1 = _mac(h, _weight_tile(w_ptr, rows1, rmask, k, K), acc1, DOT_PREC)
+        acc2 = _mac(h, _weight_tile(w_ptr, rows2, rmask, k, K), acc2, DOT_PREC)
+    return acc1, acc2
+
+
 @triton.jit
 def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
                 B, K, H, HK, eps, stride_cs,
@@ -122,19 +139,12 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
     bmask = rb < B
     rd = (tl.program_id(1) % parts) * BLOCK_H + tl.arange(0, BLOCK_H)
     dmask = rd < HALF
-    rk = tl.arange(0, BLOCK_K)
     if USE_PDL:
         gdc_wait()
-    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
     rows1 = head * D + rd          # the packed q/k/v weight holds H q heads, HK k heads, HK v heads, D rows each
     rows2 = rows1 + HALF
-    acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
-        acc1 = _mac(h, _weight_tile(w_ptr, rows1, dmask, k, K), acc1, DOT_PREC)
-        acc2 = _mac(h, _weight_tile(w_ptr, rows2, dmask, k, K), acc2, DOT_PREC)
+    acc1, acc2 = _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rows1, rows2, dmask, K, eps, DOT_PREC, BLOCK_B,
+                                   BLOCK_K)
     if USE_PDL:
         gdc_launch_dependents()
     if HAS_BIAS:
@@ -220,17 +230,10 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask, nmask = rb < B, rn < F
-    rk = tl.arange(0, BLOCK_K)
     if USE_PDL:
         gdc_wait()
-    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
-        acc_g = _mac(h, _weight_tile(w_ptr, rn, nmask, k, K), acc_g, DOT_PREC)
-        acc_u = _mac(h, _weight_tile(w_ptr, F + rn, nmask, k, K), acc_u, DOT_PREC)
+    acc_g, acc_u = _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rn, F + rn, nmask, K, eps, DOT_PREC, BLOCK_B,
+                                     BLOCK_K)
     if USE_PDL:
         gdc_launch_dependents()
     if HAS_BIAS:
