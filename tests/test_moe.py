@@ -55,8 +55,12 @@ def test_config_defaults_are_transformers_qwen3moeconfig():
 
     ref, t = Qwen3MoeConfig(), _text()
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps"):
+                "decoder_sparse_step", "max_position_embeddings", "rms_norm_eps", "vocab_size", "hidden_size",
+                "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         assert getattr(t, key) == getattr(ref, key), key
+    assert (t.rope_theta, t.tie_word_embeddings in (None, False)) == (ref.rope_parameters["rope_theta"], True)
+    # a config that states only the heads gets transformers' hidden_size / heads as head_dim too
+    assert _text(num_attention_heads=16).head_dim == Qwen3MoeConfig(num_attention_heads=16).hidden_size // 16
     assert t.mlp_only_layers == tuple(ref.mlp_only_layers) == ()
     # no head_dim in Qwen3MoeConfig: its attention takes hidden_size / heads, unlike dense Qwen3's default 128
     assert t.head_dim == ref.hidden_size // ref.num_attention_heads == 64

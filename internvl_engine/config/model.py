@@ -321,9 +321,15 @@ _FAMILY_DEFAULTS = {
     "qwen2": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645),
     "llama": dict(head_dim=None, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
     "qwen3": dict(head_dim=128, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
-    # Qwen3MoeConfig has no head_dim default: Qwen3MoeAttention takes hidden_size / heads unless the file states one
-    "qwen3_moe": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
+    # Qwen3MoeConfig has no head_dim default: Qwen3MoeAttention takes hidden_size / heads unless the file states one.
+    # Its sizes (Qwen3-30B-A3B's but for 24 layers and the vocabulary) are what transformers reads a file without
+    # them as; the other families keep the sizes below (InternVL3-1B's)
+    "qwen3_moe": dict(head_dim=None, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+                      vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4),
 }
+_SIZE_DEFAULTS = dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14)
 
 
 def _supported_families() -> str:
@@ -376,8 +382,10 @@ def _text_config(t: _Fields) -> TextConfig:
     if t.get("use_sliding_window"):
         raise UnsupportedModelError(f"{t.where}: {t.path}use_sliding_window: sliding-window attention is not "
                                     "supported")
-    hidden, heads = t.integer("hidden_size", 896), t.integer("num_attention_heads", 14)
-    kv_heads = t.integer("num_key_value_heads", heads)
+    size = _SIZE_DEFAULTS | defaults  # the family's sizes where it states them
+    hidden, heads = t.integer("hidden_size", size["hidden_size"]), t.integer("num_attention_heads",
+                                                                              size["num_attention_heads"])
+    kv_heads = t.integer("num_key_value_heads", size.get("num_key_value_heads", heads))
     head_dim = t.integer("head_dim", defaults["head_dim"], optional=True)
     if head_dim is None:  # Qwen2 and Llama: hidden_size / heads unless the file states head_dim
         if hidden % heads:
@@ -397,10 +405,10 @@ def _text_config(t: _Fields) -> TextConfig:
     attention_bias = mt != "qwen2" and t.flag("attention_bias", False)
     return TextConfig(
         model_type=mt,
-        vocab_size=t.integer("vocab_size", 151674),
+        vocab_size=t.integer("vocab_size", size["vocab_size"]),
         hidden_size=hidden,
-        intermediate_size=t.integer("intermediate_size", 4864),
-        num_hidden_layers=t.integer("num_hidden_layers", 24),
+        intermediate_size=t.integer("intermediate_size", size["intermediate_size"]),
+        num_hidden_layers=t.integer("num_hidden_layers", size["num_hidden_layers"]),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
