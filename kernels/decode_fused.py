@@ -34,7 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
 
-PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at launch: tests flip it
+PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at import; tests set the module global
 
 _BLOCK_B = 16                         # tl.dot's minimum M; rows past B are masked
 _HEAD_BLOCK = 16                      # rotary pairs per decode_qkv program without q/k norm (tl.dot's minimum N)
