@@ -2,11 +2,14 @@
 
 transformers is a benchmark/test dependency, never the engine's: it is imported only inside these functions.
 
-Timing of a batch (one `processor(...)` + `generate` call over B conversations, left padding):
-- TTFT = wall time of `generate(max_new_tokens=1)` over the batch, processor included;
-- end-to-end = wall time of the full `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`, processor
-  included; every request of the batch finishes with it, so each gets that e2e;
-- TPOT = (e2e - TTFT) / (N - 1).
+Timing of a batch: one `processor(...)` + `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` call over
+B conversations (left padding), with a streamer that only notes when generate hands it each step's tokens (after
+their copy to the host, so the device has produced them):
+- TTFT = from the processor call to the first new tokens;
+- end-to-end = the whole call; every request of the batch finishes with it, so each gets that e2e;
+- TPOT = (last tokens - first tokens) / (N - 1).
+All three come from the same call, so TPOT cannot go negative on a loaded machine, as the difference of two calls'
+wall times (a 1-token generate for TTFT, then the full one) did.
 """
 from __future__ import annotations
 
@@ -133,6 +136,8 @@ class HFBaseline:
 
     @torch.inference_mode()
     def _generate(self, conversations, new_tokens: int):
+        """(seconds of the whole call, the times of its token hand-overs from t0, each request's new ids)."""
+        clock = _TokenClock()
         sync(self.device)
         t0 = time.perf_counter()
         texts, images = self._texts(conversations)
@@ -140,14 +145,32 @@ class HFBaseline:
                                 padding=len(texts) > 1)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items()}
-        out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  streamer=clock)
         sync(self.device)
         dt = time.perf_counter() - t0
         prompt_len = inputs["input_ids"].shape[1]
-        return dt, out[:, prompt_len:].tolist()
+        return dt, [t - t0 for t in clock.times], out[:, prompt_len:].tolist()
 
     def run_batch(self, conversations, new_tokens: int) -> dict:
-        """One batch: TTFT (a 1-token generate) then the full generate; returns seconds and each request's ids."""
-        ttft, _ = self._generate(conversations, 1)
-        e2e, ids = self._generate(conversations, new_tokens)
-        return {"ttft_s": ttft, "e2e_s": e2e, "tpot_s": (e2e - ttft) / max(1, new_tokens - 1), "ids": ids}
+        """One batch, one generate: TTFT, end-to-end and TPOT seconds (module docstring) and each request's ids."""
+        e2e, times, ids = self._generate(conversations, new_tokens)
+        # times[0]: the prompt, handed over before the prefill; times[1]: the first new tokens; times[-1]: the last
+        if len(times) != new_tokens + 1:
+            raise RuntimeError(f"transformers' generate handed over {len(times) - 1} steps of tokens, not {new_tokens}: "
+                               "its streamer protocol changed; TTFT and TPOT cannot be read from it")
+        ttft = times[1]
+        return {"ttft_s": ttft, "e2e_s": e2e, "tpot_s": (times[-1] - ttft) / max(1, new_tokens - 1), "ids": ids}
+
+
+class _TokenClock:
+    """transformers' streamer protocol (put, end), noting only when each put happens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
