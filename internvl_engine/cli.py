@@ -239,7 +239,7 @@ def cmd_info(args) -> int:
     print(f"kernel backends:   {', '.join(info['kernel_backends'])}")
     if "model" in info:
         m, w = info["model"], info["model"]["weights"]
-        print(f"model:             {m['model']} ({(m['quantization'] or {}).get('method', 'dense')})")
+        print(f"model:             {m['model']} ({(m['quantization'] or {}).get('method', 'unquantized')})")
         dec = m["decoder"]
         print(f"  decoder: {dec['family']}, {dec['layers']} layers x {dec['hidden_size']}, {dec['heads']} heads / "
               f"{dec['kv_heads']} KV heads of {dec['head_dim']}{', q/k norm' if dec['qk_norm'] else ''}, "
