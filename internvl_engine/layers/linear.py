@@ -18,7 +18,8 @@ Under tensor parallelism (parallel.py) each rank holds a slice of a layer's weig
 With N=1 every split is the whole layer and nothing communicates.
 
 Every layer says where its parameters come from in the unsharded tensor: `load_plan(leaf, shard)` gives (the part
-of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape), which the loader reads
+of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape, what reorders the part read
+or None), which the loader reads
 with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape and `from_full(leaf, full)` cuts
 this rank's part out of it (random weights)."""
 from __future__ import annotations
@@ -148,8 +149,8 @@ class PackedLinear(nn.Module):
         return full
 
     def load_plan(self, leaf: str, shard: str | None):
-        """(view of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape).
-        shard None: one checkpoint tensor for the whole layer (o_proj, down_proj; the original layout's fused
+        """(view of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape,
+        None: nothing to reorder). shard None: one checkpoint tensor for the whole layer (o_proj, down_proj; the original layout's fused
         vision attn.qkv)."""
         param = getattr(self, leaf).data
         out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
@@ -170,7 +171,8 @@ class PackedLinear(nn.Module):
             if self.row_sharded:
                 index[in_dim] = slice(self.in_start // in_per, (self.in_start + self.in_local) // in_per)
         sliced = any(s != slice(None) for s in index)
-        return param.narrow(out_dim, offset // out_per, n // out_per), tuple(index) if sliced else None, tuple(shape)
+        return param.narrow(out_dim, offset // out_per, n // out_per), tuple(index) if sliced else None, tuple(shape), \
+            None
 
 
 class MergedColumnParallelLinear(PackedLinear):
@@ -267,7 +269,7 @@ class _VocabParallel(nn.Module):
     def load_plan(self, leaf: str, shard=None):
         self.weight.data[self.vocab_rows:].zero_()  # padding rows: never looked up, their logits are dropped
         return self.weight.data[:self.vocab_rows], (slice(self.vocab_start, self.vocab_start + self.vocab_rows),), \
-            (self.vocab_size, self.hidden_size)
+            (self.vocab_size, self.hidden_size), None
 
     def full_shape(self, leaf: str) -> tuple[int, ...]:
         return (self.vocab_size, self.hidden_size)

@@ -56,8 +56,7 @@ def _plan(model: torch.nn.Module, name: str, shard: str | None, param: torch.Ten
     if shard == QKV_GROUPED:  # names.py gives it to q/k/v projections (QKVParallelLinear) only
         return module.grouped_load_plan(leaf)
     if hasattr(module, "load_plan"):
-        plan = module.load_plan(leaf, shard)
-        return plan if len(plan) == 4 else (*plan, None)  # the MoE experts' (models/moe.py) may reorder
+        return module.load_plan(leaf, shard)
     return param.data, None, tuple(param.shape), None
 
 
