@@ -383,6 +383,7 @@ def _text_config(t: _Fields) -> TextConfig:
         raise UnsupportedModelError(f"{t.where}: {t.path}use_sliding_window: sliding-window attention is not "
                                     "supported")
     size = _SIZE_DEFAULTS | defaults  # the family's sizes where it states them
+    layers = t.integer("num_hidden_layers", size["num_hidden_layers"])
     hidden, heads = t.integer("hidden_size", size["hidden_size"]), t.integer("num_attention_heads",
                                                                               size["num_attention_heads"])
     kv_heads = t.integer("num_key_value_heads", size.get("num_key_value_heads", heads))
@@ -408,7 +409,7 @@ def _text_config(t: _Fields) -> TextConfig:
         vocab_size=t.integer("vocab_size", size["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=t.integer("intermediate_size", size["intermediate_size"]),
-        num_hidden_layers=t.integer("num_hidden_layers", size["num_hidden_layers"]),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
@@ -425,7 +426,7 @@ def _text_config(t: _Fields) -> TextConfig:
         o_proj_bias=attention_bias,
         mlp_bias=mt == "llama" and t.flag("mlp_bias", False),
         qk_norm=mt in ("qwen3", "qwen3_moe"),
-        **(_moe_fields(t) if mt == "qwen3_moe" else {}),
+        **(_moe_fields(t, layers) if mt == "qwen3_moe" else {}),
     )
 
 
@@ -438,7 +439,7 @@ _MOE_UNSUPPORTED = {"shared_expert_intermediate_size": (None, 0), "n_shared_expe
                     "routed_scaling_factor": (None, 1, 1.0)}
 
 
-def _moe_fields(t: _Fields) -> dict:
+def _moe_fields(t: _Fields, layers: int) -> dict:
     """The MoE keys of a qwen3_moe text config (Qwen3MoeConfig's defaults where absent). transformers writes the
     expert count as num_local_experts (Qwen3MoeConfig.attribute_map), Qwen's and OpenGVLab's files as num_experts."""
     for key, plain in _MOE_UNSUPPORTED.items():
@@ -453,7 +454,6 @@ def _moe_fields(t: _Fields) -> dict:
     k = t.integer("num_experts_per_tok", 8)
     if experts and k > experts:
         raise t.fail("num_experts_per_tok", f"is {k}, more than the {experts} experts ({t.path}{key})")
-    layers = t.integer("num_hidden_layers", 24)
     only = t.get("mlp_only_layers", [])
     if only is None:
         only = []

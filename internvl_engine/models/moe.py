@@ -25,7 +25,7 @@ from ..layers.linear import packed_ranges
 
 # fused_moe backends that never read device data on the host, so that a decode step calling them can be captured in
 # a CUDA graph: the Triton kernel sorts and pads on the device. The torch implementation (the torch and cuda
-# backends) reads each expert's token count on the host (ops/moe_ops.py HOST_SYNC); cpp runs on the CPU only.
+# backends) reads each expert's token count on the host (ops/moe_ops.py); cpp runs on the CPU only.
 GRAPH_SAFE_FUSED_MOE = ("triton",)
 
 

@@ -25,10 +25,9 @@ from ..errors import BackendError
 from . import checks
 from .checks import fail
 from .ext_ops import load_extension, paged_split_tokens
-from .ref import (awq_gemm_ref, flash_attention_ref, fp8_gemm_ref, layer_norm_ref, paged_attention_ref,
-                  pixel_shuffle_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
-from .ref import fused_moe_ref
-from .ref import decode_gate_up_ref, decode_gemv_residual_ref, decode_qkv_ref
+from .ref import (awq_gemm_ref, decode_gate_up_ref, decode_gemv_residual_ref, decode_qkv_ref, flash_attention_ref,
+                  fp8_gemm_ref, fused_moe_ref, layer_norm_ref, paged_attention_ref, pixel_shuffle_ref, rms_norm_ref,
+                  rotary_ref, write_kv_cache_ref)
 
 OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention",
        "awq_gemm", "fp8_gemm", "fused_moe", "decode_qkv", "decode_gemv_residual", "decode_gate_up")

@@ -9,7 +9,8 @@ in ascending order. In fp32 that is the oracle up to summation order; in bf16 / 
 as transformers' does (the oracle keeps fp32 throughout and rounds once).
 
 Host synchronisation: the per-expert row counts are read on the host (one .tolist() per call), so this path cannot
-run inside a CUDA graph: HOST_SYNC says so to the runner. The same read checks the ids' range for free: an id
+run inside a CUDA graph (models/moe.py GRAPH_SAFE_FUSED_MOE leaves this backend out, so the runner decodes such a
+model eagerly). The same read checks the ids' range for free: an id
 outside [0, E) raises KernelInputError instead of indexing out of bounds.
 """
 from __future__ import annotations
@@ -18,8 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from .checks import fail
-
-HOST_SYNC = True  # fused_moe reads the per-expert counts on the host: not capturable in a CUDA graph
 
 
 def expert_groups(topk_ids: torch.Tensor, num_experts: int):
