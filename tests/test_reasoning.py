@@ -196,13 +196,28 @@ def scripted_server(model: str, **settings):
     state = {"script": SCRIPT}
     real = llm.generate
 
+    def scripted(out, tokens: int | None = None):
+        """out with each sample's text the script's first pieces; with tokens, out as it stood after that many."""
+        cut = (lambda c: c) if tokens is None else (
+            lambda c: dataclasses.replace(c, token_ids=c.token_ids[:tokens], finish_reason=None))
+        samples = [cut(c) for c in out.outputs]
+        samples = [dataclasses.replace(c, text="".join(state["script"][:len(c.token_ids)])) for c in samples]
+        return dataclasses.replace(out, text=samples[0].text, token_ids=samples[0].token_ids,
+                                   finish_reason=samples[0].finish_reason, outputs=samples)
+
     async def generate(conversation, params=None, request_id=None):
         inner = real(conversation, params, request_id)
+        yielded = 0
         try:
             async for out in inner:
-                samples = [dataclasses.replace(c, text="".join(state["script"][:len(c.token_ids)]))
-                           for c in out.outputs]
-                yield dataclasses.replace(out, text=samples[0].text, outputs=samples)
+                # AsyncLLM coalesces the outputs a slow consumer has not read (by design), so on a loaded machine
+                # several tokens arrive as one output; a single sample is replayed token by token so that the
+                # server sees every piece of the script as its own output whatever the timing.
+                if len(out.outputs) == 1:
+                    for tokens in range(yielded + 1, len(out.outputs[0].token_ids)):
+                        yield scripted(out, tokens)
+                    yielded = len(out.outputs[0].token_ids)
+                yield scripted(out)
         finally:
             await inner.aclose()
 
