@@ -66,8 +66,34 @@ class _Victim:
         del self.engine.make_sequence
 
 
-@pytest.mark.parametrize("stage", ["vision", "prefill", "decode", "sample", "detokenize", "step"])
+STAGES = ["vision", "prefill", "decode", "sample", "detokenize", "step"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_generate_batch_fault_at_each_stage_fails_only_its_request(llm, alone, stage):
+    _fault_fails_only_its_request(llm, alone, stage)
+
+
+@pytest.fixture(scope="module")
+def moe_llm():
+    return LLM("random:tiny-qwen3-moe", device="cpu", kv_cache_tokens=4096, vision_cache_bytes=0,
+               enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def moe_alone(moe_llm):
+    return [moe_llm.generate(c, PARAMS)[0].token_ids for c in CONVS]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_moe_fault_at_each_stage_fails_only_its_request(moe_llm, moe_alone, stage):
+    """The same isolation on a mixture-of-experts decoder, where a batch's tokens share each layer's expert
+    dispatch (fused_moe sorts every token of the step by expert): a failed request leaves the others' routing and
+    tokens exactly as they are alone."""
+    _fault_fails_only_its_request(moe_llm, moe_alone, stage)
+
+
+def _fault_fails_only_its_request(llm, alone, stage):
     victim = 2  # an image request, so the vision stage applies
     with _Victim(llm.engine, victim, stage):
         outs = llm.generate(CONVS, PARAMS)
