@@ -1,27 +1,32 @@
-"""Fused decode kernels for batches of 1-8 tokens (issue 3.6): a decoder layer's decode step in three kernels around
-paged attention, with the norms, rotary, the KV write, SiLU*mul and the residual adds folded into the GEMVs.
+"""Fused decode kernels for batches of 1-8 tokens (issue 3.6): a decoder layer's decode step in four kernels, with the
+norms, rotary, the KV write, attention, SiLU*mul and the residual adds folded into the GEMVs.
 
 - decode_qkv: RMSNorm prologue, q/k/v GEMV, then per head (a program owns 16 rotary pairs of one head, or the whole
   head with q/k norm, for one batch tile) the bias, Qwen3's q/k RMSNorm, NeoX rotary and the store: q to its
   output, k and v into the paged caches at their slots.
-- decode_gemv_residual: y = residual + (x W^T + b) (o_proj, down_proj).
-- decode_gate_up: RMSNorm prologue, the gate and up GEMVs of the same F columns in one program, silu(gate) * up.
+- decode_attention_o: per (token, query head, output split) the head's paged decode attention, then its slice of
+  o_proj: partials [H, B, C] in fp32 whose sum over heads is o_proj's output (o_proj is linear in its input heads).
+- decode_gate_up: the partials summed (in head order) into the residual in the RMSNorm prologue, then the gate and up
+  GEMVs of the same F columns in one program, silu(gate) * up; returns the new residual too.
+- decode_gemv_residual: y = residual + (x W^T + b) (down_proj).
 
 GEMV design (as kernels/awq_gemm.py's decode path, for dense weights): a program owns BLOCK_N output features and walks
-all of K, so no split-K partials and no atomics: results are deterministic and do not depend on the batch. The RMSNorm
-prologue is recomputed by every program (two passes over x's <= 8 rows: the sum of squares, then the normalised
-chunks), which reads B x C activations per program against its BLOCK_N x C weight slice. The dot tile has 16 rows
-(tl.dot's minimum), masked past B. Weights are [N, K] row-major (nn.Linear's layout), loaded as [BLOCK_K, BLOCK_N]
-tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored intermediate is rounded
+all of K, so no atomics (decode_attention_o's per-head partials are split-K over heads, reduced in a fixed order by
+the next kernel): results are deterministic and do not depend on the batch. The RMSNorm prologue is recomputed by
+every program (two passes over x's <= 8 rows: the sum of squares, then the normalised chunks), which reads B x C
+activations per program (G x B x C partials for decode_gate_up) against its BLOCK_N x C weight slice. The dot tile
+has 16 rows (tl.dot's minimum), masked past B. Weights are [N, K] row-major (nn.Linear's layout), loaded as
+[BLOCK_K, BLOCK_N] tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored intermediate is rounded
 to the activation dtype where the unfused layer would store it, with _tuning.to_dtype (nearest-even under the
 interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs.
 
 Programmatic dependent launch (PDL, Hopper and later; opt-in with INTERNVL_ENGINE_PDL=1 until a device run measures
 it): each kernel is launched with launch_pdl, so it may start while the kernel before it finishes; it waits for that
-kernel's writes (griddepcontrol.wait) before reading anything, and once its own K loop is done lets the next kernel
-launch (griddepcontrol.launch_dependents). A kernel that follows without PDL (paged attention, torch's ops) waits
-for completion as usual, and every dependent passes the wait before it triggers its own dependents, so writes two
-kernels back are complete too."""
+kernel's writes (griddepcontrol.wait) before reading anything, and once its own K loop (decode_attention_o: its
+attention loop) is done lets the next kernel launch (griddepcontrol.launch_dependents). With all four ops of a layer
+here, a whole decode step but the embedding, the final norm and the logits is one PDL chain. A kernel that follows
+without PDL (torch's ops) waits for completion as usual, and every dependent passes the wait before it triggers its
+own dependents, so writes two kernels back are complete too."""
 from __future__ import annotations
 
 import os
@@ -32,7 +37,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._tuning import INTERPRET, dot_operand, next_pow2, row_sum, to_dtype
+from ._tuning import INTERPRET, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
 PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at import; tests set the module global
 
@@ -51,6 +56,32 @@ def _block_n(n: int) -> int:
     if INTERPRET:
         return 256
     return 16 if n <= 2048 else 32
+
+
+_LOG2E = 1.4426950408889634
+# decode_attention_o's tokens per step: a [32, 128] K or V tile is 4K elements (32 fp32 registers a thread at 4
+# warps); the interpreter pays per step, so it takes bigger ones
+_ATTN_BLOCK_N = 128 if INTERPRET else 32
+_SMS = 132  # an H100's SM count: decode_attention_o's grid aims past it at batch 1 (a device profile may retune)
+
+
+def _attention_o_split(b: int, h: int, c: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_C, splits, outputs per split) of decode_attention_o's grid (B, H, splits). A program per (token, query
+    head) alone is 14 programs for InternVL3-1B at B = 1 (12 for 2B) on 132 SMs, each reading a 114 KB (393 KB)
+    slice of o_weight: too few to pull the weights at full bandwidth. So the outputs are split until B * H * splits
+    passes the SM count (1B: 7 splits, 98 programs; 2B: 8 splits, 96 programs; at B = 8 1B takes 2 splits). Each
+    split recomputes its head's attention: the KV of the sequence is read splits x (H / HK) times, from L2 after the
+    first, which is cheap at chat lengths and grows with the context (the docstring of models/decode_fused.py).
+    The values do not depend on the split (an output's sum runs over the head's D in one program), so the batch
+    does not change a token's result. BLOCK_C keeps the [BLOCK_D, BLOCK_C] weight tile at 8K elements (64 fp32
+    registers a thread at 4 warps); under the interpreter one split of the whole width."""
+    if INTERPRET:
+        return min(next_pow2(c), (1 << 18) // block_d), 1, c
+    block_c = max(16, 8192 // block_d)
+    tiles = triton.cdiv(c, block_c)
+    splits = min(tiles, max(1, triton.cdiv(_SMS, b * h)))
+    per = triton.cdiv(tiles, splits) * block_c
+    return block_c, triton.cdiv(c, per), per
 
 
 def _block_b(b: int) -> int:
@@ -77,25 +108,40 @@ def _dot_prec(x: torch.Tensor):
 
 
 @_helper
-def _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of rows rb of x [B, K], in fp32."""
+def _rows_chunk(x_ptr, p_ptr, G, B, rb, bmask, k, K, PARTIALS: tl.constexpr):
+    """Columns k of rows rb of the op's input row block [B, K], in x's dtype. With PARTIALS, x is the residual and
+    the rows are residual + sum_g partials[g] (partials [G, B, K]: decode_attention_o's per-head o_proj sums): the
+    partials summed in fp32 in g order and rounded (the o_proj output the default layer stores), then the fp32
+    residual add rounded once (the norm's residual add), as ops/ref.py decode_gate_up_ref."""
+    kmask = k < K
+    mask = bmask[:, None] & kmask[None, :]
+    offs = rb[:, None].to(tl.int64) * K + k[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if PARTIALS:
+        acc = tl.zeros(x.shape, dtype=tl.float32)
+        for g in range(0, G):
+            acc += dot_operand(tl.load(p_ptr + g * B * K + offs, mask=mask, other=0.0)).to(tl.float32)
+        x = to_dtype(to_dtype(acc, x.dtype).to(tl.float32) + dot_operand(x).to(tl.float32), x.dtype)
+    return x
+
+
+@_helper
+def _row_inv_rms(x_ptr, p_ptr, G, B, rb, bmask, K, eps, PARTIALS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of rows rb of the input rows [B, K] (_rows_chunk), in fp32."""
     rk = tl.arange(0, BLOCK_K)
     ssq = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        xf = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & (k < K)[None, :],
-                     other=0.0).to(tl.float32)
+        xf = _rows_chunk(x_ptr, p_ptr, G, B, rb, bmask, k0 + rk, K, PARTIALS).to(tl.float32)
         ssq += row_sum(xf * xf, 1)
     return tl.rsqrt(ssq / K + eps)
 
 
 @_helper
-def _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv):
-    """RMSNorm of columns k of rows rb, rounded as transformers' RMSNorm: normalise in fp32, round, scale, round."""
-    kmask = k < K
-    x = tl.load(x_ptr + rb[:, None].to(tl.int64) * K + k[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+def _normed(x, nw_ptr, k, K, inv):
+    """RMSNorm of columns k of rows x, rounded as transformers' RMSNorm: normalise in fp32, round, scale, round."""
     yn = to_dtype(x.to(tl.float32) * inv[:, None], x.dtype)
-    w = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    w = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     return to_dtype(w[None, :] * yn.to(tl.float32), x.dtype)
 
 
@@ -107,17 +153,22 @@ def _weight_tile(w_ptr, rows, rmask, k, K):
 
 
 @_helper
-def _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rows1, rows2, rmask, K, eps, DOT_PREC: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(RMSNorm(x) W[rows1]^T, RMSNorm(x) W[rows2]^T) in fp32 for rows rb of x [B, K] and a row-major [N, K]
-    weight: two outputs of the same normed activations (a rotary pair's halves, or gate and up)."""
-    inv = _row_inv_rms(x_ptr, rb, bmask, K, eps, BLOCK_B, BLOCK_K)
+def _normed_gemv_pair(x_ptr, p_ptr, G, B, ro_ptr, write, nw_ptr, w_ptr, rb, bmask, rows1, rows2, rmask, K, eps,
+                      PARTIALS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(RMSNorm(x) W[rows1]^T, RMSNorm(x) W[rows2]^T) in fp32 for rows rb of the input rows [B, K] (_rows_chunk)
+    and a row-major [N, K] weight: two outputs of the same normed activations (a rotary pair's halves, or gate and
+    up). With PARTIALS, the program where `write` holds also stores the rows it formed (residual') to ro_ptr."""
+    inv = _row_inv_rms(x_ptr, p_ptr, G, B, rb, bmask, K, eps, PARTIALS, BLOCK_B, BLOCK_K)
     rk = tl.arange(0, BLOCK_K)
     acc1 = tl.zeros((BLOCK_B, rows1.shape[0]), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_B, rows1.shape[0]), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        h = _normed_chunk(x_ptr, nw_ptr, rb, bmask, k, K, inv)
+        x = _rows_chunk(x_ptr, p_ptr, G, B, rb, bmask, k, K, PARTIALS)
+        if PARTIALS:
+            tl.store(ro_ptr + rb[:, None].to(tl.int64) * K + k[None, :], x,
+                     mask=(bmask & write)[:, None] & (k < K)[None, :])
+        h = _normed(x, nw_ptr, k, K, inv)
         acc1 = _mac(h, _weight_tile(w_ptr, rows1, rmask, k, K), acc1, DOT_PREC)
         acc2 = _mac(h, _weight_tile(w_ptr, rows2, rmask, k, K), acc2, DOT_PREC)
     return acc1, acc2
@@ -143,8 +194,8 @@ def _qkv_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, pos_ptr, cs_ptr, sl
         gdc_wait()
     rows1 = head * D + rd          # the packed q/k/v weight holds H q heads, HK k heads, HK v heads, D rows each
     rows2 = rows1 + HALF
-    acc1, acc2 = _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rows1, rows2, dmask, K, eps, DOT_PREC, BLOCK_B,
-                                   BLOCK_K)
+    acc1, acc2 = _normed_gemv_pair(x_ptr, x_ptr, 0, B, x_ptr, False, nw_ptr, w_ptr, rb, bmask, rows1, rows2, dmask,
+                                   K, eps, False, DOT_PREC, BLOCK_B, BLOCK_K)
     if USE_PDL:
         gdc_launch_dependents()
     if HAS_BIAS:
@@ -223,17 +274,22 @@ def _gemv_residual_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, B, N, K,
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
+def _gate_up_kernel(r_ptr, p_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, ro_ptr, G, B, F, K, eps,
                     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """Program (batch tile, F tile): gate rows rn and up rows F + rn of the merged [2F, K] weight."""
+    """Program (batch tile, F tile): gate rows rn and up rows F + rn of the merged [2F, K] weight, of
+    RMSNorm(residual + sum_g partials[g]). Every program needs the whole normed rows, so each forms residual' itself
+    from the G partials (both passes of the norm: 2 G K fp32 reads per row, from L2 after the first program; the
+    1B layer at B = 1: 14 x 896 x 4 B x 2 = 100 KB per program against its 32 x 2 rows x 896 x 2 B = 115 KB bf16
+    weight tile from HBM, a cost a device profile weighs against the launch it saves); the first F tile's programs
+    store it."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask, nmask = rb < B, rn < F
     if USE_PDL:
         gdc_wait()
-    acc_g, acc_u = _normed_gemv_pair(x_ptr, nw_ptr, w_ptr, rb, bmask, rn, F + rn, nmask, K, eps, DOT_PREC, BLOCK_B,
-                                     BLOCK_K)
+    acc_g, acc_u = _normed_gemv_pair(r_ptr, p_ptr, G, B, ro_ptr, tl.program_id(1) == 0, nw_ptr, w_ptr, rb, bmask,
+                                     rn, F + rn, nmask, K, eps, True, DOT_PREC, BLOCK_B, BLOCK_K)
     if USE_PDL:
         gdc_launch_dependents()
     if HAS_BIAS:
@@ -246,6 +302,66 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, B, F, K, eps,
     s = to_dtype(g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)), dtype).to(tl.float32)  # rounded as F.silu's
     tl.store(y_ptr + rb[:, None].to(tl.int64) * F + rn[None, :], to_dtype(s * u, dtype),
              mask=bmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _attention_o_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, sl_ptr, w_ptr, b_ptr, p_ptr, qk_scale,
+                        B, H, HK, C, max_blocks, c_per_split, stride_qb, stride_btb,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr):
+    """Program (token b, query head h, output split s): the head's attention over its sequence's paged KV (online
+    softmax in the base-2 domain, as kernels/paged_attention.py, one query row so the products are row sums, not
+    dots), its output rounded to q's dtype (what the default layer stores), then the GEMV with o_weight's columns
+    [h D, (h + 1) D) for outputs [s c_per_split, (s + 1) c_per_split): partials[h, b, those outputs] in fp32, the
+    bias added by head 0 only. Caches [num_blocks, block_size, HK, D] contiguous (ops/checks.py)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    kvh = h // (H // HK)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    if USE_PDL:
+        gdc_wait()
+    seq_len = tl.load(sl_ptr + b)
+    q = dot_operand(tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * D + offs_d, mask=dmask, other=0.0)).to(tl.float32)
+    m_i = tl.full([1], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    for start in range(0, seq_len, BLOCK_N):
+        toks = start + offs_n
+        nmask = toks < seq_len
+        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=nmask & (toks // BLOCK_SIZE < max_blocks), other=0)
+        row = (blk.to(tl.int64) * BLOCK_SIZE + toks % BLOCK_SIZE) * HK + kvh
+        kvmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + row[:, None] * D + offs_d[None, :], mask=kvmask, other=0.0)
+        sc = row_sum(q[None, :] * dot_operand(k).to(tl.float32), 1) * qk_scale
+        sc = tl.where(nmask, sc, float("-inf"))  # masked slots may hold NaN: their loads are 0, their scores -inf
+        m_new = tl.maximum(m_i, row_max(sc, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new)
+        l_i = l_i * alpha + row_sum(p, 0)
+        v = tl.load(vc_ptr + row[:, None] * D + offs_d[None, :], mask=kvmask, other=0.0)
+        acc = acc * alpha + row_sum(p[:, None] * dot_operand(v).to(tl.float32), 0)
+        m_i = m_new
+    if USE_PDL:
+        gdc_launch_dependents()
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # an empty sequence attends to nothing: output 0
+    o = to_dtype(acc / l_i, q_ptr.dtype.element_ty).to(tl.float32)
+    rc = tl.arange(0, BLOCK_C)
+    c_lo = sp * c_per_split
+    c_hi = tl.minimum(c_lo + c_per_split, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c0 + rc
+        cmask = c < c_hi
+        # o_weight [C, H D] row-major: head h's D columns of output c are contiguous
+        w = tl.load(w_ptr + c[None, :].to(tl.int64) * (H * D) + h * D + offs_d[:, None],
+                    mask=dmask[:, None] & cmask[None, :], other=0.0)
+        part = row_sum(o[:, None] * dot_operand(w).to(tl.float32), 0)
+        if HAS_BIAS:
+            part += tl.load(b_ptr + c, mask=cmask & (h == 0), other=0.0).to(tl.float32)
+        tl.store(p_ptr + (h * B + b).to(tl.int64) * C + c, part, mask=cmask)
 
 
 def _dummy(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -291,13 +407,32 @@ def decode_gemv_residual(x, weight, bias, residual):
     return y
 
 
-def decode_gate_up(x, norm_weight, eps, weight, bias):
-    b, k = x.shape
+def decode_attention_o(q, k_cache, v_cache, block_tables, seq_lens, scale, o_weight, o_bias):
+    """The op contract (ops/ref.py decode_attention_o_ref): partials [H, B, C] fp32, one per query head."""
+    b, h, d = q.shape
+    hk, block_size = k_cache.shape[2], k_cache.shape[1]
+    c = o_weight.shape[0]
+    partials = torch.empty(h, b, c, device=q.device, dtype=torch.float32)
+    block_d = max(16, next_pow2(d))
+    block_c, splits, c_per_split = _attention_o_split(b, h, c, block_d)
+    _attention_o_kernel[(b, h, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_weight, _dummy(q, o_bias), partials,
+        float(scale) * _LOG2E, b, h, hk, c, block_tables.shape[1], c_per_split, q.stride(0), block_tables.stride(0),
+        D=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_ATTN_BLOCK_N, BLOCK_C=block_c,
+        HAS_BIAS=o_bias is not None, **_pdl(q))
+    return partials
+
+
+def decode_gate_up(partials, residual, norm_weight, eps, weight, bias):
+    """The op contract (ops/ref.py decode_gate_up_ref): (h [B, F], residual' [B, C])."""
+    b, k = residual.shape
     f = weight.shape[0] // 2
-    y = torch.empty(b, f, device=x.device, dtype=x.dtype)
+    y = torch.empty(b, f, device=residual.device, dtype=residual.dtype)
+    res_out = torch.empty_like(residual)
     bb, bn = _block_b(b), _block_n(f)
     grid = (triton.cdiv(b, bb), triton.cdiv(f, bn))
-    _gate_up_kernel[grid](x, norm_weight, weight, _dummy(x, bias), y, b, f, k, float(eps),
-                          HAS_BIAS=bias is not None, DOT_PREC=_dot_prec(x), BLOCK_B=bb, BLOCK_N=bn,
-                          BLOCK_K=_block_k(k, bb, bn), **_pdl(x))
-    return y
+    _gate_up_kernel[grid](residual, partials, norm_weight, weight, _dummy(residual, bias), y, res_out,
+                          partials.shape[0], b, f, k, float(eps), HAS_BIAS=bias is not None,
+                          DOT_PREC=_dot_prec(residual), BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=_block_k(k, bb, bn),
+                          **_pdl(residual))
+    return y, res_out

@@ -1,4 +1,4 @@
-"""The fused decode path (issue 3.6): its three ops against their oracles on odd shapes (every backend; Triton under
+"""The fused decode path (issue 3.6): its four ops against their oracles on odd shapes (every backend; Triton under
 the interpreter), their typed errors, and the path itself: greedy tokens of decode_path="fused" equal the default
 path's on an InternVL3-1B-shaped decoder (896 wide, 14 / 2 heads of 64, 4864 MLP; 2 layers and a 1024-token
 vocabulary) and a Qwen3 one (q/k norm, head_dim 128), on the torch and triton backends, at batch 1 and 5, eagerly and
@@ -19,6 +19,7 @@ from internvl_engine.models.internvl import InternVLForConditionalGeneration
 from internvl_engine.worker.runner import ModelRunner
 from internvl_engine.worker.step_input import StepInput
 from kernel_cases import BACKENDS, assert_close, backend
+from test_paged_attention import _cache as paged_cache
 
 CPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cpu"]
 BS = 16  # KV block size
@@ -91,17 +92,54 @@ def test_decode_gemv_residual(backend_name, device, dtype, b, k, n, bias):
 
 @pytest.mark.parametrize("backend_name,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,k,f,bias", [(1, 896, 4864, False), (3, 200, 70, True), (8, 130, 200, False)])
-def test_decode_gate_up(backend_name, device, dtype, b, k, f, bias):
-    g = torch.Generator().manual_seed(b * k + f)
-    x = (2 * torch.randn(b, k, generator=g)).to(dtype).to(device)
-    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype).to(device)
-    w = (torch.randn(2 * f, k, generator=g) * k ** -0.5).to(dtype).to(device)
-    bb = (0.1 * torch.randn(2 * f, generator=g)).to(dtype).to(device) if bias else None
+@pytest.mark.parametrize("b,h,hk,d,c,block_size,lens,bias", [
+    (1, 14, 2, 64, 896, 16, [37], True),                     # InternVL3-1B's attention (GQA 7), o_proj 896 wide
+    (3, 4, 2, 128, 200, 16, [1, 17, 40], False),             # a length-1 sequence, lengths crossing block edges
+    (8, 3, 3, 24, 70, 32, [5, 33, 64, 1, 90, 31, 32, 7], True),  # MHA, head dim 24, block size 32
+])
+def test_decode_attention_o(backend_name, device, dtype, b, h, hk, d, c, block_size, lens, bias):
+    """Partials [G, B, C] whose fp32 sum in head order is o_proj(paged attention): G = H fp32 partials on Triton,
+    G = 1 in the model dtype on the compositions; unowned cache slots hold NaN."""
+    k_cache, v_cache, tables, seq_lens = paged_cache(lens, block_size, hk, d, dtype, device, seed=b)
+    g = torch.Generator().manual_seed(b * d)
+    q = torch.randn(b, h, d, generator=g).to(dtype).to(device)
+    wo = (torch.randn(c, h * d, generator=g) * (h * d) ** -0.5).to(dtype).to(device)
+    bo = (0.5 * torch.randn(c, generator=g)).to(dtype).to(device) if bias else None
+    args = (q, k_cache, v_cache, tables, seq_lens, d ** -0.5, wo, bo)
+    ref = ops.decode_attention_o_ref(*args)
     with backend(backend_name, device):
-        y = ops.decode_gate_up(x, nw, 1e-6, w, bb)
-    assert y.shape == (b, f)
-    assert_close(y, ops.decode_gate_up_ref(x, nw, 1e-6, w, bb), dtype)
+        partials = ops.decode_attention_o(*args)
+    g_parts = h if backend_name == "triton" else 1
+    assert partials.shape == (g_parts, b, c)
+    assert partials.dtype == (torch.float32 if backend_name == "triton" else dtype)
+    assert_close(ops.reduce_partials_ref(partials, dtype), ref[0], dtype)
+
+
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_parts,fp32_parts,b,k,f,bias", [
+    (1, False, 1, 896, 4864, False),  # the compositions' partial: the o_proj output in the model dtype
+    (14, True, 3, 200, 70, True),     # Triton's per-head fp32 partials, widths no block divides
+    (7, True, 8, 130, 200, False),
+])
+def test_decode_gate_up(backend_name, device, dtype, g_parts, fp32_parts, b, k, f, bias):
+    """(silu(gate) * up of RMSNorm(residual'), residual') with residual' = residual + sum of the partials, rounded
+    as the default layer's post-attention add."""
+    gen = torch.Generator().manual_seed(b * k + f)
+    partials = (torch.randn(g_parts, b, k, generator=gen) * g_parts ** -0.5).to(
+        torch.float32 if fp32_parts else dtype).to(device)
+    r = (2 * torch.randn(b, k, generator=gen)).to(dtype).to(device)
+    nw = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype).to(device)
+    w = (torch.randn(2 * f, k, generator=gen) * k ** -0.5).to(dtype).to(device)
+    bb = (0.1 * torch.randn(2 * f, generator=gen)).to(dtype).to(device) if bias else None
+    r0 = r.clone()
+    with backend(backend_name, device):
+        y, res = ops.decode_gate_up(partials, r, nw, 1e-6, w, bb)
+    y_ref, res_ref = ops.decode_gate_up_ref(partials, r, nw, 1e-6, w, bb)
+    assert y.shape == (b, f) and res.shape == (b, k) and res.dtype == dtype
+    assert_close(res, res_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    assert torch.equal(r, r0), "residual must not be modified"
 
 
 def test_typed_errors_name_the_op_and_argument():
@@ -115,8 +153,30 @@ def test_typed_errors_name_the_op_and_argument():
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(KernelInputError, match=r"decode_gemv_residual: residual must be \[2, 4\]"):
         ops.decode_gemv_residual(x, w, None, torch.randn(2, 8))
+    p = torch.randn(3, 2, 8)
     with pytest.raises(KernelInputError, match="decode_gate_up: weight must be"):
-        ops.decode_gate_up(x, torch.ones(8), 1e-6, torch.randn(5, 8), None)
+        ops.decode_gate_up(p, x, torch.ones(8), 1e-6, torch.randn(5, 8), None)
+    with pytest.raises(KernelInputError, match=r"decode_gate_up: partials must be \[G, 2, 8\] with G >= 1"):
+        ops.decode_gate_up(p[:0], x, torch.ones(8), 1e-6, torch.randn(6, 8), None)
+    with pytest.raises(KernelInputError, match=r"decode_gate_up: partials must be \[G, 2, 8\]"):
+        ops.decode_gate_up(p[:, :1].contiguous(), x, torch.ones(8), 1e-6, torch.randn(6, 8), None)
+    with pytest.raises(KernelInputError, match="decode_gate_up: partials must be float32/bfloat16"):
+        ops.decode_gate_up(p.half(), x.bfloat16(), torch.ones(8).bfloat16(), 1e-6, torch.randn(6, 8).bfloat16(),
+                           None)
+    k_cache, v_cache, tables, seq_lens = paged_cache([3, 20], BS, 2, 16, torch.float32, "cpu", seed=0)
+    q = torch.randn(2, 4, 16)
+    attn = (q, k_cache, v_cache, tables, seq_lens, 0.25)
+    with pytest.raises(KernelInputError, match=r"decode_attention_o: o_weight must be \[C, heads \* head_dim\] = "
+                                               r"\[C, 4 \* 16 = 64\]"):
+        ops.decode_attention_o(*attn, torch.randn(8, 60), None)
+    with pytest.raises(KernelInputError, match="decode_attention_o: o_weight must be float32"):
+        ops.decode_attention_o(*attn, torch.randn(8, 64).bfloat16(), None)
+    with pytest.raises(KernelInputError, match="decode_attention_o: o_bias must have 8 elements"):
+        ops.decode_attention_o(*attn, torch.randn(8, 64), torch.randn(7))
+    with pytest.raises(KernelInputError, match="decode_attention_o: q .* does not fit caches"):
+        ops.decode_attention_o(torch.randn(2, 3, 16), *attn[1:], torch.randn(8, 48), None)
+    with pytest.raises(KernelInputError, match="decode_attention_o: block_tables"):
+        ops.decode_attention_o(q, k_cache, v_cache, tables[:1], seq_lens, 0.25, torch.randn(8, 64), None)
     with pytest.raises(KernelInputError, match="decode_gemv_residual: weight"):
         ops.decode_gemv_residual(x, w.to(torch.bfloat16), None, torch.randn(2, 4))
 
@@ -284,12 +344,14 @@ def _launches_per_layer(model, path: str) -> dict[str, int]:
 @pytest.mark.parametrize("name,default_calls", [("1b", 11), ("qwen3", 15)])
 def test_op_calls_per_layer(models, name, default_calls):
     """Today's layer launches 11 kernels at decode (4 matmuls, 2 norms, rotary, the KV write, paged attention, SiLU,
-    the product; Qwen3 adds q and k norms and the copies they need); the fused path 5 contract ops."""
+    the product; Qwen3 adds q and k norms and the copies they need); the fused path 4 contract ops, Qwen3's too
+    (issue 3.6's target: at most 4) and nothing else (no matmul, SiLU, product or copy outside them)."""
     model = models(name, "torch")
     default = _launches_per_layer(model, "default")
     fused = _launches_per_layer(model, "fused")
     assert sum(default.values()) == default_calls, default
-    assert fused == {"decode_qkv": 1, "paged_attention": 1, "decode_gemv_residual": 2, "decode_gate_up": 1}, fused
+    assert fused == {"decode_qkv": 1, "decode_attention_o": 1, "decode_gate_up": 1, "decode_gemv_residual": 1}, fused
+    assert sum(fused.values()) == 4
 
 
 def test_engine_flag_and_fallbacks(tmp_path):
@@ -334,9 +396,17 @@ for dt, pdl in (("fp32", False), ("bf16", True)):
     tiles = dict(DOT_PREC=prec, BLOCK_B=16, BLOCK_K=128, USE_PDL=pdl)  # the launchers' GPU tiles
     compile_(m._gemv_residual_kernel, dict.fromkeys(("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr"), p),
              dict.fromkeys(("B", "N", "K"), "i32"), dict(HAS_BIAS=True, BLOCK_N=m._block_n(896), **tiles))
-    compile_(m._gate_up_kernel, dict.fromkeys(("x_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr"), p),
-             {"B": "i32", "F": "i32", "K": "i32", "eps": "fp32"},
+    compile_(m._gate_up_kernel, {**dict.fromkeys(("r_ptr", "nw_ptr", "w_ptr", "b_ptr", "y_ptr", "ro_ptr"), p),
+                                 "p_ptr": "*fp32"},
+             {"G": "i32", "B": "i32", "F": "i32", "K": "i32", "eps": "fp32"},
              dict(HAS_BIAS=False, BLOCK_N=m._block_n(4864), **tiles))
+    d, bias = (64, True) if dt == "fp32" else (128, False)  # InternVL3-1B's heads, then 2B's
+    compile_(m._attention_o_kernel, {**dict.fromkeys(("q_ptr", "kc_ptr", "vc_ptr", "w_ptr", "b_ptr"), p),
+                                     "bt_ptr": "*i32", "sl_ptr": "*i32", "p_ptr": "*fp32"},
+             {"qk_scale": "fp32", **dict.fromkeys(("B", "H", "HK", "C", "max_blocks", "c_per_split", "stride_qb",
+                                                   "stride_btb"), "i32")},
+             dict(D=d, BLOCK_D=d, BLOCK_SIZE=16, BLOCK_N=m._ATTN_BLOCK_N, HAS_BIAS=bias, USE_PDL=pdl,
+                  BLOCK_C=m._attention_o_split(1, 14, 1536, d)[0]))
     for qk_norm, d, bh in ((False, 64, m._HEAD_BLOCK), (True, 128, 64)):
         ptrs = dict.fromkeys(("x_ptr", "nw_ptr", "w_ptr", "b_ptr", "qn_ptr", "kn_ptr", "q_ptr", "kc_ptr", "vc_ptr"), p)
         ptrs |= {"pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
@@ -356,7 +426,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("compiled") == 8, r.stdout  # 4 kernels (qkv with and without q/k norm) x 2 (dtype, PDL)
+    assert r.stdout.count("compiled") == 10, r.stdout  # 5 kernels (qkv with and without q/k norm) x 2 (dtype, PDL)
 
 
 @pytest.mark.gpu
@@ -372,20 +442,23 @@ def test_pdl_kernels_on_cuda(monkeypatch, pdl):
     args = _on(_qkv_inputs(5, 896, 14, 2, 64, True, False, torch.bfloat16), "cuda")
     g = torch.Generator().manual_seed(1)
     wo = (torch.randn(896, 896, generator=g) / 30).to(torch.bfloat16).cuda()
+    k_cache, v_cache, tables, seq_lens = (t.cuda() for t in paged_cache([1, 17, 40, 64, 3], BS, 2, 64,
+                                                                        torch.bfloat16, "cpu", seed=3))
     wgu = (torch.randn(2 * 4864, 896, generator=g) / 30).to(torch.bfloat16).cuda()
     wd = (torch.randn(896, 4864, generator=g) / 70).to(torch.bfloat16).cuda()
     nw = args["norm_weight"]
 
-    def chain():
-        q = ops.decode_qkv(**args)
-        r = ops.decode_gemv_residual(q.reshape(5, -1)[:, :896].contiguous(), wo, None, args["x"])
-        return ops.decode_gemv_residual(ops.decode_gate_up(r, nw, 1e-6, wgu, None), wd, None, r)
+    def chain(attn=ops.decode_attention_o, qkv=ops.decode_qkv, gate_up=ops.decode_gate_up,
+              down=ops.decode_gemv_residual, **over):
+        a = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()} if over else args
+        q = qkv(**a)  # its own caches (a tiny pool), then attention over a paged pool of 5 sequences
+        parts = attn(q, k_cache, v_cache, tables, seq_lens, 0.125, wo, None)
+        h, r = gate_up(parts, a["x"], nw, 1e-6, wgu, None)
+        return down(h, wd, None, r)
 
     def chain_ref():
-        a = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        q = ops.decode_qkv_ref(**a)
-        r = ops.decode_gemv_residual_ref(q.reshape(5, -1)[:, :896].contiguous(), wo, None, args["x"])
-        return ops.decode_gemv_residual_ref(ops.decode_gate_up_ref(r, nw, 1e-6, wgu, None), wd, None, r)
+        return chain(ops.decode_attention_o_ref, ops.decode_qkv_ref, ops.decode_gate_up_ref,
+                     ops.decode_gemv_residual_ref, copy=True)
 
     with ops.use_backend("triton", "cuda"):
         y = chain()

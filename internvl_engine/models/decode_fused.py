@@ -1,19 +1,31 @@
 """The fused decode forward (issue 3.6; EngineConfig.decode_path = "fused"): a decode step of 1 to MAX_BATCH tokens
-runs each decoder layer as five kernel-contract ops instead of the default layer's eleven launches (four matmuls, two
+runs each decoder layer as four kernel-contract ops instead of the default layer's eleven launches (four matmuls, two
 norms, rotary, the KV write, paged attention, SiLU and the gating product; fifteen with Qwen3's q/k norms and the
 copies of q and k they read), as tests/test_decode_fused.py counts:
 
     decode_qkv            RMSNorm(input_layernorm) -> packed q/k/v -> [q/k norm] -> rotary -> k, v into the cache
-    paged_attention       as the default path
-    decode_gemv_residual  residual + o_proj(attention)
-    decode_gate_up        silu(gate) * up of RMSNorm(post_attention_layernorm)
+    decode_attention_o    paged attention, then o_proj, as G partials whose sum is o_proj's output
+    decode_gate_up        residual += sum of the partials; silu(gate) * up of RMSNorm(post_attention_layernorm)
     decode_gemv_residual  residual + down_proj(...)
 
-The residual stream is the only hidden state carried between layers: each GEMV adds it in its epilogue, where the
-default path adds it in the prologue of the norm that follows, with the same roundings (ops/ref.py), so the final
-norm needs no add. Five, not four: the next op of each pair needs whole rows of what the previous one produced (the
-norms, attention over every head, the o_proj of every head) and a kernel has no grid-wide barrier; merging a pair
-would mean every program recomputing the whole previous GEMV, or split-K partials with atomics (nondeterministic).
+The residual stream is the only hidden state carried between layers, with the default path's roundings (ops/ref.py):
+decode_gate_up forms the post-attention residual in its prologue (the o_proj output rounded, then the add rounded, as
+the default layer's norm adds it) and returns it; down_proj adds it in its epilogue, so the next layer's norm and the
+final norm need no add.
+
+Why four, and this four: a kernel has no grid-wide barrier, so an op whose programs each need whole rows of its
+predecessor's output (a norm, attention over every head) cannot be merged with it unless every program recomputes
+the predecessor, or the predecessor's partial results are reduced where they are read. o_proj is linear in its input
+heads, o_proj(attn) = sum_h W[:, h D:(h + 1) D] attn_h, so attention can run per head with that head's slice of the
+GEMV (no other head's output needed), and the sum over heads moves into decode_gate_up, whose programs read whole
+rows for their RMSNorm anyway (deterministic: no atomics, the partials summed in head order). The other seams have
+no such linear split: qkv needs the normed whole row (a nonlinear norm of the previous down_proj's full output), and
+down_proj needs every SiLU*mul output of the whole F, each a product of two GEMV outputs.
+
+Long contexts: the Triton decode_attention_o walks a head's whole sequence in one program (no split over the KV, and
+each output split recomputes it), where the default path's paged_attention splits the KV and merges. At long contexts
+the default path may win; a device profile decides (the optional next step: carry per-split (m, l) in the partials
+and let decode_gate_up rescale them, flash-decoding's merge in the reducer).
 
 It reads the weights of the default decoder's layers (models/decoder.py): nothing of its own is loaded. Steps it
 does not cover take the default forward: prefill, more than MAX_BATCH tokens, dynamic-NTK rows past the trained
@@ -66,7 +78,7 @@ class FusedDecode:
         lm = self.lm
         ops = lm.norm.ops  # the model's current table (use_ops rebinds every layer's)
         cos_sin = lm.rotary_emb.table(positions.device)
-        b, residual = x.shape[0], x
+        residual = x
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
             k_cache, v_cache = meta.kv_caches[a.attn.layer_idx]
@@ -75,9 +87,10 @@ class FusedDecode:
                                None if a.q_norm is None else a.q_norm.weight,
                                None if a.k_norm is None else a.k_norm.weight,
                                positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-            o = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, a.attn.scale)
-            residual = ops.decode_gemv_residual(o.reshape(b, -1), a.o_proj.weight, a.o_proj.bias, residual)
+            partials = ops.decode_attention_o(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, a.attn.scale,
+                                              a.o_proj.weight, a.o_proj.bias)
             norm = layer.post_attention_layernorm
-            h = ops.decode_gate_up(residual, norm.weight, norm.eps, m.gate_up_proj.weight, m.gate_up_proj.bias)
+            h, residual = ops.decode_gate_up(partials, residual, norm.weight, norm.eps, m.gate_up_proj.weight,
+                                             m.gate_up_proj.bias)
             residual = ops.decode_gemv_residual(h, m.down_proj.weight, m.down_proj.bias, residual)
         return lm.norm(residual)

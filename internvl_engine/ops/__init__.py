@@ -25,12 +25,13 @@ from ..errors import BackendError
 from . import checks
 from .checks import fail
 from .ext_ops import load_extension, paged_split_tokens
-from .ref import (awq_gemm_ref, decode_gate_up_ref, decode_gemv_residual_ref, decode_qkv_ref, flash_attention_ref,
-                  fp8_gemm_ref, fused_moe_ref, layer_norm_ref, paged_attention_ref, pixel_shuffle_ref, rms_norm_ref,
-                  rotary_ref, write_kv_cache_ref)
+from .ref import (awq_gemm_ref, decode_attention_o_ref, decode_gate_up_ref, decode_gemv_residual_ref,
+                  decode_qkv_ref, flash_attention_ref, fp8_gemm_ref, fused_moe_ref, layer_norm_ref, paged_attention_ref,
+                  pixel_shuffle_ref, reduce_partials_ref, rms_norm_ref, rotary_ref, write_kv_cache_ref)
 
 OPS = ("rms_norm", "layer_norm", "pixel_shuffle", "rotary", "write_kv_cache", "flash_attention", "paged_attention",
-       "awq_gemm", "fp8_gemm", "fused_moe", "decode_qkv", "decode_gemv_residual", "decode_gate_up")
+       "awq_gemm", "fp8_gemm", "fused_moe", "decode_qkv", "decode_attention_o", "decode_gate_up",
+       "decode_gemv_residual")
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"torch": ".torch_ops", "cpp": ".cpp_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 # the device types each backend's kernels accept ("cpu" for triton only under the interpreter)
@@ -39,9 +40,9 @@ _DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
 # kernels win except LayerNorm (torch's vectorised kernel) and attention prefill (torch's SDPA vs a scalar loop).
 # fused_moe at 30B-A3B's layer shape: cpp 1.8-22x over torch's per-expert loop at T = 1..512, fp32 and bf16
 # (benchmarks/results/2026-12-07-cpu-*-kernels-fused-moe-*.json, a loaded 2-core machine).
-# The fused-decode ops (decode_qkv, decode_gemv_residual, decode_gate_up) on cpp and cuda are those backends' own
-# element-wise kernels around torch's matmuls (decode_ops.py): decode_path="fused" computes what the default path
-# does there; their Triton kernels are opt-in (backend="triton") until a device run measures them.
+# The fused-decode ops (decode_qkv, decode_attention_o, decode_gate_up, decode_gemv_residual) on cpp and cuda are
+# those backends' own element-wise and paged-attention kernels around torch's matmuls (decode_ops.py):
+# decode_path="fused" computes what the default path does there; their Triton kernels are opt-in (backend="triton") until a device run measures them.
 AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attention": "torch"},
         # benchmarks/results/2026-11-26-h100-2be9dbb-kernels.json: the CUDA kernels win every element-wise op
         # (1.2-5.5x over torch); Triton's tensor-core attention is within 0.89-1.04x of torch's SDPA on prefill
@@ -130,6 +131,7 @@ class OpTable:
         self.fp8_gemm = _bind("fp8_gemm", self.binding["fp8_gemm"])
         self.fused_moe = _bind("fused_moe", self.binding["fused_moe"])
         self.decode_qkv = _bind("decode_qkv", self.binding["decode_qkv"])
+        self.decode_attention_o = _bind("decode_attention_o", self.binding["decode_attention_o"])
         self.decode_gemv_residual = _bind("decode_gemv_residual", self.binding["decode_gemv_residual"])
         self.decode_gate_up = _bind("decode_gate_up", self.binding["decode_gate_up"])
 
@@ -177,6 +179,7 @@ awq_gemm = _Dispatch("awq_gemm")
 fp8_gemm = _Dispatch("fp8_gemm")
 fused_moe = _Dispatch("fused_moe")
 decode_qkv = _Dispatch("decode_qkv")
+decode_attention_o = _Dispatch("decode_attention_o")
 decode_gemv_residual = _Dispatch("decode_gemv_residual")
 decode_gate_up = _Dispatch("decode_gate_up")
 
@@ -208,4 +211,4 @@ def use_backend(name: str, device="cpu"):
 __all__ = (list(OPS) + [f"{op}_ref" for op in OPS]
            + ["OpTable", "use", "use_backend", "current_table", "current_backend", "current_binding",
               "available_backends", "unavailable_reason", "resolve", "BACKENDS", "load_extension",
-              "paged_split_tokens"])
+              "paged_split_tokens", "reduce_partials_ref"])

@@ -149,7 +149,10 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    op = "paged_attention"
+    _paged("paged_attention", q, k_cache, v_cache, block_tables, seq_lens)
+
+
+def _paged(op, q, k_cache, v_cache, block_tables, seq_lens):
     if not isinstance(q, torch.Tensor):
         fail(op, f"q must be a torch.Tensor, got {type(q).__name__}")
     heads(op, "q", q, dtype=FLOAT_DTYPES, device=q.device)
@@ -288,13 +291,37 @@ def decode_gemv_residual(x, weight, bias, residual):
         fail(op, f"residual must be [{x.shape[0]}, {n}], got {_desc(residual)}")
 
 
-def decode_gate_up(x, norm_weight, eps, weight, bias):
+def decode_attention_o(q, k_cache, v_cache, block_tables, seq_lens, scale, o_weight, o_bias):
+    op = "decode_attention_o"
+    _paged(op, q, k_cache, v_cache, block_tables, seq_lens)
+    if q.shape[0] == 0:
+        fail(op, f"q must hold at least one token, got {_desc(q)}")
+    width = q.shape[1] * q.shape[2]
+    tensor(op, "o_weight", o_weight, ndim=2, dtype=q.dtype, device=q.device)
+    if o_weight.shape[1] != width or o_weight.shape[0] == 0:
+        fail(op, f"o_weight must be [C, heads * head_dim] = [C, {q.shape[1]} * {q.shape[2]} = {width}] for q "
+                 f"{_desc(q)}, got {_desc(o_weight)}")
+    if o_bias is not None:
+        tensor(op, "o_bias", o_bias, ndim=1, dtype=q.dtype, device=q.device)
+        if o_bias.shape[0] != o_weight.shape[0]:
+            fail(op, f"o_bias must have {o_weight.shape[0]} elements (o_weight's rows), got {_desc(o_bias)}")
+
+
+def decode_gate_up(partials, residual, norm_weight, eps, weight, bias):
     op = "decode_gate_up"
-    _rows(op, x)
+    tensor(op, "residual", residual, ndim=2, dtype=FLOAT_DTYPES)
+    if residual.shape[0] == 0 or residual.shape[1] == 0:
+        fail(op, f"residual must be [B, C] with B, C >= 1, got {_desc(residual)}")
+    b, c = residual.shape
+    # decode_attention_o's partials: fp32 (the Triton kernel's per-head sums) or the residual's dtype (G = 1, the
+    # compositions' rounded o_proj output)
+    tensor(op, "partials", partials, ndim=3, dtype=(torch.float32, residual.dtype), device=residual.device)
+    if partials.shape[0] < 1 or tuple(partials.shape[1:]) != (b, c):
+        fail(op, f"partials must be [G, {b}, {c}] with G >= 1 for residual {_desc(residual)}, got {_desc(partials)}")
     if norm_weight is None:
         fail(op, "norm_weight must be a tensor, got None")
-    _vector(op, "norm_weight", norm_weight, x.shape[1], x)
-    _weight(op, "weight", weight, None, x.shape[1], x)
-    if weight.shape[0] % 2:
-        fail(op, f"weight must be [2F, {x.shape[1]}] (gate rows, then up rows), got {_desc(weight)}")
-    _vector(op, "bias", bias, weight.shape[0], x)
+    _vector(op, "norm_weight", norm_weight, c, residual)
+    _weight(op, "weight", weight, None, c, residual)
+    if weight.shape[0] % 2 or weight.shape[0] == 0:
+        fail(op, f"weight must be [2F, {c}] (gate rows, then up rows), got {_desc(weight)}")
+    _vector(op, "bias", bias, weight.shape[0], residual)

@@ -26,8 +26,9 @@ if _C is not None and getattr(_C, "CUDA_KERNELS", False):
     _ops = ExtensionOps(_C.cuda, "cuda", "cuda", head_dims=HEAD_DIMS)
     rms_norm, layer_norm, pixel_shuffle, rotary = _ops.rms_norm, _ops.layer_norm, _ops.pixel_shuffle, _ops.rotary
     write_kv_cache, flash_attention, paged_attention = _ops.write_kv_cache, _ops.flash_attention, _ops.paged_attention
-    # the fused-decode ops over this backend's own element-wise kernels (decode_ops.py)
-    decode_qkv, decode_gemv_residual, decode_gate_up = composed(_ops.rms_norm, _ops.rotary, _ops.write_kv_cache)
+    # the fused-decode ops over this backend's own element-wise and attention kernels (decode_ops.py)
+    decode_qkv, decode_attention_o, decode_gemv_residual, decode_gate_up = composed(
+        _ops.rms_norm, _ops.rotary, _ops.write_kv_cache, _ops.paged_attention)
 
 from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  no CUDA kernel yet: dequantize, then matmul (FP8: _scaled_mm)
 from .moe_ops import fused_moe  # noqa: E402,F401  no CUDA kernel: torch's ops grouped by expert (host sync)

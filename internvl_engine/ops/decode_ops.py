@@ -1,15 +1,15 @@
-"""The fused-decode ops (decode_qkv, decode_gemv_residual, decode_gate_up) composed from a backend's own element-wise
-kernels and torch's matmuls: the torch, cpp and cuda backends bind `composed(<their rms_norm, rotary,
-write_kv_cache>)`, so on each of them the fused path runs the very kernels and roundings of the default decoder
-layer (models/decoder.py) and its tokens are equal by construction. Only the Triton backend has kernels of its own
-for them (kernels/decode_fused.py)."""
+"""The fused-decode ops (decode_qkv, decode_attention_o, decode_gate_up, decode_gemv_residual) composed from a
+backend's own element-wise and attention kernels and torch's matmuls: the torch, cpp and cuda backends bind
+`composed(<their rms_norm, rotary, write_kv_cache, paged_attention>)`, so on each of them the fused path runs the very
+kernels and roundings of the default decoder layer (models/decoder.py) and its tokens are equal by construction. Only
+the Triton backend has kernels of its own for them (kernels/decode_fused.py)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 
-def composed(rms_norm, rotary, write_kv_cache):
-    """(decode_qkv, decode_gemv_residual, decode_gate_up) over these element-wise kernels (unchecked backend
+def composed(rms_norm, rotary, write_kv_cache, paged_attention):
+    """(decode_qkv, decode_attention_o, decode_gemv_residual, decode_gate_up) over these kernels (unchecked backend
     functions: the bound op has checked its arguments already)."""
 
     def decode_qkv(x, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, positions, cos_sin,
@@ -25,12 +25,23 @@ def composed(rms_norm, rotary, write_kv_cache):
         write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         return q
 
+    def decode_attention_o(q, k_cache, v_cache, block_tables, seq_lens, scale, o_weight, o_bias):
+        # G = 1 partial: the default layer's o_proj output itself, in q's dtype
+        o = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return F.linear(o.reshape(q.shape[0], -1), o_weight, o_bias)[None]
+
     def decode_gemv_residual(x, weight, bias, residual):
         # torch adds low-precision tensors in fp32 and rounds once: the rounding of the norm kernels' residual add
         return F.linear(x, weight, bias) + residual
 
-    def decode_gate_up(x, norm_weight, eps, weight, bias):
-        gate, up = F.linear(rms_norm(x, norm_weight, eps), weight, bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
+    def decode_gate_up(partials, residual, norm_weight, eps, weight, bias):
+        # the norm kernel's residual add is the default layer's post-attention add (fp32, rounded once); partials
+        # another backend produced (fp32, G > 1) are summed in g order and rounded as the o_proj output first
+        o = partials[0]
+        for p in partials[1:]:
+            o = o + p
+        x, residual = rms_norm(o.to(residual.dtype), norm_weight, eps, residual)
+        gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up, residual
 
-    return decode_qkv, decode_gemv_residual, decode_gate_up
+    return decode_qkv, decode_attention_o, decode_gemv_residual, decode_gate_up

@@ -165,7 +165,7 @@ def fused_moe_ref(x, w13, w2, topk_weights, topk_ids):
 
 
 # ------------------------------------------------------------------------------ fused decode (issue 3.6)
-# One decoder layer's decode step in three ops around paged_attention (docs/ARCHITECTURE.md, "The kernel contract"),
+# One decoder layer's decode step in four ops (docs/ARCHITECTURE.md, "The kernel contract"),
 # each composed from the oracles above with the roundings of the default path: every product, sum and activation is
 # rounded to the activation dtype where the unfused layer stores it.
 def _linear_ref(x, weight, bias):
@@ -197,7 +197,30 @@ def decode_gemv_residual_ref(x, weight, bias, residual):
     return (_linear_ref(x, weight, bias).float() + residual.float()).to(x.dtype)
 
 
-def decode_gate_up_ref(x, norm_weight, eps, weight, bias):
-    """silu(gate) * up of RMSNorm(x): x [B, C], weight [2F, C] (gate rows, then up rows) -> [B, F]."""
-    gate, up = _linear_ref(rms_norm_ref(x, norm_weight, eps), weight, bias).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+def decode_attention_o_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, o_weight, o_bias):
+    """Paged decode attention fused with o_proj: q [B, H, D] -> partials [G, B, C] whose sum over g (in fp32, g in
+    order: reduce_partials_ref) is o_proj(attention(q)) [B, C]. A backend chooses G >= 1 (the Triton kernel: one
+    partial per query head, the bias in partial 0; the compositions: G = 1, the default layer's o_proj output in q's
+    dtype). The oracle is G = 1: paged_attention_ref's output (rounded to q's dtype, as the default layer stores it),
+    then the projection rounded. o_weight [C, H D], o_bias [C] or None."""
+    o = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return _linear_ref(o.reshape(q.shape[0], -1), o_weight, o_bias)[None]
+
+
+def reduce_partials_ref(partials, dtype):
+    """sum_g partials[g], accumulated in fp32 in g order, rounded once to `dtype` (the o_proj output)."""
+    acc = partials[0].float()
+    for p in partials[1:]:
+        acc = acc + p.float()
+    return acc.to(dtype)
+
+
+def decode_gate_up_ref(partials, residual, norm_weight, eps, weight, bias):
+    """The post-attention half's prologue and first GEMV: residual' = residual + sum_g partials[g] (the o_proj output
+    rounded to residual's dtype, then the fp32 add rounded once, as rms_norm_ref's residual add), then silu(gate) * up
+    of RMSNorm(residual'). partials [G, B, C], residual [B, C], weight [2F, C] (gate rows, then up rows) ->
+    (h [B, F], residual' [B, C])."""
+    x, res = rms_norm_ref(reduce_partials_ref(partials, residual.dtype), norm_weight, eps, residual=residual)
+    gate, up = _linear_ref(x, weight, bias).chunk(2, dim=-1)
+    h = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+    return h, res

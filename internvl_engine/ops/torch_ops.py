@@ -84,4 +84,5 @@ from .quant_ops import awq_gemm, fp8_gemm  # noqa: E402,F401  dequantize, then m
 from .moe_ops import fused_moe  # noqa: E402,F401  transformers' op sequence, grouped by expert
 from .decode_ops import composed  # noqa: E402
 
-decode_qkv, decode_gemv_residual, decode_gate_up = composed(rms_norm, rotary, write_kv_cache)
+decode_qkv, decode_attention_o, decode_gemv_residual, decode_gate_up = composed(rms_norm, rotary, write_kv_cache,
+                                                                                paged_attention)

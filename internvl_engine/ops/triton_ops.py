@@ -28,8 +28,8 @@ def __getattr__(name):
               "write_kv_cache": "kv_cache", "flash_attention": "flash_attention",
               "paged_attention": "paged_attention", "awq_gemm": "awq_gemm", "fp8_gemm": "fp8_gemm",
               "fused_moe": "fused_moe",
-              "decode_qkv": "decode_fused", "decode_gemv_residual": "decode_fused",
-              "decode_gate_up": "decode_fused"}.get(name)
+              "decode_qkv": "decode_fused", "decode_attention_o": "decode_fused",
+              "decode_gemv_residual": "decode_fused", "decode_gate_up": "decode_fused"}.get(name)
     if family is None:
         raise AttributeError(name)
     kernel = getattr(importlib.import_module(f"internvl_engine.kernels.{family}"), name)
