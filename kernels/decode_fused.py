@@ -65,22 +65,22 @@ _ATTN_BLOCK_N = 128 if INTERPRET else 32
 _SMS = 132  # an H100's SM count: decode_attention_o's grid aims past it at batch 1 (a device profile may retune)
 
 
-def _attention_o_split(b: int, h: int, c: int, block_d: int) -> tuple[int, int, int]:
+def _attention_o_split(b: int, h: int, c: int, block_d: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
     """(BLOCK_C, splits, outputs per split) of decode_attention_o's grid (B, H, splits). A program per (token, query
     head) alone is 14 programs for InternVL3-1B at B = 1 (12 for 2B) on 132 SMs, each reading a 114 KB (393 KB)
-    slice of o_weight: too few to pull the weights at full bandwidth. So the outputs are split until B * H * splits
-    passes the SM count (1B: 7 splits, 98 programs; 2B: 8 splits, 96 programs; at B = 8 1B takes 2 splits). Each
-    split recomputes its head's attention: the KV of the sequence is read splits x (H / HK) times, from L2 after the
-    first, which is cheap at chat lengths and grows with the context (the docstring of models/decode_fused.py).
-    The values do not depend on the split (an output's sum runs over the head's D in one program), so the batch
-    does not change a token's result. BLOCK_C keeps the [BLOCK_D, BLOCK_C] weight tile at 8K elements (64 fp32
-    registers a thread at 4 warps); under the interpreter one split of the whole width."""
-    if INTERPRET:
+    slice of o_weight: too few to pull the weights at full bandwidth. So the C outputs are split, in runs of a
+    multiple of 16, until B * H * splits reaches the SM count (1B at B = 1: 10 splits of 96 outputs, 140 programs;
+    2B: 11 of 144, 132 programs; 1B at B = 8: 2 splits, 224 programs). Each split recomputes its head's attention:
+    a sequence's KV is read splits x (H / HK) times, from L2 after the first, which is cheap at chat lengths and
+    grows with the context (models/decode_fused.py's docstring). The values do not depend on the split (an output's
+    sum runs over the head's D in one program), so the batch does not change a token's result. BLOCK_C keeps the
+    [BLOCK_D, BLOCK_C] weight tile at 8K elements (64 fp32 registers a thread at 4 warps; a split walks its outputs
+    in BLOCK_C chunks, the last one masked); under the interpreter one split of the whole width."""
+    if interpret:
         return min(next_pow2(c), (1 << 18) // block_d), 1, c
-    block_c = max(16, 8192 // block_d)
-    tiles = triton.cdiv(c, block_c)
-    splits = min(tiles, max(1, triton.cdiv(_SMS, b * h)))
-    per = triton.cdiv(tiles, splits) * block_c
+    splits = min(triton.cdiv(c, 16), triton.cdiv(_SMS, b * h))
+    per = triton.cdiv(triton.cdiv(c, splits), 16) * 16
+    block_c = min(max(16, 8192 // block_d), next_pow2(per))
     return block_c, triton.cdiv(c, per), per
 
 

@@ -115,6 +115,31 @@ def test_decode_attention_o(backend_name, device, dtype, b, h, hk, d, c, block_s
     assert_close(ops.reduce_partials_ref(partials, dtype), ref[0], dtype)
 
 
+@pytest.mark.parametrize("b,h,c,d", [(1, 14, 896, 64), (3, 3, 70, 24), (2, 4, 200, 128)])
+def test_decode_attention_o_gpu_splits(monkeypatch, b, h, c, d):
+    """The GPU grid (outputs split in runs of 16 over several programs per head, each walking its run in BLOCK_C
+    chunks, the last masked) under the interpreter, which otherwise runs one split: the same partials, bit for bit
+    (an output's sum never crosses programs), as the oracle's."""
+    if ops.unavailable_reason("triton"):
+        pytest.skip(ops.unavailable_reason("triton"))
+    from internvl_engine.kernels import decode_fused
+
+    k_cache, v_cache, tables, seq_lens = paged_cache([1, 40, 17][:b], 16, 1 if h == 14 else h, d, torch.float32,
+                                                     "cpu", seed=d)
+    g = torch.Generator().manual_seed(c)
+    q = torch.randn(b, h, d, generator=g)
+    wo, bo = torch.randn(c, h * d, generator=g) * (h * d) ** -0.5, torch.randn(c, generator=g)
+    args = (q, k_cache, v_cache, tables, seq_lens, d ** -0.5, wo, bo)
+    with backend("triton", "cpu"):
+        one = ops.decode_attention_o(*args)
+        split = decode_fused._attention_o_split
+        monkeypatch.setattr(decode_fused, "_attention_o_split", lambda *a: split(*a, interpret=False))
+        assert split(b, h, c, max(16, d), interpret=False)[1] > 1
+        many = ops.decode_attention_o(*args)
+    assert torch.equal(one, many)
+    assert_close(ops.reduce_partials_ref(many, torch.float32), ops.decode_attention_o_ref(*args)[0], torch.float32)
+
+
 @pytest.mark.parametrize("backend_name,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("g_parts,fp32_parts,b,k,f,bias", [
