@@ -18,9 +18,13 @@ predecessor's output (a norm, attention over every head) cannot be merged with i
 the predecessor, or the predecessor's partial results are reduced where they are read. o_proj is linear in its input
 heads, o_proj(attn) = sum_h W[:, h D:(h + 1) D] attn_h, so attention can run per head with that head's slice of the
 GEMV (no other head's output needed), and the sum over heads moves into decode_gate_up, whose programs read whole
-rows for their RMSNorm anyway (deterministic: no atomics, the partials summed in head order). The other seams have
-no such linear split: qkv needs the normed whole row (a nonlinear norm of the previous down_proj's full output), and
-down_proj needs every SiLU*mul output of the whole F, each a product of two GEMV outputs.
+rows for their RMSNorm anyway (deterministic: no atomics, the partials summed in head order), at the price of
+re-reading H x C fp32 partials per row in each of its programs, once per pass of the norm (14 x 896 for the 1B
+layer). The other seams: qkv -> attention: each query head of a group reads the new token's k and v, which one
+program writes (recomputing them in each of the group's programs would re-read their weights H / HK times).
+gate_up -> down: down_proj is linear in its F inputs too, so the same split would fold it into decode_gate_up
+(three ops a layer), but with F / BLOCK_N partials (152 for the 1B layer) for the next layer's decode_qkv to re-read
+in every program, eleven times o_proj's; a device profile would have to show that pays.
 
 Long contexts: the Triton decode_attention_o walks a head's whole sequence in one program (no split over the KV, and
 each output split recomputes it), where the default path's paged_attention splits the KV and merges. At long contexts
