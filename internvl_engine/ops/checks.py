@@ -236,10 +236,10 @@ def _rows(op, x):
         fail(op, f"x must be [B, C] with B, C >= 1, got {_desc(x)}")
 
 
-def _weight(op, name, w, out_features, in_features, x):
+def _weight(op, name, w, out_features, in_features, x, x_name="x"):
     tensor(op, name, w, ndim=2, dtype=x.dtype, device=x.device)
     if w.shape[1] != in_features or (out_features is not None and w.shape[0] != out_features):
-        fail(op, f"{name} must be [{'N' if out_features is None else out_features}, {in_features}] for x "
+        fail(op, f"{name} must be [{'N' if out_features is None else out_features}, {in_features}] for {x_name} "
                  f"{_desc(x)}, got {_desc(w)}")
 
 
@@ -321,7 +321,7 @@ def decode_gate_up(partials, residual, norm_weight, eps, weight, bias):
     if norm_weight is None:
         fail(op, "norm_weight must be a tensor, got None")
     _vector(op, "norm_weight", norm_weight, c, residual)
-    _weight(op, "weight", weight, None, c, residual)
+    _weight(op, "weight", weight, None, c, residual, "residual")
     if weight.shape[0] % 2 or weight.shape[0] == 0:
         fail(op, f"weight must be [2F, {c}] (gate rows, then up rows), got {_desc(weight)}")
     _vector(op, "bias", bias, weight.shape[0], residual)
