@@ -32,6 +32,31 @@ def _wait_idle(llm, timeout=60):
     assert not llm.engine.has_unfinished_requests()
 
 
+class StepGate:
+    """Holds an engine's steps until the test allows them (`allow(n)`), or lets them run freely once `open()`."""
+
+    def __init__(self, engine, monkeypatch):
+        self._allowed, self._open = threading.Semaphore(0), threading.Event()
+        self.steps = 0  # steps that have returned (their outputs delivered)
+        step = engine.step
+
+        def gated():
+            while not self._open.is_set() and not self._allowed.acquire(timeout=0.05):
+                pass
+            try:
+                return step()
+            finally:
+                self.steps += 1
+
+        monkeypatch.setattr(engine, "step", gated)
+
+    def allow(self, n: int) -> None:
+        self._allowed.release(n)
+
+    def open(self) -> None:
+        self._open.set()
+
+
 # ------------------------------------------------------------------------------------- consumers that lag
 def test_idle_consumer_keeps_one_pending_output_and_is_aborted(llm):
     """A consumer that takes one output and then stops reading a long generation: the request keeps one unread
@@ -72,23 +97,34 @@ def test_idle_consumer_keeps_one_pending_output_and_is_aborted(llm):
     SamplingParams(max_tokens=60, ignore_eos=True, logprobs=2, output_kind="delta"),
     SamplingParams(max_tokens=60, ignore_eos=True, n=2, temperature=1.0, seed=7, output_kind="delta"),
 ], ids=["logprobs", "n2"])
-def test_delta_outputs_of_a_lagging_consumer_merge_into_the_cumulative_result(llm, params):
+def test_delta_outputs_of_a_lagging_consumer_merge_into_the_cumulative_result(llm, params, monkeypatch):
     """A consumer that reads deltas slower than they come gets fewer, merged deltas that add up to exactly the
     cumulative result (text, token ids, logprobs, every sample)."""
     ref = llm.submit(PROMPT, dataclasses.replace(params, output_kind="cumulative")).result(timeout=120)
+    # The engine steps only when the test lets it, so the lag is counted in steps, whatever the machine's load (a
+    # free-running engine could finish before the consumer first looked, leaving nothing to merge)
+    gate = StepGate(llm.engine, monkeypatch)
 
     async def main():
         outs = []
+        gate.allow(1)  # the prefill: the first output holds one token
         async for out in llm.generate(PROMPT, params, "lagging"):
             outs.append(out)
-            if len(outs) == 1:  # lag until 5 steps' deltas wait, well within consumer_timeout_s
-                channel = llm._loop._requests["lagging"].channel
-                while channel.pending is None or len(channel.pending.token_ids) < 5:
+            if len(outs) == 1:  # lag while 5 more steps' deltas wait (5 steps: well within consumer_timeout_s)
+                gate.allow(5)
+                while gate.steps < 6:
                     await asyncio.sleep(0.005)
+            elif len(outs) == 2:
+                gate.open()
         return outs
 
-    outs = asyncio.run(main())
-    assert len(outs[1].token_ids) >= 5  # merged (the old queue handed over one delta per step)
+    try:
+        outs = asyncio.run(main())
+    finally:
+        gate.open()
+    # merged: 5 steps' tokens (n=2: each sample's first step is its own prefill); the old queue handed over one
+    # delta, one token a sample, per step
+    assert len(outs[0].token_ids) == 1 and sum(len(c.token_ids) for c in outs[1].outputs) >= 5
     assert outs[-1].finished and outs[-1].finish_reason == ref.finish_reason
     for i, sample in enumerate(ref.outputs):
         parts = [o.outputs[i] for o in outs]
