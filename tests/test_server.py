@@ -496,12 +496,12 @@ def test_client_disconnect_aborts(server):
         got = [next(lines) for _ in range(6)]  # role chunk and a few tokens
         assert got[0].startswith("data: ")
         assert len(server.llm.engine.scheduler.running) == 1
-    t0 = time.time()
-    wait_idle(server, timeout=5)
-    assert time.time() - t0 < 2
-    with pytest.raises(httpx.ReadTimeout):
+    # the timeouts only guard against hangs: that each request was aborted (not run to its 4000 tokens) is what
+    # the abort counter below says, whatever the machine's load
+    wait_idle(server, timeout=120)
+    with pytest.raises(httpx.ReadTimeout):  # 4000 tokens take far longer than the 1 s this client waits
         httpx.post(server.url + "/v1/chat/completions", json=long, timeout=1.0)
-    wait_idle(server, timeout=5)
+    wait_idle(server, timeout=120)
     after = server.metrics()
     assert after['internvl_requests_total{outcome="abort"}'] - before['internvl_requests_total{outcome="abort"}'] == 2
     assert after["internvl_num_requests_running"] == 0
@@ -598,20 +598,23 @@ def test_queue_limit_is_429(small_server):
                 extra_body={"ignore_eos": True})
 
     def waiting(n):
-        deadline = time.time() + 10
+        deadline = time.time() + 60  # a hang guard
         while small_server.metrics()["internvl_num_requests_waiting"] != n:
             assert time.time() < deadline
             time.sleep(0.01)
 
     running = client.chat.completions.create(**long, stream=True)
     next(iter(running))
-    impatient = threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, httpx.post, small_server.url
-                                                              + "/v1/chat/completions", json=long, timeout=2))
-    impatient.start()
+    # a raw connection that the test closes when it chooses (a client timeout could expire before the 429 below on a
+    # loaded machine, and the third request would then queue instead)
+    body = json.dumps(long["extra_body"] | {k: v for k, v in long.items() if k != "extra_body"}).encode()
+    impatient = socket.create_connection(("127.0.0.1", small_server.port))
+    impatient.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     waiting(1)
     status, body = status_of(lambda: client.chat.completions.create(**long))
     assert status == 429 and body["error"]["code"] == "queue_full"
-    impatient.join(30)  # it gave up while queued
+    impatient.close()  # it gives up while queued
     waiting(0)
     answered = {}
     queued = threading.Thread(target=lambda: answered.update(r=client.chat.completions.create(**{**long,
@@ -688,9 +691,16 @@ def test_serve_command_sigterm(tmp_path):
             assert started[name].wait(60)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.TransportError):  # no longer accepting
-            httpx.get(url + "/health", timeout=2)
+        refused_while_running = False  # no longer accepting, while the long request still holds the process up
+        while not refused_while_running and proc.poll() is None:
+            try:
+                httpx.get(url + "/health", timeout=2)
+                time.sleep(0.05)  # the signal has not been handled yet (a loaded machine may take a while)
+            except httpx.TransportError:
+                refused_while_running = proc.poll() is None
+                if not refused_while_running:
+                    break
+        assert refused_while_running
         assert proc.wait(timeout=120) == 0
         elapsed = time.time() - t0
         for t in threads:
@@ -701,7 +711,7 @@ def test_serve_command_sigterm(tmp_path):
         # cut at the timeout: an error event (OpenAI's shape, 503's type), then [DONE]
         assert results["long"][-1] == "data: [DONE]"
         assert json.loads(results["long"][-2][6:])["error"]["code"] == "shutting_down"
-        assert grace - 1 < elapsed < grace + 30
+        assert elapsed > grace - 1  # it waited for the grace (proc.wait above is the hang guard; load only adds)
     finally:
         if proc.poll() is None:
             proc.kill()
