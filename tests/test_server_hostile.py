@@ -315,8 +315,19 @@ def test_prompts_waiting_for_each_other_are_not_slow_consumers(stream):
     unread, and AsyncLLM aborted them as stalled consumers: a 408 for a client that did nothing wrong (here the
     second prompt waits for the first to finish, max_num_seqs=1; with the defaults, any prompt queued 60 s)."""
     settings = ServerSettings(model_name=MODEL)
-    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=0.25,
+    # The slow-consumer limit is far above any stall of a loaded machine's event loop (it was 0.25 s: a server that
+    # reads every output could still miss it); the steps made while the second prompt waits are slowed instead, so
+    # that the first prompt's 200 outputs span well over the 1.25 limits the old server left them unread for.
+    llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=3.0,
                    media_policy=settings.media_policy())
+    step = llm.engine.step
+
+    def slow_step():
+        if llm.engine.scheduler.waiting:
+            time.sleep(0.03)  # 200 steps: at least 6 s
+        return step()
+
+    llm.engine.step = slow_step
     srv = ThreadServer(llm, settings)
     try:
         r = post(srv, "/v1/completions", {"prompt": ["one", "two"], "max_tokens": 200, "ignore_eos": True,
