@@ -1,7 +1,8 @@
 """Load over loopback HTTP (CPU, random:tiny): 200 chat requests, 32 at a time, text and image, greedy and seeded,
 streamed and not; every fifth client disconnects mid-stream. All others finish with the tokens the engine gives the
-same request offline, /metrics counts what happened, and no KV block leaks. Bounded: 200 requests of at most 64
-tokens, a 300 s ceiling, loopback only."""
+same request offline, /metrics counts what happened, and no KV block leaks. Bounded: 200 requests of 8 tokens (the
+ones that leave after 3 chunks may run to 1,000, so that no lag of a loaded machine lets one finish before its
+client leaves: it would count as a success), a 300 s ceiling, loopback only."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ from internvl_engine.server import ServerSettings  # noqa: E402
 from test_server import MODEL, ThreadServer, png_data_uri, wait_idle  # noqa: E402
 
 REQUESTS, CONCURRENCY, DISCONNECT_EVERY = 200, 32, 5
-MAX_TOKENS, DISCONNECT_MAX_TOKENS = 8, 64
+MAX_TOKENS, DISCONNECT_MAX_TOKENS = 8, 1000
 
 
 def _templates():
@@ -109,7 +110,7 @@ def test_load_with_disconnects(loaded):
     t0 = time.time()
     asyncio.run(asyncio.wait_for(run_all(), timeout=300))
     elapsed = time.time() - t0
-    wait_idle(loaded, timeout=30)
+    wait_idle(loaded, timeout=120)  # a hang guard
 
     left = [i for i in range(REQUESTS) if i % DISCONNECT_EVERY == DISCONNECT_EVERY - 1]
     assert all(results[i] == "left" for i in left)
