@@ -89,8 +89,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(302, headers=[("Location", f"ftp://127.0.0.1:{port}/img.png"), ("Content-Length", "0")])
             elif self.path == "/redirect-file":
                 self._send(307, headers=[("Location", "file:///etc/passwd"), ("Content-Length", "0")])
-            elif self.path == "/slow":  # nothing for 2 s
-                time.sleep(2.0)
+            elif self.path == "/slow":  # nothing until the module's tests are done (60 s at most)
+                self.server.release.wait(60)
                 self._send(200, PNG, [("Content-Length", str(len(PNG)))])
             elif self.path == "/trickle":  # headers at once, then a byte every 0.1 s for 3 s
                 self._send(200, b"", [("Content-Length", "30")])
@@ -113,9 +113,11 @@ def server():
     srv.hits = []
     srv.sent_all = set()  # paths whose whole response was written: the client read it, or a socket buffer did
     srv.done = set()  # paths whose handler has returned, either way
+    srv.release = threading.Event()  # ends /slow's silence
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -274,9 +276,10 @@ def test_fetch_timeout(server):
     for path in ("/slow", "/trickle"):  # silent server; a server that trickles bytes within each read's timeout
         with pytest.raises(MediaTimeoutError, match=r"took longer than 0.5 s \(media_policy.fetch_timeout_s\)"):
             load_image(_url(server, path), p)
-        # the fetch gave up before the response was complete (2 s and 3 s of the server's own schedule away): the
-        # deadline bounds the whole fetch, not each read; judged by the server's progress, not by a wall-clock
-        # bound that a loaded machine could overrun
+        # the fetch gave up before the response was complete (/slow's never comes while the tests run; /trickle's
+        # takes 3 s of the server's own schedule, and its next write after the client left fails): the deadline
+        # bounds the whole fetch, not each read; judged by the server's progress, not by a wall-clock bound that a
+        # loaded machine could overrun
         assert path not in server.sent_all, path
 
 
