@@ -176,7 +176,7 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.hits.append(self.path)
-        self.release.wait(60)
+        self.release.wait(600)
         self.send_error(404)
 
     def log_message(self, *args):
@@ -185,8 +185,9 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stalling_url(llm, monkeypatch):
-    """(url, hits, release): a loopback server whose answers wait for `release` (60 s at most), under a media
-    policy with a 120 s fetch timeout on the shared engine's processor."""
+    """(url, hits, release): a loopback server whose answers wait for `release` (600 s at most), under a media
+    policy with a 600 s fetch timeout on the shared engine's processor: both far past the tests' hang guards (120 s),
+    so a request that queued behind the stalled ones fails them instead of slipping through once the stall ends."""
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     release, hits = threading.Event(), []
@@ -194,7 +195,7 @@ def stalling_url(llm, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(llm.engine.processor, "media_policy", MediaPolicy(fetch_timeout_s=120))
+    monkeypatch.setattr(llm.engine.processor, "media_policy", MediaPolicy(fetch_timeout_s=600))
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/stall.png", hits, release
     finally:
@@ -208,7 +209,7 @@ def _image(url):
 
 
 def _wait_for_hits(hits, n):
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a hang guard
     while len(hits) < n and time.monotonic() < deadline:  # the threads that add media are busy fetching
         time.sleep(0.02)
     assert len(hits) >= n
@@ -227,7 +228,7 @@ def test_text_request_does_not_queue_behind_stalled_image_urls(llm, stalling_url
         stalled = [asyncio.ensure_future(first_output(_image(url), f"img-{i}")) for i in range(40)]
         try:
             await asyncio.to_thread(_wait_for_hits, hits, 6)
-            out = await asyncio.wait_for(first_output("Hello there", "text"), timeout=30)
+            out = await asyncio.wait_for(first_output("Hello there", "text"), timeout=120)
             assert out.request_id == "text" and not any(t.done() for t in stalled)
         finally:
             for t in stalled:
@@ -262,7 +263,7 @@ def test_llm_text_batch_does_not_queue_behind_another_callers_stalled_image_urls
         done = []
         text = threading.Thread(target=lambda: done.append(sync.generate(["Hi", "Hello"], params)))
         text.start()
-        text.join(timeout=30)
+        text.join(timeout=120)
         assert done and [o.finish_reason for o in done[0]] == ["length", "length"]
     finally:
         release.set()
@@ -280,7 +281,7 @@ def test_an_llm_stepping_the_shared_engine_does_not_take_async_requests_outputs(
     sync.engine = llm.engine
     futures = [llm.submit(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True)) for _ in range(8)]
     sync.generate(["Hi", "Hello"], SamplingParams(max_tokens=40, ignore_eos=True))
-    outs = [f.result(timeout=30) for f in futures]
+    outs = [f.result(timeout=120) for f in futures]
     assert [len(o.token_ids) for o in outs] == [12] * 8
     _wait_idle(llm)
 
