@@ -13,7 +13,9 @@ from internvl_engine import SamplingParams
 from internvl_engine.engine.async_llm import AsyncLLM
 
 PARAMS = SamplingParams(max_tokens=6, ignore_eos=True, max_num_tiles=1)
-LONG = SamplingParams(max_tokens=400, ignore_eos=True, max_num_tiles=1)
+# aborted after their second output: far more tokens than any lag of a loaded machine's consumer lets the engine
+# make meanwhile (with 400, a consumer that lagged 400 steps saw "length"), and within the 4096-token pool
+LONG = SamplingParams(max_tokens=3000, ignore_eos=True, max_num_tiles=1)
 
 
 def _conversations(n):
