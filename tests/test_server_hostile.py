@@ -221,10 +221,22 @@ def test_models_max_model_len_is_what_the_pool_serves(server):
 def test_client_disconnect_is_not_a_server_error(server):
     """A client that leaves while sending its body raised starlette's ClientDisconnect, counted as a 500 error."""
     before = outcomes(server)
+    tasks = server.server.server_state.tasks  # uvicorn's running request tasks
+
+    def started() -> bool:
+        try:
+            return bool(set(tasks) - running)
+        except RuntimeError:  # the server's thread changed the set meanwhile
+            return False
+
+    running = set(tasks)
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 10000\r\n\r\n" + b'{"messages": [')
-        time.sleep(0.3)
+        deadline = time.time() + 60  # until the app has the request (a fixed sleep may not do on a loaded machine)
+        while not started():
+            assert time.time() < deadline
+            time.sleep(0.01)
     deadline = time.time() + 30
     while outcomes(server)["abort"] == before["abort"]:
         assert time.time() < deadline, outcomes(server)
