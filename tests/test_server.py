@@ -58,7 +58,7 @@ class ThreadServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # a hang guard
         while not self.server.started:
             assert time.time() < deadline and self.thread.is_alive(), "server did not start"
             time.sleep(0.02)
@@ -97,7 +97,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def wait_idle(server: ThreadServer, timeout: float = 30) -> None:
+def wait_idle(server: ThreadServer, timeout: float = 120) -> None:
     """Until the engine holds no request and every KV block is free again."""
     engine = server.llm.engine
     deadline = time.time() + timeout

@@ -237,7 +237,7 @@ def test_client_disconnect_is_not_a_server_error(server):
         while not started():
             assert time.time() < deadline
             time.sleep(0.01)
-    deadline = time.time() + 30
+    deadline = time.time() + 120
     while outcomes(server)["abort"] == before["abort"]:
         assert time.time() < deadline, outcomes(server)
         time.sleep(0.05)
@@ -270,13 +270,13 @@ def test_stream_clients_that_never_read_are_cut_off():
         long = {"max_tokens": 60000, "ignore_eos": True, "logprobs": 20, "stream": True, "temperature": 1.0}
         socks = [_send_and_never_read(srv.port, {**long, "prompt": "one"}),
                  _send_and_never_read(srv.port, {**long, "prompt": ["two", "three"]})]  # the merged path
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while len(llm.engine.scheduler.running) < 3:
             assert time.time() < deadline, "the streams did not start"
             time.sleep(0.05)
         assert_served(srv)  # while they stall
         wait_idle(srv, timeout=60)  # aborted, blocks freed (old code: 60,000 tokens each, minutes)
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while outcomes(srv)["abort"] < before["abort"] + 2:
             assert time.time() < deadline, outcomes(srv)
             time.sleep(0.05)
@@ -302,14 +302,14 @@ def test_server_takes_no_more_than_a_stalled_client_reads():
         before = outcomes(srv)
         sock = _send_and_never_read(srv.port, {"max_tokens": 60000, "ignore_eos": True, "logprobs": 20,
                                                "stream": True, "prompt": ["two", "three"]})
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while len(llm.engine.scheduler.running) < 2:
             assert time.time() < deadline, "the stream did not start"
             time.sleep(0.05)
         wait_idle(srv, timeout=60)  # old code: the pumps took every output, 60,000 tokens each
         assert_served(srv)
         sock.close()  # the stalled client leaves at last: an abort, not a server error
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while outcomes(srv)["abort"] == before["abort"]:
             assert time.time() < deadline, outcomes(srv)
             time.sleep(0.05)
@@ -392,7 +392,7 @@ def test_requests_cut_at_shutdown_get_503_and_streams_end_properly():
         for t in threads:
             t.start()
         assert streaming.wait(60)
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while len(llm.engine.scheduler.running) < 2:
             assert time.time() < deadline
             time.sleep(0.05)
