@@ -18,6 +18,7 @@ import triton.language as tl
 
 # Read once at import: @triton.jit itself decides interpret-vs-compile at decoration time from the same variable.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634  # the attention kernels' softmax runs in base 2: exp(x) = exp2(x log2 e)
 
 
 def next_pow2(n: int) -> int:

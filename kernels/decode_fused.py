@@ -16,9 +16,9 @@ the next kernel): results are deterministic and do not depend on the batch. The 
 every program (two passes over x's <= 8 rows: the sum of squares, then the normalised chunks), which reads B x C
 activations per program (G x B x C partials for decode_gate_up) against its BLOCK_N x C weight slice. The dot tile
 has 16 rows (tl.dot's minimum), masked past B. Weights are [N, K] row-major (nn.Linear's layout), loaded as
-[BLOCK_K, BLOCK_N] tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored intermediate is rounded
-to the activation dtype where the unfused layer would store it, with _tuning.to_dtype (nearest-even under the
-interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs.
+[BLOCK_K, BLOCK_N] tiles. Roundings follow the default path's Triton kernels (norm.py, rotary.py): every stored
+intermediate is rounded to the activation dtype where the unfused layer would store it, with _tuning.to_dtype
+(nearest-even under the interpreter too). Under the interpreter (CPU tests) blocks are larger: few, large programs.
 
 Programmatic dependent launch (PDL, Hopper and later; opt-in with INTERNVL_ENGINE_PDL=1 until a device run measures
 it): each kernel is launched with launch_pdl, so it may start while the kernel before it finishes; it waits for that
@@ -37,7 +37,8 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._tuning import INTERPRET, dot_operand, next_pow2, row_max, row_sum, to_dtype
+from ._tuning import INTERPRET, LOG2E, dot_operand, next_pow2, row_max, row_sum, to_dtype
+from .paged_attention import token_step
 
 PDL = os.environ.get("INTERNVL_ENGINE_PDL") == "1"  # read at import; tests set the module global
 
@@ -58,15 +59,6 @@ def _block_n(n: int) -> int:
     return 16 if n <= 2048 else 32
 
 
-_LOG2E = 1.4426950408889634
-
-
-def _attn_block_n(block_size: int) -> int:
-    """decode_attention_o's tokens per step: kernels/paged_attention.py's. p is rounded to the cache dtype relative to
-    the running max, which moves once per step; with the same steps a sequence inside paged attention's first split
-    (256 tokens) gets the same rounded p, so bf16 tokens stay equal to the default path's (random:tiny, batch 8,
-    Triton under the interpreter: 72 of 72 tokens equal with p rounded, 61 of 72 without)."""
-    return max(128 if INTERPRET else 64, block_size)
 _SMS = 132  # an H100's SM count: decode_attention_o's grid aims past it at batch 1 (a device profile may retune)
 
 
@@ -422,12 +414,16 @@ def decode_attention_o(q, k_cache, v_cache, block_tables, seq_lens, scale, o_wei
     partials = torch.empty(h, b, c, device=q.device, dtype=torch.float32)
     block_d = max(16, next_pow2(d))
     block_c, splits, c_per_split = _attention_o_split(b, h, c, block_d)
-    block_n = _attn_block_n(block_size)
+    # paged_attention's token steps: p is rounded to the cache dtype relative to the running max, which moves once a
+    # step, so with the same steps a sequence inside paged attention's first split (256 tokens) gets the same rounded
+    # p and bf16 tokens stay equal to the default path's (random:tiny, batch 8, Triton under the interpreter: 72 of
+    # 72 tokens equal with p rounded, 61 of 72 without)
+    block_n = token_step(block_size)
     # a [64, 128] K or V tile is 8K fp32 elements: 8 warps keep it at 32 registers a thread
     warps = {"num_warps": 8} if block_n * block_d >= 8192 and not INTERPRET else {}
     _attention_o_kernel[(b, h, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_weight, _dummy(q, o_bias), partials,
-        float(scale) * _LOG2E, b, h, hk, c, block_tables.shape[1], c_per_split, q.stride(0), block_tables.stride(0),
+        float(scale) * LOG2E, b, h, hk, c, block_tables.shape[1], c_per_split, q.stride(0), block_tables.stride(0),
         D=d, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_C=block_c,
         HAS_BIAS=o_bias is not None, **warps, **_pdl(q))
     return partials

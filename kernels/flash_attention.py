@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
+from ._tuning import LOG2E, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
-_LOG2E = 1.4426950408889634
 
 _CONFIGS = [
     # configs[0] is what the interpreter runs: valid for every head dim up to 256, few programs.
@@ -124,7 +123,7 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     bucket = next_pow2(max_seqlen_q)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)
     _flash_attention_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, float(scale) * _LOG2E, H, H // Hk,
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, float(scale) * LOG2E, H, H // Hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         bucket, D=D, BLOCK_D=max(16, next_pow2(D)), CAUSAL=bool(causal),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None)

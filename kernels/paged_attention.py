@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import INTERPRET, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
+from ._tuning import INTERPRET, LOG2E, autotune, dot_operand, next_pow2, row_max, row_sum, to_dtype
 
-_LOG2E = 1.4426950408889634
 _BLOCK_N = 64                       # tokens per inner step
 
 _CONFIGS = [
@@ -33,6 +32,11 @@ _CONFIGS = [
     triton.Config({}, num_warps=8, num_stages=2),
     triton.Config({}, num_warps=2, num_stages=3),
 ]
+
+
+def token_step(block_size: int) -> int:
+    """Cached tokens per inner step (BLOCK_N). The interpreter pays per step, so it takes bigger ones."""
+    return max(128 if INTERPRET else _BLOCK_N, block_size)
 
 
 @autotune(configs=_CONFIGS, key=["BLOCK_D", "BLOCK_H", "BLOCK_SIZE", "SPLIT"])
@@ -153,8 +157,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *, split
     group = H // Hk
     block_h = max(16, next_pow2(group))
     block_d = max(16, next_pow2(D))
-    # The interpreter pays per step, so it takes bigger token steps.
-    block_n = max(128 if INTERPRET else _BLOCK_N, block_size)
+    block_n = token_step(block_size)
     capacity = max_blocks * block_size
     tok_per_split = triton.cdiv(split_tokens, block_n) * block_n
     splits = triton.cdiv(capacity, tok_per_split)
@@ -165,7 +168,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *, split
     else:
         ws_o = ws_ml = out
     _paged_attention_kernel[(B, Hk, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, ws_o, ws_ml, float(scale) * _LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, ws_o, ws_ml, float(scale) * LOG2E,
         H, group, max_blocks, splits, tok_per_split,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),

@@ -430,7 +430,7 @@ for dt, pdl in (("fp32", False), ("bf16", True)):
                                      "bt_ptr": "*i32", "sl_ptr": "*i32", "p_ptr": "*fp32"},
              {"qk_scale": "fp32", **dict.fromkeys(("B", "H", "HK", "C", "max_blocks", "c_per_split", "stride_qb",
                                                    "stride_btb"), "i32")},
-             dict(D=d, BLOCK_D=d, BLOCK_SIZE=16, BLOCK_N=m._attn_block_n(16), HAS_BIAS=bias, USE_PDL=pdl,
+             dict(D=d, BLOCK_D=d, BLOCK_SIZE=16, BLOCK_N=m.token_step(16), HAS_BIAS=bias, USE_PDL=pdl,
                   BLOCK_C=m._attention_o_split(1, 14, 1536, d)[0]))
     for qk_norm, d, bh in ((False, 64, m._HEAD_BLOCK), (True, 128, 64)):
         ptrs = dict.fromkeys(("x_ptr", "nw_ptr", "w_ptr", "b_ptr", "qn_ptr", "kn_ptr", "q_ptr", "kc_ptr", "vc_ptr"), p)
