@@ -19,9 +19,8 @@ With N=1 every split is the whole layer and nothing communicates.
 
 Every layer says where its parameters come from in the unsharded tensor: `load_plan(leaf, shard)` gives (the part
 of the parameter to fill, the index into the checkpoint tensor, that tensor's full shape, what reorders the part read
-or None), which the loader reads
-with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape and `from_full(leaf, full)` cuts
-this rank's part out of it (random weights)."""
+or None), which the loader reads with safetensors' get_slice, `full_shape(leaf)` is the unsharded tensor's shape
+and `from_full(leaf, full)` cuts this rank's part out of it (random weights)."""
 from __future__ import annotations
 
 import torch
@@ -150,8 +149,8 @@ class PackedLinear(nn.Module):
 
     def load_plan(self, leaf: str, shard: str | None):
         """(view of the parameter to fill, index into the checkpoint tensor or None for all of it, its full shape,
-        None: nothing to reorder). shard None: one checkpoint tensor for the whole layer (o_proj, down_proj; the original layout's fused
-        vision attn.qkv)."""
+        None: nothing to reorder). shard None: one checkpoint tensor for the whole layer (o_proj, down_proj; the
+        original layout's fused vision attn.qkv)."""
         param = getattr(self, leaf).data
         out_dim, out_per, in_dim, in_per = self.quant_method.layout(leaf)
         if shard is None:

@@ -42,7 +42,8 @@ _DEVICE_TYPES = {"torch": ("cpu", "cuda"), "cpp": ("cpu",), "cuda": ("cuda",)}
 # (benchmarks/results/2026-12-07-cpu-*-kernels-fused-moe-*.json, a loaded 2-core machine).
 # The fused-decode ops (decode_qkv, decode_attention_o, decode_gate_up, decode_gemv_residual) on cpp and cuda are
 # those backends' own element-wise and paged-attention kernels around torch's matmuls (decode_ops.py):
-# decode_path="fused" computes what the default path does there; their Triton kernels are opt-in (backend="triton") until a device run measures them.
+# decode_path="fused" computes what the default path does there; their Triton kernels are opt-in (backend="triton")
+# until a device run measures them.
 AUTO = {"cpu": dict.fromkeys(OPS, "cpp") | {"layer_norm": "torch", "flash_attention": "torch"},
         # benchmarks/results/2026-11-26-h100-2be9dbb-kernels.json: the CUDA kernels win every element-wise op
         # (1.2-5.5x over torch); Triton's tensor-core attention is within 0.89-1.04x of torch's SDPA on prefill
