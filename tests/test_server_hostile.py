@@ -328,7 +328,8 @@ def test_prompts_waiting_for_each_other_are_not_slow_consumers(stream):
     settings = ServerSettings(model_name=MODEL)
     # The slow-consumer limit is far above any stall of a loaded machine's event loop (it was 0.25 s: a server that
     # reads every output could still miss it); the steps made while the second prompt waits are slowed instead, so
-    # that the first prompt's 200 outputs span well over the 1.25 limits the old server left them unread for.
+    # the first prompt's 200 steps take at least 6 s, twice the limit, all of them while the old server, waiting for
+    # the second prompt's first output, left the first prompt's outputs unread.
     llm = AsyncLLM(MODEL, device="cpu", kv_cache_tokens=8192, max_num_seqs=1, consumer_timeout_s=3.0,
                    media_policy=settings.media_policy())
     step = llm.engine.step
