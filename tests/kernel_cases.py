@@ -2,6 +2,8 @@
 laid out as the model lays them out (q/k/v as token-strided views of one packed qkv matmul output)."""
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +25,16 @@ def backend(name, device):
                     "no GPU is visible)")
     with ops.use_backend(name, device):
         yield
+
+
+def compile_for_sm90(script: str, kernels: int) -> None:
+    """Runs `script` (which compiles Triton kernels for a Hopper target with triton.compile and prints "compiled"
+    for each) in a fresh interpreter without TRITON_INTERPRET, so that @triton.jit takes the GPU branch the CPU
+    tests never run; the triton wheel's ptxas builds the cubins, no GPU needed. Asserts `kernels` of them built."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("compiled") == kernels, r.stdout
 
 
 def assert_close(out, ref, dtype):

@@ -18,7 +18,7 @@ from internvl_engine.loader import init_random_
 from internvl_engine.models.internvl import InternVLForConditionalGeneration
 from internvl_engine.worker.runner import ModelRunner
 from internvl_engine.worker.step_input import StepInput
-from kernel_cases import BACKENDS, assert_close, backend
+from kernel_cases import BACKENDS, assert_close, backend, compile_for_sm90
 from test_paged_attention import _cache as paged_cache
 
 CPU_BACKENDS = [p for p in BACKENDS if p.values[1] == "cpu"]
@@ -444,14 +444,7 @@ for dt, pdl in (("fp32", False), ("bf16", True)):
 def test_kernels_compile_for_sm90():
     """The GPU branch of kernels/decode_fused.py (tl.dot tiles, jit helpers, PDL's griddepcontrol), which the
     interpreter never runs, compiled to a Hopper cubin here: fp32 without PDL, bf16 with it."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("compiled") == 10, r.stdout  # 5 kernels (qkv with and without q/k norm) x 2 (dtype, PDL)
+    compile_for_sm90(_COMPILE, 10)  # 5 kernels (qkv with and without q/k norm) x 2 (dtype, PDL)
 
 
 @pytest.mark.gpu
