@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .ref import reduce_partials_ref
+
 
 def composed(rms_norm, rotary, write_kv_cache, paged_attention):
     """(decode_qkv, decode_attention_o, decode_gemv_residual, decode_gate_up) over these kernels (unchecked backend
@@ -36,11 +38,10 @@ def composed(rms_norm, rotary, write_kv_cache, paged_attention):
 
     def decode_gate_up(partials, residual, norm_weight, eps, weight, bias):
         # the norm kernel's residual add is the default layer's post-attention add (fp32, rounded once); partials
-        # another backend produced (fp32, G > 1) are summed in g order and rounded as the o_proj output first
-        o = partials[0]
-        for p in partials[1:]:
-            o = o + p
-        x, residual = rms_norm(o.to(residual.dtype), norm_weight, eps, residual)
+        # another backend produced (G > 1) are summed as the contract says (fp32, g order), rounded as the o_proj
+        # output first: the oracle's own reduction, which is all this step is (G = 1: partials[0] unchanged)
+        o = reduce_partials_ref(partials, residual.dtype)
+        x, residual = rms_norm(o, norm_weight, eps, residual)
         gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
         return F.silu(gate) * up, residual
 
